@@ -1,1 +1,33 @@
-"""svfseg.models.backbones"""
+"""Backbones with named stages layer0..layer4: ResNet-50/101, VGG16-BN, EfficientNet-Lite0."""
+
+from .base import STAGE_NAMES, Backbone
+from .batchnorm import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze_batchnorm,
+    is_frozen_batchnorm,
+)
+from .registry import create_backbone, list_backbones, register_backbone
+from .resnet import Bottleneck, ResNet, resnet
+from .weights import LoadReport, WeightsMismatchError, load_backbone_weights, read_state_dict
+
+__all__ = [
+    "STAGE_NAMES",
+    "Backbone",
+    "Bottleneck",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "LoadReport",
+    "ResNet",
+    "WeightsMismatchError",
+    "create_backbone",
+    "freeze_batchnorm",
+    "is_frozen_batchnorm",
+    "list_backbones",
+    "load_backbone_weights",
+    "read_state_dict",
+    "register_backbone",
+    "resnet",
+]

