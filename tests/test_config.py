@@ -1,0 +1,72 @@
+"""Config: defaults <- YAML <- dotlist, closest-key errors, recipes parse."""
+from pathlib import Path
+
+import pytest
+
+from svfseg.config import ConfigError, dump_yaml, from_dict, load_config, parse_dotlist, to_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_dotlist_overrides_yaml_and_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("fold: 2\noptim:\n  lr: 0.01\n  lr_mult: {head: 5.0}\nsvf:\n  enabled: true\n")
+    cfg = load_config(recipe, ["fold=1", "shot=5", "svf.enabled=false", "optim.lr=0.005",
+                               "data.train_scale=[0.8, 1.25]", "model.weights=null"])
+    assert (cfg.fold, cfg.shot, cfg.svf.enabled, cfg.optim.lr) == (1, 5, False, 0.005)
+    assert cfg.data.train_scale == (0.8, 1.25)
+    # lr_mult merges key by key: head from the recipe, svf/backbone from the defaults
+    assert cfg.optim.lr_mult == {"head": 5.0, "svf": 1.0, "backbone": 1.0}
+    assert cfg.optim.momentum == 0.9  # default untouched
+
+
+def test_unknown_key_names_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*did you mean 'optim.lr'"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"'fodl'.*did you mean 'fold'"):
+        load_config(None, ["fodl=1"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'train.epoch'.*did you mean 'train.epochs'"):
+        load_config(recipe)
+
+
+def test_wrong_types_and_values_name_the_key():
+    with pytest.raises(ConfigError, match="'fold' expects int"):
+        load_config(None, ["fold=abc"])
+    with pytest.raises(ConfigError, match="'svf.enabled' expects bool"):
+        load_config(None, ["svf.enabled=3"])
+    with pytest.raises(ConfigError, match="'train.amp' must be one of"):
+        load_config(None, ["train.amp=fp8"])
+    with pytest.raises(ConfigError, match="'fold' must be 0..3"):
+        load_config(None, ["fold=4"])
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_dotlist(["fold"])
+
+
+def test_roundtrip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(None, ["fold=3", "svf.stages=[layer3, layer4]"])
+    again = from_dict(to_dict(cfg))
+    assert again == cfg
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_yaml(cfg))
+    assert load_config(p) == cfg
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 7\n  batch_size: 3\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ntrain:\n  epochs: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.epochs, cfg.train.batch_size) == (9, 3)
+
+
+def test_every_recipe_loads():
+    recipes = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("_"))
+    assert len(recipes) >= 13, recipes
+    for p in recipes:
+        cfg = load_config(p)
+        assert cfg.optim.lr_mult["head"] == 10.0, p
+        assert cfg.optim.lr_mult["svf"] * 10 == cfg.optim.lr_mult["head"], p  # S at 1/10 of the head lr
