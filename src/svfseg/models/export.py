@@ -1,0 +1,43 @@
+"""Turn an SVF-trained few-shot model into the plain architecture for deployment."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def export_merged(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold the singular values back into plain conv weights (``svfseg.svf.merge_svf``).
+
+    The result has the state-dict keys of the original architecture, computes the same
+    logits, and costs what a frozen-backbone model costs at inference. Its backbone is
+    frozen (``backbone_mode == "frozen"``, ``svf_policy`` None); ``describe()`` then matches
+    a plain model of the same architecture.
+
+    Args:
+        model: A few-shot model (any backbone mode; one without SVF layers is copied as is).
+        inplace: Modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        The merged model, in eval mode.
+    """
+    from svfseg.svf import merge_svf, svf_layers
+
+    if not hasattr(model, "backbone") or not hasattr(model, "backbone_mode"):
+        raise TypeError(f"export_merged: expected a few-shot model with a backbone, got {type(model).__name__}")
+    merged = model if inplace else copy.deepcopy(model)
+    n_layers = sum(1 for _ in svf_layers(merged.backbone))
+    if n_layers:
+        merge_svf(merged.backbone)
+        logger.info("merged %d SVF layers of %s", n_layers, merged.backbone_name)
+    if merged.backbone_mode == "train":
+        logger.warning("export_merged: backbone was fully fine-tuned; exported with a frozen backbone")
+    merged.backbone_mode = "frozen"
+    merged.svf_policy = None
+    for p in merged.backbone.parameters():
+        p.requires_grad_(False)
+    return merged.eval()

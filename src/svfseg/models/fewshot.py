@@ -1,0 +1,295 @@
+"""Few-shot model base: one shared backbone pass for query and supports, regimes, param groups."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from svfseg.models.blocks import foreground, resize
+from svfseg.models.outputs import FewShotOutput
+from svfseg.models.policy import SVFPolicy
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_MODES = ("frozen", "svf", "train")
+
+
+@dataclass
+class EpisodeFeatures:
+    """Backbone features of one batch of episodes.
+
+    Attributes:
+        query: Stage name -> query features (B, C, h, w).
+        support: Stage name -> support features (B, K, C, h, w). Stages from the model's
+            ``masked_support_stage`` on were computed from mask-multiplied inputs.
+        support_fg: Support foreground masks (B, K, H, W), float in {0, 1}.
+    """
+
+    query: dict[str, torch.Tensor]
+    support: dict[str, torch.Tensor]
+    support_fg: torch.Tensor
+
+    @property
+    def shots(self) -> int:
+        """Number of support shots K."""
+        return self.support_fg.shape[1]
+
+
+class FewShotModel(nn.Module):
+    """Base of the few-shot segmentation models: backbone regimes and the shared backbone pass.
+
+    Subclasses build their head in ``__init__`` (after calling this one) and implement
+    :meth:`forward_head`. The call signature is shared by every model::
+
+        model(query_img (B,3,H,W), support_imgs (B,K,3,H,W), support_masks (B,K,H,W) in {0,1,255})
+
+    In eval mode it returns logits (B, 2, H, W) at the query resolution; in train mode a
+    :class:`FewShotOutput` that also carries the auxiliary logits. K is free at every call.
+
+    Args:
+        backbone: A ``svfseg.models.backbones.Backbone`` (stages ``layer0``..``layer4`` with
+            ``stage_channels``, ``stage_strides`` and ``forward_stages``).
+        backbone_mode: "frozen" (no backbone gradient; the backbone runs under no_grad),
+            "svf" (only singular values of ``svf_policy``'s stages train) or "train" (full
+            fine-tune). BatchNorm stays in eval mode in every regime.
+        svf_policy: Policy for "svf"; defaults to :class:`SVFPolicy` (the paper's).
+        backbone_name: Name recorded by :meth:`describe` (``create_model`` passes it).
+        backbone_lr_mult: Learning-rate multiplier reported for the "backbone" group.
+        batch_backbone: Run query and supports through the backbone as one batch when their
+            sizes match (one pass per stage instead of two).
+    """
+
+    #: Registry name, set by the subclass.
+    model_name: ClassVar[str] = ""
+    #: Backbone stages the head reads.
+    feature_stages: ClassVar[tuple[str, ...]] = ("layer2", "layer3", "layer4")
+    #: Support input of this stage is multiplied by the support mask first (PFENet/BAM:
+    #: layer4 sees only the foreground of the support). None: no masking.
+    masked_support_stage: ClassVar[str | None] = "layer4"
+    num_classes: ClassVar[int] = 2
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        backbone_mode: str = "frozen",
+        svf_policy: SVFPolicy | None = None,
+        backbone_name: str | None = None,
+        backbone_lr_mult: float = 0.1,
+        batch_backbone: bool = True,
+    ) -> None:
+        super().__init__()
+        if backbone_mode not in BACKBONE_MODES:
+            raise ValueError(f"backbone_mode: expected one of {BACKBONE_MODES}, got {backbone_mode!r}")
+        if svf_policy is not None and backbone_mode != "svf":
+            raise ValueError(f"svf_policy given but backbone_mode={backbone_mode!r}; use backbone_mode='svf'")
+        for attr in ("stage_names", "stage_channels", "forward_stages"):
+            if not hasattr(backbone, attr):
+                raise TypeError(f"backbone {type(backbone).__name__} has no `{attr}`; expected a Backbone")
+        missing = [s for s in self._needed_stages() if s not in backbone.stage_names]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs stages {missing}; backbone has {backbone.stage_names}")
+        self.backbone = backbone
+        self.backbone_name = backbone_name or getattr(backbone, "name", None) or type(backbone).__name__
+        self.backbone_mode = backbone_mode
+        self.svf_policy = (svf_policy or SVFPolicy()) if backbone_mode == "svf" else None
+        self.backbone_lr_mult = float(backbone_lr_mult)
+        self.batch_backbone = bool(batch_backbone)
+        self._configure_backbone()
+
+    # -- regimes -----------------------------------------------------------------------------
+    def _needed_stages(self) -> list[str]:
+        stages = list(self.feature_stages)
+        if self.masked_support_stage is not None:
+            stages.append(self.masked_support_stage)
+        return stages
+
+    def _configure_backbone(self) -> None:
+        # BN statistics never update in any regime; "train" (and an SVF policy with
+        # train_bn) re-enables only the affine parameters.
+        from svfseg.models.backbones import freeze_batchnorm
+
+        freeze_batchnorm(self.backbone)
+        if self.backbone_mode == "svf":
+            self.svf_policy.apply_policy(self.backbone)
+        else:
+            trainable = self.backbone_mode == "train"
+            for p in self.backbone.parameters():
+                p.requires_grad_(trainable)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FewShotModel:
+        """Set train/eval mode; the backbone's BatchNorm layers always stay in eval mode.
+
+        A frozen or SVF backbone is put in eval mode as a whole (no dropout / drop-path
+        either); a fully fine-tuned one only has its BatchNorm layers in eval mode.
+        """
+        super().train(mode)
+        if self.backbone_mode in ("frozen", "svf"):
+            self.backbone.eval()
+        else:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters split for the optimiser.
+
+        Returns:
+            Non-empty groups among ``{"name": "svf" | "backbone" | "head", "params": [...],
+            "lr_mult": float}``: "svf" holds singular values, "backbone" any other trainable
+            backbone parameter (full fine-tune, or BN/bias under an SVF policy), "head" the
+            rest. Only parameters with ``requires_grad`` appear.
+        """
+        svf_ids: set[int] = set()
+        if self.backbone_mode == "svf":
+            from svfseg.svf import singular_value_parameters
+
+            svf_ids = {id(p) for _, p in singular_value_parameters(self.backbone)}
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {"svf": [], "backbone": [], "head": []}
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            key = "svf" if id(p) in svf_ids else "backbone" if id(p) in backbone_ids else "head"
+            groups[key].append(p)
+        backbone_mult = self.svf_policy.lr_mult if self.svf_policy is not None else self.backbone_lr_mult
+        mults = {"svf": backbone_mult, "backbone": backbone_mult, "head": 1.0}
+        return [{"name": k, "params": v, "lr_mult": mults[k]} for k, v in groups.items() if v]
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata that decides checkpoint compatibility (JSON-serialisable).
+
+        Models are shot-independent: the same weights serve any K.
+        """
+        return {
+            "name": self.model_name,
+            "backbone": self.backbone_name,
+            "backbone_strides": dict(getattr(self.backbone, "stage_strides", {})),
+            "backbone_mode": self.backbone_mode,
+            "svf_policy": self.svf_policy.to_dict() if self.svf_policy is not None else None,
+            "num_classes": self.num_classes,
+            "shot_independent": True,
+            "head": self.head_config(),
+        }
+
+    def head_config(self) -> dict[str, Any]:
+        """Head hyper-parameters that change the architecture (for :meth:`describe`)."""
+        return {}
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(
+        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+    ) -> torch.Tensor | FewShotOutput:
+        """Segment the query given K annotated supports.
+
+        Args:
+            query_img: (B, 3, H, W) normalised query images.
+            support_imgs: (B, K, 3, Hs, Ws) normalised support images.
+            support_masks: (B, K, Hs, Ws) labels in {0, 1, 255}; only 1 is foreground.
+
+        Returns:
+            Eval: logits (B, 2, H, W). Train: :class:`FewShotOutput` with logits and
+            auxiliary logits, all at (H, W).
+        """
+        check_episode_shapes(query_img, support_imgs, support_masks)
+        feats = self.extract_features(query_img, support_imgs, support_masks)
+        logits, aux = self.forward_head(feats)
+        size = query_img.shape[-2:]
+        logits = resize(logits, size)
+        if not self.training:
+            return logits
+        return FewShotOutput(logits=logits, aux_logits=tuple(resize(a, size) for a in aux))
+
+    def forward_head(self, feats: EpisodeFeatures) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+        """Head computation on backbone features.
+
+        Returns:
+            Main logits and auxiliary logits at any resolution (the caller resizes them).
+        """
+        raise NotImplementedError
+
+    def _backbone_context(self) -> contextlib.AbstractContextManager:
+        # Frozen backbone: no graph at all, so the frozen regime costs what PFENet costs.
+        return torch.no_grad() if self.backbone_mode == "frozen" else contextlib.nullcontext()
+
+    def extract_features(
+        self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
+    ) -> EpisodeFeatures:
+        """Run query and supports through the (shared) backbone.
+
+        Stages before ``masked_support_stage`` see the raw images; the support input of
+        that stage is multiplied by the support foreground mask (resized bilinearly).
+        """
+        b, k = support_imgs.shape[:2]
+        fg = foreground(support_masks, dtype=query_img.dtype)
+        names = list(self.backbone.stage_names)
+        wanted = sorted(set(self.feature_stages), key=names.index)
+        with self._backbone_context():
+            support_flat = support_imgs.flatten(0, 1)
+            masked = self.masked_support_stage
+            if masked is None or names.index(masked) == 0:
+                early, late = [], wanted
+            else:
+                prev = names[names.index(masked) - 1]
+                early = sorted({s for s in wanted if names.index(s) <= names.index(prev)} | {prev}, key=names.index)
+                late = [s for s in wanted if names.index(s) >= names.index(masked)]
+            if early:
+                q_out, s_out = self._run_pair(query_img, support_flat, early, start=names[0])
+                if late:
+                    prev_q, prev_s = q_out[prev], s_out[prev]
+                    prev_s = prev_s * resize(fg.flatten(0, 1).unsqueeze(1), prev_s.shape[-2:])
+                    q_late, s_late = self._run_pair(prev_q, prev_s, late, start=masked)
+                    q_out.update(q_late)
+                    s_out.update(s_late)
+            else:
+                q_out, s_out = self._run_pair(query_img, support_flat, late, start=names[0])
+        query = {s: q_out[s] for s in wanted}
+        support = {s: s_out[s].reshape(b, k, *s_out[s].shape[1:]) for s in wanted}
+        return EpisodeFeatures(query=query, support=support, support_fg=fg)
+
+    def _run_pair(
+        self, q: torch.Tensor, s: torch.Tensor, stages: Iterable[str], start: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        stages = list(stages)
+        if self.batch_backbone and q.shape[1:] == s.shape[1:]:
+            out = self.backbone.forward_stages(torch.cat([q, s], dim=0), stages, start=start)
+            n = q.shape[0]
+            return {k: v[:n] for k, v in out.items()}, {k: v[n:] for k, v in out.items()}
+        return (
+            self.backbone.forward_stages(q, stages, start=start),
+            self.backbone.forward_stages(s, stages, start=start),
+        )
+
+
+def check_episode_shapes(query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the offending tensor when an episode batch is malformed."""
+    if query_img.dim() != 4:
+        raise ValueError(f"query_img: expected (B, 3, H, W), got shape {tuple(query_img.shape)}")
+    if support_imgs.dim() != 5:
+        raise ValueError(f"support_imgs: expected (B, K, 3, H, W), got shape {tuple(support_imgs.shape)}")
+    if support_masks.dim() != 4:
+        raise ValueError(f"support_masks: expected (B, K, H, W), got shape {tuple(support_masks.shape)}")
+    b = query_img.shape[0]
+    if support_imgs.shape[0] != b or support_masks.shape[0] != b:
+        raise ValueError(
+            f"batch sizes differ: query_img {b}, support_imgs {support_imgs.shape[0]}, "
+            f"support_masks {support_masks.shape[0]}"
+        )
+    if support_imgs.shape[1] < 1 or support_imgs.shape[1] != support_masks.shape[1]:
+        raise ValueError(
+            f"shots differ or are zero: support_imgs K={support_imgs.shape[1]}, support_masks K={support_masks.shape[1]}"
+        )
+    if support_imgs.shape[-2:] != support_masks.shape[-2:]:
+        raise ValueError(
+            f"support_imgs size {tuple(support_imgs.shape[-2:])} != support_masks size {tuple(support_masks.shape[-2:])}"
+        )
+    if support_imgs.shape[2] != query_img.shape[1]:
+        raise ValueError(f"channels differ: query_img {query_img.shape[1]}, support_imgs {support_imgs.shape[2]}")
