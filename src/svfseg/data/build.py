@@ -1,0 +1,101 @@
+"""build_dataset: one keyword-only factory for every benchmark, split and protocol."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from torch.utils.data import Dataset
+
+from svfseg.data.episodes import DEFAULT_MIN_PIXELS, TRAIN_PROTOCOLS, EpisodeList, make_episodes, make_pool
+from svfseg.data.index import load_class_index
+from svfseg.data.io import DataError
+from svfseg.data.pascal import EvalEpisodes, TrainEpisodes
+from svfseg.data.splits import class_split, num_classes
+from svfseg.data.transforms import TestTransform, TrainTransform
+
+__all__ = ["build_dataset", "default_min_pixels"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+
+
+def default_min_pixels(root, benchmark: str) -> int:
+    """Small-object threshold: 2,048 px for pascal/coco; for synthetic, 2,048 scaled by the area ratio
+    of the generated size to 473 px (the Pascal crop the rule was made for), read from the marker."""
+    if benchmark != "synthetic":
+        return DEFAULT_MIN_PIXELS
+    from svfseg.data.synthetic import MARKER, scaled_min_pixels
+
+    marker = Path(root) / MARKER
+    try:
+        size = int(json.loads(marker.read_text())["params"]["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{marker}: expected the synthetic dataset marker (made by generate_synthetic), "
+                        f"found none or unreadable; pass min_pixels explicitly") from None
+    return scaled_min_pixels(size)
+
+
+def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: str, shot: int, seed: int = 0,
+                  protocol: str = "dagger", convention: str = "interleaved", train_crop: int = 473,
+                  train_scale: Sequence[float] = (0.9, 1.1), test_size: int = 473,
+                  episodes: EpisodeList | str | os.PathLike | None = None, num_episodes: int = 1000,
+                  min_pixels: int | None = None, workers: int | None = None) -> Dataset:
+    """Build an episodic dataset on a Pascal-layout root.
+
+    Args:
+        root: dataset root (``train.txt``/``val.txt`` lists, images, class-id PNGs).
+        benchmark: "pascal", "coco" or "synthetic".
+        fold: 0..3.
+        split: "train" (base classes, random episodes per epoch) or "val" (novel classes, fixed episodes).
+        shot: supports per episode (K).
+        seed: training: seed of every episode and augmentation; val: episode seed when ``episodes`` is None.
+        protocol: training pool: "dagger" (†, drop images with any novel pixel; default) or
+            "pfenet" (keep them; novel pixels are background in the binary masks).
+        convention: COCO fold convention, "interleaved" or "consecutive".
+        train_crop: training crop side. train_scale: RandScale range.
+        test_size: longer side at test (473 Pascal, 641 COCO).
+        episodes: val only: an EpisodeList or a path to one (checked against this dataset);
+            None makes ``num_episodes`` episodes from ``seed``.
+        num_episodes: val episode count when ``episodes`` is None.
+        min_pixels: small-object threshold; None: :func:`default_min_pixels`.
+        workers: processes for a first-time class-index scan.
+
+    Returns:
+        TrainEpisodes (``len`` = query pool size, ``set_epoch``) or EvalEpisodes (``len`` = episodes,
+        ``.episodes``).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if protocol not in TRAIN_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {TRAIN_PROTOCOLS}, got {protocol!r}")
+    if not isinstance(shot, int) or shot < 1:
+        raise ValueError(f"shot must be a positive int, got {shot!r}")
+    sp = class_split(benchmark, fold, convention)
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: expected a dataset root folder, found none")
+    if min_pixels is None:
+        min_pixels = default_min_pixels(root, benchmark)
+    index = load_class_index(root, split, num_classes(benchmark), workers=workers)
+    if split == "train":
+        pool = make_pool(index, sp.base, shot=shot, min_pixels=min_pixels,
+                         exclude_any=sp.novel if protocol == "dagger" else ())
+        log.info("%s fold %d train pool (%s): %d query images", benchmark, fold, protocol, len(pool))
+        tr = TrainTransform(crop=train_crop, scale=(float(train_scale[0]), float(train_scale[1])))
+        return TrainEpisodes(pool, shot=shot, seed=seed, transform=tr)
+    pool = make_pool(index, sp.novel, shot=shot, min_pixels=min_pixels)
+    if episodes is None:
+        episodes = make_episodes(pool, benchmark=benchmark, fold=fold, shot=shot, seed=seed,
+                                 count=num_episodes, convention=convention)
+    elif not isinstance(episodes, EpisodeList):
+        episodes = EpisodeList.load(episodes, dataset_fingerprint=index.fingerprint)
+    want = dict(benchmark=benchmark, split=split, fold=fold, shot=shot, convention=convention)
+    got = {k: getattr(episodes, k) for k in want}
+    if got != want:
+        raise DataError(f"episode list made for {got}, but the dataset asked for {want}")
+    log.info("%s fold %d val: %d episodes over %d query images", benchmark, fold, len(episodes), len(pool))
+    return EvalEpisodes(pool, episodes, transform=TestTransform(size=test_size))

@@ -1,0 +1,194 @@
+"""Per-image class index (pixel count of every class), built once per list file and cached."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from svfseg.data.io import IGNORE, DataError, image_size, list_path, read_label, read_list
+
+__all__ = ["ImageRecord", "ClassIndex", "load_class_index", "build_class_index", "CACHE_DIR"]
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+CACHE_DIR = ".svfseg_cache"
+_MAX_REPORTED = 20
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One list entry: image and label paths (relative to the root), size, and class pixel counts."""
+
+    image: str
+    label: str
+    hw: tuple[int, int]
+    counts: dict[int, int]
+
+    @property
+    def name(self) -> str:
+        """Image file stem, e.g. ``2008_000123``."""
+        return Path(self.image).stem
+
+
+@dataclass(frozen=True)
+class ClassIndex:
+    """The class index of one split of a Pascal-layout root."""
+
+    root: Path
+    split: str
+    num_classes: int
+    records: tuple[ImageRecord, ...]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def position(self) -> dict[str, int]:
+        """Map image path -> record position."""
+        return {r.image: i for i, r in enumerate(self.records)}
+
+
+def _content_fingerprint(num_classes: int, records) -> str:
+    """sha256 of what the index says (names, sizes, counts): equal on any machine holding the same data."""
+    h = hashlib.sha256(f"svfseg-index-v{INDEX_VERSION}:{num_classes}\n".encode())
+    for r in records:
+        counts = ",".join(f"{c}:{n}" for c, n in sorted(r.counts.items()))
+        h.update(f"{r.image} {r.label} {r.hw[0]}x{r.hw[1]} {counts}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _source_stamp(list_file: Path, root: Path, pairs, num_classes: int) -> str:
+    """Cheap cache key: list bytes + size and mtime of every label file (a changed mask rebuilds)."""
+    h = hashlib.sha256(f"v{INDEX_VERSION}:{num_classes}\n".encode())
+    h.update(list_file.read_bytes())
+    for _, lbl in pairs:
+        try:
+            st = os.stat(root / lbl)
+            h.update(f"{lbl}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{lbl}:missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _scan_one(args) -> tuple[tuple[int, int], dict[int, int], list[str]]:
+    """Read one label: class pixel counts plus every problem found (never raises)."""
+    root, img_rel, lbl_rel, num_classes = args
+    problems: list[str] = []
+    img_path, lbl_path = Path(root) / img_rel, Path(root) / lbl_rel
+    hw = (0, 0)
+    if not img_path.is_file():
+        problems.append(f"{img_path}: expected an image, found no file")
+    if not lbl_path.is_file():
+        problems.append(f"{lbl_path}: expected a label PNG, found no file")
+        return hw, {}, problems
+    try:
+        label = read_label(lbl_path)
+    except DataError as e:
+        return hw, {}, problems + [str(e)]
+    hw = (int(label.shape[0]), int(label.shape[1]))
+    if img_path.is_file():
+        try:
+            ihw = image_size(img_path)
+            if ihw != hw:
+                problems.append(f"{lbl_path}: expected the size of its image {img_path.name} "
+                                f"{ihw[0]}x{ihw[1]}, found {hw[0]}x{hw[1]}")
+        except OSError as e:
+            problems.append(f"{img_path}: expected a readable image, found {e}")
+    hist = np.bincount(label.ravel(), minlength=256)
+    bad = [v for v in np.flatnonzero(hist) if num_classes < v < IGNORE]
+    if bad:
+        problems.append(f"{lbl_path}: expected class ids 0..{num_classes} or {IGNORE}, found {bad[:10]}")
+    counts = {int(c): int(hist[c]) for c in range(1, num_classes + 1) if hist[c] > 0}
+    return hw, counts, problems
+
+
+def build_class_index(root, split: str, num_classes: int, *, workers: int | None = None,
+                      progress: bool = True) -> tuple[ClassIndex, list[str]]:
+    """Scan every label of a split (no cache). Returns the index and the problems found.
+
+    Args:
+        root: dataset root (Pascal layout).
+        split: list name, "train" or "val".
+        num_classes: largest valid class id.
+        workers: processes for scanning (default: up to 8, serial for small lists).
+        progress: show a tqdm bar on stderr once the scan has taken more than 2 s.
+    """
+    root = Path(root)
+    lf = list_path(root, split)
+    pairs = read_list(lf)
+    jobs = [(str(root), a, b, num_classes) for a, b in pairs]
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8)
+    bar = dict(total=len(jobs), desc=f"indexing {split} labels", unit="img", delay=2.0, disable=not progress)
+    if workers > 1 and len(jobs) >= 512:
+        with multiprocessing.get_context().Pool(workers) as pool:
+            results = list(tqdm(pool.imap(_scan_one, jobs, chunksize=64), **bar))
+    else:
+        results = [_scan_one(j) for j in tqdm(jobs, **bar)]
+    records, problems = [], []
+    for (a, b), (hw, counts, probs) in zip(pairs, results):
+        records.append(ImageRecord(a, b, hw, counts))
+        problems.extend(probs)
+    index = ClassIndex(root, split, num_classes, tuple(records), _content_fingerprint(num_classes, records))
+    return index, problems
+
+
+def _raise_problems(problems: list[str], where: Path) -> None:
+    shown = "\n  ".join(problems[:_MAX_REPORTED])
+    more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
+    raise DataError(f"{where}: {len(problems)} problem(s) in the dataset "
+                    f"(run `svfseg prepare --check` for the full list):\n  {shown}{more}")
+
+
+def load_class_index(root, split: str, num_classes: int, *, workers: int | None = None,
+                     progress: bool = True, cache: bool = True) -> ClassIndex:
+    """The class index of a split, from ``root/.svfseg_cache`` when still valid, else scanned and cached.
+
+    Validity is checked with a stamp of the list file and the size/mtime of every label, so a
+    second start on COCO (82k masks) costs a few seconds of ``stat`` calls.
+
+    Raises:
+        DataError: listing every missing/unreadable file, size mismatch and out-of-range label found.
+    """
+    root = Path(root)
+    lf = list_path(root, split)
+    pairs = read_list(lf)
+    stamp = _source_stamp(lf, root, pairs, num_classes)
+    cache_file = root / CACHE_DIR / f"index-{split}.json"
+    if cache and cache_file.is_file():
+        try:
+            blob = json.loads(cache_file.read_text())
+            if blob.get("stamp") == stamp and blob.get("version") == INDEX_VERSION:
+                records = tuple(ImageRecord(r[0], r[1], tuple(r[2]), {int(k): v for k, v in r[3].items()})
+                                for r in blob["records"])
+                fp = _content_fingerprint(num_classes, records)
+                if fp == blob.get("fingerprint"):
+                    return ClassIndex(root, split, num_classes, records, fp)
+                log.warning("%s: cached class index fails its fingerprint; rebuilding", cache_file)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            log.warning("%s: unreadable cached class index (%s); rebuilding", cache_file, e)
+    index, problems = build_class_index(root, split, num_classes, workers=workers, progress=progress)
+    if problems:
+        _raise_problems(problems, lf)
+    if cache:
+        blob = {"version": INDEX_VERSION, "stamp": stamp, "fingerprint": index.fingerprint,
+                "num_classes": num_classes,
+                "records": [[r.image, r.label, list(r.hw), {str(k): v for k, v in r.counts.items()}]
+                            for r in index.records]}
+        try:
+            cache_file.parent.mkdir(exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(blob, separators=(",", ":")))
+            os.replace(tmp, cache_file)
+        except OSError as e:
+            log.warning("%s: cannot write the class index cache (%s); it will be rebuilt next time",
+                        cache_file, e)
+    return index

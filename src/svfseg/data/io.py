@@ -1,0 +1,141 @@
+"""File I/O for the Pascal layout: images, class-id label PNGs, list files, atomic folder writes."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "DataError", "read_image", "read_label", "read_list", "write_list", "list_path", "atomic_dir",
+    "write_label", "image_size",
+]
+
+IGNORE = 255
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable or not in the expected format."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as RGB uint8 (H, W, 3).
+
+    Raises:
+        DataError: the file is missing or cannot be decoded.
+    """
+    path = Path(path)
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        what = "missing" if not path.exists() else "not a readable image"
+        raise DataError(f"{path}: expected an RGB image file, found {what}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a class-id label PNG (mode L, or P whose palette indices are the ids) as uint8 (H, W).
+
+    Raises:
+        DataError: missing, unreadable, or not a single-channel class-id image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P"):
+                raise DataError(
+                    f"{path}: expected a single-channel class-id PNG (mode L or P), found mode {im.mode}")
+            arr = np.array(im)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: expected a label PNG, found no file") from None
+    except OSError as e:
+        raise DataError(f"{path}: expected a label PNG, found an unreadable file ({e})") from None
+    return arr.astype(np.uint8, copy=False)
+
+
+def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
+    """Write a uint8 class-id array as a mode-L PNG (what PFENet/BAM read)."""
+    Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="L").save(path, optimize=False)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding the pixels."""
+    with Image.open(path) as im:
+        w, h = im.size
+    return h, w
+
+
+def list_path(root: str | os.PathLike, split: str) -> Path:
+    """The list file of a split: ``root/<split>.txt`` (also ``root/lists/<split>.txt``)."""
+    root = Path(root)
+    for cand in (root / f"{split}.txt", root / "lists" / f"{split}.txt"):
+        if cand.is_file():
+            return cand
+    raise DataError(f"{root}: expected a list file {split}.txt (or lists/{split}.txt), found none")
+
+
+def read_list(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Parse a list file: one ``<image path> <label path>`` per line, relative to the dataset root.
+
+    This is the PFENet/BAM format (``JPEGImages/x.jpg SegmentationClassAug/x.png``); blank lines
+    are skipped, duplicates are an error.
+
+    Raises:
+        DataError: a line has not exactly two fields, or an entry repeats (names file and line).
+    """
+    path = Path(path)
+    pairs: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise DataError(
+                f"{path}:{lineno}: expected '<image> <label>' (2 fields), found {len(fields)}: {line!r}")
+        if fields[0] in seen:
+            raise DataError(f"{path}:{lineno}: image {fields[0]} already listed at line {seen[fields[0]]}")
+        seen[fields[0]] = lineno
+        pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise DataError(f"{path}: expected at least one '<image> <label>' line, found none")
+    return pairs
+
+
+def write_list(path: str | os.PathLike, pairs: list[tuple[str, str]]) -> None:
+    """Write a list file in the PFENet/BAM format."""
+    Path(path).write_text("".join(f"{a} {b}\n" for a, b in pairs))
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; rename it to ``target`` only on success.
+
+    Args:
+        target: final folder.
+        replace: if ``target`` exists, swap it out (the old folder is removed after the rename).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not replace:
+        raise DataError(f"{target}: output folder already exists (choose another --out or remove it)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
