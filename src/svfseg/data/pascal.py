@@ -67,9 +67,9 @@ class TrainEpisodes(Dataset):
         views = [self._view(s, c, rng) for s in sup]
         recs = self.pool.index.records
         return {
-            "query_img": q_img, "query_mask": q_mask,
-            "support_imgs": torch.stack([v[0] for v in views]),
-            "support_masks": torch.stack([v[1] for v in views]),
+            "query_img": torch.from_numpy(q_img), "query_mask": torch.from_numpy(q_mask),
+            "support_imgs": torch.from_numpy(np.stack([v[0] for v in views])),
+            "support_masks": torch.from_numpy(np.stack([v[1] for v in views])),
             "class_id": c, "query_name": recs[q].name, "support_names": [recs[s].name for s in sup],
         }
 
@@ -112,10 +112,10 @@ class EvalEpisodes(Dataset):
             s_imgs.append(a)
             s_masks.append(b)
         return {
-            "query_img": q_img, "query_mask": q_mask,
-            "support_imgs": torch.stack(s_imgs), "support_masks": torch.stack(s_masks),
+            "query_img": torch.from_numpy(q_img), "query_mask": torch.from_numpy(q_mask),
+            "support_imgs": torch.from_numpy(np.stack(s_imgs)), "support_masks": torch.from_numpy(np.stack(s_masks)),
             "class_id": ep.class_id, "query_name": qr.name,
             "support_names": [self._record(s).name for s in ep.supports],
-            "query_label_orig": torch.from_numpy(q_orig).long(),
+            "query_label_orig": torch.from_numpy(q_orig.astype(np.int64)),
             "query_valid_hw": valid,
         }

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
-
 from svfseg.data.io import IGNORE
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize", "to_tensors", "TrainTransform", "TestTransform",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize", "to_chw", "TrainTransform", "TestTransform",
            "resize_longer"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -34,10 +32,13 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_tensors(image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """float (H, W, 3) + uint8 (H, W) -> float32 (3, H, W) and int64 (H, W) tensors."""
-    img = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    return img, torch.from_numpy(np.ascontiguousarray(label)).long()
+def to_chw(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float (H, W, 3) + uint8 (H, W) -> contiguous float32 (3, H, W) and int64 (H, W) arrays.
+
+    Arrays, not tensors: the dataset stacks them in numpy and wraps the result once with
+    ``torch.from_numpy`` (many tiny torch ops are slow in loader workers on a busy CPU).
+    """
+    return np.ascontiguousarray(image.transpose(2, 0, 1)), label.astype(np.int64)
 
 
 def _resize(image, label, h, w):
@@ -92,8 +93,8 @@ class TrainTransform:
     crop_tries: int = 30
 
     def __call__(self, image: np.ndarray, label: np.ndarray,
-                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 RGB (H, W, 3) + uint8 label (H, W) -> ((3, crop, crop) float, (crop, crop) long)."""
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 RGB (H, W, 3) + uint8 label (H, W) -> (float32 (3, crop, crop), int64 (crop, crop))."""
         if image.shape[:2] != label.shape:
             raise ValueError(f"image {image.shape[:2]} and label {label.shape} sizes differ")
         img = normalize(image)
@@ -114,7 +115,7 @@ class TrainTransform:
         if rng.random() < self.p_flip:
             img, lbl = img[:, ::-1], lbl[:, ::-1]
         img, lbl = self._crop(img, lbl, rng)
-        return to_tensors(img, lbl)
+        return to_chw(img, lbl)
 
     def _crop(self, img, lbl, rng):
         img, lbl = _pad_to(img, lbl, self.crop, self.crop, centred=True)
@@ -147,12 +148,12 @@ class TestTransform:
 
     size: int = 473
 
-    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """uint8 RGB + uint8 label -> (image (3,S,S), label (S,S), (h, w) valid extent)."""
         if image.shape[:2] != label.shape:
             raise ValueError(f"image {image.shape[:2]} and label {label.shape} sizes differ")
         img, lbl = resize_longer(normalize(image), label, self.size)
         valid = (int(lbl.shape[0]), int(lbl.shape[1]))
         img, lbl = _pad_to(img, lbl, self.size, self.size, centred=False)
-        t_img, t_lbl = to_tensors(img, lbl)
-        return t_img, t_lbl, valid
+        c_img, c_lbl = to_chw(img, lbl)
+        return c_img, c_lbl, valid
