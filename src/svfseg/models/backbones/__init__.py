@@ -8,8 +8,10 @@ from .batchnorm import (
     freeze_batchnorm,
     is_frozen_batchnorm,
 )
+from .efficientnet import EfficientNetLite, efficientnet_lite0, package_weights_path
 from .registry import create_backbone, list_backbones, register_backbone
 from .resnet import Bottleneck, ResNet, resnet
+from .vgg import VGG16BN, vgg16_bn
 from .weights import LoadReport, WeightsMismatchError, load_backbone_weights, read_state_dict
 
 __all__ = [
@@ -30,4 +32,9 @@ __all__ = [
     "read_state_dict",
     "register_backbone",
     "resnet",
+    "VGG16BN",
+    "EfficientNetLite",
+    "efficientnet_lite0",
+    "package_weights_path",
+    "vgg16_bn",
 ]

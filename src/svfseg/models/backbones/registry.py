@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .base import Backbone
 from .resnet import resnet
+from .efficientnet import efficientnet_lite0
+from .vgg import vgg16_bn
 from .weights import load_backbone_weights
 
 logger = logging.getLogger(__name__)
@@ -83,3 +85,6 @@ for _depth in (50, 101):
         lambda *, output_stride=8, _d=_depth: resnet(_d, deep_stem=True, output_stride=output_stride),
         output_stride=True,
     )
+
+register_backbone("vgg16_bn", vgg16_bn)
+register_backbone("efficientnet_lite0", efficientnet_lite0)
