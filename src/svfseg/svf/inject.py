@@ -1,0 +1,345 @@
+"""Put SVD layers into a model, fold them back, save/load the singular values, report counts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from svfseg.svf.config import SVFConfig, selector_matches
+from svfseg.svf.decompose import check_exact
+from svfseg.svf.layers import SUPPORTED_TYPES, SVFLayer, svf_layer_from
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "svfseg-svf"
+FORMAT_VERSION = "1"
+
+
+def is_svf_layer(module: nn.Module) -> bool:
+    """Tells whether a module is one of the SVD layers of this package."""
+    return isinstance(module, SVFLayer)
+
+
+def svf_layers(model: nn.Module) -> Iterator[tuple[str, SVFLayer]]:
+    """Yields (qualified_name, layer) for every SVD layer in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, SVFLayer):
+            yield name, module
+
+
+def singular_value_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Yields (qualified_parameter_name, S) for every SVD layer of the model."""
+    for name, layer in svf_layers(model):
+        yield _join(name, "S"), layer.S
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _looks_like_weight_layer(module: nn.Module) -> bool:
+    """Conv/linear-like modules that SVF cannot take (subclasses, transposed, lazy, ...)."""
+    lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
+    conv_or_linear = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear))
+    return lazy or conv_or_linear
+
+
+def _selected(config: SVFConfig, name: str, module: nn.Module) -> bool:
+    if config.target_modules is not None and not selector_matches(config.target_modules, name):
+        return False
+    if selector_matches(config.exclude_modules, name):
+        return False
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = tuple(module.kernel_size)
+        if config.skip_1x1 and all(k == 1 for k in kernel):
+            return False
+        if config.skip_3x3 and all(k == 3 for k in kernel):
+            return False
+    return True
+
+
+def apply_svf(model: nn.Module, config: SVFConfig | None = None) -> nn.Module:
+    """Replaces the selected conv/linear layers by exact SVD layers, in place.
+
+    Afterwards only the singular values (and the biases of replaced layers when
+    ``config.train_bias``) require grad, plus every parameter of the modules named in
+    ``config.trainable_modules``; everything else in ``model`` is frozen.
+
+    Args:
+        model: the network; its supported layers (exact types nn.Conv1d/2d/3d, nn.Linear)
+            that the config selects are decomposed. Other conv/linear-like types are left
+            alone and listed in one logged warning.
+        config: what to decompose and how; default `SVFConfig()` (every supported layer).
+
+    Returns:
+        The same model object.
+    """
+    config = SVFConfig() if config is None else config
+    if not isinstance(config, SVFConfig):
+        raise TypeError(f"apply_svf: expected an SVFConfig, found {type(config).__name__}")
+    existing = next(svf_layers(model), None)
+    if existing is not None:
+        raise RuntimeError(
+            f"apply_svf: the model already contains SVD layers (first: {existing[0] or '<root>'!r}); "
+            "SVF cannot be applied twice. Call merge_svf(model) first to start again."
+        )
+    if type(model) in SUPPORTED_TYPES:
+        raise ValueError(
+            f"apply_svf: the root module is a plain {type(model).__name__} and cannot be replaced "
+            "in place; wrap it, e.g. nn.Sequential(layer)."
+        )
+
+    targets: dict[int, tuple[str, nn.Module]] = {}
+    unsupported: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not _selected(config, name, module):
+            continue
+        if type(module) in SUPPORTED_TYPES:
+            targets[id(module)] = (name, module)
+        elif _looks_like_weight_layer(module):
+            unsupported.append(f"{name} ({type(module).__name__})")
+    if unsupported:
+        logger.warning(
+            "apply_svf: left %d unsupported layer(s) unchanged: %s",
+            len(unsupported), ", ".join(unsupported),
+        )  # fmt: skip
+    if not targets:
+        if config.target_modules is not None:
+            raise ValueError(
+                f"apply_svf: target_modules={config.target_modules!r} matched no supported layer "
+                f"(nn.Conv1d/2d/3d, nn.Linear) of {type(model).__name__}"
+            )
+        logger.warning("apply_svf: %s has no supported layer to decompose", type(model).__name__)
+
+    replacements: dict[int, SVFLayer] = {}
+    for key, (name, module) in targets.items():
+        layer = svf_layer_from(module, config.mode, config.svd_dtype)
+        check_exact(module.weight, (layer.U, layer.S, layer.Vh), where=name)
+        layer.svf_config = config
+        replacements[key] = layer
+    # A module registered under several names (shared) is replaced everywhere by one layer.
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+
+    _set_trainable(model, config)
+    logger.info("apply_svf: decomposed %d layer(s); %s", len(replacements), trainable_parameter_report(model))
+    return model
+
+
+def _set_trainable(model: nn.Module, config: SVFConfig) -> None:
+    """Freezes everything, then unfreezes S, trained biases and the trainable modules."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if config.trainable_modules is not None:
+        found = False
+        for name, module in model.named_modules():
+            if not name or not selector_matches(config.trainable_modules, name):
+                continue
+            if isinstance(module, SVFLayer) and selector_matches(
+                config.trainable_modules, name, descendants=False
+            ):
+                raise ValueError(
+                    f"apply_svf: {name!r} is decomposed and also named in trainable_modules; "
+                    "exclude it from target_modules or drop it from trainable_modules"
+                )
+            found = True
+            for param in module.parameters():
+                param.requires_grad_(True)
+        if not found:
+            raise ValueError(
+                f"apply_svf: trainable_modules={config.trainable_modules!r} matched no module "
+                f"of {type(model).__name__}"
+            )
+    # SVD layers follow their own rule even inside a trainable container.
+    for _, layer in svf_layers(model):
+        layer.S.requires_grad_(True)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(config.train_bias)
+
+
+def merge_svf(model: nn.Module) -> nn.Module:
+    """Folds every SVD layer back into the plain layer with W = U diag(S) Vh, in place.
+
+    The merged weight requires grad when S did; biases keep their flag. The resulting
+    state_dict has exactly the keys of the original architecture.
+
+    Args:
+        model: a model (or a bare SVD layer inside a container) after `apply_svf`.
+
+    Returns:
+        The same model object.
+    """
+    if isinstance(model, SVFLayer):
+        raise ValueError("merge_svf: the root module is an SVD layer; call layer.to_plain() instead")
+    plain: dict[int, nn.Module] = {id(layer): layer.to_plain() for _, layer in svf_layers(model)}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in plain:
+                setattr(parent, child_name, plain[id(child)])
+    logger.info("merge_svf: merged %d layer(s)", len(plain))
+    return model
+
+
+def _saved_bias(layer: SVFLayer) -> bool:
+    config = getattr(layer, "svf_config", None)
+    trained = config.train_bias if config is not None else bool(layer.bias is not None and layer.bias.requires_grad)
+    return trained and layer.bias is not None
+
+
+def svf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Returns only what SVF trains: every layer's S, plus its bias when biases train.
+
+    Args:
+        model: a model after `apply_svf`.
+
+    Returns:
+        {qualified_name: tensor} (detached CPU-independent references, not copies).
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in svf_layers(model):
+        state[_join(name, "S")] = layer.S.detach()
+        if _saved_bias(layer):
+            state[_join(name, "bias")] = layer.bias.detach()
+    if not state:
+        raise ValueError(f"svf_state_dict: {type(model).__name__} has no SVD layers; call apply_svf first")
+    return state
+
+
+def load_svf_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies saved singular values (and biases) into a model after `apply_svf`.
+
+    Args:
+        model: the target, decomposed with the same layers as the saved one.
+        state: as returned by `svf_state_dict`.
+
+    Raises:
+        KeyError: a key is missing from ``state`` or is not expected by the model (the
+            first mismatch in module order is named).
+        ValueError: a tensor's shape differs from the model's.
+    """
+    expected = svf_state_dict(model)
+    for key, target in expected.items():
+        if key not in state:
+            extra = sorted(set(state) - set(expected))
+            hint = f"; the file has unexpected keys such as {extra[0]!r}" if extra else ""
+            raise KeyError(f"load_svf_state_dict: missing key {key!r} for the model{hint}")
+        if tuple(state[key].shape) != tuple(target.shape):
+            raise ValueError(
+                f"load_svf_state_dict: shape mismatch for {key!r}: model expects "
+                f"{tuple(target.shape)}, state has {tuple(state[key].shape)}"
+            )
+    for key in state:
+        if key not in expected:
+            raise KeyError(f"load_svf_state_dict: unexpected key {key!r}: no such SVD parameter in the model")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])
+
+
+def save_svf(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    """Writes the singular values (and trained biases) to a safetensors file.
+
+    The file's metadata holds the format, the module names, the shapes and the SVF config as
+    JSON strings, plus ``metadata``.
+
+    Args:
+        path: destination file (``.safetensors``).
+        model: a model after `apply_svf`.
+        metadata: extra string entries (e.g. the experiment name).
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous().cpu() for k, v in svf_state_dict(model).items()}
+    configs = {json.dumps(layer.svf_config.to_dict(), sort_keys=True)
+               for _, layer in svf_layers(model) if getattr(layer, "svf_config", None) is not None}  # fmt: skip
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "modules": json.dumps([name for name, _ in svf_layers(model)]),
+        "shapes": json.dumps({k: list(v.shape) for k, v in state.items()}),
+        "config": configs.pop() if len(configs) == 1 else json.dumps(sorted(configs)),
+    }
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"save_svf: metadata must map str to str, found {key!r}: {type(value).__name__}")
+        meta[key] = value
+    save_file(state, os.fspath(path), metadata=meta)
+
+
+def load_svf(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
+    """Loads a file written by `save_svf` into a model after `apply_svf`.
+
+    Args:
+        path: the safetensors file.
+        model: target model with the same decomposed layers.
+
+    Returns:
+        The file's metadata.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_svf: no such file {path!r}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"load_svf: {path!r} is not a readable safetensors file ({err})") from err
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"load_svf: {path!r} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}"
+        )
+    try:
+        load_svf_state_dict(model, state)
+    except (KeyError, ValueError) as err:
+        raise type(err)(f"{err.args[0]} (file {path!r})") from None
+    return meta
+
+
+def _plain_count(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counting SVD layers as their plain weights."""
+    trainable = total = 0
+    for sub in module.modules():
+        for param in sub.parameters(recurse=False):
+            if param.requires_grad:
+                trainable += param.numel()
+            if isinstance(sub, SVFLayer) and param is sub.S:
+                continue
+            total += param.numel()
+        if isinstance(sub, SVFLayer):
+            total += int(torch.Size(sub.weight_shape).numel())
+    return trainable, total
+
+
+def trainable_parameter_report(model: nn.Module) -> str:
+    """Returns "trainable params: N || all params: M || trainable%: P" (PEFT's style).
+
+    "all params" counts each SVD layer as the plain layer it stands for (weight + bias), so
+    the percentage compares with the original model; the trainable count includes S.
+
+    Args:
+        model: any module.
+
+    Returns:
+        The one-line report.
+    """
+    trainable, total = _plain_count(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
+
+
+def config_of(model: nn.Module) -> dict[str, Any] | None:
+    """Returns the SVFConfig dict of the model's first SVD layer (None when there is none)."""
+    for _, layer in svf_layers(model):
+        config = getattr(layer, "svf_config", None)
+        return None if config is None else config.to_dict()
+    return None

@@ -1,0 +1,463 @@
+"""SVD layers for Conv1d/2d/3d and Linear: frozen U, Vh buffers, trainable S, three forward forms."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svfseg.svf.config import MODES
+from svfseg.svf.decompose import decompose_weight, rebuild_weight
+
+_CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_CLS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+# Cost of touching one activation element in an elementwise pass (multiply by S, its two
+# gradients), in multiply-accumulate units. GEMM-bound convs run at tens of MACs per memory
+# access, so an elementwise pass is far from free; measured on CPU with benchmarks/bench_svf.py.
+_ELEMENTWISE_COST = 24.0
+
+
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors carry no version counter; they cannot change in place outside
+    # inference mode, so their storage pointer identifies them.
+    return -1 if t.is_inference() else t._version
+
+
+def estimate_costs(
+    *,
+    groups: int,
+    out_per_group: int,
+    in_per_group: int,
+    rank: int,
+    positions: int,
+    training: bool,
+    input_grad: bool,
+) -> dict[str, float]:
+    """Estimates the cost of one call of each forward form, in multiply-accumulates.
+
+    "reparam" pays a fixed rebuild (out x rank x in) in the forward and again in the backward
+    (projecting the weight gradient on U, Vh), plus the conv and the full weight gradient.
+    "factorized" pays the V-conv and the 1x1 U-conv per output position, a few elementwise
+    passes for S, and no weight gradient at all.
+
+    Args:
+        groups: conv groups (1 for Linear).
+        out_per_group: output channels per group.
+        in_per_group: in/groups * prod(kernel).
+        rank: kept rank per group.
+        positions: batch x output positions (rows for Linear).
+        training: whether a graph to S is recorded (a backward will follow).
+        input_grad: whether the input needs a gradient.
+
+    Returns:
+        {"reparam": cost, "factorized": cost}.
+    """
+    g, m, n, r, p = groups, out_per_group, in_per_group, rank, positions
+    rebuild = g * m * r * n
+    conv = p * g * m * n
+    conv_v = p * g * r * n
+    conv_u = p * g * m * r
+    elementwise = _ELEMENTWISE_COST * p * g * r
+    if not training:
+        # Without a graph the rebuilt weight is cached, and S folds into the U-conv weight.
+        return {"reparam": float(conv), "factorized": float(conv_v + conv_u)}
+    reparam = 2 * rebuild + 2 * conv + (conv if input_grad else 0)
+    factorized = conv_v + 2 * conv_u + 3 * elementwise + (conv_v if input_grad else 0)
+    return {"reparam": float(reparam), "factorized": float(factorized)}
+
+
+class SVFLayer(nn.Module):
+    """Base of the SVD layers: W = U diag(S) Vh per group, only S (and maybe bias) trains.
+
+    Buffers ``U`` (groups, out/groups, rank) and ``Vh`` (groups, rank, in/groups*prod(k)) are
+    frozen; ``S`` (groups, rank) is a Parameter. When no graph to S is needed (no_grad,
+    inference_mode, or S frozen) the rebuilt weight is cached until S, U or Vh change
+    (tracked through version counters and storage; edits through ``.data`` are not seen,
+    call `clear_cache` after those).
+    """
+
+    def __init__(
+        self,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        Vh: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_shape: Sequence[int],
+        mode: str = "auto",
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"{type(self).__name__}: mode must be one of {MODES}, found {mode!r}")
+        g, m, r = U.shape
+        if S.shape != (g, r) or Vh.shape[:2] != (g, r) or g * m != weight_shape[0]:
+            raise ValueError(
+                f"{type(self).__name__}: inconsistent factors U {tuple(U.shape)}, "
+                f"S {tuple(S.shape)}, Vh {tuple(Vh.shape)} for weight {tuple(weight_shape)}"
+            )
+        self.register_buffer("U", U)
+        self.register_buffer("Vh", Vh)
+        self.S = nn.Parameter(S)
+        self.register_parameter("bias", nn.Parameter(bias) if bias is not None else None)
+        self.weight_shape = tuple(int(v) for v in weight_shape)
+        self.mode = mode
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._plans: dict[tuple, str] = {}
+
+    # --- facts -----------------------------------------------------------------
+    @property
+    def groups(self) -> int:
+        return self.U.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[2]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The rebuilt weight (cached when no graph is needed, differentiable otherwise)."""
+        return self._rebuilt_weight()
+
+    # --- weight rebuild and cache -------------------------------------------------
+    def clear_cache(self) -> None:
+        """Drops the cached rebuilt weight and the per-shape forward choices."""
+        self._cache = None
+        self._plans = {}
+
+    def _apply(self, *args, **kwargs):
+        # .to()/.half()/.cuda() replace the tensors: the cached weight would be stale.
+        self.clear_cache()
+        return super()._apply(*args, **kwargs)
+
+    def _needs_graph(self) -> bool:
+        return torch.is_grad_enabled() and self.S.requires_grad
+
+    def _cache_key(self) -> tuple:
+        S, U, Vh = self.S, self.U, self.Vh
+        return (
+            S.data_ptr(), _version(S), S.device, S.dtype,
+            U.data_ptr(), _version(U), Vh.data_ptr(), _version(Vh),
+            torch.is_inference_mode_enabled(),
+        )  # fmt: skip
+
+    def _compute_weight(self) -> torch.Tensor:
+        # The small rebuild matmul runs in the factors' dtype even under autocast: the conv
+        # casts the result, and an fp16 rebuild would add error on top of the cast.
+        with torch.autocast(self.U.device.type, enabled=False):
+            return rebuild_weight(self.U, self.S, self.Vh, self.weight_shape)
+
+    def _rebuilt_weight(self) -> torch.Tensor:
+        if self._needs_graph():
+            return self._compute_weight()  # never cached: the graph to S must stay intact
+        key = self._cache_key()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            weight = self._compute_weight()
+        self._cache = (key, weight)
+        return weight
+
+    # --- forward selection --------------------------------------------------------
+    def _positions(self, x: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    def choose_mode(self, x: torch.Tensor) -> str:
+        """Returns the forward form used for input ``x`` ("reparam" or "factorized")."""
+        if self.mode != "auto":
+            return self.mode
+        training = self._needs_graph()
+        if not training:
+            return "reparam"  # cached weight: exactly the plain layer's cost
+        key = (tuple(x.shape), x.device.type, x.requires_grad)
+        plan = self._plans.get(key)
+        if plan is None:
+            g, m, r = self.U.shape
+            costs = estimate_costs(
+                groups=g, out_per_group=m, in_per_group=self.Vh.shape[2], rank=r,
+                positions=self._positions(x), training=True, input_grad=x.requires_grad,
+            )  # fmt: skip
+            plan = min(costs, key=costs.get)
+            self._plans[key] = plan
+        return plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.choose_mode(x) == "factorized":
+            return self._forward_factorized(x)
+        return self._forward_reparam(x)
+
+    def _forward_reparam(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _scaled_u(self) -> torch.Tensor:
+        """U diag(S) for the no-graph factorized path (S folded into the U weight)."""
+        return self.U * self.S.unsqueeze(-2)
+
+    def to_plain(self) -> nn.Module:
+        """Returns the equivalent plain layer (weight = U diag(S) Vh)."""
+        raise NotImplementedError
+
+    def _plain_params(self) -> tuple[nn.Parameter, nn.Parameter | None]:
+        with torch.no_grad():
+            weight = rebuild_weight(self.U, self.S, self.Vh, self.weight_shape).contiguous()
+        weight = nn.Parameter(weight, requires_grad=self.S.requires_grad)
+        bias = None
+        if self.bias is not None:
+            bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        return weight, bias
+
+
+def _explicit_padding(
+    padding: str | tuple[int, ...], kernel_size: tuple[int, ...], dilation: tuple[int, ...]
+) -> list[int]:
+    """Padding in F.pad order (last dim first, (before, after) each), as nn.ConvNd pads."""
+    pairs = []
+    for i, (k, d) in enumerate(zip(kernel_size, dilation)):
+        if padding == "valid":
+            pairs.append((0, 0))
+        elif padding == "same":
+            total = d * (k - 1)
+            pairs.append((total // 2, total - total // 2))
+        else:
+            pairs.append((padding[i], padding[i]))
+    return [v for pair in reversed(pairs) for v in pair]
+
+
+class _SVFConvNd(SVFLayer):
+    """SVD form of nn.ConvNd; stride, padding (any padding_mode), dilation and groups kept."""
+
+    dim: int = 2
+
+    def __init__(
+        self,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        Vh: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, ...],
+        stride: tuple[int, ...],
+        padding: str | tuple[int, ...],
+        dilation: tuple[int, ...],
+        groups: int,
+        padding_mode: str = "zeros",
+        mode: str = "auto",
+    ) -> None:
+        shape = (out_channels, in_channels // groups, *kernel_size)
+        super().__init__(U, S, Vh, bias, shape, mode)
+        if U.shape[0] != groups:
+            raise ValueError(f"{type(self).__name__}: U has {U.shape[0]} groups, conv has {groups}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.padding = padding if isinstance(padding, str) else tuple(padding)
+        self.dilation = tuple(dilation)
+        self.padding_mode = padding_mode
+        self._pad = _explicit_padding(self.padding, self.kernel_size, self.dilation)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Module, mode: str = "auto", svd_dtype: torch.dtype = torch.float64
+    ) -> "_SVFConvNd":
+        """Decomposes an nn.ConvNd exactly (full rank, per group).
+
+        Args:
+            conv: the nn.Conv1d/2d/3d to decompose (left unchanged).
+            mode: forward form, see `SVFConfig.mode`.
+            svd_dtype: dtype of the SVD computation.
+
+        Returns:
+            The SVD layer, on the conv's device and dtype.
+        """
+        U, S, Vh = decompose_weight(conv.weight, conv.groups, svd_dtype)
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+        layer = cls(
+            U, S, Vh, bias,
+            in_channels=conv.in_channels, out_channels=conv.out_channels,
+            kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, padding_mode=conv.padding_mode, mode=mode,
+        )  # fmt: skip
+        return layer.train(conv.training)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, rank={self.rank}, mode={self.mode}"
+        )
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + ("" if self.bias is not None else ", bias=False")
+
+    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, str | tuple[int, ...]]:
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        return F.pad(x, self._pad, mode=self.padding_mode), (0,) * self.dim
+
+    def _positions(self, x: torch.Tensor) -> int:
+        spatial = x.shape[-self.dim :]
+        batch = math.prod(x.shape[: -self.dim - 1])
+        out = 1
+        for i, size in enumerate(spatial):
+            before, after = self._pad[2 * (self.dim - 1 - i)], self._pad[2 * (self.dim - 1 - i) + 1]
+            eff = self.dilation[i] * (self.kernel_size[i] - 1) + 1
+            out *= max((size + before + after - eff) // self.stride[i] + 1, 0)
+        return batch * out
+
+    def _forward_reparam(self, x: torch.Tensor) -> torch.Tensor:
+        x, padding = self._padded(x)
+        conv = _CONV_FN[self.dim]
+        return conv(
+            x, self._rebuilt_weight(), self.bias, self.stride, padding, self.dilation, self.groups
+        )
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        x, padding = self._padded(x)
+        conv = _CONV_FN[self.dim]
+        g, m, r = self.U.shape
+        ones = (1,) * self.dim
+        v_weight = self.Vh.reshape(g * r, self.in_channels // g, *self.kernel_size)
+        z = conv(x, v_weight, None, self.stride, padding, self.dilation, g)
+        if self._needs_graph():
+            # Scaling the activation (not a weight) keeps the S gradient a cheap reduction
+            # and avoids any weight gradient.
+            z = z * self.S.reshape(1, g * r, *ones)
+            u_weight = self.U.reshape(g * m, r, *ones)
+        else:
+            u_weight = self._scaled_u().reshape(g * m, r, *ones)
+        return conv(z, u_weight, self.bias, 1, 0, 1, g)
+
+    def to_plain(self) -> nn.Module:
+        weight, bias = self._plain_params()
+        conv = torch.nn.utils.skip_init(
+            _CONV_CLS[self.dim], self.in_channels, self.out_channels, self.kernel_size,
+            stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+            bias=bias is not None, padding_mode=self.padding_mode,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        conv.weight = weight
+        conv.bias = bias
+        return conv.train(self.training)
+
+
+class SVFConv1d(_SVFConvNd):
+    """SVD form of nn.Conv1d."""
+
+    dim = 1
+
+
+class SVFConv2d(_SVFConvNd):
+    """SVD form of nn.Conv2d."""
+
+    dim = 2
+
+
+class SVFConv3d(_SVFConvNd):
+    """SVD form of nn.Conv3d."""
+
+    dim = 3
+
+
+class SVFLinear(SVFLayer):
+    """SVD form of nn.Linear (a single group)."""
+
+    def __init__(
+        self,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        Vh: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        in_features: int,
+        out_features: int,
+        mode: str = "auto",
+    ) -> None:
+        super().__init__(U, S, Vh, bias, (out_features, in_features), mode)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, mode: str = "auto", svd_dtype: torch.dtype = torch.float64
+    ) -> "SVFLinear":
+        """Decomposes an nn.Linear exactly (full rank).
+
+        Args:
+            linear: the layer to decompose (left unchanged).
+            mode: forward form, see `SVFConfig.mode`.
+            svd_dtype: dtype of the SVD computation.
+
+        Returns:
+            The SVD layer, on the linear layer's device and dtype.
+        """
+        U, S, Vh = decompose_weight(linear.weight, 1, svd_dtype)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        layer = cls(
+            U, S, Vh, bias, in_features=linear.in_features, out_features=linear.out_features,
+            mode=mode,
+        )  # fmt: skip
+        return layer.train(linear.training)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, mode={self.mode}, bias={self.bias is not None}"
+        )
+
+    def _positions(self, x: torch.Tensor) -> int:
+        return math.prod(x.shape[:-1])
+
+    def _forward_reparam(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._rebuilt_weight(), self.bias)
+
+    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.Vh[0])
+        if self._needs_graph():
+            return F.linear(z * self.S[0], self.U[0], self.bias)
+        return F.linear(z, self._scaled_u()[0], self.bias)
+
+    def to_plain(self) -> nn.Module:
+        weight, bias = self._plain_params()
+        linear = torch.nn.utils.skip_init(
+            nn.Linear, self.in_features, self.out_features, bias=bias is not None,
+            device=weight.device, dtype=weight.dtype,
+        )  # fmt: skip
+        linear.weight = weight
+        linear.bias = bias
+        return linear.train(self.training)
+
+
+def svf_layer_from(
+    module: nn.Module, mode: str = "auto", svd_dtype: torch.dtype = torch.float64
+) -> SVFLayer:
+    """Decomposes a supported plain layer (exact type nn.Conv1d/2d/3d or nn.Linear).
+
+    Args:
+        module: the layer.
+        mode: forward form.
+        svd_dtype: dtype of the SVD computation.
+
+    Returns:
+        The matching SVF layer.
+    """
+    kind = type(module)
+    if kind is nn.Linear:
+        return SVFLinear.from_linear(module, mode, svd_dtype)
+    for dim, conv_cls in _CONV_CLS.items():
+        if kind is conv_cls:
+            return _SVF_CONV_BY_DIM[dim].from_conv(module, mode, svd_dtype)
+    raise TypeError(
+        f"expected nn.Conv1d/2d/3d or nn.Linear (exact type), found {kind.__module__}.{kind.__qualname__}"
+    )
+
+
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_SVF_CONV_BY_DIM: dict[int, type[_SVFConvNd]] = {1: SVFConv1d, 2: SVFConv2d, 3: SVFConv3d}
