@@ -39,6 +39,7 @@ class ModelConfig:
     backbone: str = "resnet50_deep"
     weights: Optional[str] = None      # backbone weight file, or "imagenet" for efficientnet_lite0
     backbone_mode: str = "frozen"      # frozen | train (ignored when svf.enabled: then "svf")
+    backbone_kwargs: dict = field(default_factory=dict)  # e.g. {output_stride: 8}
     head: dict = field(default_factory=dict)  # extra keyword arguments for the head
 
 
@@ -50,7 +51,8 @@ class SVFConfig:
     stages: list[str] = field(default_factory=lambda: ["layer2", "layer3", "layer4"])
     skip_1x1: bool = False
     skip_3x3: bool = False
-    train_bn: bool = False
+    train_bn: bool = False             # also train BN affine params inside the stages (BN stays in eval mode)
+    train_bias: bool = False           # also train the biases of the decomposed layers
     mode: str = "auto"                 # auto | reparam | factorized
     decay_to: str = "pretrained"       # weight decay pulls S towards: pretrained | zero (the authors' code)
 
@@ -115,6 +117,7 @@ class ExperimentConfig:
     shot: int = 1
     seed: int = 321
     device: str = "auto"               # auto | cpu | cuda | cuda:N
+    resume: bool = False               # continue the run in run_dir() from its last.pt
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     svf: SVFConfig = field(default_factory=SVFConfig)

@@ -1,0 +1,116 @@
+"""One training run from a config: run folder, datasets, model, fit, resume."""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+import svfseg
+from svfseg.config import ExperimentConfig, dump_yaml, git_commit, load_config, to_dict
+from svfseg.engine import checkpoint as ckpt
+from svfseg.engine.data import eval_dataset, heldout_base_fold, novel_classes, train_dataset
+from svfseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from svfseg.engine.model import build_model, describe
+from svfseg.engine.train import FitResult, ValSet, fit
+
+logger = logging.getLogger(__name__)
+
+
+def write_run_metadata(run_dir: Path, cfg: ExperimentConfig, argv: Optional[Sequence[str]] = None) -> None:
+    """``config.yaml`` (the resolved config) and ``meta.json`` (version, commit, command, torch)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    meta = {"svfseg_version": svfseg.__version__, "git_commit": git_commit(), "torch": torch.__version__,
+            "python": platform.python_version(), "host": platform.node(),
+            "command": list(argv) if argv is not None else sys.argv,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def selection_set(cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[ValSet]:
+    """The validation episodes checkpoints are selected on, fixed in a file in the run folder.
+
+    ``train.select_on=test_fold`` (what PFENet/BAM/SVF do) or ``last`` validates on the test
+    fold's novel classes; ``base_heldout`` on val-split episodes of base classes (the novel
+    classes of fold ``(fold+1) % 4``), so the test fold is never looked at before testing.
+    """
+    from svfseg.data.episodes import EpisodeList
+
+    if not cfg.train.val_every:
+        return None
+    on = "base_heldout" if cfg.train.select_on == "base_heldout" else "test_fold"
+    fold = heldout_base_fold(cfg.fold) if on == "base_heldout" else cfg.fold
+    path = Path(cfg.train.val_episodes_file) if cfg.train.val_episodes_file else run_dir / f"val_episodes_{on}.json"
+    if not path.exists():
+        if info.is_main:
+            ds = eval_dataset(cfg, fold=fold, seed=cfg.train.val_seed, count=cfg.train.val_episodes)
+            ds.episodes.save(path)
+        barrier(info)
+    ds = eval_dataset(cfg, fold=fold, episodes=EpisodeList.load(path))
+    logger.info("validation (%s): %d fixed episodes from %s (fingerprint %s)", on, len(ds), path,
+                ds.episodes.fingerprint)
+    return ValSet(ds, novel_classes(cfg, fold), on)
+
+
+def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Optional[Sequence[str]] = None,
+              info: Optional[DistInfo] = None) -> FitResult:
+    """Train as ``cfg`` says (``cfg.resume``: continue the run folder's ``last.pt``).
+
+    Args:
+        cfg: experiment config.
+        run_dir: run folder (default ``cfg.run_dir()``).
+        argv: the command line, recorded in ``meta.json``.
+        info: process-group info (default: from the torchrun environment).
+
+    Returns:
+        The :class:`FitResult`.
+    """
+    own_group = info is None
+    info = info or init_distributed(cfg.device)
+    try:
+        run_dir = Path(run_dir or cfg.run_dir())
+        last = run_dir / "last.pt"
+        state = None
+        if cfg.resume:
+            if not last.exists():
+                raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
+            state = ckpt.load(last)
+            _warn_config_changes(state["config"], to_dict(cfg))
+        elif last.exists():
+            raise FileExistsError(f"{run_dir} already holds a training run ({last}); continue it with "
+                                  f"`svfseg train --resume {run_dir}` or start another with name=<new name>")
+        if info.is_main:
+            write_run_metadata(run_dir, cfg, argv)
+        barrier(info)
+        train_set = train_dataset(cfg)
+        val = selection_set(cfg, run_dir, info)
+        model = build_model(cfg, pretrained=state is None)
+        return fit(cfg, model, train_set, run_dir=run_dir, describe=describe(model, cfg), val=val, info=info,
+                   resume_state=state)
+    finally:
+        if own_group:
+            cleanup(info)
+
+
+def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The config of an existing run folder with ``resume=true`` and any further overrides."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (is it a run folder?)")
+    return load_config(path, [*overrides, "resume=true"])
+
+
+def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
+    quiet = {"resume", "train.stop_after_steps", "train.progress"}
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        key = prefix + k
+        if isinstance(a, dict) and isinstance(b, dict) and key not in ("optim.lr_mult", "model.head"):
+            _warn_config_changes(a, b, key + ".")
+        elif a != b and key not in quiet:
+            logger.warning("resume: config key '%s' changed from %r to %r", key, a, b)
