@@ -101,7 +101,9 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group (after a barrier, so no peer is still talking to this one)."""
     if info.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
