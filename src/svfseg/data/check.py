@@ -1,0 +1,106 @@
+"""Validate a whole Pascal-layout dataset root and report every problem (the `prepare --check` pass)."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from svfseg.data.index import _scan_one
+from svfseg.data.io import DataError
+from svfseg.data.splits import class_split, num_classes, num_folds
+
+__all__ = ["check_dataset"]
+
+SPLITS = ("train", "val")
+
+
+def _parse_lines(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    pairs, problems, seen = [], [], {}
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        f = line.split()
+        if not f:
+            continue
+        if len(f) != 2:
+            problems.append(f"{path}:{lineno}: expected '<image> <label>' (2 fields), found {len(f)}: {line!r}")
+        elif f[0] in seen:
+            problems.append(f"{path}:{lineno}: image {f[0]} already listed at line {seen[f[0]]}")
+        else:
+            seen[f[0]] = lineno
+            pairs.append((f[0], f[1]))
+    if not pairs and not problems:
+        problems.append(f"{path}: expected '<image> <label>' lines, found an empty list")
+    return pairs, problems
+
+
+def _check_one(args):
+    hw, counts, problems = _scan_one(args)
+    root, img_rel = args[0], args[1]
+    img = Path(root) / img_rel
+    if img.is_file():
+        try:
+            with Image.open(img) as im:
+                im.load()  # full decode: catches truncated and corrupt files that the header read misses
+        except (OSError, SyntaxError, ValueError) as e:
+            problems.append(f"{img}: expected a decodable image, found {type(e).__name__}: {e}")
+    return counts, problems
+
+
+def _empty_class_problems(benchmark: str, split: str, records, min_pixels: int, convention: str) -> list[str]:
+    out = []
+    for fold in range(num_folds(benchmark)):
+        sp = class_split(benchmark, fold, convention)
+        if split == "train":
+            kept = [c for c in records if not any(k in sp.novel for k in c)]
+            classes, what = sp.base, "base class in the † training pool"
+        else:
+            kept, classes, what = records, sp.novel, "novel class in val"
+        for c in classes:
+            n = sum(1 for cnt in kept if cnt.get(c, 0) >= min_pixels)
+            if n < 2:
+                out.append(f"{split} fold {fold}: {what} {c} has {n} image(s) with >= {min_pixels} px; "
+                           f"episodes need at least 2")
+    return out
+
+
+def check_dataset(root, benchmark: str, *, convention: str = "interleaved", min_pixels: int | None = None,
+                  workers: int | None = None, progress: bool = True) -> list[str]:
+    """Check every list line, image and label of ``root`` and report all problems (empty list = valid).
+
+    Checks: list files present and well formed; every image present and fully decodable (not
+    truncated); every label present, single-channel, of its image's size, with values in
+    0..num_classes or 255; every class of every fold keeps >= 2 images after filtering.
+    """
+    from svfseg.data.build import default_min_pixels
+
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root}: expected a dataset root folder, found none"]
+    n_cls = num_classes(benchmark)
+    if min_pixels is None:
+        try:
+            min_pixels = default_min_pixels(root, benchmark)
+        except DataError as e:
+            return [str(e)]
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    problems: list[str] = []
+    for split in SPLITS:
+        lf = next((p for p in (root / f"{split}.txt", root / "lists" / f"{split}.txt") if p.is_file()), None)
+        if lf is None:
+            problems.append(f"{root}: expected a list file {split}.txt, found none")
+            continue
+        pairs, probs = _parse_lines(lf)
+        problems += probs
+        jobs = [(str(root), a, b, n_cls) for a, b in pairs]
+        bar = dict(total=len(jobs), desc=f"checking {split}", unit="img", disable=not progress, delay=1.0)
+        if workers > 1 and len(jobs) >= 256:
+            with multiprocessing.get_context().Pool(workers) as pool:
+                results = list(tqdm(pool.imap(_check_one, jobs, chunksize=32), **bar))
+        else:
+            results = [_check_one(j) for j in tqdm(jobs, **bar)]
+        for _, probs in results:
+            problems += probs
+        problems += _empty_class_problems(benchmark, split, [c for c, _ in results], min_pixels, convention)
+    return problems
