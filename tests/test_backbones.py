@@ -9,6 +9,7 @@ from torch import nn
 from svfseg.models.backbones import (
     Backbone,
     WeightsMismatchError,
+    checkpoint_state_dict,
     create_backbone,
     freeze_batchnorm,
     is_frozen_batchnorm,
@@ -79,6 +80,24 @@ def random_file(keys: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor
     return out
 
 
+@pytest.fixture(scope="module")
+def tv50_file(tmp_path_factory):
+    """A torchvision-format resnet50 file (no BN counters, like resnet50-19c8e357.pth)."""
+    path = tmp_path_factory.mktemp("weights") / "resnet50-tv.pth"
+    state = random_file(original_resnet_keys(50, False, with_counter=False))
+    torch.save(state, path, _use_new_zipfile_serialization=False)  # 2017 files are legacy format
+    return path, state
+
+
+@pytest.fixture(scope="module")
+def deep50_file(tmp_path_factory):
+    """A PSPNet-format resnet50_v2.pth file (deep stem, with fc)."""
+    path = tmp_path_factory.mktemp("weights") / "resnet50_v2.pth"
+    state = random_file(original_resnet_keys(50, True, with_counter=False), seed=1)
+    torch.save(state, path)
+    return path, state
+
+
 @pytest.mark.parametrize("name", ["resnet50", "resnet50_deep"])
 @pytest.mark.parametrize("os_", [8, 16, 32])
 def test_resnet_stage_shapes(name: str, os_: int) -> None:
@@ -142,24 +161,29 @@ def test_registry_lists_and_rejects() -> None:
         create_backbone("resnet18")
     with pytest.raises(ValueError, match="output_stride"):
         create_backbone("resnet50", output_stride=4)
+    with pytest.raises(ValueError, match="no bundled weights"):
+        create_backbone("resnet50", weights="imagenet")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        create_backbone("resnet50", weights="/nowhere.pth")
 
 
 @pytest.mark.parametrize(
-    ("name", "depth", "deep", "counter"),
+    ("name", "depth", "deep"),
     [
-        ("resnet50", 50, False, False),  # torchvision resnet50-19c8e357.pth: no BN counters
-        ("resnet50", 50, False, True),  # newer torchvision files
-        ("resnet50_deep", 50, True, False),  # PSPNet resnet50_v2.pth
-        ("resnet101_deep", 101, True, True),
+        ("resnet50", 50, False),  # torchvision resnet50-19c8e357.pth: no BN counters
+        ("resnet50_deep", 50, True),  # PSPNet resnet50_v2.pth
+        ("resnet101", 101, False),  # with BN counters, as newer torchvision files
     ],
 )
-def test_load_original_files_strictly(tmp_path, name, depth, deep, counter) -> None:
-    keys = original_resnet_keys(depth, deep, with_counter=counter)
+def test_load_original_files_strictly(tmp_path, tv50_file, deep50_file, name, depth, deep) -> None:
+    assert len(original_resnet_keys(50, False)) == 320  # torchvision resnet50 state_dict
+    assert len(original_resnet_keys(50, True)) == 332
     if depth == 50:
-        assert len(original_resnet_keys(50, deep)) == (320 if not deep else 332)
-    state = random_file(keys)
-    path = tmp_path / "weights.pth"
-    torch.save(state, path)
+        path, state = deep50_file if deep else tv50_file
+    else:
+        state = random_file(original_resnet_keys(depth, deep, with_counter=True))
+        path = tmp_path / "weights.pth"
+        torch.save(state, path)
     model = create_backbone(name, weights=path, output_stride=8)
     own = model.state_dict()
     assert torch.equal(own["layer0.conv1.weight"], state["conv1.weight"])
@@ -175,9 +199,9 @@ def test_load_original_files_strictly(tmp_path, name, depth, deep, counter) -> N
     assert len(report.loaded) == len(state) - 2 and not report.missing and not report.unexpected
 
 
-def test_wrong_files_list_keys(tmp_path) -> None:
+def test_wrong_files_list_keys(tmp_path, tv50_file, deep50_file) -> None:
     model = create_backbone("resnet50_deep")
-    state = random_file(original_resnet_keys(50, True))
+    state = deep50_file[1]
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     missing = dict(state)
@@ -199,11 +223,10 @@ def test_wrong_files_list_keys(tmp_path) -> None:
         load_backbone_weights(model, tmp_path / "shape.pth")
 
     # A torchvision (7x7) file in a deep-stem model: many keys listed, counts given.
-    torch.save(random_file(original_resnet_keys(50, False)), tmp_path / "tv.pth")
     with pytest.raises(WeightsMismatchError) as err:
-        load_backbone_weights(model, tmp_path / "tv.pth")
+        load_backbone_weights(model, tv50_file[0])
     msg = str(err.value)
-    assert "tv.pth" in msg and "missing keys" in msg and "conv2.weight" in msg and "conv1.weight (file" in msg
+    assert "resnet50-tv.pth" in msg and "missing keys" in msg and "conv2.weight" in msg and "conv1.weight (file" in msg
     # Nothing was loaded by the failed attempts.
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -214,20 +237,19 @@ def test_wrong_files_list_keys(tmp_path) -> None:
     assert torch.equal(model.state_dict()["layer0.conv2.weight"], state["conv2.weight"])
 
 
-def test_freeze_batchnorm_structural(tmp_path) -> None:
+def test_freeze_batchnorm_structural(tv50_file) -> None:
     model = create_backbone("resnet50", output_stride=32)
     keys_before = list(model.state_dict())
-    torch.save(random_file(original_resnet_keys(50, False)), tmp_path / "w.pth")
     assert freeze_batchnorm(model) is model
     assert list(model.state_dict()) == keys_before
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 53 and all(is_frozen_batchnorm(m) for m in bns)
-    load_backbone_weights(model, tmp_path / "w.pth")
+    load_backbone_weights(model, tv50_file[0])
     model.train()
     assert all(not m.training for m in bns)
     assert all(not p.requires_grad for m in bns for p in m.parameters())
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    model(torch.randn(2, 3, 16, 16))
     for k, v in model.state_dict().items():
         if "running" in k:
             assert torch.equal(v, stats[k]), k
@@ -237,3 +259,14 @@ def test_freeze_batchnorm_structural(tmp_path) -> None:
     frozen = freeze_batchnorm(bn)
     x = torch.randn(2, 4, 3, 3)
     assert torch.allclose(frozen.train()(x), bn.eval()(x))
+
+
+@pytest.mark.parametrize("name", ["resnet50_deep", "vgg16_bn", "efficientnet_lite0"])
+def test_checkpoint_state_dict_round_trip(tmp_path, name) -> None:
+    source = create_backbone(name)
+    exported = checkpoint_state_dict(source)
+    assert exported and not any(k.startswith("layer") and k.split(".")[0] == "layer0" for k in exported)
+    torch.save(exported, tmp_path / "w.pth")
+    target = create_backbone(name, weights=tmp_path / "w.pth")
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, source.state_dict()[k]), k

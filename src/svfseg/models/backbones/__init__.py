@@ -12,7 +12,13 @@ from .efficientnet import EfficientNetLite, efficientnet_lite0, package_weights_
 from .registry import create_backbone, list_backbones, register_backbone
 from .resnet import Bottleneck, ResNet, resnet
 from .vgg import VGG16BN, vgg16_bn
-from .weights import LoadReport, WeightsMismatchError, load_backbone_weights, read_state_dict
+from .weights import (
+    LoadReport,
+    WeightsMismatchError,
+    checkpoint_state_dict,
+    load_backbone_weights,
+    read_state_dict,
+)
 
 __all__ = [
     "STAGE_NAMES",
@@ -24,6 +30,7 @@ __all__ = [
     "LoadReport",
     "ResNet",
     "WeightsMismatchError",
+    "checkpoint_state_dict",
     "create_backbone",
     "freeze_batchnorm",
     "is_frozen_batchnorm",

@@ -16,10 +16,15 @@ logger = logging.getLogger(__name__)
 
 _BUILDERS: dict[str, Callable[..., Backbone]] = {}
 _ACCEPTS_OUTPUT_STRIDE: set[str] = set()
+_BUNDLED_WEIGHTS: set[str] = set()
 
 
 def register_backbone(
-    name: str, builder: Callable[..., Backbone], *, output_stride: bool = False
+    name: str,
+    builder: Callable[..., Backbone],
+    *,
+    output_stride: bool = False,
+    bundled_weights: bool = False,
 ) -> None:
     """Register ``builder(**kw) -> Backbone`` under ``name``.
 
@@ -27,12 +32,15 @@ def register_backbone(
         name: Registry name; registering a name twice is an error.
         builder: Callable returning a randomly initialised backbone.
         output_stride: Whether the builder takes an ``output_stride`` keyword.
+        bundled_weights: Whether the builder accepts ``weights="imagenet"`` (installed file).
     """
     if name in _BUILDERS:
         raise ValueError(f"backbone {name!r} is already registered")
     _BUILDERS[name] = builder
     if output_stride:
         _ACCEPTS_OUTPUT_STRIDE.add(name)
+    if bundled_weights:
+        _BUNDLED_WEIGHTS.add(name)
 
 
 def list_backbones() -> list[str]:
@@ -65,7 +73,12 @@ def create_backbone(
     elif output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
     if isinstance(weights, str) and weights == "imagenet":
-        kw["weights"] = "imagenet"  # only builders with bundled weights accept this
+        if name not in _BUNDLED_WEIGHTS:
+            raise ValueError(
+                f"backbone {name!r} has no bundled weights (only {sorted(_BUNDLED_WEIGHTS)} do); "
+                "pass the path of a weight file instead, e.g. torchvision's resnet50-*.pth"
+            )
+        kw["weights"] = "imagenet"
         weights = None
     model = _BUILDERS[name](**kw)
     model.name = name
@@ -87,4 +100,4 @@ for _depth in (50, 101):
     )
 
 register_backbone("vgg16_bn", vgg16_bn)
-register_backbone("efficientnet_lite0", efficientnet_lite0)
+register_backbone("efficientnet_lite0", efficientnet_lite0, bundled_weights=True)

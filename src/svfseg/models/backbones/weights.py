@@ -140,3 +140,17 @@ def load_backbone_weights(
     model.load_state_dict(mapped, strict=strict)
     logger.info("loaded %d tensors from %s into %s", len(mapped), path, name)
     return report
+
+
+def checkpoint_state_dict(model: Backbone) -> dict[str, torch.Tensor]:
+    """The model's state dict under the original file's key names (inverse of loading).
+
+    Useful to hand a (merged) backbone back to torchvision / PSPNet-style code.
+
+    Args:
+        model: A backbone whose state-dict keys are plain (not SVF-decomposed).
+
+    Returns:
+        Dict from original key name to tensor (the model's own tensors, not copies).
+    """
+    return {model.checkpoint_key(k): v for k, v in model.state_dict().items()}
