@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from .base import Backbone
-from .resnet import resnet
 from .efficientnet import efficientnet_lite0
+from .resnet import resnet
 from .vgg import vgg16_bn
 from .weights import load_backbone_weights
-
-logger = logging.getLogger(__name__)
 
 _BUILDERS: dict[str, Callable[..., Backbone]] = {}
 _ACCEPTS_OUTPUT_STRIDE: set[str] = set()
@@ -87,17 +84,15 @@ def create_backbone(
     return model
 
 
-for _depth in (50, 101):
-    register_backbone(
-        f"resnet{_depth}",
-        lambda *, output_stride=8, _d=_depth: resnet(_d, deep_stem=False, output_stride=output_stride),
-        output_stride=True,
-    )
-    register_backbone(
-        f"resnet{_depth}_deep",
-        lambda *, output_stride=8, _d=_depth: resnet(_d, deep_stem=True, output_stride=output_stride),
-        output_stride=True,
-    )
+def _resnet_builder(depth: int, deep_stem: bool) -> Callable[..., Backbone]:
+    def build(*, output_stride: int = 8) -> Backbone:
+        return resnet(depth, deep_stem=deep_stem, output_stride=output_stride)
 
+    return build
+
+
+for _depth in (50, 101):
+    register_backbone(f"resnet{_depth}", _resnet_builder(_depth, False), output_stride=True)
+    register_backbone(f"resnet{_depth}_deep", _resnet_builder(_depth, True), output_stride=True)
 register_backbone("vgg16_bn", vgg16_bn)
 register_backbone("efficientnet_lite0", efficientnet_lite0, bundled_weights=True)

@@ -54,13 +54,15 @@ class Bottleneck(nn.Module):
         return self.relu(y + identity)
 
 
-def _conv_bn_relu(prefix: str, cin: int, cout: int, kernel: int, stride: int) -> list:
-    """Named (conv, bn, relu) triple; ``prefix`` '' gives conv1/bn1/relu (torchvision names)."""
-    idx = prefix
+def _conv_bn_relu(index: str, cin: int, cout: int, kernel: int, stride: int) -> list:
+    """Named (conv, bn, relu) triple: conv{index}/bn{index}/relu{index}.
+
+    ``index`` "" gives torchvision's names conv1/bn1/relu.
+    """
     return [
-        (f"conv{idx or 1}", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)),
-        (f"bn{idx or 1}", nn.BatchNorm2d(cout)),
-        (f"relu{idx}", nn.ReLU(inplace=True)),
+        (f"conv{index or 1}", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)),
+        (f"bn{index or 1}", nn.BatchNorm2d(cout)),
+        (f"relu{index}", nn.ReLU(inplace=True)),
     ]
 
 
