@@ -103,7 +103,7 @@ def _scan_one(args) -> tuple[tuple[int, int], dict[int, int], list[str]]:
         except OSError as e:
             problems.append(f"{img_path}: expected a readable image, found {e}")
     hist = np.bincount(label.ravel(), minlength=256)
-    bad = [v for v in np.flatnonzero(hist) if num_classes < v < IGNORE]
+    bad = [int(v) for v in np.flatnonzero(hist) if num_classes < v < IGNORE]
     if bad:
         problems.append(f"{lbl_path}: expected class ids 0..{num_classes} or {IGNORE}, found {bad[:10]}")
     counts = {int(c): int(hist[c]) for c in range(1, num_classes + 1) if hist[c] > 0}
