@@ -1,0 +1,174 @@
+"""Few-shot models on the real backbones, the SVF regime, its trainable set and merged export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svfseg.models import SVFPolicy, create_model, export_merged
+from svfseg.models.backbones import list_backbones
+from svfseg.svf import singular_value_parameters, svf_layers
+from test_models import episode, tiny  # the tiny contract-B stand-in backbone
+
+HEADS = ("baseline", "pfenet")
+BACKBONES = ("resnet50_deep", "resnet50", "resnet101_deep", "vgg16_bn", "efficientnet_lite0")
+SIZE = (57, 57)  # 8k + 1: the ResNets (output stride 8) give 8 x 8 maps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # LAPACK's SVD with 2 threads on a 2-core machine shared with other test workers is
+    # 10-40x slower than with one (spinning threads); 1 thread keeps this file fast.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def head_numel(model):
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("name", HEADS)
+def test_real_backbone_pairs_train_1shot_and_eval_5shot(name, backbone):
+    assert backbone in list_backbones()
+    torch.manual_seed(0)
+    model = create_model(name, backbone=backbone)
+    chans = model.backbone.stage_channels
+    assert model.down_query[0].in_channels == chans["layer2"] + chans["layer3"]
+    out = model(*episode(b=1, k=1, size=SIZE))
+    assert out.logits.shape == (1, 2, *SIZE)
+    assert all(a.shape == (1, 2, *SIZE) for a in out.aux_logits)
+    (out.logits.sum() + sum(a.sum() for a in out.aux_logits)).backward()
+    assert model.cls[-1].weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        logits = model(*episode(b=1, k=5, size=SIZE))
+    assert logits.shape == (1, 2, *SIZE) and torch.isfinite(logits).all()
+
+
+def test_pfenet_head_has_the_reference_parameter_count():
+    model = create_model("pfenet", backbone="resnet50_deep")
+    # PFENet reports ~10.8M head parameters with ResNet-50; the exact count of this layout:
+    assert head_numel(model) == 10_817_034
+    assert abs(head_numel(model) - 10.8e6) / 10.8e6 < 0.02
+    # Baseline: reductions + merge + ASPP (biased convs) + res1 (1280 -> 256) + res2 + cls.
+    assert head_numel(create_model("baseline", backbone="resnet50_deep")) == 4_917_250
+
+
+@pytest.fixture(scope="module")
+def resnet_svf():
+    torch.manual_seed(0)
+    return create_model("pfenet", backbone="resnet50_deep", backbone_mode="svf")
+
+
+def test_svf_regime_trains_exactly_the_singular_values_of_layer2_to_4(resnet_svf):
+    model = resnet_svf
+    n_s = sum(p.numel() for _, p in singular_value_parameters(model.backbone))
+    assert n_s == 12_544  # the paper's count for ResNet-50 layer2-4
+    backbone_trainable = {n for n in trainable(model) if n.startswith("backbone.")}
+    assert backbone_trainable == {f"backbone.{n}" for n, _ in singular_value_parameters(model.backbone)}
+    assert all(n.split(".")[1] in ("layer2", "layer3", "layer4") for n in backbone_trainable)
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    assert set(groups) == {"svf", "head"}
+    assert sum(p.numel() for p in groups["svf"]["params"]) == 12_544
+    assert sum(p.numel() for p in groups["head"]["params"]) == head_numel(model) == 10_817_034
+    assert groups["svf"]["lr_mult"] == pytest.approx(0.1)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 12_544 + 10_817_034
+    desc = model.describe()
+    assert desc["backbone_mode"] == "svf" and desc["svf_policy"]["stages"] == ["layer2", "layer3", "layer4"]
+
+
+def test_frozen_and_full_regimes_on_resnet50():
+    frozen = create_model("pfenet", backbone="resnet50_deep")
+    assert sum(p.numel() for p in frozen.parameters() if p.requires_grad) == 10_817_034
+    full = create_model("pfenet", backbone="resnet50_deep", backbone_mode="train")
+    assert trainable(full) == {n for n, _ in full.named_parameters()}
+
+
+def test_svf_gradients_reach_layer2_to_4_through_query_and_support(resnet_svf):
+    model = resnet_svf.train()
+    model.zero_grad(set_to_none=True)
+    query, supports, masks = episode(b=1, k=1, size=(33, 33))
+    feats = model.extract_features(query, supports, masks)
+    feats.support["layer4"].square().mean().backward()
+    grads = {n.split(".")[0]: p.grad for n, p in singular_value_parameters(model.backbone)}
+    assert {"layer2", "layer3", "layer4"} <= set(grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    model.zero_grad(set_to_none=True)
+    model(query, supports, masks).logits.sum().backward()
+    assert all(p.grad is not None for _, p in singular_value_parameters(model.backbone))
+    assert all(p.grad is None for n, p in model.backbone.named_parameters() if n.startswith(("layer0", "layer1")))
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_untouched_singular_values_give_the_frozen_logits(name):
+    torch.manual_seed(0)
+    frozen = create_model(name, backbone=tiny()).eval()
+    torch.manual_seed(0)
+    svf = create_model(name, backbone=tiny(), backbone_mode="svf").eval()
+    assert sum(1 for _ in svf_layers(svf.backbone)) == 6  # 3x3 + 1x1 in each of layer2-4
+    ep = episode(b=2, k=2)
+    with torch.no_grad():
+        torch.testing.assert_close(svf(*ep), frozen(*ep), rtol=1e-4, atol=1e-5)
+
+
+def test_untouched_singular_values_give_the_frozen_logits_on_resnet50(resnet_svf):
+    torch.manual_seed(0)  # same seed as the fixture: same backbone and head weights
+    frozen = create_model("pfenet", backbone="resnet50_deep").eval()
+    ep = episode(b=1, k=1, size=(33, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(resnet_svf.eval()(*ep), frozen(*ep), rtol=1e-4, atol=1e-4)
+
+
+def test_merged_export_matches_logits_and_has_plain_keys():
+    torch.manual_seed(0)
+    model = create_model("pfenet", backbone=tiny(), backbone_mode="svf").eval()
+    with torch.no_grad():
+        for _, s in singular_value_parameters(model.backbone):
+            s.mul_(1 + 0.2 * torch.rand(s.shape))
+    ep = episode(b=1, k=2)
+    with torch.no_grad():
+        expected = model(*ep)
+    merged = export_merged(model)
+    assert merged is not model and any(True for _ in svf_layers(model.backbone))
+    assert not any(True for _ in svf_layers(merged.backbone))
+    plain = create_model("pfenet", backbone=tiny())
+    assert list(merged.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(*ep), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(plain.eval()(*ep), expected, rtol=1e-4, atol=1e-5)
+    assert merged.describe() == plain.describe()
+    assert not any(p.requires_grad for p in merged.backbone.parameters())
+
+
+def test_policy_options_change_the_trainable_set():
+    skip = create_model("baseline", backbone=tiny(), backbone_mode="svf", svf_policy=SVFPolicy(skip_1x1=True))
+    assert sum(1 for _ in svf_layers(skip.backbone)) == 3
+    only4 = create_model("baseline", backbone=tiny(), backbone_mode="svf", svf_policy={"stages": ["layer4"]})
+    assert {n.split(".")[0] for n, _ in svf_layers(only4.backbone)} == {"layer4"}
+    bn = create_model("baseline", backbone=tiny(), backbone_mode="svf", svf_policy=SVFPolicy(train_bn=True))
+    groups = {g["name"]: g for g in bn.parameter_groups()}
+    s_names = {n for n, _ in singular_value_parameters(bn.backbone)}
+    bn_names = {n for n, p in bn.backbone.named_parameters() if p.requires_grad and n not in s_names}
+    # Tiny stages are (conv, BN, ReLU, conv, BN, ReLU): BN modules are children 1 and 4.
+    assert {tuple(n.split(".")[:2]) for n in bn_names} == {(s, i) for s in ("layer2", "layer3", "layer4") for i in "14"}
+    assert sum(p.numel() for p in groups["backbone"]["params"]) == 2 * (16 + 16 + 24 + 24 + 32 + 32)
+    bn.train()
+    assert not any(m.training for m in bn.backbone.modules())
+
+
+def test_policy_validation_names_the_problem():
+    with pytest.raises(ValueError, match="layer9"):
+        create_model("pfenet", backbone=tiny(), backbone_mode="svf", svf_policy=SVFPolicy(stages=("layer9",)))
+    with pytest.raises(ValueError, match="mode"):
+        SVFPolicy(mode="fast")
+    with pytest.raises(ValueError, match="unknown keys"):
+        SVFPolicy.from_dict({"stage": ["layer2"]})
+    assert SVFPolicy.from_dict(SVFPolicy().to_dict()) == SVFPolicy()
