@@ -172,3 +172,47 @@ def test_policy_validation_names_the_problem():
     with pytest.raises(ValueError, match="unknown keys"):
         SVFPolicy.from_dict({"stage": ["layer2"]})
     assert SVFPolicy.from_dict(SVFPolicy().to_dict()) == SVFPolicy()
+
+
+def test_an_optimiser_step_on_singular_values_changes_the_eval_logits():
+    torch.manual_seed(0)
+    model = create_model("pfenet", backbone=tiny(), backbone_mode="svf")
+    ep = episode(b=1, k=1)
+    model.eval()
+    with torch.no_grad():
+        before = model(*ep)  # fills the SVD layers' weight caches
+    model.train()
+    svf_group = next(g for g in model.parameter_groups() if g["name"] == "svf")
+    opt = torch.optim.SGD(svf_group["params"], lr=0.5)
+    out = model(*ep)
+    (out.logits[:, 1].mean() - out.logits[:, 0].mean()).backward()
+    s_before = [p.detach().clone() for p in svf_group["params"]]
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(s_before, svf_group["params"]))
+    model.eval()
+    with torch.no_grad():
+        after = model(*ep)
+        merged = export_merged(model)(*ep)
+    assert not torch.allclose(before, after)  # no stale cached weight
+    torch.testing.assert_close(merged, after, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50_deep", "resnet50"])
+def test_create_model_loads_an_original_format_weight_file(tmp_path, backbone):
+    from svfseg.models.backbones import create_backbone
+
+    torch.manual_seed(1)
+    source = create_backbone(backbone)
+    # File keys as the PSPNet / torchvision files name them (stem at top level, an fc head).
+    state = {source.checkpoint_key(k): v for k, v in source.state_dict().items()}
+    assert "conv1.weight" in state and not any(k.startswith("layer0.") for k in state)
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+    loaded = create_model("pfenet", backbone=backbone, weights=str(path)).backbone.state_dict()
+    assert set(loaded) == set(source.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items())
+    with pytest.raises(Exception, match="conv1.weight"):
+        del state["conv1.weight"]
+        torch.save(state, path)
+        create_model("pfenet", backbone=backbone, weights=str(path))
