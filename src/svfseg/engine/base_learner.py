@@ -1,0 +1,593 @@
+"""BAM stage 1: train and score the PSPNet base learner (multi-class CE, base-class mIoU); stage-1 checkpoint checks.
+
+Everything that is not specific to semantic segmentation comes from the rest of the engine:
+optimiser groups and the poly schedule (``optim``), atomic/resumable checkpoints and RNG state
+(``checkpoint``), the resumable distributed batch sampler (``data``), CSV/TensorBoard logging
+and the curve PNG (``runlog``), AMP and DDP helpers. This module adds the multi-class loss,
+the confusion-matrix metric and the checks the BAM stage-2 model runs on its stage-1 input.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from svfseg.config import ExperimentConfig, to_dict
+from svfseg.engine import checkpoint as ckpt
+from svfseg.engine.data import EpochBatchSampler, ShardSampler
+from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier, resolve_device, sync_trainable_batchnorm
+from svfseg.engine.evaluate import amp_dtype, autocast, predictions_at_original_size, unwrap
+from svfseg.engine.optim import build_optimizer, poly_lr, set_lr
+from svfseg.engine.runlog import RunLogger, plot_curves
+from svfseg.engine.train import FitResult, NonFiniteLoss, _gather_rng, _StopRequest, steps_per_epoch
+from svfseg.losses import IGNORE_INDEX, cross_entropy_sum, valid_pixel_count
+
+logger = logging.getLogger(__name__)
+
+BASE_MODEL = "bam_base"
+BAM_MODEL = "bam"
+#: Placeholders allowed in ``model.base_checkpoint``.
+CHECKPOINT_FIELDS = ("output_dir", "benchmark", "fold", "backbone")
+
+
+# ------------------------------------------------------------------------------ metric
+
+
+class ConfusionMatrix:
+    """Pixel confusion matrix over ``num_classes`` labels (255 ignored): exact int64 sums.
+
+    Args:
+        num_classes: Label values 0..num_classes-1 (0 = background).
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = int(num_classes)
+        self.mat = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:
+        """Add one prediction (H, W) against its label (H, W)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"ConfusionMatrix: prediction {tuple(pred.shape)} vs label {tuple(target.shape)}")
+        t = target.reshape(-1).to("cpu", torch.int64)
+        p = pred.reshape(-1).to("cpu", torch.int64)
+        keep = t != ignore_index
+        t, p = t[keep], p[keep]
+        if t.numel() and (int(t.max()) >= self.num_classes or int(t.min()) < 0):
+            raise ValueError(f"ConfusionMatrix: label values outside 0..{self.num_classes - 1} (and {ignore_index})")
+        self.mat += torch.bincount(t * self.num_classes + p, minlength=self.num_classes ** 2).reshape(
+            self.num_classes, self.num_classes)
+
+    def compute(self, class_ids: Optional[Sequence[int]] = None) -> dict:
+        """Scores from the sums (fractions in [0, 1]).
+
+        Args:
+            class_ids: Benchmark id of each foreground channel 1..C-1 (keys of ``per_class``);
+                default the channel numbers.
+
+        Returns:
+            ``miou`` (mean IoU over the foreground channels that occur in labels or predictions,
+            as BAM's base-learner score: background excluded), ``miou_with_background``,
+            ``bg_iou``, ``fb_iou`` (mean of the background IoU and the IoU of "any foreground
+            class" vs background), ``pixel_acc`` and ``per_class`` {id: IoU or NaN}.
+        """
+        m = self.mat.double()
+        inter = m.diag()
+        union = m.sum(0) + m.sum(1) - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
+        ids = list(class_ids) if class_ids is not None else list(range(1, self.num_classes))
+        if len(ids) != self.num_classes - 1:
+            raise ValueError(f"ConfusionMatrix.compute: {len(ids)} class ids for {self.num_classes - 1} foreground channels")
+        fg = [v for v in iou[1:].tolist() if not math.isnan(v)]
+        every = [v for v in iou.tolist() if not math.isnan(v)]
+        bg_inter, bg_union = float(m[0, 0]), float(m[0].sum() + m[:, 0].sum() - m[0, 0])
+        fg_inter = float(m[1:, 1:].sum())
+        fg_union = float(m.sum() - m[0, 0])
+        bg = bg_inter / bg_union if bg_union else 1.0
+        fgi = fg_inter / fg_union if fg_union else 1.0
+        total = float(m.sum())
+        return {
+            "miou": sum(fg) / len(fg) if fg else math.nan,
+            "miou_with_background": sum(every) / len(every) if every else math.nan,
+            "bg_iou": bg,
+            "fb_iou": (bg + fgi) / 2,
+            "pixel_acc": float(inter.sum()) / total if total else math.nan,
+            "per_class": {int(c): float(v) for c, v in zip(ids, iou[1:].tolist())},
+        }
+
+
+# ------------------------------------------------------------------------------ config -> data / model
+
+
+def base_classes(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """Benchmark ids of the base classes of ``cfg.fold`` (channel order of the base learner)."""
+    from svfseg.data.splits import class_split
+
+    return tuple(class_split(cfg.data.benchmark, cfg.fold, cfg.data.convention).base)
+
+
+def model_kwargs(cfg: ExperimentConfig, *, pretrained: bool = True) -> dict[str, Any]:
+    """Extra ``create_model`` keywords the BAM models take from the config.
+
+    "bam_base": ``num_classes`` (background + base classes). "bam": ``base_classes``, ``shot``
+    and, when ``pretrained``, ``base_state`` read and checked by :func:`load_base_learner_state`.
+    Other models: nothing.
+    """
+    name = cfg.model.name
+    if name == BASE_MODEL:
+        return {"num_classes": len(base_classes(cfg)) + 1}
+    if name == BAM_MODEL:
+        out: dict[str, Any] = {"base_classes": base_classes(cfg), "shot": cfg.shot}
+        if pretrained:
+            out["base_state"] = load_base_learner_state(cfg)
+        return out
+    return {}
+
+
+def base_checkpoint_path(cfg: ExperimentConfig) -> Path:
+    """``model.base_checkpoint`` with ``{fold}``, ``{benchmark}``, ``{backbone}``, ``{output_dir}`` filled in."""
+    template = getattr(cfg.model, "base_checkpoint", None)
+    if not template:
+        raise ValueError("model.base_checkpoint is not set: BAM (stage 2) needs the stage-1 base learner, e.g. "
+                         "model.base_checkpoint=runs/<stage-1 run>/best.pt (train it with "
+                         f"`svfseg train --config configs/{cfg.data.benchmark}/bam_base_<backbone>.yaml fold={cfg.fold}`)")
+    values = {"output_dir": cfg.output_dir, "benchmark": cfg.data.benchmark, "fold": cfg.fold,
+              "backbone": cfg.model.backbone}
+    try:
+        return Path(str(template).format(**values))
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"model.base_checkpoint={template!r}: only the placeholders "
+                         f"{{{'}, {'.join(CHECKPOINT_FIELDS)}}} are known ({e})") from None
+
+
+def stage1_differences(stage1: dict, cfg: ExperimentConfig) -> list[str]:
+    """What in a stage-1 checkpoint's description/config does not fit the BAM model of ``cfg``.
+
+    Args:
+        stage1: The loaded stage-1 checkpoint (``describe`` and ``config`` entries).
+        cfg: The stage-2 config.
+
+    Returns:
+        Human-readable differences; empty when the checkpoint fits.
+    """
+    from svfseg.data.splits import num_classes
+
+    d = stage1.get("describe") or {}
+    conf = stage1.get("config") or {}
+    head = dict(d.get("head") or {})
+    want_head = cfg.model.head
+    expected = {
+        "model": BASE_MODEL,
+        "benchmark": cfg.data.benchmark,
+        "fold": cfg.fold,
+        "num_classes (background + base)": len(base_classes(cfg)) + 1,
+        "backbone": cfg.model.backbone,
+        "ppm_bins": list(want_head.get("ppm_bins", (1, 2, 3, 6))),
+        "hidden": int(want_head.get("base_hidden", 512)),
+    }
+    found = {
+        "model": d.get("name"),
+        "benchmark": d.get("benchmark"),
+        "fold": d.get("fold"),
+        "num_classes (background + base)": d.get("num_classes"),
+        "backbone": d.get("backbone"),
+        "ppm_bins": head.get("ppm_bins"),
+        "hidden": head.get("hidden"),
+    }
+    if cfg.data.benchmark == "coco":
+        expected["data.convention"] = cfg.data.convention
+        found["data.convention"] = (conf.get("data") or {}).get("convention")
+    want_os = dict(cfg.model.backbone_kwargs).get("output_stride")
+    have_os = ((conf.get("model") or {}).get("backbone_kwargs") or {}).get("output_stride")
+    if (want_os or 8) != (have_os or 8):
+        expected["model.backbone_kwargs.output_stride"], found["model.backbone_kwargs.output_stride"] = want_os or 8, have_os or 8
+    if d.get("num_benchmark_classes") not in (None, num_classes(cfg.data.benchmark)):
+        expected["num_benchmark_classes"] = num_classes(cfg.data.benchmark)
+        found["num_benchmark_classes"] = d.get("num_benchmark_classes")
+    return [f"{k}: checkpoint has {found[k]!r}, this run needs {v!r}" for k, v in expected.items() if found[k] != v]
+
+
+def load_base_learner_state(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """Read the stage-1 checkpoint ``model.base_checkpoint`` names and check that it fits ``cfg``.
+
+    Raises:
+        FileNotFoundError: no such file (with the command that makes it).
+        CheckpointMismatch: another model, benchmark, fold, class count, backbone or PPM.
+
+    Returns:
+        The base learner's state dict (keys ``backbone.*``, ``ppm.*``, ``cls.*``).
+    """
+    path = base_checkpoint_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.base_checkpoint: {path} does not exist. BAM's stage 2 needs the stage-1 base learner of "
+            f"fold {cfg.fold}: run `svfseg train --config configs/{cfg.data.benchmark}/bam_base_<backbone>.yaml "
+            f"fold={cfg.fold}` first, or point model.base_checkpoint at its best.pt")
+    state = ckpt.load(path)
+    if "model" not in state or "describe" not in state:
+        raise ckpt.CheckpointMismatch(f"{path}: not an svfseg training checkpoint (keys {sorted(state)[:8]})")
+    diffs = stage1_differences(state, cfg)
+    if diffs:
+        raise ckpt.CheckpointMismatch(f"stage-1 checkpoint {path} does not fit this BAM run:\n  " + "\n  ".join(diffs))
+    logger.info("stage-1 base learner: %s (step %s, val base mIoU %s)", path, state.get("step"),
+                _fmt_pct((state.get("metrics") or {}).get("miou")))
+    return state["model"]
+
+
+def _fmt_pct(v: Any) -> str:
+    return f"{100 * v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+
+def semantic_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
+    """Stage-1 data of ``cfg`` (base classes of ``cfg.fold``; novel pixels are background)."""
+    from svfseg.data.semantic import build_semantic_dataset
+
+    d = cfg.data
+    if not Path(d.root).is_dir():
+        raise FileNotFoundError(f"data.root={d.root!r}: no such folder (prepare the dataset first or set data.root=...)")
+    return build_semantic_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, split=split, seed=cfg.seed,
+                                  protocol=d.protocol, convention=d.convention, train_crop=d.train_crop,
+                                  train_scale=d.train_scale, test_size=d.test_size)
+
+
+def _loader(dataset: Dataset, *, batch_sampler=None, sampler=None, batch_size: int = 1, workers: int = 0,
+            pin_memory: bool = False) -> DataLoader:
+    # Same policy as engine.data.make_loader (own generator, never the global RNG), with the
+    # semantic collate instead of the episode one.
+    from svfseg.data.semantic import collate_semantic
+
+    kw = dict(num_workers=workers, collate_fn=collate_semantic, pin_memory=pin_memory,
+              generator=torch.Generator().manual_seed(0), persistent_workers=False)
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **kw)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, shuffle=False, drop_last=False, **kw)
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def evaluate_base(model: nn.Module, dataset: Dataset, *, device: torch.device, info: Optional[DistInfo] = None,
+                  amp: str = "off", batch_size: int = 1, workers: int = 0, progress: bool = False,
+                  desc: str = "val (base classes)") -> dict:
+    """Base-class segmentation scores of a base learner at the original label size.
+
+    Logits are cropped to the un-padded extent, resized to the original label size and
+    arg-maxed; the confusion matrix is summed over images (and over processes under DDP).
+
+    Returns:
+        :meth:`ConfusionMatrix.compute` (``per_class`` keyed by benchmark id) plus ``images``
+        and ``seconds``.
+    """
+    info = info or DistInfo(device=device)
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    sampler = ShardSampler(len(dataset), info.rank, info.world_size)
+    loader = _loader(dataset, sampler=sampler, batch_size=batch_size, workers=workers)
+    cm = ConfusionMatrix(dataset.num_classes)
+    dtype = amp_dtype(amp, device)
+    bar = None
+    if progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader), desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+    t0, seen = time.perf_counter(), 0
+    try:
+        for batch in loader:
+            with autocast(device, dtype):
+                logits = net(batch["image"].to(device))
+            labels = batch["label_orig"]
+            preds = predictions_at_original_size(logits, batch["valid_hw"], [tuple(x.shape) for x in labels])
+            for pred, gt in zip(preds, labels):
+                cm.update(pred, gt)
+            seen += len(labels)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        net.train(was_training)
+    cm.mat = all_reduce_sum(cm.mat.reshape(-1), info).reshape(cm.num_classes, cm.num_classes).cpu()
+    images = int(all_reduce_sum(torch.tensor([seen]), info).item())
+    out = cm.compute(dataset.base_classes)
+    out.update(images=images, seconds=time.perf_counter() - t0)
+    return out
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _train_step(model, batch, optimizer, scaler, cfg, info, dtype, step) -> float:
+    device = info.device
+    nb = device.type == "cuda"
+    images = batch["image"].to(device, non_blocking=nb)
+    target = batch["label"].to(device, non_blocking=nb)
+    denom = valid_pixel_count(target)
+    if info.distributed:
+        # Global pixel count / W: W processes then average to the gradient of one process.
+        denom = all_reduce_sum(denom, info) / info.world_size
+    with autocast(device, dtype):
+        logits = model(images)
+    loss = cross_entropy_sum(logits, target) / torch.clamp(denom, min=1.0)
+    value = loss.detach().float()
+    if info.distributed:
+        value = all_reduce_sum(value, info) / info.world_size
+    value = float(value)
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"loss is {value} at step {step + 1}; training stopped before applying it. The last "
+                            f"good checkpoint is kept. Lower optim.lr, set optim.grad_clip, or use train.amp=off/bf16.")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return value
+
+
+def fit_base(cfg: ExperimentConfig, model: nn.Module, train_set: Dataset, *, run_dir: Path, describe: dict,
+             val_set: Optional[Dataset] = None, info: Optional[DistInfo] = None,
+             resume_state: Optional[dict] = None) -> FitResult:
+    """Train the base learner with pixel cross-entropy over background + base classes.
+
+    Same contract as :func:`svfseg.engine.train.fit` (poly lr set every step, param-group lr
+    multipliers, ``last.pt`` at epoch ends / every ``train.checkpoint_every`` steps / on
+    Ctrl-C, ``best.pt`` on the best base-class mIoU of ``val_set``, NaN stop, resume, DDP); the
+    validation score is the base-class mIoU of the val split (background excluded).
+
+    Args:
+        cfg: Experiment config (``model.name == "bam_base"``).
+        model: The base learner (``PSPNet``).
+        train_set: :class:`~svfseg.data.semantic.SemanticBaseDataset` (train chain).
+        run_dir: Run folder.
+        describe: Model description stored in the checkpoints.
+        val_set: Eval-chain dataset; None = no validation (best = last).
+        info: Process-group info (None: single process on ``cfg.device``).
+        resume_state: A loaded ``last.pt`` to continue from.
+
+    Returns:
+        A :class:`~svfseg.engine.train.FitResult`.
+    """
+    info = info or DistInfo(device=resolve_device(cfg.device))
+    device, run_dir, tc, oc = info.device, Path(run_dir), cfg.train, cfg.optim
+    torch.manual_seed(cfg.seed + info.rank)  # dropout; its state travels in the checkpoints
+    model = sync_trainable_batchnorm(model.to(device), info)
+    optimizer, _ = build_optimizer(model, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
+                                   lr_mult=oc.lr_mult, decay_to_pretrained=())
+    dtype = amp_dtype(tc.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    spe = steps_per_epoch(cfg, len(train_set))
+    total = tc.epochs * spe
+    step, best, history = 0, None, []
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if resume_state is not None:
+        ckpt.check_compatible(describe, resume_state["describe"], last_path)
+        ckpt.load_model_state(unwrap(model), resume_state["model"], last_path)
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scaler.load_state_dict(resume_state["scaler"])
+        step, best, history = resume_state["step"], resume_state.get("best"), list(resume_state.get("history", []))
+        rng = resume_state["rng_per_rank"]
+        ckpt.restore_rng(rng[info.rank] if info.rank < len(rng) else rng[0])
+        logger.info("resumed %s at step %d/%d", run_dir, step, total)
+    if info.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)
+    runlog = RunLogger(run_dir, resume_step=step if resume_state is not None else None,
+                       tensorboard=tc.tensorboard) if info.is_main else None
+    best_metric = None if best is None else best["miou"]
+
+    def blob(status: Optional[str] = None) -> dict:
+        b = {"format": ckpt.FORMAT, "model": unwrap(model).state_dict(), "config": to_dict(cfg), "describe": describe,
+             "step": step, "epoch": step // spe}
+        if status is not None:
+            b.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), total_steps=total,
+                     reference_decay=None, best=best, history=history, status=status,
+                     data_position={"epoch": step // spe, "step_in_epoch": step % spe, "steps_per_epoch": spe})
+        return b
+
+    def save_last(status: str) -> None:
+        states = _gather_rng(info)
+        if info.is_main:
+            b = blob(status)
+            b["rng_per_rank"] = states
+            ckpt.save_atomic(b, last_path)
+        barrier(info)
+
+    def validate_and_select() -> None:
+        nonlocal best, best_metric
+        if val_set is None:
+            return
+        r = evaluate_base(model, val_set, device=device, info=info, amp=tc.amp, batch_size=cfg.eval.batch_size,
+                          workers=cfg.data.workers, progress=tc.progress)
+        improved = tc.select_on != "last" and (best_metric is None or r["miou"] > best_metric)
+        row = {"step": step, "epoch": step // spe, "on": "base_val", "miou": r["miou"], "fb_iou": r["fb_iou"],
+               "episodes": r["images"], "best": int(improved)}
+        history.append({**row, "bg_iou": r["bg_iou"], "pixel_acc": r["pixel_acc"]})
+        logger.info("step %d: base-class mIoU %.2f (background IoU %.2f, FB-IoU %.2f) over %d val images%s", step,
+                    100 * r["miou"], 100 * r["bg_iou"], 100 * r["fb_iou"], r["images"],
+                    "  (best so far)" if improved else "")
+        if runlog is not None:
+            runlog.log_val(row)
+        if improved:
+            best_metric = r["miou"]
+            best = {"step": step, "epoch": step // spe, "on": "base_val", "miou": r["miou"], "fb_iou": r["fb_iou"],
+                    "bg_iou": r["bg_iou"], "per_class": {str(k): v for k, v in r["per_class"].items()}}
+            if info.is_main:
+                b = blob()
+                b["metrics"] = best
+                ckpt.save_atomic(b, best_path)
+
+    t_start, status = time.perf_counter(), "finished"
+    bar = None
+    if tc.progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="train base learner", unit="step", dynamic_ncols=True)
+    window = {"loss": 0.0, "n": 0, "t": time.perf_counter()}
+    try:
+        with _StopRequest() as stop:
+            while step < total:
+                epoch, first = divmod(step, spe)
+                if hasattr(train_set, "set_epoch"):
+                    train_set.set_epoch(epoch)
+                sampler.set_epoch(epoch, first)
+                for batch in _loader(train_set, batch_sampler=sampler, workers=cfg.data.workers,
+                                     pin_memory=device.type == "cuda"):
+                    want_stop = stop.requested or (tc.stop_after_steps is not None and step >= tc.stop_after_steps)
+                    if info.distributed:
+                        want_stop = bool(all_reduce_sum(torch.tensor([float(want_stop)]), info).item())
+                    if want_stop:
+                        status = "interrupted"
+                        break
+                    lr = poly_lr(step, total, oc.lr, oc.power, oc.warmup_steps)
+                    set_lr(optimizer, lr)
+                    window["loss"] += _train_step(model, batch, optimizer, scaler, cfg, info, dtype, step)
+                    window["n"] += 1
+                    step += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if step % tc.log_every == 0 or step == total:
+                        now = time.perf_counter()
+                        loss = window["loss"] / max(window["n"], 1)
+                        row = {"step": step, "epoch": epoch, "loss": loss, "loss_main": loss, "loss_aux": 0.0,
+                               "lr": lr, "steps_per_s": window["n"] / max(now - window["t"], 1e-9),
+                               "elapsed_s": now - t_start}
+                        if runlog is not None:
+                            runlog.log_train(row)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+                        window.update(loss=0.0, n=0, t=now)
+                    if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step % spe:
+                        save_last("running")
+                if status == "interrupted":
+                    break
+                if tc.val_every and ((step // spe) % tc.val_every == 0 or step == total):
+                    validate_and_select()
+                save_last("running" if step < total else "finished")
+        if status == "interrupted":
+            save_last("interrupted")
+            logger.warning("stopped at step %d/%d; continue with `svfseg train --resume %s`", step, total, run_dir)
+        elif val_set is None or tc.select_on == "last" or not best_path.exists():
+            if info.is_main:
+                b = blob()
+                b["metrics"] = history[-1] if history else None
+                ckpt.save_atomic(b, best_path)
+            barrier(info)
+    finally:
+        if bar is not None:
+            bar.close()
+        if runlog is not None:
+            runlog.close()
+            plot_curves(run_dir)
+    seconds = time.perf_counter() - t_start
+    if info.is_main:
+        summary = {"stage": "bam_base", "status": status, "step": step, "total_steps": total, "seconds": seconds,
+                   "best": best, "history": history}
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return FitResult(status, step, total, run_dir, last_path, best_path if best_path.exists() else None, best,
+                     seconds, history)
+
+
+def train_base_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Optional[Sequence[str]] = None,
+                   info: Optional[DistInfo] = None) -> FitResult:
+    """Stage 1 from a config: run folder, data, base learner, :func:`fit_base` (``cfg.resume`` continues).
+
+    Args:
+        cfg: Config with ``model.name == "bam_base"``.
+        run_dir: Run folder (default ``cfg.run_dir()``).
+        argv: The command line, recorded in ``meta.json``.
+        info: Process-group info (default: from the torchrun environment).
+
+    Returns:
+        The :class:`~svfseg.engine.train.FitResult`.
+    """
+    from svfseg.engine.distributed import cleanup, init_distributed
+    from svfseg.engine.model import build_model, describe as describe_model
+    from svfseg.engine.run import write_run_metadata
+
+    if cfg.model.name != BASE_MODEL:
+        raise ValueError(f"train_base_run: model.name must be {BASE_MODEL!r}, got {cfg.model.name!r}")
+    own_group = info is None
+    info = info or init_distributed(cfg.device)
+    try:
+        run_dir = Path(run_dir or cfg.run_dir())
+        last = run_dir / "last.pt"
+        state = None
+        if cfg.resume:
+            if not last.exists():
+                raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
+            state = ckpt.load(last)
+        elif last.exists():
+            raise FileExistsError(f"{run_dir} already holds a training run ({last}); continue it with "
+                                  f"`svfseg train --resume {run_dir}` or start another with name=<new name>")
+        if info.is_main:
+            write_run_metadata(run_dir, cfg, argv)
+        barrier(info)
+        train_set = semantic_dataset(cfg, "train")
+        val_set = semantic_dataset(cfg, "val") if cfg.train.val_every else None
+        model = build_model(cfg, pretrained=state is None)
+        return fit_base(cfg, model, train_set, run_dir=run_dir, describe=describe_model(model, cfg), val_set=val_set,
+                        info=info, resume_state=state)
+    finally:
+        if own_group:
+            cleanup(info)
+
+
+def score_base_checkpoint(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = None, *,
+                         out_dir: Optional[str | Path] = None, info: Optional[DistInfo] = None) -> dict:
+    """Score a stage-1 checkpoint on the val split (base-class mIoU) and write ``results.json`` + ``results.md``.
+
+    Args:
+        checkpoint: A ``bam_base`` training checkpoint.
+        cfg: Config (data root, fold); None: the checkpoint's own. Must describe the same model.
+        out_dir: Output folder (default ``<checkpoint folder>/test_base``).
+        info: Process-group info.
+
+    Returns:
+        The results dict.
+    """
+    from svfseg.engine.model import load_for_inference
+
+    info = info or DistInfo()
+    model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
+    if cfg.model.name != BASE_MODEL:
+        raise ValueError(f"score_base_checkpoint: {checkpoint} holds a {cfg.model.name!r} model, not {BASE_MODEL!r}")
+    ds = semantic_dataset(cfg, "val")
+    r = evaluate_base(model, ds, device=info.device, info=info, amp=cfg.train.amp, batch_size=cfg.eval.batch_size,
+                      workers=cfg.data.workers, progress=cfg.train.progress, desc="test (base classes)")
+    out = {"checkpoint": str(checkpoint), "stage": "bam_base", "benchmark": cfg.data.benchmark, "fold": cfg.fold,
+           "base_classes": list(ds.base_classes), "step": state.get("step"), **r,
+           "per_class": {str(k): v for k, v in r["per_class"].items()}}
+    out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / "test_base"
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
+        (out_dir / "results.md").write_text(_markdown(out))
+        logger.info("base-class mIoU %.2f (background IoU %.2f, FB-IoU %.2f) over %d images -> %s",
+                    100 * r["miou"], 100 * r["bg_iou"], 100 * r["fb_iou"], r["images"], out_dir)
+    return out
+
+
+def _markdown(r: dict) -> str:
+    from svfseg.data.splits import class_names
+
+    names = class_names(r["benchmark"])
+    lines = [f"# BAM base learner, {r['benchmark']} fold {r['fold']}", "",
+             f"{r['images']} val images, original label size; novel classes count as background.", "",
+             "| score | % |", "|---|---|",
+             f"| base-class mIoU | {100 * r['miou']:.2f} |", f"| mIoU with background | {100 * r['miou_with_background']:.2f} |",
+             f"| background IoU | {100 * r['bg_iou']:.2f} |", f"| FB-IoU | {100 * r['fb_iou']:.2f} |",
+             f"| pixel accuracy | {100 * r['pixel_acc']:.2f} |", "", "| class | IoU % |", "|---|---|"]
+    for k, v in r["per_class"].items():
+        lines.append(f"| {int(k)} {names[int(k) - 1]} | {'n/a' if math.isnan(v) else f'{100 * v:.2f}'} |")
+    return "\n".join(lines) + "\n"
