@@ -269,6 +269,15 @@ def test_support_layer4_sees_only_masked_layer3():
     torch.testing.assert_close(feats.query["layer4"], bb(query), rtol=1e-4, atol=1e-5)
 
 
+def test_unmasked_support_path_for_heads_that_want_it():
+    model = build("pfenet").eval()
+    model.masked_support_stage = None  # e.g. a head reading plain support features
+    query, supports, masks = episode(b=1, k=2)
+    feats = model.extract_features(query, supports, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(feats.support["layer4"][0], model.backbone(supports[0]), rtol=1e-4, atol=1e-5)
+
+
 # -- regimes on the tiny backbone ----------------------------------------------------------------
 def test_train_mode_keeps_backbone_batchnorm_in_eval():
     for mode in ("frozen", "train"):

@@ -7,6 +7,8 @@ import logging
 
 from torch import nn
 
+from svfseg.svf import merge_svf, svf_layers
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,8 +27,6 @@ def export_merged(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Returns:
         The merged model, in eval mode.
     """
-    from svfseg.svf import merge_svf, svf_layers
-
     if not hasattr(model, "backbone") or not hasattr(model, "backbone_mode"):
         raise TypeError(f"export_merged: expected a few-shot model with a backbone, got {type(model).__name__}")
     merged = model if inplace else copy.deepcopy(model)

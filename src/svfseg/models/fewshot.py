@@ -11,9 +11,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from svfseg.models.backbones import freeze_batchnorm
 from svfseg.models.blocks import foreground, resize
 from svfseg.models.outputs import FewShotOutput
 from svfseg.models.policy import SVFPolicy
+from svfseg.svf import singular_value_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +115,6 @@ class FewShotModel(nn.Module):
     def _configure_backbone(self) -> None:
         # BN statistics never update in any regime; "train" (and an SVF policy with
         # train_bn) re-enables only the affine parameters.
-        from svfseg.models.backbones import freeze_batchnorm
-
         freeze_batchnorm(self.backbone)
         if self.backbone_mode == "svf":
             self.svf_policy.apply_policy(self.backbone)
@@ -150,8 +150,6 @@ class FewShotModel(nn.Module):
         """
         svf_ids: set[int] = set()
         if self.backbone_mode == "svf":
-            from svfseg.svf import singular_value_parameters
-
             svf_ids = {id(p) for _, p in singular_value_parameters(self.backbone)}
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         groups: dict[str, list[nn.Parameter]] = {"svf": [], "backbone": [], "head": []}
@@ -232,25 +230,25 @@ class FewShotModel(nn.Module):
         fg = foreground(support_masks, dtype=query_img.dtype)
         names = list(self.backbone.stage_names)
         wanted = sorted(set(self.feature_stages), key=names.index)
+        masked = self.masked_support_stage
+        split = names.index(masked) if masked is not None else len(names)
+        early = [s for s in wanted if names.index(s) < split]
+        late = [s for s in wanted if names.index(s) >= split]
+        q_in, s_in = query_img, support_imgs.flatten(0, 1)
+        q_out: dict[str, torch.Tensor] = {}
+        s_out: dict[str, torch.Tensor] = {}
         with self._backbone_context():
-            support_flat = support_imgs.flatten(0, 1)
-            masked = self.masked_support_stage
-            if masked is None or names.index(masked) == 0:
-                early, late = [], wanted
-            else:
-                prev = names[names.index(masked) - 1]
-                early = sorted({s for s in wanted if names.index(s) <= names.index(prev)} | {prev}, key=names.index)
-                late = [s for s in wanted if names.index(s) >= names.index(masked)]
-            if early:
-                q_out, s_out = self._run_pair(query_img, support_flat, early, start=names[0])
-                if late:
-                    prev_q, prev_s = q_out[prev], s_out[prev]
-                    prev_s = prev_s * resize(fg.flatten(0, 1).unsqueeze(1), prev_s.shape[-2:])
-                    q_late, s_late = self._run_pair(prev_q, prev_s, late, start=masked)
-                    q_out.update(q_late)
-                    s_out.update(s_late)
-            else:
-                q_out, s_out = self._run_pair(query_img, support_flat, late, start=names[0])
+            feeder = [names[split - 1]] if late and split > 0 else []  # input of the masked stage
+            if early or feeder:
+                need = sorted(set(early) | set(feeder), key=names.index)
+                q_out, s_out = self._run_pair(q_in, s_in, need, start=names[0])
+                if feeder:
+                    q_in, s_in = q_out[feeder[0]], s_out[feeder[0]]
+            if late:
+                s_in = s_in * resize(fg.flatten(0, 1).unsqueeze(1), s_in.shape[-2:])
+                q_late, s_late = self._run_pair(q_in, s_in, late, start=names[split])
+                q_out.update(q_late)
+                s_out.update(s_late)
         query = {s: q_out[s] for s in wanted}
         support = {s: s_out[s].reshape(b, k, *s_out[s].shape[1:]) for s in wanted}
         return EpisodeFeatures(query=query, support=support, support_fg=fg)

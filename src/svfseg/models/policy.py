@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from svfseg.svf import SVFConfig, apply_svf, singular_value_parameters, svf_layers
+
 logger = logging.getLogger(__name__)
 
 _MODES = ("auto", "reparam", "factorized")
@@ -64,10 +66,8 @@ class SVFPolicy:
         names = "|".join(re.escape(s) for s in self.stages)
         return rf"(?:{names})(?:\..+)?"
 
-    def svf_config(self) -> Any:
+    def svf_config(self) -> SVFConfig:
         """Return the :class:`svfseg.svf.SVFConfig` this policy stands for."""
-        from svfseg.svf import SVFConfig
-
         return SVFConfig(
             target_modules=self.target_regex,
             skip_1x1=self.skip_1x1,
@@ -90,8 +90,6 @@ class SVFPolicy:
         Returns:
             ``backbone`` (modified in place).
         """
-        from svfseg.svf import apply_svf, singular_value_parameters, svf_layers
-
         children = dict(backbone.named_children())
         missing = [s for s in self.stages if s not in children]
         if missing:
