@@ -382,6 +382,8 @@ def fit_base(cfg: ExperimentConfig, model: nn.Module, train_set: Dataset, *, run
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     runlog = RunLogger(run_dir, resume_step=step if resume_state is not None else None,
                        tensorboard=tc.tensorboard) if info.is_main else None
     best_metric = None if best is None else best["miou"]
