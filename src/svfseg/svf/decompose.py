@@ -54,7 +54,7 @@ def decompose_weight(
 
     Args:
         weight: (out, in/groups, *kernel) or (out, in) tensor.
-        groups: conv groups; the out channels of group g are rows g*out/groups... .
+        groups: conv groups; group i owns out channels [i*out/groups, (i+1)*out/groups).
         svd_dtype: dtype the SVD is computed in; the factors come back in weight.dtype.
 
     Returns:
@@ -66,9 +66,23 @@ def decompose_weight(
         raise ValueError(f"weight of shape {tuple(weight.shape)} contains NaN or Inf values")
     g, m, n = grouped_matrix_shape(weight.shape, groups)
     mats = weight.detach().reshape(g, m, n).to(svd_dtype)
-    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+    u, s, vh = _svd(mats)
     dtype = weight.dtype
     return SVDFactors(u.to(dtype).contiguous(), s.to(dtype).contiguous(), vh.to(dtype).contiguous())
+
+
+def _svd(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a batch of matrices, fed to LAPACK in its fast orientation.
+
+    LAPACK's divide-and-conquer SVD is several times slower on wide row-major matrices
+    (a 512 x 4608 conv weight: 1.5 s vs 0.4 s on one core); decomposing the transpose and
+    swapping the factors gives the same exact decomposition.
+    """
+    m, n = mats.shape[-2:]
+    if n > m:
+        u, s, vh = torch.linalg.svd(mats.mT, full_matrices=False)
+        return vh.mT, s, u.mT
+    return torch.linalg.svd(mats, full_matrices=False)
 
 
 def rebuild_weight(
@@ -92,11 +106,14 @@ def rebuild_weight(
 
 @torch.no_grad()
 def relative_error(weight: torch.Tensor, factors: SVDFactors) -> float:
-    """Returns ||W - rebuild(factors)||_F / ||W||_F, computed in float64 (0 for W = 0)."""
-    U, S, Vh = (t.double() for t in factors)
-    w = weight.detach().double()
-    diff = torch.linalg.vector_norm(rebuild_weight(U, S, Vh, w.shape) - w).item()
-    norm = torch.linalg.vector_norm(w).item()
+    """Returns ||W - rebuild(factors)||_F / ||W||_F (0 for W = 0).
+
+    The rebuild runs in the factors' dtype, as the layers' forward does; norms in float64.
+    """
+    U, S, Vh = factors
+    w = weight.detach()
+    diff = torch.linalg.vector_norm((rebuild_weight(U, S, Vh, w.shape) - w).double()).item()
+    norm = torch.linalg.vector_norm(w.double()).item()
     return diff / norm if norm > 0 else diff
 
 
