@@ -1,8 +1,225 @@
 """Command-line entry point: `svfseg demo|prepare|train|test|predict|report|merge`."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
 import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import svfseg
+
+logger = logging.getLogger("svfseg")
+
+EXAMPLES = """examples:
+  svfseg demo                                   # the whole pipeline on synthetic-5i, CPU, no download
+  svfseg prepare pascal --voc VOC2012 --sbd SBD --out data/pascal
+  svfseg train --config configs/pascal/pfenet_resnet50.yaml fold=1 shot=5 svf.enabled=false
+  torchrun --nproc_per_node 4 -m svfseg train --config configs/coco/pfenet_resnet50.yaml
+  svfseg train --resume runs/pascal_pfenet_resnet50_deep_svf_fold1_5shot
+  svfseg test --checkpoint runs/RUN/best.pt --protocol bam --save-vis 10
+  svfseg predict --checkpoint runs/RUN/best.pt --support cat.jpg cat.png --query q1.jpg --out preds
+  svfseg report runs/*
+  svfseg merge --checkpoint runs/RUN/best.pt --out model_merged.pt
+"""
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    print("svfseg: the command line is not yet available (see README).")
+def _setup_logging(verbose: bool = False) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    root.setLevel(level)
+
+
+@contextlib.contextmanager
+def _tqdm_safe_logging():
+    """Route log lines through tqdm so progress bars are not broken up."""
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with logging_redirect_tqdm():
+        yield
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="svfseg", description="Singular Value Fine-tuning for few-shot segmentation.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"svfseg {svfseg.__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    d = sub.add_parser("demo", help="synthetic-5i end to end: frozen vs SVF on EfficientNet-Lite0 (CPU, minutes)")
+    from svfseg.demo import add_demo_arguments
+
+    add_demo_arguments(d)
+
+    pr = sub.add_parser("prepare", help="build a Pascal-layout root from VOC/SBD or COCO (or check one)")
+    from svfseg.data.prepare import add_prepare_arguments
+
+    add_prepare_arguments(pr)
+
+    t = sub.add_parser("train", help="meta-train a few-shot model (torchrun for several GPUs)")
+    t.add_argument("--config", type=Path, help="recipe YAML (see configs/)")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run folder from its last.pt")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. fold=1 optim.lr=0.005")
+
+    te = sub.add_parser("test", help="evaluate a checkpoint on fixed episodes (JSON + Markdown)")
+    te.add_argument("--checkpoint", type=Path, required=True, help="best.pt / last.pt / merged export")
+    te.add_argument("--config", type=Path, help="recipe YAML (default: the checkpoint's own config)")
+    te.add_argument("--protocol", choices=("pfenet", "bam", "hsnet"), help="episode count + seeds (default eval.protocol)")
+    te.add_argument("--episodes", type=Path, help="episode file to use instead of a protocol")
+    te.add_argument("--save-vis", type=int, default=0, metavar="N", help="write N overlay PNGs")
+    te.add_argument("--out", type=Path, help="output folder (default: next to the checkpoint)")
+    te.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shot=5 data.root=...")
+
+    pd = sub.add_parser("predict", help="segment your own images from annotated supports")
+    pd.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or merged export")
+    pd.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"), required=True,
+                    help="a support image and its binary mask (0/255 or 0/1 PNG); repeat for K shots")
+    pd.add_argument("--query", nargs="+", required=True, type=Path, help="query image(s)")
+    pd.add_argument("--out", type=Path, required=True, help="output folder")
+    pd.add_argument("--size", type=int, help="test size (default: the checkpoint's data.test_size)")
+    pd.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+    r = sub.add_parser("report", help="gather fold results into the paper's table, paper numbers beside")
+    r.add_argument("runs", nargs="+", type=Path, help="run folders or results.json files")
+    r.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+
+    m = sub.add_parser("merge", help="fold the singular values back: a plain model for deployment")
+    m.add_argument("--checkpoint", type=Path, required=True)
+    m.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def cmd_train(args) -> int:
+    from svfseg.config import load_config
+    from svfseg.engine.run import resume_config, train_run
+
+    if args.resume is not None:
+        cfg = resume_config(args.resume, args.overrides)
+        run_dir = args.resume
+    elif args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = None
+    else:
+        raise UsageError("train: --config RECIPE.yaml (or --resume RUN_DIR) is required")
+    with _tqdm_safe_logging():
+        res = train_run(cfg, run_dir=run_dir, argv=sys.argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = f"best mIoU {100 * res.best['miou']:.2f} at step {res.best['step']}" if res.best else "no validation"
+        print(f"{res.status}: step {res.step}/{res.total_steps} in {res.seconds:.0f}s, {best}\n"
+              f"run folder: {res.run_dir}\n"
+              + (f"next: svfseg test --checkpoint {res.run_dir / 'best.pt'}" if res.status == "finished"
+                 else f"continue: svfseg train --resume {res.run_dir}"))
+    return 0 if res.status == "finished" else 130
+
+
+def cmd_test(args) -> int:
+    from svfseg.config import load_config
+    from svfseg.engine.distributed import cleanup, init_distributed
+    from svfseg.engine.testing import score_checkpoint
+
+    cfg = None
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+    elif args.overrides:
+        from svfseg.config import config_with_overrides
+        from svfseg.engine import checkpoint as ckpt
+
+        cfg = config_with_overrides(ckpt.load(args.checkpoint)["config"], args.overrides, str(args.checkpoint))
+    info = init_distributed(cfg.device if cfg else "auto")
+    try:
+        with _tqdm_safe_logging():
+            out = score_checkpoint(args.checkpoint, cfg, protocol=args.protocol, episodes=args.episodes,
+                                   save_vis=args.save_vis, out_dir=args.out, info=info)
+    finally:
+        cleanup(info)
+    if info.is_main:
+        from svfseg.engine.testing import results_markdown
+
+        print(results_markdown(out))
+        print(f"results: {out['out_dir']}/results.json, results.md")
     return 0
+
+
+def cmd_predict(args) -> int:
+    from svfseg.predict import predict
+
+    results = predict(args.checkpoint, [tuple(s) for s in args.support], args.query, args.out, size=args.size,
+                      device=args.device)
+    for r in results:
+        print(f"{r['query']}: {r['mask']} ({100 * r['foreground_fraction']:.1f}% foreground), {r['overlay']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from svfseg.report import report
+
+    print(report(args.runs, args.out))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from svfseg.engine.model import export_merged_checkpoint
+
+    path = export_merged_checkpoint(args.checkpoint, args.out)
+    print(f"merged model written to {path} ({path.stat().st_size / 1e6:.1f} MB); use it with "
+          f"`svfseg test --checkpoint {path}` or `svfseg predict --checkpoint {path} ...`")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from svfseg.data.prepare import run_prepare
+
+    return run_prepare(args)
+
+
+def cmd_demo(args) -> int:
+    from svfseg.demo import run_demo_cli
+
+    with _tqdm_safe_logging():
+        return run_demo_cli(args)
+
+
+class UsageError(ValueError):
+    """Wrong command-line use."""
+
+
+COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "report": cmd_report,
+            "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (errors print one line, no traceback)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    _setup_logging(args.verbose)
+    from svfseg.config import ConfigError
+    from svfseg.engine.checkpoint import CheckpointMismatch
+    from svfseg.engine.train import NonFiniteLoss
+    from svfseg.predict import PredictInputError
+
+    expected = (ConfigError, CheckpointMismatch, NonFiniteLoss, PredictInputError, UsageError,
+                FileNotFoundError, FileExistsError)
+    try:
+        from svfseg.data.io import DataError
+
+        expected = expected + (DataError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return COMMANDS[args.command](args)
+    except expected as e:
+        if args.verbose:
+            raise
+        print(f"svfseg {args.command}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ConfigError, UsageError)) else 1
+    except KeyboardInterrupt:
+        print(f"svfseg {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -365,6 +365,16 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     return cfg
 
 
+def config_with_overrides(data: dict, overrides: Sequence[str] = (), source: str = "<dict>") -> ExperimentConfig:
+    """Defaults <- ``data`` (e.g. the config stored in a checkpoint) <- dotlist overrides."""
+    cfg = ExperimentConfig()
+    _merge(cfg, data, prefix="", source=source)
+    if overrides:
+        _merge(cfg, parse_dotlist(overrides), prefix="", source="command line")
+    validate(cfg)
+    return cfg
+
+
 def dump_yaml(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML text."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -89,6 +89,7 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         barrier(info)
         train_set = train_dataset(cfg)
         val = selection_set(cfg, run_dir, info)
+        torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
         model = build_model(cfg, pretrained=state is None)
         return fit(cfg, model, train_set, run_dir=run_dir, describe=describe(model, cfg), val=val, info=info,
                    resume_state=state)

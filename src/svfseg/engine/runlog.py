@@ -103,11 +103,12 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     if train:
         steps = [int(r["step"]) for r in train]
-        axes[0].plot(steps, [float(r["loss"]) for r in train], label="total")
-        axes[0].plot(steps, [float(r["loss_main"]) for r in train], label="main", alpha=0.7)
+        mk = "." if len(steps) < 30 else None
+        axes[0].plot(steps, [float(r["loss"]) for r in train], marker=mk, label="total")
+        axes[0].plot(steps, [float(r["loss_main"]) for r in train], marker=mk, label="main", alpha=0.7)
         axes[0].set_title("training loss")
         axes[0].legend()
-        axes[1].plot(steps, [float(r["lr"]) for r in train])
+        axes[1].plot(steps, [float(r["lr"]) for r in train], marker=mk)
         axes[1].set_title("base learning rate (poly)")
     for on in sorted({r["on"] for r in val}):
         rows = [r for r in val if r["on"] == on]
@@ -117,6 +118,9 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
     axes[2].set_title("validation (%)")
     if val:
         axes[2].legend()
+    else:
+        axes[2].text(0.5, 0.5, "no validation during training", ha="center", va="center",
+                     transform=axes[2].transAxes)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

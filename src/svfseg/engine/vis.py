@@ -25,11 +25,19 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, color: Sequence[int], alpha: floa
     out = rgb.astype(np.float32).copy()
     fg = mask == 1
     out[fg] = (1 - alpha) * out[fg] + alpha * np.asarray(color, dtype=np.float32)
+    out[_boundary(fg)] = np.asarray(color, dtype=np.float32)  # a solid outline keeps thin masks visible
     ign = mask == 255
     if ign.any():
         hatch = (np.add.outer(np.arange(mask.shape[0]), np.arange(mask.shape[1])) % 4) == 0
         out[ign & hatch] = 128
     return out.astype(np.uint8)
+
+
+def _boundary(fg: np.ndarray) -> np.ndarray:
+    """Foreground pixels with a 4-neighbour outside the foreground."""
+    pad = np.pad(fg, 1, mode="edge")
+    inner = pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+    return fg & ~inner
 
 
 def resize_rgb(rgb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
