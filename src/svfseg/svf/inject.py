@@ -129,14 +129,17 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None) -> nn.Module:
                 setattr(parent, child_name, replacements[id(child)])
 
     _set_trainable(model, config)
-    logger.info("apply_svf: decomposed %d layer(s); %s", len(replacements), trainable_parameter_report(model))
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("apply_svf: decomposed %d layer(s); %s", len(replacements), trainable_parameter_report(model))
     return model
 
 
 def _set_trainable(model: nn.Module, config: SVFConfig) -> None:
     """Freezes everything, then unfreezes S, trained biases and the trainable modules."""
+    # Attribute assignment (not requires_grad_) also works on lazy modules' uninitialised
+    # parameters, and the flag survives their initialisation.
     for param in model.parameters():
-        param.requires_grad_(False)
+        param.requires_grad = False
     if config.trainable_modules is not None:
         found = False
         for name, module in model.named_modules():
@@ -151,7 +154,7 @@ def _set_trainable(model: nn.Module, config: SVFConfig) -> None:
                 )
             found = True
             for param in module.parameters():
-                param.requires_grad_(True)
+                param.requires_grad = True
         if not found:
             raise ValueError(
                 f"apply_svf: trainable_modules={config.trainable_modules!r} matched no module "
@@ -310,6 +313,8 @@ def _plain_count(module: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for sub in module.modules():
         for param in sub.parameters(recurse=False):
+            if isinstance(param, nn.parameter.UninitializedParameter):
+                continue  # lazy modules: size unknown until their first forward
             if param.requires_grad:
                 trainable += param.numel()
             if isinstance(sub, SVFLayer) and param is sub.S:
@@ -325,6 +330,7 @@ def trainable_parameter_report(model: nn.Module) -> str:
 
     "all params" counts each SVD layer as the plain layer it stands for (weight + bias), so
     the percentage compares with the original model; the trainable count includes S.
+    Uninitialised parameters of lazy modules are not counted.
 
     Args:
         model: any module.
