@@ -1,10 +1,11 @@
-"""BAM stage 1: train and score the PSPNet base learner (multi-class CE, base-class mIoU); stage-1 checkpoint checks.
+"""BAM engine pieces: stage-1 training/scoring (multi-class CE, base-class mIoU), stage-1 checks, generalized eval.
 
 Everything that is not specific to semantic segmentation comes from the rest of the engine:
 optimiser groups and the poly schedule (``optim``), atomic/resumable checkpoints and RNG state
 (``checkpoint``), the resumable distributed batch sampler (``data``), CSV/TensorBoard logging
 and the curve PNG (``runlog``), AMP and DDP helpers. This module adds the multi-class loss,
-the confusion-matrix metric and the checks the BAM stage-2 model runs on its stage-1 input.
+the confusion-matrix metric, the checks the BAM stage-2 model runs on its stage-1 input, and
+the generalized (base + novel) evaluation of a stage-2 model.
 """
 from __future__ import annotations
 
@@ -593,3 +594,138 @@ def _markdown(r: dict) -> str:
     for k, v in r["per_class"].items():
         lines.append(f"| {int(k)} {names[int(k) - 1]} | {'n/a' if math.isnan(v) else f'{100 * v:.2f}'} |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ generalized setting
+
+
+@torch.no_grad()
+def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.device, tau: float = 0.9,
+                         info: Optional[DistInfo] = None, amp: str = "off", workers: int = 0,
+                         progress: bool = False) -> dict:
+    """Score a BAM model in the generalized setting (BAM's ``test_GFSS``): base and novel classes at once.
+
+    Each episode's prediction is :func:`~svfseg.models.heads.bam.generalized_prediction` of the
+    ensemble and base-learner outputs, both cropped to the un-padded extent and resized
+    (bilinear) to the original label size. Base classes accumulate over every episode; the
+    novel label of an episode counts for that episode's novel class.
+
+    Args:
+        model: A stage-2 "bam" model.
+        dataset: :class:`~svfseg.data.semantic.GeneralizedEpisodes`.
+        device: Where to run.
+        tau: Novel-class probability threshold.
+        info: Process-group info (episodes are sharded, sums reduced).
+        amp: ``train.amp`` mode.
+        workers: DataLoader workers.
+        progress: Show a progress bar.
+
+    Returns:
+        ``miou_base``, ``miou_novel``, ``miou_total`` (means of per-class IoU over the base, the
+        novel and all classes), ``per_class`` {benchmark id: IoU}, ``episodes``, ``tau``, ``seconds``.
+    """
+    import torch.nn.functional as F
+
+    from svfseg.data.splits import class_split
+    from svfseg.engine.data import make_loader
+    from svfseg.models.heads.bam import generalized_prediction
+
+    info = info or DistInfo(device=device)
+    net = unwrap(model)
+    if not hasattr(net, "forward_parts"):
+        raise TypeError(f"evaluate_generalized: needs a BAM model (with forward_parts), got {type(net).__name__}")
+    eps = dataset.episodes
+    novel = tuple(class_split(eps.benchmark, eps.fold, eps.convention).novel)
+    base = tuple(dataset.base_classes)
+    nb = len(base)
+    slot = {c: nb + 1 + i for i, c in enumerate(novel)}  # the novel label of an episode -> its class's slot
+    was_training = net.training
+    net.eval()
+    sampler = ShardSampler(len(dataset), info.rank, info.world_size)
+    loader = make_loader(dataset, sampler=sampler, batch_size=1, workers=workers)
+    cm = ConfusionMatrix(nb + 1 + len(novel))
+    dtype = amp_dtype(amp, device)
+    t0, seen = time.perf_counter(), 0
+    try:
+        for batch in loader:
+            with autocast(device, dtype):
+                parts = net.forward_parts(batch["query_img"].to(device), batch["support_imgs"].to(device),
+                                          batch["support_masks"].to(device))
+            size = batch["query_img"].shape[-2:]
+            final = resize_like(parts.final, size)
+            basel = resize_like(parts.base, size)
+            for b, gt in enumerate(batch["query_label_orig"]):
+                h, w = (int(v) for v in batch["query_valid_hw"][b])
+                crop = lambda t: F.interpolate(t[b:b + 1, :, :h, :w].float(), size=tuple(gt.shape), mode="bilinear",  # noqa: E731
+                                               align_corners=False)
+                pred = generalized_prediction(crop(final), crop(basel), tau)[0].cpu()
+                k = slot[int(batch["class_id"][b])]
+                pred[pred == nb + 1] = k
+                target = gt.clone()
+                target[target == nb + 1] = k
+                cm.update(pred, target)
+                seen += 1
+    finally:
+        net.train(was_training)
+    cm.mat = all_reduce_sum(cm.mat.reshape(-1), info).reshape(cm.num_classes, cm.num_classes).cpu()
+    r = cm.compute(base + novel)
+    per = r["per_class"]
+    vals = lambda ids: [per[c] for c in ids if not math.isnan(per[c])]  # noqa: E731
+    mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
+    return {"miou_base": mean(vals(base)), "miou_novel": mean(vals(novel)), "miou_total": mean(vals(base + novel)),
+            "per_class": per, "episodes": int(all_reduce_sum(torch.tensor([seen]), info).item()), "tau": tau,
+            "seconds": time.perf_counter() - t0}
+
+
+def resize_like(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=True, as the models do) to ``size``."""
+    from svfseg.models.blocks import resize
+
+    return resize(x, size)
+
+
+def score_generalized(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = None, *, tau: float = 0.9,
+                      seed: int = 0, out_dir: Optional[str | Path] = None, info: Optional[DistInfo] = None) -> dict:
+    """Generalized-setting score of a stage-2 BAM checkpoint; writes ``results.json`` + ``results.md``.
+
+    Args:
+        checkpoint: A "bam" training checkpoint or merged export.
+        cfg: Config (data root, fold, shot); None: the checkpoint's own.
+        tau: Novel-class probability threshold (BAM: 0.9).
+        seed: Seed of the episodes' class and support choice.
+        out_dir: Output folder (default ``<checkpoint folder>/test_generalized_<K>shot``).
+        info: Process-group info.
+
+    Returns:
+        The results dict.
+    """
+    from svfseg.data.semantic import build_generalized_dataset
+    from svfseg.data.splits import class_names
+    from svfseg.engine.model import load_for_inference
+
+    info = info or DistInfo()
+    model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
+    if cfg.model.name != BAM_MODEL:
+        raise ValueError(f"generalized evaluation needs a {BAM_MODEL!r} checkpoint; {checkpoint} holds {cfg.model.name!r}")
+    d = cfg.data
+    ds = build_generalized_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, seed=seed,
+                                   convention=d.convention, test_size=d.test_size)
+    r = evaluate_generalized(model, ds, device=info.device, tau=tau, info=info, amp=cfg.train.amp,
+                             workers=cfg.data.workers, progress=cfg.train.progress)
+    out = {"checkpoint": str(checkpoint), "setting": "generalized", "benchmark": d.benchmark, "fold": cfg.fold,
+           "shot": cfg.shot, "seed": seed, "episode_fingerprint": ds.episodes.fingerprint, **r,
+           "per_class": {str(k): v for k, v in r["per_class"].items()}}
+    out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / f"test_generalized_{cfg.shot}shot"
+    if info.is_main:
+        names = class_names(d.benchmark)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
+        lines = [f"# BAM generalized setting, {d.benchmark} fold {cfg.fold}, {cfg.shot}-shot", "",
+                 f"{r['episodes']} episodes (seed {seed}), tau {tau}", "", "| score | % |", "|---|---|",
+                 f"| mIoU novel | {_fmt_pct(r['miou_novel'])} |", f"| mIoU base | {_fmt_pct(r['miou_base'])} |",
+                 f"| mIoU total | {_fmt_pct(r['miou_total'])} |", "", "| class | IoU % |", "|---|---|"]
+        lines += [f"| {c} {names[c - 1]} | {_fmt_pct(v)} |" for c, v in r["per_class"].items()]
+        (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+        logger.info("generalized: mIoU novel %s  base %s  total %s over %d episodes -> %s", _fmt_pct(r["miou_novel"]),
+                    _fmt_pct(r["miou_base"]), _fmt_pct(r["miou_total"]), r["episodes"], out_dir)
+    return out

@@ -358,3 +358,26 @@ class BAM(ASPPBaseline):
         fg = self.gram_merge(torch.cat([prob[:, 1:], psi_map], dim=1))
         merged_bg = self.cls_merge(torch.cat([bg, base_map], dim=1))
         return torch.cat([merged_bg, fg], dim=1)
+
+
+def generalized_prediction(final: torch.Tensor, base: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
+    """BAM's generalized (base + novel) prediction: the novel class where the ensemble is sure.
+
+    A pixel is the episode's novel class (label ``num_base + 1``) where
+    ``softmax(final)[:, 1] > tau``; elsewhere it takes the base learner's arg-max (background
+    or a base class). This is BAM's "final" fusion scheme.
+
+    Args:
+        final: Ensemble output (B, 2, H, W).
+        base: Base-learner logits (B, 1 + num_base, H, W), same size.
+        tau: Threshold on the novel-class probability (BAM: 0.9).
+
+    Returns:
+        (B, H, W) long labels in 0..num_base + 1.
+    """
+    if final.shape[0] != base.shape[0] or final.shape[-2:] != base.shape[-2:]:
+        raise ValueError(f"generalized_prediction: final {tuple(final.shape)} and base {tuple(base.shape)} differ")
+    novel = final.float().softmax(1)[:, 1] > tau
+    out = base.argmax(1)
+    out[novel] = base.shape[1]
+    return out
