@@ -38,7 +38,7 @@ class DemoPlan:
 
 
 FULL = DemoPlan(n_train=2000, n_val=500, image_size=160, steps=240, batch_size=8, eval_episodes=1000, vis=8)
-QUICK = DemoPlan(n_train=160, n_val=80, image_size=96, steps=4, batch_size=2, eval_episodes=20, vis=2)
+QUICK = DemoPlan(n_train=120, n_val=60, image_size=64, steps=3, batch_size=2, eval_episodes=10, vis=2)
 
 
 def demo_overrides(plan: DemoPlan, root: Path, out: Path, head: str, regime: str, seed: int = 0) -> list[str]:
