@@ -16,6 +16,7 @@ from svfseg.data.semantic import base_label_lut, build_semantic_dataset
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.base_learner import (
     ConfusionMatrix,
+    check_base_checkpoint,
     evaluate_base,
     fit_base,
     load_base_learner_state,
@@ -133,6 +134,8 @@ def test_stage2_refuses_missing_or_incompatible_stage1_checkpoint(root, tmp_path
     cfg.fold = 1  # fold 1's file was made for another class count and declares fold 1: only the count differs
     with pytest.raises(ckpt.CheckpointMismatch, match=r"num_classes \(background \+ base\): checkpoint has 11, this run needs 16"):
         load_base_learner_state(cfg)
+    with pytest.raises(ckpt.CheckpointMismatch, match="checkpoint has 11"):
+        check_base_checkpoint(cfg)  # the fail-fast check (lazy read) finds the same
     cfg.fold = 2
     with pytest.raises(FileNotFoundError, match=r"fold2/best.pt does not exist.*bam_base_<backbone>.yaml fold=2"):
         load_base_learner_state(cfg)

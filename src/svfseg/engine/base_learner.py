@@ -194,6 +194,40 @@ def stage1_differences(stage1: dict, cfg: ExperimentConfig) -> list[str]:
     return [f"{k}: checkpoint has {found[k]!r}, this run needs {v!r}" for k, v in expected.items() if found[k] != v]
 
 
+def _read_stage1(cfg: ExperimentConfig, *, mmap: bool) -> tuple[Path, dict]:
+    path = base_checkpoint_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.base_checkpoint: {path} does not exist. BAM's stage 2 needs the stage-1 base learner of "
+            f"fold {cfg.fold}: run `svfseg train --config configs/{cfg.data.benchmark}/bam_base_<backbone>.yaml "
+            f"fold={cfg.fold}` first, or point model.base_checkpoint at its best.pt")
+    if mmap:
+        try:  # lazy tensors: the check reads the metadata without loading the weights
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - e.g. a legacy (non-zip) file: read it fully
+            state = ckpt.load(path)
+    else:
+        state = ckpt.load(path)
+    if not isinstance(state, dict) or "model" not in state or "describe" not in state:
+        raise ckpt.CheckpointMismatch(f"{path}: not an svfseg training checkpoint (no model/describe entries)")
+    diffs = stage1_differences(state, cfg)
+    if diffs:
+        raise ckpt.CheckpointMismatch(f"stage-1 checkpoint {path} does not fit this BAM run:\n  " + "\n  ".join(diffs))
+    return path, state
+
+
+def check_base_checkpoint(cfg: ExperimentConfig) -> Path:
+    """Fail fast: the stage-1 checkpoint of a BAM run exists and fits (weights are not loaded).
+
+    Raises:
+        FileNotFoundError, CheckpointMismatch: as :func:`load_base_learner_state`.
+
+    Returns:
+        Its path.
+    """
+    return _read_stage1(cfg, mmap=True)[0]
+
+
 def load_base_learner_state(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """Read the stage-1 checkpoint ``model.base_checkpoint`` names and check that it fits ``cfg``.
 
@@ -204,18 +238,7 @@ def load_base_learner_state(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     Returns:
         The base learner's state dict (keys ``backbone.*``, ``ppm.*``, ``cls.*``).
     """
-    path = base_checkpoint_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model.base_checkpoint: {path} does not exist. BAM's stage 2 needs the stage-1 base learner of "
-            f"fold {cfg.fold}: run `svfseg train --config configs/{cfg.data.benchmark}/bam_base_<backbone>.yaml "
-            f"fold={cfg.fold}` first, or point model.base_checkpoint at its best.pt")
-    state = ckpt.load(path)
-    if "model" not in state or "describe" not in state:
-        raise ckpt.CheckpointMismatch(f"{path}: not an svfseg training checkpoint (keys {sorted(state)[:8]})")
-    diffs = stage1_differences(state, cfg)
-    if diffs:
-        raise ckpt.CheckpointMismatch(f"stage-1 checkpoint {path} does not fit this BAM run:\n  " + "\n  ".join(diffs))
+    path, state = _read_stage1(cfg, mmap=False)
     logger.info("stage-1 base learner: %s (step %s, val base mIoU %s)", path, state.get("step"),
                 _fmt_pct((state.get("metrics") or {}).get("miou")))
     return state["model"]
