@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--episodes", type=Path, help="episode file to use instead of a protocol")
     te.add_argument("--save-vis", type=int, default=0, metavar="N", help="write N overlay PNGs")
     te.add_argument("--out", type=Path, help="output folder (default: next to the checkpoint)")
+    te.add_argument("--generalized", action="store_true",
+                    help="BAM: generalized setting (base + novel classes) instead of episodic mIoU")
+    te.add_argument("--tau", type=float, default=0.9, help="BAM generalized: novel-class threshold (default 0.9)")
     te.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shot=5 data.root=...")
 
     pd = sub.add_parser("predict", help="segment your own images from annotated supports")
@@ -110,6 +113,8 @@ def cmd_train(args) -> int:
         run_dir = None
     else:
         raise UsageError("train: --config RECIPE.yaml (or --resume RUN_DIR) is required")
+    if cfg.model.name == "bam_base":  # BAM stage 1: a semantic-segmentation base learner, its own loop
+        from svfseg.engine.base_learner import train_base_run as train_run  # noqa: F811
     with _tqdm_safe_logging():
         res = train_run(cfg, run_dir=run_dir, argv=sys.argv)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -134,19 +139,37 @@ def cmd_test(args) -> int:
         from svfseg.engine import checkpoint as ckpt
 
         cfg = config_with_overrides(ckpt.load(args.checkpoint)["config"], args.overrides, str(args.checkpoint))
+    from svfseg.engine.testing import results_markdown
+
+    name = _checkpoint_model_name(args.checkpoint)
     info = init_distributed(cfg.device if cfg else "auto")
     try:
         with _tqdm_safe_logging():
-            out = score_checkpoint(args.checkpoint, cfg, protocol=args.protocol, episodes=args.episodes,
-                                   save_vis=args.save_vis, out_dir=args.out, info=info)
+            if name == "bam_base" or args.generalized:
+                from svfseg.engine import base_learner as bl
+
+                if name == "bam_base":
+                    out = bl.score_base_checkpoint(args.checkpoint, cfg, out_dir=args.out, info=info)
+                else:
+                    out = bl.score_generalized(args.checkpoint, cfg, tau=args.tau, out_dir=args.out, info=info)
+                results_markdown = bl.results_markdown  # noqa: F811
+            else:
+                out = score_checkpoint(args.checkpoint, cfg, protocol=args.protocol, episodes=args.episodes,
+                                       save_vis=args.save_vis, out_dir=args.out, info=info)
     finally:
         cleanup(info)
     if info.is_main:
-        from svfseg.engine.testing import results_markdown
-
         print(results_markdown(out))
-        print(f"results: {out['out_dir']}/results.json, results.md")
+        if out.get("out_dir"):
+            print(f"results: {out['out_dir']}/results.json, results.md")
     return 0
+
+
+def _checkpoint_model_name(path: Path) -> str:
+    from svfseg.engine import checkpoint as ckpt
+
+    state = ckpt.peek(path)
+    return str(((state.get("config") or {}).get("model") or {}).get("name", ""))
 
 
 def cmd_predict(args) -> int:
@@ -205,8 +228,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from svfseg.engine.train import NonFiniteLoss
     from svfseg.predict import PredictInputError
 
+    # Anticipated failures print one line (use -v for the traceback); ValueError covers bad
+    # values found deeper down (e.g. a model or backbone name the registry does not know).
     expected = (ConfigError, CheckpointMismatch, NonFiniteLoss, PredictInputError, UsageError,
-                FileNotFoundError, FileExistsError)
+                FileNotFoundError, FileExistsError, ValueError)
     try:
         from svfseg.data.io import DataError
 

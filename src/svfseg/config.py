@@ -40,6 +40,7 @@ class ModelConfig:
     weights: Optional[str] = None      # backbone weight file, or "imagenet" for efficientnet_lite0
     backbone_mode: str = "frozen"      # frozen | train (ignored when svf.enabled: then "svf")
     backbone_kwargs: dict = field(default_factory=dict)  # e.g. {output_stride: 8}
+    base_checkpoint: Optional[str] = None  # BAM stage 2: the stage-1 best.pt ({fold}, {benchmark}, ... filled in)
     head: dict = field(default_factory=dict)  # extra keyword arguments for the head
 
 

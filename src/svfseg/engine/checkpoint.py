@@ -51,6 +51,14 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
 
 
+def peek(path: str | os.PathLike) -> dict:
+    """A checkpoint's entries with tensors memory-mapped, not read (cheap look at its config)."""
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - e.g. a legacy non-zip file: the full reader names the problem
+        return load(path)
+
+
 def capture_rng(generators: Optional[Mapping[str, np.random.Generator]] = None) -> dict:
     """RNG states of torch (CPU and CUDA), Python's ``random`` and named numpy Generators."""
     state = {

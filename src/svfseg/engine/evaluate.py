@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from svfseg.engine.data import ShardSampler, make_loader
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
+from svfseg.engine.model import forward_episode
 from svfseg.metrics import IoUAccumulator
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,7 @@ def evaluate(
     try:
         for batch in loader:
             with autocast(device, dtype):
-                logits = net(batch["query_img"].to(device), batch["support_imgs"].to(device),
-                             batch["support_masks"].to(device))
+                logits = forward_episode(net, batch, device)
             labels = batch["query_label_orig"]
             preds = predictions_at_original_size(logits, batch["query_valid_hw"], [tuple(x.shape) for x in labels])
             for b, (pred, gt) in enumerate(zip(preds, labels)):

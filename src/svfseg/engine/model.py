@@ -40,7 +40,39 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
         raise FileNotFoundError(f"model.weights={weights!r}: no such file (download the backbone weights the "
                                 f"recipe names, or set model.weights=null to start from random weights)")
     return create_model(m.name, backbone=m.backbone, weights=weights, backbone_mode=mode, svf_policy=policy,
-                        backbone_kwargs=dict(m.backbone_kwargs) or None, **m.head)
+                        backbone_kwargs=dict(m.backbone_kwargs) or None,
+                        **{**extra_model_kwargs(cfg, pretrained=pretrained), **m.head})
+
+
+STAGED_MODELS = ("bam", "bam_base")
+
+
+def extra_model_kwargs(cfg: ExperimentConfig, *, pretrained: bool = True) -> dict[str, Any]:
+    """Constructor keywords some models derive from the config (BAM: base classes, shot, stage-1 weights)."""
+    if cfg.model.name not in STAGED_MODELS:
+        return {}
+    from svfseg.engine.base_learner import model_kwargs
+
+    return model_kwargs(cfg, pretrained=pretrained)
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Checks that must pass before a run folder is created (BAM stage 2: its stage-1 checkpoint)."""
+    if cfg.model.name == "bam":
+        from svfseg.engine.base_learner import check_base_checkpoint
+
+        check_base_checkpoint(cfg)
+
+
+def forward_episode(model: nn.Module, batch: dict, device: torch.device, non_blocking: bool = False):
+    """Call a few-shot model on a collated batch; models with ``uses_class_ids`` also get the class ids."""
+    args = (batch["query_img"].to(device, non_blocking=non_blocking),
+            batch["support_imgs"].to(device, non_blocking=non_blocking),
+            batch["support_masks"].to(device, non_blocking=non_blocking))
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if getattr(inner, "uses_class_ids", False):
+        return model(*args, class_ids=torch.as_tensor(batch["class_id"]).to(device))
+    return model(*args)
 
 
 def describe(model: nn.Module, cfg: ExperimentConfig) -> dict[str, Any]:

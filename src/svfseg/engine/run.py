@@ -15,7 +15,7 @@ from svfseg.config import ExperimentConfig, dump_yaml, git_commit, load_config, 
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.data import eval_dataset, heldout_base_fold, novel_classes, train_dataset
 from svfseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
-from svfseg.engine.model import build_model, describe
+from svfseg.engine.model import build_model, describe, preflight
 from svfseg.engine.train import FitResult, ValSet, fit
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         elif last.exists():
             raise FileExistsError(f"{run_dir} already holds a training run ({last}); continue it with "
                                   f"`svfseg train --resume {run_dir}` or start another with name=<new name>")
+        preflight(cfg)
         if info.is_main:
             write_run_metadata(run_dir, cfg, argv)
         barrier(info)

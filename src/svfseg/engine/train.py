@@ -20,6 +20,7 @@ from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.data import EpochBatchSampler, make_loader
 from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier, resolve_device, sync_trainable_batchnorm
 from svfseg.engine.evaluate import amp_dtype, autocast, evaluate, unwrap
+from svfseg.engine.model import forward_episode
 from svfseg.engine.optim import build_optimizer, poly_lr, set_lr
 from svfseg.engine.runlog import RunLogger, plot_curves
 from svfseg.losses import fewshot_loss, valid_pixel_count
@@ -270,9 +271,6 @@ def fit(
 def _train_step(model, batch, optimizer, scaler, ref_decay, cfg, info, dtype, step) -> dict:
     device = info.device
     nb = device.type == "cuda"
-    q = batch["query_img"].to(device, non_blocking=nb)
-    s = batch["support_imgs"].to(device, non_blocking=nb)
-    sm = batch["support_masks"].to(device, non_blocking=nb)
     target = batch["query_mask"].to(device, non_blocking=nb)
     normalizer = None
     if info.distributed:
@@ -280,7 +278,7 @@ def _train_step(model, batch, optimizer, scaler, ref_decay, cfg, info, dtype, st
         # gradients) so W processes compute exactly the gradient of one process on the batch.
         normalizer = all_reduce_sum(valid_pixel_count(target), info) / info.world_size
     with autocast(device, dtype):
-        out = model(q, s, sm)
+        out = forward_episode(model, batch, device, non_blocking=nb)
     logits, aux = (out.logits, tuple(out.aux_logits)) if hasattr(out, "logits") else (out, ())
     loss, parts = fewshot_loss(logits, aux, target, aux_weight=cfg.train.aux_weight, normalizer=normalizer)
     stats = torch.stack([loss.detach(), parts["main"], parts["aux"]]).float()
