@@ -177,14 +177,15 @@ def build_semantic_dataset(*, root: str | os.PathLike, benchmark: str, fold: int
 
 
 def generalized_episodes(index: ClassIndex, *, benchmark: str, fold: int, shot: int, seed: int = 0,
-                         convention: str = "interleaved", min_pixels: int | None = None):
+                         convention: str = "interleaved", min_pixels: int | None = None, count: int | None = None):
     """BAM's generalized few-shot episodes: every val image once, base and novel classes together.
 
     For each image (list order) with at least one labelled class: if it shows a base class, the
     episode's novel class is drawn uniformly among all novel classes of the fold (it may be
     absent from the image); otherwise among the novel classes it shows. Supports: ``shot``
     other images where that class covers ``>= min_pixels`` pixels (the small-object rule; BAM
-    accepts any pixel count). Randomness: ``numpy.random.default_rng(seed)``.
+    accepts any pixel count). Randomness: ``numpy.random.default_rng(seed)``. ``count`` keeps
+    only the first episodes (quick checks); None keeps one per image.
 
     Returns:
         An :class:`~svfseg.data.episodes.EpisodeList` (split "val").
@@ -213,6 +214,8 @@ def generalized_episodes(index: ClassIndex, *, benchmark: str, fold: int, shot: 
         cand = np.asarray([j for j in holders[c] if j != i])
         sup = rng.choice(cand, size=shot, replace=False)
         eps.append(Episode(r.image, c, tuple(recs[int(j)].image for j in sup)))
+        if count is not None and len(eps) >= count:
+            break
     return EpisodeList(benchmark, index.split, fold, shot, seed, convention, int(min_pixels), index.fingerprint,
                        tuple(eps))
 
@@ -271,13 +274,15 @@ class GeneralizedEpisodes(Dataset):
 
 
 def build_generalized_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, shot: int, seed: int = 0,
-                              convention: str = "interleaved", test_size: int = 473) -> GeneralizedEpisodes:
+                              convention: str = "interleaved", test_size: int = 473,
+                              count: int | None = None) -> GeneralizedEpisodes:
     """Generalized-setting evaluation episodes on the val split (see :func:`generalized_episodes`)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: expected a dataset root folder, found none")
     index = load_class_index(root, "val", num_classes(benchmark))
-    eps = generalized_episodes(index, benchmark=benchmark, fold=fold, shot=shot, seed=seed, convention=convention)
+    eps = generalized_episodes(index, benchmark=benchmark, fold=fold, shot=shot, seed=seed, convention=convention,
+                               count=count)
     log.info("%s fold %d generalized: %d episodes", benchmark, fold, len(eps))
     return GeneralizedEpisodes(index, eps, class_split(benchmark, fold, convention).base,
                                transform=TestTransform(size=test_size))

@@ -595,19 +595,29 @@ def score_base_checkpoint(checkpoint: str | Path, cfg: Optional[ExperimentConfig
            "base_classes": list(ds.base_classes), "step": state.get("step"), **r,
            "per_class": {str(k): v for k, v in r["per_class"].items()}}
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / "test_base"
+    out["out_dir"] = str(out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
-        (out_dir / "results.md").write_text(_markdown(out))
+        (out_dir / "results.md").write_text(results_markdown(out))
         logger.info("base-class mIoU %.2f (background IoU %.2f, FB-IoU %.2f) over %d images -> %s",
                     100 * r["miou"], 100 * r["bg_iou"], 100 * r["fb_iou"], r["images"], out_dir)
     return out
 
 
-def _markdown(r: dict) -> str:
+def results_markdown(r: dict) -> str:
+    """Markdown of a :func:`score_base_checkpoint` or :func:`score_generalized` result."""
     from svfseg.data.splits import class_names
 
     names = class_names(r["benchmark"])
+    if r.get("setting") == "generalized":
+        lines = [f"# BAM generalized setting, {r['benchmark']} fold {r['fold']}, {r['shot']}-shot", "",
+                 f"{r['episodes']} episodes (seed {r['seed']}), tau {r['tau']}; base and novel classes scored "
+                 "together.", "", "| score | % |", "|---|---|",
+                 f"| mIoU novel | {_fmt_pct(r['miou_novel'])} |", f"| mIoU base | {_fmt_pct(r['miou_base'])} |",
+                 f"| mIoU total | {_fmt_pct(r['miou_total'])} |", "", "| class | IoU % |", "|---|---|"]
+        lines += [f"| {int(c)} {names[int(c) - 1]} | {_fmt_pct(v)} |" for c, v in r["per_class"].items()]
+        return "\n".join(lines) + "\n"
     lines = [f"# BAM base learner, {r['benchmark']} fold {r['fold']}", "",
              f"{r['images']} val images, original label size; novel classes count as background.", "",
              "| score | % |", "|---|---|",
@@ -651,6 +661,7 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
 
     from svfseg.data.splits import class_split
     from svfseg.engine.data import make_loader
+    from svfseg.models.blocks import resize
     from svfseg.models.heads.bam import generalized_prediction
 
     info = info or DistInfo(device=device)
@@ -675,8 +686,7 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
                 parts = net.forward_parts(batch["query_img"].to(device), batch["support_imgs"].to(device),
                                           batch["support_masks"].to(device))
             size = batch["query_img"].shape[-2:]
-            final = resize_like(parts.final, size)
-            basel = resize_like(parts.base, size)
+            final, basel = resize(parts.final, size), resize(parts.base, size)
             for b, gt in enumerate(batch["query_label_orig"]):
                 h, w = (int(v) for v in batch["query_valid_hw"][b])
                 crop = lambda t: F.interpolate(t[b:b + 1, :, :h, :w].float(), size=tuple(gt.shape), mode="bilinear",  # noqa: E731
@@ -700,13 +710,6 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
             "seconds": time.perf_counter() - t0}
 
 
-def resize_like(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize (align_corners=True, as the models do) to ``size``."""
-    from svfseg.models.blocks import resize
-
-    return resize(x, size)
-
-
 def score_generalized(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = None, *, tau: float = 0.9,
                       seed: int = 0, out_dir: Optional[str | Path] = None, info: Optional[DistInfo] = None) -> dict:
     """Generalized-setting score of a stage-2 BAM checkpoint; writes ``results.json`` + ``results.md``.
@@ -723,7 +726,6 @@ def score_generalized(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = 
         The results dict.
     """
     from svfseg.data.semantic import build_generalized_dataset
-    from svfseg.data.splits import class_names
     from svfseg.engine.model import load_for_inference
 
     info = info or DistInfo()
@@ -731,24 +733,29 @@ def score_generalized(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = 
     if cfg.model.name != BAM_MODEL:
         raise ValueError(f"generalized evaluation needs a {BAM_MODEL!r} checkpoint; {checkpoint} holds {cfg.model.name!r}")
     d = cfg.data
+    # eval.num_episodes caps the episode count (one per val image otherwise, as BAM).
     ds = build_generalized_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, seed=seed,
-                                   convention=d.convention, test_size=d.test_size)
+                                   convention=d.convention, test_size=d.test_size, count=cfg.eval.num_episodes)
     r = evaluate_generalized(model, ds, device=info.device, tau=tau, info=info, amp=cfg.train.amp,
                              workers=cfg.data.workers, progress=cfg.train.progress)
     out = {"checkpoint": str(checkpoint), "setting": "generalized", "benchmark": d.benchmark, "fold": cfg.fold,
            "shot": cfg.shot, "seed": seed, "episode_fingerprint": ds.episodes.fingerprint, **r,
            "per_class": {str(k): v for k, v in r["per_class"].items()}}
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / f"test_generalized_{cfg.shot}shot"
+    out["out_dir"] = str(out_dir)
     if info.is_main:
-        names = class_names(d.benchmark)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
-        lines = [f"# BAM generalized setting, {d.benchmark} fold {cfg.fold}, {cfg.shot}-shot", "",
-                 f"{r['episodes']} episodes (seed {seed}), tau {tau}", "", "| score | % |", "|---|---|",
-                 f"| mIoU novel | {_fmt_pct(r['miou_novel'])} |", f"| mIoU base | {_fmt_pct(r['miou_base'])} |",
-                 f"| mIoU total | {_fmt_pct(r['miou_total'])} |", "", "| class | IoU % |", "|---|---|"]
-        lines += [f"| {c} {names[c - 1]} | {_fmt_pct(v)} |" for c, v in r["per_class"].items()]
-        (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+        (out_dir / "results.md").write_text(results_markdown(out))
         logger.info("generalized: mIoU novel %s  base %s  total %s over %d episodes -> %s", _fmt_pct(r["miou_novel"]),
                     _fmt_pct(r["miou_base"]), _fmt_pct(r["miou_total"]), r["episodes"], out_dir)
     return out
+
+
+def checkpoint_model_name(path: str | Path) -> str:
+    """``model.name`` in a checkpoint's config, read lazily (the weights are not loaded)."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - missing, legacy or unreadable: the full reader names the problem
+        state = ckpt.load(path)
+    return str(((state.get("config") or {}).get("model") or {}).get("name", ""))
