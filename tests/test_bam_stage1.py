@@ -144,3 +144,25 @@ def test_stage2_refuses_missing_or_incompatible_stage1_checkpoint(root, tmp_path
     diffs = stage1_differences(stage1, cfg)
     assert any(d.startswith("fold: checkpoint has 0, this run needs 3") for d in diffs)
     assert any(d.startswith("backbone: checkpoint has 'tiny'") for d in diffs)
+
+
+def test_fit_base_killed_and_resumed_ends_with_the_same_weights(root, tmp_path):
+    def run(name, stop=None, resume=None):
+        cfg = base_cfg(root, tmp_path, "train.val_every=0", "train.steps_per_epoch=3", "train.batch_size=2",
+                       *([f"train.stop_after_steps={stop}"] if stop else []))
+        torch.manual_seed(0)
+        model = create_model("bam_base", backbone=TinyBackbone(), backbone_mode="train", hidden=16, **model_kwargs(cfg))
+        train = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="train", train_crop=48)
+        state = ckpt.load(tmp_path / resume / "last.pt") if resume else None
+        res = fit_base(cfg, model, train, run_dir=tmp_path / (resume or name), describe=describe(model, cfg),
+                       resume_state=state)
+        return res, model
+
+    full, full_model = run("full")
+    part, _ = run("killed", stop=1)
+    assert part.status == "interrupted" and part.step == 1
+    assert ckpt.load(tmp_path / "killed" / "last.pt")["status"] == "interrupted"
+    resumed, resumed_model = run(None, resume="killed")
+    assert resumed.status == "finished" and resumed.step == full.step == 3
+    for (k, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -201,13 +201,7 @@ def _read_stage1(cfg: ExperimentConfig, *, mmap: bool) -> tuple[Path, dict]:
             f"model.base_checkpoint: {path} does not exist. BAM's stage 2 needs the stage-1 base learner of "
             f"fold {cfg.fold}: run `svfseg train --config configs/{cfg.data.benchmark}/bam_base_<backbone>.yaml "
             f"fold={cfg.fold}` first, or point model.base_checkpoint at its best.pt")
-    if mmap:
-        try:  # lazy tensors: the check reads the metadata without loading the weights
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - e.g. a legacy (non-zip) file: read it fully
-            state = ckpt.load(path)
-    else:
-        state = ckpt.load(path)
+    state = ckpt.peek(path) if mmap else ckpt.load(path)  # peek: lazy tensors, only the metadata is read
     if not isinstance(state, dict) or "model" not in state or "describe" not in state:
         raise ckpt.CheckpointMismatch(f"{path}: not an svfseg training checkpoint (no model/describe entries)")
     diffs = stage1_differences(state, cfg)
@@ -754,8 +748,5 @@ def score_generalized(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = 
 
 def checkpoint_model_name(path: str | Path) -> str:
     """``model.name`` in a checkpoint's config, read lazily (the weights are not loaded)."""
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - missing, legacy or unreadable: the full reader names the problem
-        state = ckpt.load(path)
+    state = ckpt.peek(path)
     return str(((state.get("config") or {}).get("model") or {}).get("name", ""))
