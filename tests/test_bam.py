@@ -191,3 +191,15 @@ def test_both_stages_on_efficientnet_lite0_at_65px():
     assert out.logits.shape == (2, 2, 65, 65)
     (out.logits.logsumexp(1).mean() + out.aux_logits[0].logsumexp(1).mean()).backward()
     assert all(p.grad is not None for _, p in singular_value_parameters(model.backbone))
+
+
+def test_bf16_autocast_keeps_psi_in_float32():
+    model = stage2("svf", 2, stage1().state_dict())
+    q, s, m = episode(b=2, k=2, size=(41, 41))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(q, s, m, class_ids=[6, 7])
+        parts = model.forward_parts(q, s, m, class_ids=[6, 7])
+    assert out.logits.shape == (2, 2, 41, 41) and torch.isfinite(out.logits.float()).all()
+    assert parts.psi.dtype == torch.float32
+    torch.testing.assert_close(parts.psi, model.forward_parts(q, s, m, class_ids=[6, 7]).psi, rtol=1e-4, atol=1e-5)
+    out.logits.float().logsumexp(1).mean().backward()

@@ -50,7 +50,8 @@ def gram_discrepancy(query_feat: torch.Tensor, support_feat: torch.Tensor) -> to
         support_feat: Support features (B, K, C, hs, ws).
 
     Returns:
-        (B, K) discrepancies.
+        (B, K) discrepancies, float32 (computed outside autocast: psi is a small difference of
+        large sums, which half precision would swamp).
     """
     b, k, c = support_feat.shape[:3]
     if query_feat.shape[:2] != (b, c):
@@ -58,9 +59,10 @@ def gram_discrepancy(query_feat: torch.Tensor, support_feat: torch.Tensor) -> to
             f"gram_discrepancy: query features {tuple(query_feat.shape)} do not match support features "
             f"{tuple(support_feat.shape)} in batch size or channels"
         )
-    g_q = gram_matrix(query_feat).unsqueeze(1)
-    g_s = gram_matrix(support_feat.flatten(0, 1)).reshape(b, k, c, c)
-    return (g_q - g_s).flatten(2).norm(dim=2) / float(c)
+    with torch.autocast(device_type=query_feat.device.type, enabled=False):
+        g_q = gram_matrix(query_feat.float()).unsqueeze(1)
+        g_s = gram_matrix(support_feat.flatten(0, 1).float()).reshape(b, k, c, c)
+        return (g_q - g_s).flatten(2).norm(dim=2) / float(c)
 
 
 def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
