@@ -201,5 +201,6 @@ def test_bf16_autocast_keeps_psi_in_float32():
         parts = model.forward_parts(q, s, m, class_ids=[6, 7])
     assert out.logits.shape == (2, 2, 41, 41) and torch.isfinite(out.logits.float()).all()
     assert parts.psi.dtype == torch.float32
-    torch.testing.assert_close(parts.psi, model.forward_parts(q, s, m, class_ids=[6, 7]).psi, rtol=1e-4, atol=1e-5)
+    # bf16 features, float32 Gram: psi stays within 2% of the full-precision value
+    torch.testing.assert_close(parts.psi, model.forward_parts(q, s, m, class_ids=[6, 7]).psi, rtol=2e-2, atol=1e-4)
     out.logits.float().logsumexp(1).mean().backward()
