@@ -52,6 +52,15 @@ def test_two_stage_run_writes_both_checkpoints_and_results(tmp_path, capsys):
     out = capsys.readouterr().out
     results = list(stage2.glob("test_*/results.json"))
     assert results and json.loads(results[0].read_text())["model"] == "bam", out
+    unmerged = json.loads(results[0].read_text())["summary"]
+
+    merged = tmp_path / "merged.pt"  # SVF folded back into the meta backbone; the base learner is untouched
+    assert main(["merge", "--checkpoint", str(stage2 / "best.pt"), "--out", str(merged)]) == 0
+    assert main(["test", "--checkpoint", str(merged), "eval.num_episodes=4", "eval.seeds=[0]",
+                 "--out", str(tmp_path / "merged_test")]) == 0
+    merged_summary = json.loads((tmp_path / "merged_test" / "results.json").read_text())["summary"]
+    for key in ("miou", "fb_iou"):
+        assert merged_summary[key]["mean"] == pytest.approx(unmerged[key]["mean"], abs=1e-6)
 
     assert main(["test", "--checkpoint", str(stage2 / "best.pt"), "--generalized", "eval.num_episodes=6"]) == 0
     gen = json.loads((stage2 / "test_generalized_1shot" / "results.json").read_text())
