@@ -8,6 +8,9 @@ import torch
 from PIL import Image
 
 from svfseg.cli import main
+from test_engine_toys import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pfenet_efficientnet_lite0.yaml"
 SIZE = 64
@@ -112,6 +115,33 @@ def test_kill_and_resume_through_cli(data_root, tmp_path):
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_select_on_heldout_base_classes(data_root, tmp_path):
+    assert main(["train", *tiny(data_root, tmp_path, "sel", "svf.enabled=false", "train.epochs=1",
+                                "train.select_on=base_heldout")]) == 0
+    from svfseg.data.episodes import EpisodeList
+    from svfseg.data.splits import class_split
+
+    eps = EpisodeList.load(tmp_path / "sel" / "val_episodes_base_heldout.json")
+    base0 = set(class_split("synthetic", 0).base)
+    assert eps.split == "val" and {e.class_id for e in eps.episodes} <= base0  # never a test-fold class
+    best = torch.load(tmp_path / "sel" / "best.pt", weights_only=True)
+    assert best["metrics"]["on"] == "base_heldout"
+
+
+def test_torchrun_two_processes(data_root, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "svfseg", "train", *tiny(data_root, tmp_path, "ddp", "svf.enabled=false", "train.epochs=1",
+                                         "train.val_every=0")]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["rng_per_rank"]) == 2
 
 
 def test_config_errors_name_the_key(data_root, tmp_path, capsys):

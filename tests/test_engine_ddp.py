@@ -2,6 +2,7 @@
 sharded evaluation reduces to exactly the single-process sums."""
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -9,7 +10,9 @@ import torch.multiprocessing as mp
 from svfseg.engine.distributed import DistInfo
 from svfseg.engine.evaluate import evaluate
 from svfseg.engine.train import ValSet, fit
-from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
+from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, one_thread, toy_config  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:

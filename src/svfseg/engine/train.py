@@ -131,6 +131,8 @@ def fit(
     info = info or DistInfo(device=resolve_device(cfg.device))
     device = info.device
     run_dir = Path(run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     tc, oc = cfg.train, cfg.optim
     # Dropout and other in-model randomness use the global torch RNG: seed it per process and
     # carry its state in checkpoints so a resumed run draws the same numbers.
