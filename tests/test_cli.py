@@ -29,6 +29,7 @@ def tiny(root, out, name, *extra):
     return ["--config", str(RECIPE), f"data.root={root}", f"output_dir={out}", f"name={name}",
             f"data.train_crop={SIZE}", f"data.test_size={SIZE}", "train.epochs=2", "train.steps_per_epoch=2",
             "train.batch_size=2", "train.val_episodes=4", "train.progress=false", "train.log_every=1",
+            "train.val_every=1", "train.select_on=test_fold",
             "svf.stages=[layer2]", *extra]
 
 

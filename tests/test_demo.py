@@ -30,3 +30,18 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # a second run reuses the cached data and replaces its own previous outputs
     assert main(["demo", "--quick", "--root", str(tmp_path / "data"), "--out", str(out), "--steps", "1"]) == 0
     assert json.loads((out / "demo_results.json").read_text())["plan"]["steps"] == 1
+
+
+def test_demo_trains_the_synthetic_recipes(tmp_path):
+    from pathlib import Path
+
+    from svfseg.config import load_config
+    from svfseg.demo import FULL, demo_overrides, run_overrides
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
+    for head in ("pfenet", "baseline"):
+        for regime in ("frozen", "svf"):
+            demo = load_config(None, demo_overrides(FULL, tmp_path / "d", tmp_path / "o", head, regime))
+            recipe = load_config(configs / f"{head}_efficientnet_lite0.yaml",
+                                 run_overrides(tmp_path / "d", tmp_path / "o", regime))
+            assert demo == recipe, (head, regime)

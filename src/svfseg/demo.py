@@ -42,18 +42,29 @@ QUICK = DemoPlan(n_train=120, n_val=60, image_size=64, steps=3, batch_size=2, ev
 
 
 def demo_overrides(plan: DemoPlan, root: Path, out: Path, head: str, regime: str, seed: int = 0) -> list[str]:
-    """The config of one demo run as dotlist overrides over the defaults (mirrored by configs/synthetic/)."""
+    """The config of one demo run as dotlist overrides over the defaults.
+
+    With the FULL plan this is exactly ``configs/synthetic/<head>_efficientnet_lite0.yaml`` plus
+    the run-specific keys of :func:`run_overrides` (a test keeps the two in step).
+    """
     return [
-        f"name={regime}", f"output_dir={out}", "fold=0", "shot=1", f"seed={seed}", "device=cpu",
-        "data.benchmark=synthetic", f"data.root={root}", f"data.train_crop={plan.image_size}",
-        f"data.test_size={plan.image_size}", "data.train_scale=[0.9, 1.1]", "data.workers=0",
+        "fold=0", "shot=1", "device=auto",
+        "data.benchmark=synthetic", f"data.train_crop={plan.image_size}", f"data.test_size={plan.image_size}",
+        "data.train_scale=[0.9, 1.1]", "data.protocol=dagger", "data.workers=0",
         f"model.name={head}", "model.backbone=efficientnet_lite0", "model.weights=imagenet",
-        f"svf.enabled={str(regime == 'svf').lower()}",
+        "svf.enabled=true", "svf.stages=[layer2, layer3, layer4]",
         "optim.lr=0.005", "optim.lr_mult={head: 10.0, svf: 1.0, backbone: 1.0}",
         "train.epochs=1", f"train.steps_per_epoch={plan.steps}", f"train.batch_size={plan.batch_size}",
         "train.val_every=0", "train.select_on=last", "train.log_every=5", "train.tensorboard=true",
-        "eval.batch_size=8",
+        "eval.protocol=hsnet", "eval.batch_size=8",
+        *run_overrides(root, out, regime, seed),
     ]
+
+
+def run_overrides(root: Path, out: Path, regime: str, seed: int = 0) -> list[str]:
+    """What differs between the two demo runs and between machines: names, folders, regime, seed."""
+    return [f"name={regime}", f"output_dir={out}", f"data.root={root}", f"seed={seed}",
+            f"svf.enabled={str(regime == 'svf').lower()}"]
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -115,6 +126,7 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", see
     from svfseg.config import load_config
     from svfseg.data.synthetic import generate_synthetic
     from svfseg.engine.data import eval_dataset, novel_classes, train_dataset
+    from svfseg.engine.distributed import resolve_device
     from svfseg.engine.evaluate import evaluate
     from svfseg.engine.model import build_model, describe
     from svfseg.engine.run import write_run_metadata
@@ -154,7 +166,7 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", see
         res = fit(cfg, model, train_set, run_dir=run_dir, describe=describe(model, cfg))
         print(f"  trained in {res.seconds:.0f}s; evaluating on the {len(eval_ds)} episodes", flush=True)
         t = time.perf_counter()
-        scores = evaluate(model, eval_ds, class_ids=classes, device=torch.device("cpu"), batch_size=8,
+        scores = evaluate(model, eval_ds, class_ids=classes, device=resolve_device(cfg.device), batch_size=8,
                           progress=True, desc=f"test {regime}", vis_dir=run_dir / "vis", num_vis=plan.vis)
         t_eval = time.perf_counter() - t
         rows[regime] = _row(model, regime, run_dir, trainable, res.seconds, t_eval, scores)
