@@ -18,6 +18,7 @@ def test_dotlist_overrides_yaml_and_defaults(tmp_path):
     # lr_mult merges key by key: head from the recipe, svf/backbone from the defaults
     assert cfg.optim.lr_mult == {"head": 5.0, "svf": 1.0, "backbone": 1.0}
     assert cfg.optim.momentum == 0.9  # default untouched
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4  # YAML 1.1 would read "1e-4" as a string
 
 
 def test_unknown_key_names_closest_valid_key():

@@ -191,3 +191,15 @@ def test_amp_modes_train(tmp_path, amp):
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     state = ckpt.load(tmp_path / f"amp_{amp}" / "last.pt")
     assert state["scaler"]["scale"] if amp == "fp16" else True  # fp16 keeps a loss-scaler state to resume
+
+
+def test_grad_clip_limits_the_update(tmp_path):
+    def change(name, *extra):
+        torch.manual_seed(0)
+        m0 = ToyFewShot(dropout=0.0).state_dict()
+        _, m = _fit(tmp_path, name, "train.epochs=1", "train.steps_per_epoch=1", *extra,
+                    model=ToyFewShot(dropout=0.0), val=False)
+        return sum((m.state_dict()[k] - m0[k]).abs().sum() for k in m0)
+
+    free, clipped = change("free"), change("clip", "optim.grad_clip=1e-4")
+    assert 0 < clipped < free / 10
