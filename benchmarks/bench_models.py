@@ -1,13 +1,18 @@
 """Few-shot model costs: training step time / peak memory per backbone regime, eval throughput.
 
 PFENet + ResNet-50 deep stem (output stride 8), 1 x 3 x 473 x 473, 1-shot, random weights.
-Every measurement runs in its own subprocess (clean peak memory); configurations are
-interleaved round by round so load on a shared machine hits them alike; medians reported.
+
+Two kinds of measurement:
+- isolated rows: each configuration in its own subprocess (clean peak memory: RSS on CPU,
+  max allocated on CUDA), rounds interleaved so machine load hits all configurations alike;
+- paired groups: the configurations being compared live in ONE subprocess and take turns
+  step by step (order flipped every round), so the ratios (the targets) do not depend on
+  load drifting between subprocesses. Ratios are medians of per-round ratios.
 
 Targets: SVF training step <= 1.0x the full fine-tune step; merged-SVF eval within 3% of
 frozen-backbone eval.
 
-    python benchmarks/bench_models.py [--quick] [--device cpu|cuda] [--json out.json]
+    python benchmarks/bench_models.py [--quick] [--device cpu|cuda] [--json out.json] [--threads N]
     python benchmarks/bench_models.py --models pfenet,bam   # rows for more registered models
 """
 
@@ -41,18 +46,27 @@ class Row:
         return f"{self.model} {self.task} {mode}{extra}"
 
 
-def default_rows(models: list[str]) -> list[Row]:
-    """Rows measured for each model name (add models with --models)."""
-    rows = []
-    for m in models:
-        rows += [Row(m, "train", mode) for mode in ("frozen", "svf", "train")]
-        rows += [
-            Row(m, "eval", "frozen"),
-            Row(m, "eval", "frozen", batch_backbone=False),
-            Row(m, "eval", "svf"),
-            Row(m, "eval", "svf", merged=True),
-        ]
-    return rows
+def default_rows(model: str) -> list[Row]:
+    """Isolated rows measured for one model name (add models with --models)."""
+    return [Row(model, "train", mode) for mode in ("frozen", "svf", "train")] + [
+        Row(model, "eval", "frozen"),
+        Row(model, "eval", "frozen", batch_backbone=False),
+        Row(model, "eval", "svf"),
+        Row(model, "eval", "svf", merged=True),
+    ]
+
+
+def default_pairs(model: str) -> dict[str, list[Row]]:
+    """Groups timed turn by turn in one process; the first row of a group is the reference."""
+    return {
+        f"{model} train": [Row(model, "train", "train"), Row(model, "train", "svf"), Row(model, "train", "frozen")],
+        f"{model} eval": [
+            Row(model, "eval", "frozen"),
+            Row(model, "eval", "svf", merged=True),
+            Row(model, "eval", "svf"),
+            Row(model, "eval", "frozen", batch_backbone=False),
+        ],
+    }
 
 
 # -- worker (runs in a subprocess) -------------------------------------------------------------
@@ -75,23 +89,20 @@ def _loss(out, target):
     return loss
 
 
-def worker(spec: dict) -> dict:
-    """Build one model, time ``steps`` iterations after one warm-up, return the figures."""
+def _make_step(row: Row, spec: dict):
+    """Build the model of ``row``; return (one-iteration callable, trainable parameter count)."""
     import torch
 
     from svfseg.models import create_model, export_merged
 
-    row = Row(**spec["row"])
-    device, size, steps = spec["device"], spec["size"], spec["steps"]
+    device, size = spec["device"], spec["size"]
     torch.manual_seed(0)
-    t0 = time.perf_counter()
     model = create_model(
         row.model, backbone="resnet50_deep", backbone_mode=row.backbone_mode, batch_backbone=row.batch_backbone
     )
     if row.merged:
         model = export_merged(model, inplace=True)
     model.to(device)
-    build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     query = torch.randn(1, 3, size, size, generator=gen).to(device)
     supports = torch.randn(1, 1, 3, size, size, generator=gen).to(device)
@@ -104,122 +115,145 @@ def worker(spec: dict) -> dict:
         groups = [{"params": g["params"], "lr": 1e-3 * g["lr_mult"]} for g in model.parameter_groups()]
         opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9, weight_decay=1e-4)
 
-        def step():
+        def run():
             opt.zero_grad(set_to_none=True)
             _loss(model(query, supports, masks), target).backward()
             opt.step()
     else:
         model.eval()
 
-        def step():
+        def run():
             with torch.no_grad():
                 model(query, supports, masks)
 
-    times = []
-    for i in range(steps + 1):
+    def step() -> tuple[float, float]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
+        t, c = time.perf_counter(), time.process_time()
+        run()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        if i > 0:  # first iteration is warm-up (allocator, weight caches)
-            times.append(time.perf_counter() - t)
+        return time.perf_counter() - t, time.process_time() - c
+
+    return step, trainable
+
+
+def worker(spec: dict) -> dict:
+    """Build the given rows, warm each up once, then time ``steps`` turns of each."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    rows = [Row(**r) for r in spec["rows"]]
+    steps, trainable = [], []
+    for row in rows:
+        step, n = _make_step(row, spec)
+        step()  # warm-up: allocator, oneDNN primitives, SVD weight caches
+        steps.append(step)
+        trainable.append(n)
+    wall: list[list[float]] = [[] for _ in rows]
+    cpu: list[list[float]] = [[] for _ in rows]
+    for rnd in range(spec["steps"]):
+        order = range(len(rows)) if rnd % 2 == 0 else reversed(range(len(rows)))
+        for i in order:
+            w, c = steps[i]()
+            wall[i].append(w)
+            cpu[i].append(c)
     return {
-        "row": asdict(row),
-        "times_s": times,
-        "peak_mb": _peak_memory_mb(device),
-        "build_s": build_s,
+        "rows": [asdict(r) for r in rows],
+        "wall_s": wall,
+        "cpu_s": cpu,
         "trainable_params": trainable,
+        "peak_mb": _peak_memory_mb(spec["device"]),
         "threads": torch.get_num_threads(),
     }
 
 
 # -- parent ------------------------------------------------------------------------------------
-def run_row(row: Row, args) -> dict:
-    spec = {"row": asdict(row), "device": args.device, "size": args.size, "steps": args.steps}
+def run_worker(rows: list[Row], steps: int, args) -> dict:
+    spec = {
+        "rows": [asdict(r) for r in rows],
+        "device": args.device,
+        "size": args.size,
+        "steps": steps,
+        "threads": args.threads,
+    }
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"worker for {row.label} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"worker for {[r.label for r in rows]} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def summarise(results: dict[Row, list[dict]]) -> list[dict]:
+def primary_metric(device: str) -> str:
+    """CPU time on a CPU device (robust to time-slicing on a shared machine), else wall time."""
+    return "cpu_s" if device == "cpu" else "wall_s"
+
+
+def summarise_rows(results: dict[Row, list[dict]], metric: str) -> list[dict]:
     out = []
     for row, runs in results.items():
-        times = [t for r in runs for t in r["times_s"]]
+        times = [t for r in runs for t in r[metric][0]]
+        wall = [t for r in runs for t in r["wall_s"][0]]
         med = statistics.median(times)
         out.append(
             {
                 **asdict(row),
                 "label": row.label,
+                "metric": metric,
                 "median_s": med,
                 "min_s": min(times),
+                "wall_median_s": statistics.median(wall),
                 "per_s": 1.0 / med,
                 "peak_mb": max(r["peak_mb"] for r in runs),
-                "trainable_params": runs[0]["trainable_params"],
+                "trainable_params": runs[0]["trainable_params"][0],
                 "samples": len(times),
             }
         )
     return out
 
 
-def ratios(rows: list[dict]) -> dict[str, float]:
-    by = {(r["model"], r["task"], r["backbone_mode"], r["merged"], r["batch_backbone"]): r for r in rows}
+def summarise_pair(name: str, result: dict, metric: str) -> dict:
+    rows = [Row(**r) for r in result["rows"]]
+    ref, ref_wall = result[metric][0], result["wall_s"][0]
+    out = {"group": name, "reference": rows[0].label, "metric": metric, "rows": []}
+    for row, times, wall in zip(rows, result[metric], result["wall_s"]):
+        out["rows"].append(
+            {
+                "label": row.label,
+                "median_s": statistics.median(times),
+                "min_s": min(times),
+                "ratio_to_reference": statistics.median([t / r for t, r in zip(times, ref)]),
+                "wall_ratio_to_reference": statistics.median([t / r for t, r in zip(wall, ref_wall)]),
+            }
+        )
+    return out
+
+
+def targets(pairs: list[dict]) -> dict[str, dict]:
+    """The two stated targets, read from the paired groups."""
     found = {}
-    for model in sorted({r["model"] for r in rows}):
-        svf, full = by.get((model, "train", "svf", False, True)), by.get((model, "train", "train", False, True))
-        if svf and full:
-            found[f"{model}: svf step / full fine-tune step (target <= 1.0)"] = svf["median_s"] / full["median_s"]
-        merged, frozen = by.get((model, "eval", "svf", True, True)), by.get((model, "eval", "frozen", False, True))
-        if merged and frozen:
-            found[f"{model}: merged eval time / frozen eval time (target within 3%)"] = (
-                merged["median_s"] / frozen["median_s"]
-            )
-        unmerged = by.get((model, "eval", "svf", False, True))
-        if unmerged and frozen:
-            found[f"{model}: unmerged svf eval time / frozen eval time"] = unmerged["median_s"] / frozen["median_s"]
-        separate = by.get((model, "eval", "frozen", False, False))
-        if separate and frozen:
-            found[f"{model}: batched q+s backbone eval time / separate passes"] = (
-                frozen["median_s"] / separate["median_s"]
-            )
+    for group in pairs:
+        by = {r["label"]: r for r in group["rows"]}
+        model = group["group"].split()[0]
+        svf = by.get(f"{model} train svf")
+        if svf and group["reference"] == f"{model} train train":
+            ratio = svf["ratio_to_reference"]
+            found[f"{model}: svf step / full fine-tune step"] = {"value": ratio, "target": "<= 1.0", "met": ratio <= 1.0}
+        merged = by.get(f"{model} eval svf-merged")
+        if merged and group["reference"] == f"{model} eval frozen":
+            ratio = merged["ratio_to_reference"]
+            found[f"{model}: merged eval / frozen eval"] = {
+                "value": ratio,
+                "target": "within 3%",
+                "met": abs(ratio - 1.0) <= 0.03,
+            }
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 round, 1 timed step each, 257 px input")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    parser.add_argument("--models", default="pfenet", help="comma-separated registered model names")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one subprocess per row each)")
-    parser.add_argument("--steps", type=int, default=2, help="timed iterations per subprocess (after 1 warm-up)")
-    parser.add_argument("--size", type=int, default=473, help="input side in pixels")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
-    if args.quick:
-        args.rounds, args.steps, args.size = 1, 1, 257
-    rows = default_rows([m.strip() for m in args.models.split(",") if m.strip()])
-    results: dict[Row, list[dict]] = {row: [] for row in rows}
-    for rnd in range(args.rounds):
-        for row in rows:
-            results[row].append(run_row(row, args))
-            r = results[row][-1]
-            print(
-                f"round {rnd + 1}/{args.rounds} {row.label:<45} "
-                f"{statistics.median(r['times_s']) * 1e3:9.0f} ms  peak {r['peak_mb']:7.0f} MB",
-                file=sys.stderr,
-                flush=True,
-            )
-    table = summarise(results)
-    found = ratios(table)
-    machine = {
+def machine_info(args) -> dict:
+    info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -227,26 +261,92 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
     }
     try:
-        import torch
-
-        machine["torch"] = torch.__version__
-        machine["threads"] = torch.get_num_threads()
-        if args.device.startswith("cuda"):
-            machine["gpu"] = torch.cuda.get_device_name(args.device)
-    except Exception:  # noqa: BLE001 - the table is still useful without these fields
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    except OSError:
         pass
-    print(f"\nPFENet-style few-shot models, ResNet-50 deep stem OS8, 1 x 3 x {args.size}^2, 1-shot, {args.device}")
-    print(f"{'configuration':<47}{'median ms':>11}{'min ms':>9}{'per s':>8}{'peak MB':>9}{'trainable':>12}")
+    import torch
+
+    info["torch"] = torch.__version__
+    info["threads"] = args.threads or torch.get_num_threads()
+    if args.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(args.device)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 round, 1-2 timed steps, 257 px input")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--models", default="pfenet", help="comma-separated registered model names")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of isolated rows")
+    parser.add_argument("--steps", type=int, default=2, help="timed iterations per isolated subprocess")
+    parser.add_argument("--pair-steps", type=int, default=6, help="timed turns per configuration in paired groups")
+    parser.add_argument("--size", type=int, default=473, help="input side in pixels")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.quick:
+        args.rounds, args.steps, args.pair_steps, args.size = 1, 1, 2, 257
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    metric = primary_metric(args.device)
+
+    rows = [row for m in models for row in default_rows(m)]
+    results: dict[Row, list[dict]] = {row: [] for row in rows}
+    for rnd in range(args.rounds):
+        for row in rows:
+            r = run_worker([row], args.steps, args)
+            results[row].append(r)
+            print(
+                f"round {rnd + 1}/{args.rounds} {row.label:<45} "
+                f"{statistics.median(r[metric][0]) * 1e3:9.0f} ms ({metric})  peak {r['peak_mb']:7.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
+    table = summarise_rows(results, metric)
+    pairs = []
+    for m in models:
+        for name, group in default_pairs(m).items():
+            pairs.append(summarise_pair(name, run_worker(group, args.pair_steps, args), metric))
+            print(f"paired group {name} done", file=sys.stderr, flush=True)
+    found = targets(pairs)
+    machine = machine_info(args)
+
+    what = "CPU time per step (process_time)" if metric == "cpu_s" else "wall time per step"
+    print(
+        f"\nFew-shot models, ResNet-50 deep stem OS8, 1 x 3 x {args.size}^2, 1-shot, {args.device}, "
+        f"{machine['threads']} thread(s); {what}; isolated: {args.rounds} round(s) x {args.steps} step(s)"
+    )
+    print(
+        f"{'configuration (isolated subprocess)':<47}{'median ms':>11}{'min ms':>9}{'wall ms':>9}{'per s':>8}"
+        f"{'peak MB':>9}{'trainable':>12}"
+    )
     for r in table:
         print(
-            f"{r['label']:<47}{r['median_s'] * 1e3:11.0f}{r['min_s'] * 1e3:9.0f}{r['per_s']:8.2f}"
-            f"{r['peak_mb']:9.0f}{r['trainable_params']:12,d}"
+            f"{r['label']:<47}{r['median_s'] * 1e3:11.0f}{r['min_s'] * 1e3:9.0f}{r['wall_median_s'] * 1e3:9.0f}"
+            f"{r['per_s']:8.2f}{r['peak_mb']:9.0f}{r['trainable_params']:12,d}"
         )
+    for group in pairs:
+        print(f"\npaired ({args.pair_steps} turns each, one process): {group['group']}, reference {group['reference']}")
+        print(f"{'configuration':<47}{'median ms':>11}{'min ms':>9}{'ratio':>8}{'wall ratio':>11}")
+        for r in group["rows"]:
+            print(
+                f"{r['label']:<47}{r['median_s'] * 1e3:11.0f}{r['min_s'] * 1e3:9.0f}"
+                f"{r['ratio_to_reference']:8.3f}{r['wall_ratio_to_reference']:11.3f}"
+            )
+    print()
     for k, v in found.items():
-        print(f"{k}: {v:.3f}")
+        print(f"{k}: {v['value']:.3f} (target {v['target']}: {'met' if v['met'] else 'NOT met'})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "rows": table, "ratios": found}, f, indent=2)
+            json.dump({"machine": machine, "args": vars(args), "rows": table, "pairs": pairs, "targets": found}, f,
+                      indent=2)
     return 0
 
 

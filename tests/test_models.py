@@ -154,7 +154,11 @@ def test_resize_is_identity_at_same_size():
 
 @pytest.mark.parametrize(
     "size,expected",
-    [((60, 60), [(60, 60), (30, 30), (15, 15), (8, 8)]), ((9, 5), [(9, 5), (5, 3), (2, 1), (1, 1)]), ((1, 1), [(1, 1)] * 4)],
+    [
+        ((60, 60), [(60, 60), (30, 30), (15, 15), (8, 8)]),
+        ((9, 5), [(9, 5), (5, 3), (2, 1), (1, 1)]),
+        ((1, 1), [(1, 1)] * 4),
+    ],
 )
 def test_pfenet_scales_are_relative_with_min_one(size, expected):
     assert [scale_size(s, size) for s in (1.0, 0.5, 0.25, 8 / 60)] == expected

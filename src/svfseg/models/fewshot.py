@@ -283,11 +283,13 @@ def check_episode_shapes(query_img: torch.Tensor, support_imgs: torch.Tensor, su
         )
     if support_imgs.shape[1] < 1 or support_imgs.shape[1] != support_masks.shape[1]:
         raise ValueError(
-            f"shots differ or are zero: support_imgs K={support_imgs.shape[1]}, support_masks K={support_masks.shape[1]}"
+            f"shots differ or are zero: support_imgs K={support_imgs.shape[1]}, "
+            f"support_masks K={support_masks.shape[1]}"
         )
     if support_imgs.shape[-2:] != support_masks.shape[-2:]:
         raise ValueError(
-            f"support_imgs size {tuple(support_imgs.shape[-2:])} != support_masks size {tuple(support_masks.shape[-2:])}"
+            f"support_imgs size {tuple(support_imgs.shape[-2:])} != "
+            f"support_masks size {tuple(support_masks.shape[-2:])}"
         )
     if support_imgs.shape[2] != query_img.shape[1]:
         raise ValueError(f"channels differ: query_img {query_img.shape[1]}, support_imgs {support_imgs.shape[2]}")
