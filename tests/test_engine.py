@@ -196,9 +196,9 @@ def test_amp_modes_train(tmp_path, amp):
 def test_grad_clip_limits_the_update(tmp_path):
     def change(name, *extra):
         torch.manual_seed(0)
-        m0 = ToyFewShot(dropout=0.0).state_dict()
-        _, m = _fit(tmp_path, name, "train.epochs=1", "train.steps_per_epoch=1", *extra,
-                    model=ToyFewShot(dropout=0.0), val=False)
+        model = ToyFewShot(dropout=0.0)
+        m0 = {k: v.clone() for k, v in model.state_dict().items()}
+        _, m = _fit(tmp_path, name, "train.epochs=1", "train.steps_per_epoch=1", *extra, model=model, val=False)
         return sum((m.state_dict()[k] - m0[k]).abs().sum() for k in m0)
 
     free, clipped = change("free"), change("clip", "optim.grad_clip=1e-4")
