@@ -176,3 +176,11 @@ def test_fit_base_killed_and_resumed_ends_with_the_same_weights(root, tmp_path):
     assert resumed.status == "finished" and resumed.step == full.step == 3
     for (k, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_fit_base_refuses_one_image_per_batch_when_bn_trains(root, tmp_path):
+    cfg = base_cfg(root, tmp_path, "train.batch_size=1")
+    model = create_model("bam_base", backbone=TinyBackbone(), backbone_mode="train", hidden=16, **model_kwargs(cfg))
+    train = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="train", train_crop=48)
+    with pytest.raises(ValueError, match="needs >= 2 images per process"):
+        fit_base(cfg, model, train, run_dir=tmp_path / "one", describe=describe(model, cfg))

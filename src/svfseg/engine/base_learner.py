@@ -377,6 +377,12 @@ def fit_base(cfg: ExperimentConfig, model: nn.Module, train_set: Dataset, *, run
     """
     info = info or DistInfo(device=resolve_device(cfg.device))
     device, run_dir, tc, oc = info.device, Path(run_dir), cfg.train, cfg.optim
+    trains_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad
+                    for m in model.modules())
+    if trains_bn and tc.batch_size // info.world_size < 2:
+        raise ValueError(f"train.batch_size={tc.batch_size} over {info.world_size} process(es) leaves "
+                         f"{tc.batch_size // info.world_size} image per process: the base learner trains BatchNorm "
+                         f"(its PPM pools to 1x1), which needs >= 2 images per process")
     torch.manual_seed(cfg.seed + info.rank)  # dropout; its state travels in the checkpoints
     model = sync_trainable_batchnorm(model.to(device), info)
     optimizer, _ = build_optimizer(model, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
