@@ -25,7 +25,7 @@ from svfseg.engine.base_learner import (
 )
 from svfseg.engine.model import describe
 from svfseg.models import create_model
-from test_models import TinyBackbone, episode
+from test_models import TinyBackbone
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -105,7 +105,8 @@ def test_fit_base_writes_checkpoints_and_base_miou(root, tmp_path):
     assert res.status == "finished" and res.step == 2
     best = ckpt.load(run / "best.pt")
     assert best["describe"]["name"] == "bam_base" and best["describe"]["num_classes"] == 16
-    assert math.isfinite(best["metrics"]["miou"]) and set(best["metrics"]["per_class"]) == {str(c) for c in range(6, 21)}
+    assert math.isfinite(best["metrics"]["miou"])
+    assert set(best["metrics"]["per_class"]) == {str(c) for c in range(6, 21)}
     last = ckpt.load(run / "last.pt")
     assert last["status"] == "finished" and "optimizer" in last
     assert (run / "val_log.csv").read_text().count("base_val") == 1
@@ -142,7 +143,8 @@ def test_stage2_refuses_missing_or_incompatible_stage1_checkpoint(root, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(bam.base_learner(x), model(x))
     cfg.fold = 1  # fold 1's file was made for another class count and declares fold 1: only the count differs
-    with pytest.raises(ckpt.CheckpointMismatch, match=r"num_classes \(background \+ base\): checkpoint has 11, this run needs 16"):
+    msg = r"num_classes \(background \+ base\): checkpoint has 11, this run needs 16"
+    with pytest.raises(ckpt.CheckpointMismatch, match=msg):
         load_base_learner_state(cfg)
     with pytest.raises(ckpt.CheckpointMismatch, match="checkpoint has 11"):
         check_base_checkpoint(cfg)  # the fail-fast check (lazy read) finds the same

@@ -70,8 +70,9 @@ class SemanticBaseDataset(Dataset):
         transform: A :class:`TrainTransform` (train) or :class:`TestTransform` (eval).
     """
 
-    def __init__(self, index: ClassIndex, base_classes: Sequence[int], *, train: bool, keep: Sequence[int] | None = None,
-                 seed: int = 0, transform: TrainTransform | TestTransform | None = None):
+    def __init__(self, index: ClassIndex, base_classes: Sequence[int], *, train: bool,
+                 keep: Sequence[int] | None = None, seed: int = 0,
+                 transform: TrainTransform | TestTransform | None = None):
         self.index = index
         self.root = Path(index.root)
         self.base_classes = tuple(sorted(int(c) for c in base_classes))
@@ -85,7 +86,8 @@ class SemanticBaseDataset(Dataset):
         if transform is None:
             transform = TrainTransform(fg_keep=0.0, crop_tries=1) if train else TestTransform()
         if train != isinstance(transform, TrainTransform):
-            raise TypeError(f"SemanticBaseDataset(train={train}) needs a {'TrainTransform' if train else 'TestTransform'}, "
+            want = "TrainTransform" if train else "TestTransform"
+            raise TypeError(f"SemanticBaseDataset(train={train}) needs a {want}, "
                             f"got {type(transform).__name__}")
         self.transform = transform
 

@@ -84,7 +84,8 @@ class ConfusionMatrix:
         iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
         ids = list(class_ids) if class_ids is not None else list(range(1, self.num_classes))
         if len(ids) != self.num_classes - 1:
-            raise ValueError(f"ConfusionMatrix.compute: {len(ids)} class ids for {self.num_classes - 1} foreground channels")
+            raise ValueError(f"ConfusionMatrix.compute: {len(ids)} class ids for {self.num_classes - 1} "
+                             "foreground channels")
         fg = [v for v in iou[1:].tolist() if not math.isnan(v)]
         every = [v for v in iou.tolist() if not math.isnan(v)]
         bg_inter, bg_union = float(m[0, 0]), float(m[0].sum() + m[:, 0].sum() - m[0, 0])
@@ -137,7 +138,8 @@ def base_checkpoint_path(cfg: ExperimentConfig) -> Path:
     if not template:
         raise ValueError("model.base_checkpoint is not set: BAM (stage 2) needs the stage-1 base learner, e.g. "
                          "model.base_checkpoint=runs/<stage-1 run>/best.pt (train it with "
-                         f"`svfseg train --config configs/{cfg.data.benchmark}/bam_base_<backbone>.yaml fold={cfg.fold}`)")
+                         f"`svfseg train --config configs/{cfg.data.benchmark}/bam_base_<backbone>.yaml "
+                         f"fold={cfg.fold}`)")
     values = {"output_dir": cfg.output_dir, "benchmark": cfg.data.benchmark, "fold": cfg.fold,
               "backbone": cfg.model.backbone}
     try:
@@ -187,7 +189,8 @@ def stage1_differences(stage1: dict, cfg: ExperimentConfig) -> list[str]:
     want_os = dict(cfg.model.backbone_kwargs).get("output_stride")
     have_os = ((conf.get("model") or {}).get("backbone_kwargs") or {}).get("output_stride")
     if (want_os or 8) != (have_os or 8):
-        expected["model.backbone_kwargs.output_stride"], found["model.backbone_kwargs.output_stride"] = want_os or 8, have_os or 8
+        key = "model.backbone_kwargs.output_stride"
+        expected[key], found[key] = want_os or 8, have_os or 8
     if d.get("num_benchmark_classes") not in (None, num_classes(cfg.data.benchmark)):
         expected["num_benchmark_classes"] = num_classes(cfg.data.benchmark)
         found["num_benchmark_classes"] = d.get("num_benchmark_classes")
@@ -248,7 +251,8 @@ def semantic_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
 
     d = cfg.data
     if not Path(d.root).is_dir():
-        raise FileNotFoundError(f"data.root={d.root!r}: no such folder (prepare the dataset first or set data.root=...)")
+        raise FileNotFoundError(f"data.root={d.root!r}: no such folder (prepare the dataset first or set "
+                                "data.root=...)")
     return build_semantic_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, split=split, seed=cfg.seed,
                                   protocol=d.protocol, convention=d.convention, train_crop=d.train_crop,
                                   train_scale=d.train_scale, test_size=d.test_size)
@@ -621,7 +625,8 @@ def results_markdown(r: dict) -> str:
     lines = [f"# BAM base learner, {r['benchmark']} fold {r['fold']}", "",
              f"{r['images']} val images, original label size; novel classes count as background.", "",
              "| score | % |", "|---|---|",
-             f"| base-class mIoU | {100 * r['miou']:.2f} |", f"| mIoU with background | {100 * r['miou_with_background']:.2f} |",
+             f"| base-class mIoU | {100 * r['miou']:.2f} |",
+             f"| mIoU with background | {100 * r['miou_with_background']:.2f} |",
              f"| background IoU | {100 * r['bg_iou']:.2f} |", f"| FB-IoU | {100 * r['fb_iou']:.2f} |",
              f"| pixel accuracy | {100 * r['pixel_acc']:.2f} |", "", "| class | IoU % |", "|---|---|"]
     for k, v in r["per_class"].items():
@@ -657,8 +662,6 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
         ``miou_base``, ``miou_novel``, ``miou_total`` (means of per-class IoU over the base, the
         novel and all classes), ``per_class`` {benchmark id: IoU}, ``episodes``, ``tau``, ``seconds``.
     """
-    import torch.nn.functional as F
-
     from svfseg.data.splits import class_split
     from svfseg.engine.data import make_loader
     from svfseg.models.blocks import resize
@@ -688,10 +691,9 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
             size = batch["query_img"].shape[-2:]
             final, basel = resize(parts.final, size), resize(parts.base, size)
             for b, gt in enumerate(batch["query_label_orig"]):
-                h, w = (int(v) for v in batch["query_valid_hw"][b])
-                crop = lambda t: F.interpolate(t[b:b + 1, :, :h, :w].float(), size=tuple(gt.shape), mode="bilinear",  # noqa: E731
-                                               align_corners=False)
-                pred = generalized_prediction(crop(final), crop(basel), tau)[0].cpu()
+                hw, size0 = batch["query_valid_hw"][b], tuple(gt.shape)
+                pred = generalized_prediction(_at_label_size(final[b:b + 1], hw, size0),
+                                              _at_label_size(basel[b:b + 1], hw, size0), tau)[0].cpu()
                 k = slot[int(batch["class_id"][b])]
                 pred[pred == nb + 1] = k
                 target = gt.clone()
@@ -708,6 +710,15 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
     return {"miou_base": mean(vals(base)), "miou_novel": mean(vals(novel)), "miou_total": mean(vals(base + novel)),
             "per_class": per, "episodes": int(all_reduce_sum(torch.tensor([seen]), info).item()), "tau": tau,
             "seconds": time.perf_counter() - t0}
+
+
+def _at_label_size(x: torch.Tensor, valid_hw: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """Crop (1, C, H, W) maps to the un-padded extent and resize them bilinearly to the label size."""
+    import torch.nn.functional as F
+
+    h, w = int(valid_hw[0]), int(valid_hw[1])
+    return F.interpolate(x[:, :, :h, :w].float(), size=tuple(int(v) for v in size), mode="bilinear",
+                         align_corners=False)
 
 
 def score_generalized(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = None, *, tau: float = 0.9,
@@ -731,7 +742,8 @@ def score_generalized(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = 
     info = info or DistInfo()
     model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
     if cfg.model.name != BAM_MODEL:
-        raise ValueError(f"generalized evaluation needs a {BAM_MODEL!r} checkpoint; {checkpoint} holds {cfg.model.name!r}")
+        raise ValueError(f"generalized evaluation needs a {BAM_MODEL!r} checkpoint; {checkpoint} holds "
+                         f"{cfg.model.name!r}")
     d = cfg.data
     # eval.num_episodes caps the episode count (one per val image otherwise, as BAM).
     ds = build_generalized_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, seed=seed,

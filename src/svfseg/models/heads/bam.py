@@ -207,7 +207,9 @@ class BAM(ASPPBaseline):
                 nn.init.constant_(self.kshot_rw.weight, 1.0 / self.shot)
             else:
                 self.kshot_rw = nn.Sequential(
-                    nn.Conv2d(self.shot, self.kshot_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(self.kshot_dim, self.shot, 1)
+                    nn.Conv2d(self.shot, self.kshot_dim, 1),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(self.kshot_dim, self.shot, 1),
                 )
         self.train(self.training)
 
@@ -328,7 +330,8 @@ class BAM(ASPPBaseline):
         support_mid = self.down_supp(self.mid_level(support, size))
         fg = feats.support_fg.flatten(0, 1).unsqueeze(1)
         prototypes = masked_average_pool(support_mid, fg).reshape(b, k, self.reduce_dim, 1, 1)
-        priors = resize(prior_mask(feats.query[self.prior_stage], feats.support[self.prior_stage], feats.support_fg), size)
+        priors = prior_mask(feats.query[self.prior_stage], feats.support[self.prior_stage], feats.support_fg)
+        priors = resize(priors, size)
         psi_shots = gram_discrepancy(feats.query[self.gram_stage], feats.support[self.gram_stage])
         weights = self.shot_weights(psi_shots)
         prototype = (weights[:, :, None, None, None] * prototypes).sum(1)
