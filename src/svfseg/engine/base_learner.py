@@ -763,8 +763,3 @@ def score_generalized(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = 
                     _fmt_pct(r["miou_base"]), _fmt_pct(r["miou_total"]), r["episodes"], out_dir)
     return out
 
-
-def checkpoint_model_name(path: str | Path) -> str:
-    """``model.name`` in a checkpoint's config, read lazily (the weights are not loaded)."""
-    state = ckpt.peek(path)
-    return str(((state.get("config") or {}).get("model") or {}).get("name", ""))
