@@ -138,7 +138,7 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", see
     out.mkdir(parents=True, exist_ok=True)
     n = 5
     _stage(1, n, f"synthetic-5i at {root} ({plan.n_train} train + {plan.n_val} val images, {plan.image_size} px; "
-                 f"cached after the first run)")
+                 f"generated once, about a minute; reused afterwards)")
     t = time.perf_counter()
     generate_synthetic(root, seed=0, n_train=plan.n_train, n_val=plan.n_val, size=plan.image_size)
     t_data = time.perf_counter() - t
