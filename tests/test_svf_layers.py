@@ -282,3 +282,36 @@ def test_autocast_runs_and_stays_close():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = layer(x)
         assert _rel_err(out.float(), conv(x)) < 3e-2, mode
+
+
+@pytest.mark.parametrize("mode", ["reparam", "factorized"])
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 5, 5)),
+        (nn.Conv2d(4, 6, 3, padding=1), (4, 5, 5)),  # unbatched
+        (nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular"), (2, 3, 6)),
+        (nn.Linear(5, 4), (2, 3, 5)),
+    ],
+)
+def test_gradcheck_input_s_and_bias(mode, module, shape):
+    layer = svf_layer_from(module.double(), mode)
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_(True)
+    S = layer.S.detach().clone().requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+
+    def fn(x, S, bias):
+        return torch.func.functional_call(layer, {"S": S, "bias": bias}, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, S, bias))
+
+
+def test_factorized_training_without_input_grad_or_bias_grad():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    fac, rep = svf_layer_from(conv, "factorized"), svf_layer_from(conv, "reparam")
+    for layer in (fac, rep):
+        layer.bias.requires_grad_(False)
+        layer(_randn(2, 4, 5, 5)).square().sum().backward()
+    torch.testing.assert_close(fac.S.grad, rep.S.grad, rtol=1e-4, atol=1e-5)
+    assert fac.bias.grad is None

@@ -223,7 +223,7 @@ def svf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         model: a model after `apply_svf`.
 
     Returns:
-        {qualified_name: tensor} (detached CPU-independent references, not copies).
+        {qualified_name: tensor}: detached tensors sharing storage with the model.
     """
     state: dict[str, torch.Tensor] = {}
     for name, layer in svf_layers(model):

@@ -76,6 +76,68 @@ def estimate_costs(
     return {"reparam": float(reparam), "factorized": float(factorized)}
 
 
+def _project(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spatial: int | None) -> torch.Tensor:
+    """Per-group channel projection: 1x1 grouped conv (``spatial`` dims) or linear (None)."""
+    g, out, inp = weight.shape
+    if spatial is None:
+        return F.linear(t, weight[0], bias)
+    w = weight.reshape(g * out, inp, *(1,) * spatial)
+    return _CONV_FN[spatial](t, w, bias, 1, 0, 1, g)
+
+
+def _channel_dim(t: torch.Tensor, spatial: int | None) -> int:
+    return t.ndim - 1 if spatial is None else t.ndim - spatial - 1
+
+
+def _channel_sum(t: torch.Tensor, spatial: int | None) -> torch.Tensor:
+    cd = _channel_dim(t, spatial)
+    dims = tuple(d for d in range(t.ndim) if d != cd)
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    return t.sum(dim=dims, dtype=acc) if dims else t.to(acc)
+
+
+def _channel_view(vec: torch.Tensor, like: torch.Tensor, spatial: int | None) -> torch.Tensor:
+    shape = [1] * like.ndim
+    shape[_channel_dim(like, spatial)] = -1
+    return vec.reshape(shape)
+
+
+class _ScaleProject(torch.autograd.Function):
+    """y = U-projection(z * S) + bias, keeping only z for the backward.
+
+    Autograd on ``conv(z * S, U)`` would store both z and z * S and spend a forward pass on
+    the product; folding S into the small U weight and writing the backward by hand stores
+    one activation and gives dL/dS as a reduction, with no weight gradient anywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, z, S, U, bias, spatial):  # noqa: D102 - autograd.Function protocol
+        ctx.save_for_backward(z, S, U)
+        ctx.spatial = spatial
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _project(z, U * S.unsqueeze(-2), bias, spatial)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):  # noqa: D102 - autograd.Function protocol
+        z, S, U = ctx.saved_tensors
+        spatial = ctx.spatial
+        need_z, need_s, _, need_bias, _ = ctx.needs_input_grad
+        grad_z = grad_s = grad_bias = None
+        if need_z or need_s:
+            # back through the U projection: U^T per group (autocast may hand a half grad)
+            grad_zs = _project(grad_y, U.mT.to(grad_y.dtype), None, spatial)
+            if need_s:
+                grad_s = _channel_sum(grad_zs * z.to(grad_zs.dtype), spatial)
+                grad_s = grad_s.reshape(S.shape).to(S.dtype)
+            if need_z:
+                scale = _channel_view(S.reshape(-1).to(grad_zs.dtype), grad_zs, spatial)
+                grad_z = grad_zs.mul_(scale).to(z.dtype)
+        if need_bias:
+            grad_bias = _channel_sum(grad_y, spatial).to(ctx.bias_dtype)
+        return grad_z, grad_s, None, grad_bias, None
+
+
 class SVFLayer(nn.Module):
     """Base of the SVD layers: W = U diag(S) Vh per group, only S (and maybe bias) trains.
 
@@ -335,18 +397,12 @@ class _SVFConvNd(SVFLayer):
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = self._padded(x)
         conv = _CONV_FN[self.dim]
-        g, m, r = self.U.shape
-        ones = (1,) * self.dim
+        g, _, r = self.U.shape
         v_weight = self.Vh.reshape(g * r, self.in_channels // g, *self.kernel_size)
         z = conv(x, v_weight, None, self.stride, padding, self.dilation, g)
         if self._needs_graph():
-            # Scaling the activation (not a weight) keeps the S gradient a cheap reduction
-            # and avoids any weight gradient.
-            z = z * self.S.reshape(1, g * r, *ones)
-            u_weight = self.U.reshape(g * m, r, *ones)
-        else:
-            u_weight = self._scaled_u().reshape(g * m, r, *ones)
-        return conv(z, u_weight, self.bias, 1, 0, 1, g)
+            return _ScaleProject.apply(z, self.S, self.U, self.bias, self.dim)
+        return _project(z, self._scaled_u(), self.bias, self.dim)
 
     def to_plain(self) -> nn.Module:
         weight, bias = self._plain_params()
@@ -434,7 +490,7 @@ class SVFLinear(SVFLayer):
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.Vh[0])
         if self._needs_graph():
-            return F.linear(z * self.S[0], self.U[0], self.bias)
+            return _ScaleProject.apply(z, self.S, self.U, self.bias, None)
         return F.linear(z, self._scaled_u()[0], self.bias)
 
     def to_plain(self) -> nn.Module:
