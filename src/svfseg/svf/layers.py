@@ -15,9 +15,9 @@ from svfseg.svf.decompose import decompose_weight, rebuild_weight
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_CLS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
-# Cost of touching one activation element in an elementwise pass (multiply by S, its two
-# gradients), in multiply-accumulate units. GEMM-bound convs run at tens of MACs per memory
-# access, so an elementwise pass is far from free; measured on CPU with benchmarks/bench_svf.py.
+# Cost of one elementwise pass per activation element (the S gradient, the input gradient
+# through S), in multiply-accumulate units: such passes are memory-bound while convs run as
+# GEMMs at tens of MACs per memory access. A rough CPU figure; only near-ties depend on it.
 _ELEMENTWISE_COST = 24.0
 
 
@@ -47,8 +47,8 @@ def estimate_costs(
 
     "reparam" pays a fixed rebuild (out x rank x in) in the forward and again in the backward
     (projecting the weight gradient on U, Vh), plus the conv and the full weight gradient.
-    "factorized" pays the V-conv and the 1x1 U-conv per output position, a few elementwise
-    passes for S, and no weight gradient at all.
+    "factorized" pays the V-conv and the 1x1 U-conv per output position (the U-conv twice:
+    forward and backward), one or two elementwise passes for S, and no weight gradient.
 
     Args:
         groups: conv groups (1 for Linear).
@@ -72,7 +72,7 @@ def estimate_costs(
         # Without a graph the rebuilt weight is cached, and S folds into the U-conv weight.
         return {"reparam": float(conv), "factorized": float(conv_v + conv_u)}
     reparam = 2 * rebuild + 2 * conv + (conv if input_grad else 0)
-    factorized = conv_v + 2 * conv_u + 3 * elementwise + (conv_v if input_grad else 0)
+    factorized = conv_v + 2 * conv_u + elementwise + ((conv_v + elementwise) if input_grad else 0)
     return {"reparam": float(reparam), "factorized": float(factorized)}
 
 
