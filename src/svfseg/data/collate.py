@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["collate_episodes"]
+__all__ = ["collate_episodes", "worker_init_fn"]
 
 _STACK = ("query_img", "query_mask", "support_imgs", "support_masks")
 
@@ -19,3 +19,20 @@ def collate_episodes(batch: list[dict]) -> dict:
         out["query_label_orig"] = [b["query_label_orig"] for b in batch]
         out["query_valid_hw"] = torch.tensor([b["query_valid_hw"] for b in batch], dtype=torch.long)
     return out
+
+
+def worker_init_fn(worker_id: int) -> None:  # noqa: ARG001 - DataLoader passes the id
+    """DataLoader ``worker_init_fn``: one torch thread and, in spawned workers, one OpenCV thread.
+
+    Loader workers already run in parallel, so per-op thread pools only oversubscribe the CPU.
+    In a *forked* worker OpenCV's thread pool is left alone: its state is copied from the parent
+    and resizing it there deadlocked in our benchmark (parent had used cv2 threads before the
+    fork). Randomness needs no seeding here: items are seeded by (seed, epoch, index).
+    """
+    import multiprocessing
+
+    torch.set_num_threads(1)
+    if multiprocessing.get_start_method(allow_none=True) in ("spawn", "forkserver"):
+        import cv2
+
+        cv2.setNumThreads(1)
