@@ -77,7 +77,15 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop."""
+    """The training loop.
+
+    Checkpoint selection (``select_on``): ``test_fold`` validates on fixed episodes of the test
+    fold's novel classes and keeps the best (what PFENet, BAM and the SVF code do; optimistic,
+    since the test classes choose the checkpoint); ``base_heldout`` validates on val-split
+    episodes of base classes (the novel classes of fold ``(fold + 1) % 4``, all base classes of
+    this fold, on images never trained on), so the test fold is untouched until `svfseg test`;
+    ``last`` keeps the final weights.
+    """
 
     epochs: int = 200
     batch_size: int = 4                # global batch (split evenly over processes)
