@@ -112,6 +112,26 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def one_ulp_perturbed(plain: nn.Module, fraction: float = 0.1) -> nn.Module:
+    """Copy of the plain model with ``fraction`` of the layer2-4 conv weights moved by one ulp.
+
+    It shows how far any weight change at float32 rounding level moves this network's
+    output: the floor for a merge that is not bit-identical.
+    """
+    model = copy.deepcopy(plain)
+    gen = torch.Generator().manual_seed(0)
+    for stage in STAGES:
+        for module in getattr(model, stage).modules():
+            if isinstance(module, nn.Conv2d):
+                w = module.weight
+                flip = torch.rand(w.shape, generator=gen).to(w.device) < fraction
+                up = torch.rand(w.shape, generator=gen).to(w.device) < 0.5
+                toward = torch.where(up, torch.inf, -torch.inf).to(w.dtype)
+                w.copy_(torch.where(flip, torch.nextafter(w, toward), w))
+    return model
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -234,9 +254,11 @@ def run_regime(regime: Regime, device: torch.device, reps: int, tmp: Path) -> di
     print(f"[{regime.key}] timing training steps ({reps} interleaved rounds)", flush=True)
     steps = interleaved_medians({k: step_fn(m, k, x) for k, m in models.items()}, device, reps)
     plans = {"reparam": 0, "factorized": 0}
-    for _, layer in svf_layers(models["svf_auto"]):
+    layer_plans = {}
+    for name, layer in svf_layers(models["svf_auto"]):
         for plan in layer._plans.values():
             plans[plan] += 1
+            layer_plans[name] = plan
 
     print(f"[{regime.key}] timing inference: plain vs merged SVF vs cached SVF", flush=True)
     merged = merge_svf(copy.deepcopy(models["svf_auto"]))
@@ -249,6 +271,7 @@ def run_regime(regime: Regime, device: torch.device, reps: int, tmp: Path) -> di
         diff_svf = (models["svf_auto"](x) - ref).abs().max().item()
         # float32 noise floor of the plain network itself: its distance to a float64 run
         floor = (copy.deepcopy(plain).double()(x.double()) - ref.double()).abs().max().item()
+        ulp = (one_ulp_perturbed(plain)(x) - ref).abs().max().item()
 
     print(f"[{regime.key}] peak memory per variant", flush=True)
     if device.type == "cuda":
@@ -267,11 +290,13 @@ def run_regime(regime: Regime, device: torch.device, reps: int, tmp: Path) -> di
         "step_all": {k: v["all_s"] for k, v in steps.items()},
         "peak_memory_mb": memory,
         "auto_plans": plans,
+        "auto_reparam_layers": [n for n, p in layer_plans.items() if p == "reparam"],
         "inference": {k: v["median_s"] for k, v in infer.items()},
         "inference_min": {k: min(v["all_s"]) for k, v in infer.items()},
         "max_abs_diff": {"merged_vs_plain": diff_merged, "svf_vs_plain": diff_svf},
         "output_abs_max": ref.abs().max().item(),
         "fp32_noise_floor": floor,
+        "one_ulp_10pct_diff": ulp,
     }
 
 
@@ -347,17 +372,20 @@ def markdown(result: dict) -> str:
             lines.append(f"| ({k}) {r['regime']['title']} | {v} | {1e3 * s[v]:.1f} | {1e3 * r['step_min'][v]:.1f} | "
                          f"{ratio(s[v], s['full']):.2f} | {m[v]:.0f} |")  # fmt: skip
     lines += ["", "| regime | plain inference (ms) | merged SVF (ms) | cached SVF (ms) | "
-              "max abs diff merged vs plain | plain fp32 vs fp64 | max abs output | "
-              "auto plans (factorized/reparam) |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+              "max abs diff merged vs plain | same, plain fp32 vs fp64 | same, 1 ulp on 10% of "
+              "weights | max abs output | auto plans (factorized/reparam) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in result["regimes"]:
         i = r["inference"]
         lines.append(
             f"| ({r['regime']['key']}) | {1e3 * i['plain']:.1f} | {1e3 * i['merged']:.1f} | "
             f"{1e3 * i['svf_cached']:.1f} | {r['max_abs_diff']['merged_vs_plain']:.2e} | "
-            f"{r['fp32_noise_floor']:.2e} | {r['output_abs_max']:.3g} | "
+            f"{r['fp32_noise_floor']:.2e} | {r['one_ulp_10pct_diff']:.2e} | {r['output_abs_max']:.3g} | "
             f"{r['auto_plans']['factorized']}/{r['auto_plans']['reparam']} |"
         )
+    for r in result["regimes"]:
+        chosen = ", ".join(r["auto_reparam_layers"]) or "none"
+        lines.append(f"\n({r['regime']['key']}) auto chose reparam for: {chosen}")
     lines += ["", "| decomposition (apply_svf, layer2-4) | seconds |", "|---|---:|"]
     for name, sec in result["decomposition_s"].items():
         lines.append(f"| {name} | {sec:.2f} |")
