@@ -19,6 +19,7 @@ _CONV_CLS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3
 # through S), in multiply-accumulate units: such passes are memory-bound while convs run as
 # GEMMs at tens of MACs per memory access. A rough CPU figure; only near-ties depend on it.
 _ELEMENTWISE_COST = 24.0
+_MAX_PLANS = 256
 
 
 def _version(t: torch.Tensor) -> int:
@@ -255,6 +256,8 @@ class SVFLayer(nn.Module):
                 positions=self._positions(x), training=True, input_grad=x.requires_grad,
             )  # fmt: skip
             plan = min(costs, key=costs.get)
+            if len(self._plans) >= _MAX_PLANS:  # many input sizes (e.g. multi-scale): stay bounded
+                self._plans.clear()
             self._plans[key] = plan
         return plan
 
