@@ -175,6 +175,8 @@ def test_protocol_presets():
 def test_bad_arguments_and_empty_class(root, tmp_path):
     with pytest.raises(ValueError, match="split"):
         build_dataset(root=root, benchmark="pascal", fold=0, split="test", shot=1)
+    with pytest.raises(ValueError, match="split='val'"):
+        build_dataset(root=root, benchmark="pascal", fold=0, split="train", shot=1, episodes="eps.json")
     with pytest.raises(ValueError, match="protocol"):
         build_dataset(root=root, benchmark="pascal", fold=0, split="train", shot=1, protocol="x")
     with pytest.raises(DataError, match="expected a dataset root"):

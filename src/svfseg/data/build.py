@@ -82,6 +82,9 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
         min_pixels = default_min_pixels(root, benchmark)
     index = load_class_index(root, split, num_classes(benchmark), workers=workers)
     if split == "train":
+        if episodes is not None:
+            raise ValueError("episodes= fixes evaluation episodes; training episodes are drawn per epoch "
+                             "from (seed, epoch, index): pass it with split='val'")
         pool = make_pool(index, sp.base, shot=shot, min_pixels=min_pixels,
                          exclude_any=sp.novel if protocol == "dagger" else ())
         log.info("%s fold %d train pool (%s): %d query images", benchmark, fold, protocol, len(pool))
