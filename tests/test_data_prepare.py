@@ -146,8 +146,10 @@ def make_coco(tmp):
         big = np.zeros((H, W), np.uint8)
         big[5:40, 5:60] = 1
         anns += [
-            {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1925.0, "segmentation": _poly(5, 5, 40, 60)},
-            {"id": 2, "image_id": 1, "category_id": 18, "iscrowd": 0, "area": 100.0, "segmentation": _poly(10, 10, 20, 20)},
+            {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1925.0,
+             "segmentation": _poly(5, 5, 40, 60)},
+            {"id": 2, "image_id": 1, "category_id": 18, "iscrowd": 0, "area": 100.0,
+             "segmentation": _poly(10, 10, 20, 20)},
             {"id": 3, "image_id": 1, "category_id": 90, "iscrowd": 0, "area": 40.0,
              "segmentation": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in
                               mask_utils.encode(np.asfortranarray(np.pad(np.ones((4, 10), np.uint8),
@@ -164,7 +166,8 @@ def make_coco(tmp):
 def test_prepare_coco(tmp_path):
     out = prepare_coco(make_coco(tmp_path), tmp_path / "coco20i", workers=1)
     pairs = read_list(out / "train.txt")
-    assert pairs[0] == ("train2014/COCO_train2014_000000000001.jpg", "SegmentationClassAug/COCO_train2014_000000000001.png")
+    assert pairs[0] == ("train2014/COCO_train2014_000000000001.jpg",
+                        "SegmentationClassAug/COCO_train2014_000000000001.png")
     m = read_label(out / pairs[0][1])
     assert m.shape == (H, W)
     assert m[7, 30] == 1  # person (large, painted first)

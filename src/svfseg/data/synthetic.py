@@ -207,8 +207,8 @@ def generate_synthetic(root: str | os.PathLike, *, seed: int = 0, n_train: int =
         for name, h in done:
             digest.update(f"{name}:{h}\n".encode())
         for sp, n in (("train", n_train), ("val", n_val)):
-            write_list(tmp / f"{sp}.txt", [(f"JPEGImages/syn_{sp}_{i:05d}.jpg", f"SegmentationClassAug/syn_{sp}_{i:05d}.png")
-                                           for i in range(n)])
+            names = [f"syn_{sp}_{i:05d}" for i in range(n)]
+            write_list(tmp / f"{sp}.txt", [(f"JPEGImages/{m}.jpg", f"SegmentationClassAug/{m}.png") for m in names])
         blob = {"benchmark": "synthetic", "params": params, "fingerprint": digest.hexdigest()[:16],
                 "min_pixels": scaled_min_pixels(size), "classes": list(CLASS_NAMES)}
         (tmp / MARKER).write_text(json.dumps(blob, indent=1))
