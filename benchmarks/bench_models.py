@@ -334,14 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(args)
 
     what = "CPU time per step (process_time)" if metric == "cpu_s" else "wall time per step"
+    isolated = "skipped" if args.pairs_only else f"{args.rounds} round(s) x {args.steps} step(s)"
     print(
         f"\nFew-shot models, ResNet-50 deep stem OS8, 1 x 3 x {args.size}^2, 1-shot, {args.device}, "
-        f"{machine['threads']} thread(s); {what}; isolated: {args.rounds} round(s) x {args.steps} step(s)"
+        f"{machine['threads']} thread(s); {what}; isolated: {isolated}"
     )
-    print(
-        f"{'configuration (isolated subprocess)':<47}{'median ms':>11}{'min ms':>9}{'wall ms':>9}{'per s':>8}"
-        f"{'peak MB':>9}{'trainable':>12}"
-    )
+    if table:
+        print(
+            f"{'configuration (isolated subprocess)':<47}{'median ms':>11}{'min ms':>9}{'wall ms':>9}{'per s':>8}"
+            f"{'peak MB':>9}{'trainable':>12}"
+        )
     for r in table:
         print(
             f"{r['label']:<47}{r['median_s'] * 1e3:11.0f}{r['min_s'] * 1e3:9.0f}{r['wall_median_s'] * 1e3:9.0f}"
