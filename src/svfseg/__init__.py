@@ -1,2 +1,27 @@
 """svfseg: Singular Value Fine-tuning for few-shot segmentation and for any PyTorch model."""
 __version__ = "0.1.0"
+
+from svfseg.svf import (  # noqa: E402  (the model-agnostic SVF API, the package's core)
+    SVFConfig,
+    apply_svf,
+    load_svf,
+    load_svf_state_dict,
+    merge_svf,
+    save_svf,
+    singular_value_parameters,
+    svf_state_dict,
+    trainable_parameter_report,
+)
+
+__all__ = [
+    "SVFConfig",
+    "__version__",
+    "apply_svf",
+    "load_svf",
+    "load_svf_state_dict",
+    "merge_svf",
+    "save_svf",
+    "singular_value_parameters",
+    "svf_state_dict",
+    "trainable_parameter_report",
+]
