@@ -131,7 +131,8 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None) -> nn.Module:
         if config.target_modules is not None:
             raise ValueError(
                 f"apply_svf: target_modules={config.target_modules!r} matched no supported layer "
-                f"(nn.Conv1d/2d/3d, nn.Linear) of {type(model).__name__}"
+                f"(nn.Conv1d/2d/3d, nn.Linear) of {type(model).__name__} (exclude_modules="
+                f"{config.exclude_modules!r}, skip_1x1={config.skip_1x1}, skip_3x3={config.skip_3x3})"
             )
         logger.warning("apply_svf: %s has no supported layer to decompose", type(model).__name__)
 
