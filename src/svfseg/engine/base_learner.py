@@ -407,6 +407,9 @@ def fit_base(cfg: ExperimentConfig, model: nn.Module, train_set: Dataset, *, run
         ckpt.restore_rng(rng[info.rank] if info.rank < len(rng) else rng[0])
         logger.info("resumed %s at step %d/%d", run_dir, step, total)
     if info.distributed:
+        # Default broadcast_buffers=True on purpose (unlike few-shot fit): stage 1 trains BatchNorm
+        # and has no SVF buffers to save on. On CPU (gloo) no SyncBatchNorm is used, so only the
+        # broadcast keeps the running statistics equal across ranks.
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)

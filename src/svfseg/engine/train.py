@@ -163,7 +163,11 @@ def fit(
         logger.info("resumed %s at step %d/%d (epoch %d)", run_dir, step, total, step // spe)
     if info.distributed:
         ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # No buffer broadcast: the SVF layers keep U and Vh as buffers (millions of values for a
+        # full backbone), which the default would re-send from rank 0 every step. Every buffer
+        # here is constant during training (all BatchNorm is frozen, U/Vh/LUTs never change),
+        # so the ranks stay identical without it.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     model.train()
 
     sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)
