@@ -45,8 +45,12 @@ class ModelConfig:
 
 
 @dataclass
-class SVFConfig:
-    """The SVF policy: which backbone stages are decomposed and what trains."""
+class SVFSettings:
+    """Experiment-level SVF settings: the ``svf:`` section of a config.
+
+    Which backbone stages are decomposed and what trains. Not to be confused with
+    :class:`svfseg.svf.SVFConfig`, the per-layer config (built from these via ``SVFPolicy``).
+    """
 
     enabled: bool = True
     stages: list[str] = field(default_factory=lambda: ["layer2", "layer3", "layer4"])
@@ -129,7 +133,7 @@ class ExperimentConfig:
     resume: bool = False               # continue the run in run_dir() from its last.pt
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    svf: SVFConfig = field(default_factory=SVFConfig)
+    svf: SVFSettings = field(default_factory=SVFSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
