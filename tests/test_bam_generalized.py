@@ -9,7 +9,7 @@ from torch import nn
 
 from svfseg.data import generate_synthetic
 from svfseg.data.semantic import build_generalized_dataset
-from svfseg.engine.base_learner import evaluate_generalized
+from svfseg.engine.generalized import evaluate_generalized
 from svfseg.models.heads.bam import BAMParts, generalized_prediction
 
 

@@ -15,7 +15,6 @@ from svfseg.data.io import read_label
 from svfseg.data.semantic import base_label_lut, build_semantic_dataset
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.base_learner import (
-    ConfusionMatrix,
     check_base_checkpoint,
     evaluate_base,
     fit_base,
@@ -24,6 +23,7 @@ from svfseg.engine.base_learner import (
     stage1_differences,
 )
 from svfseg.engine.model import describe
+from svfseg.metrics import ConfusionMatrix
 from svfseg.models import create_model
 from test_models import TinyBackbone
 

@@ -146,13 +146,16 @@ def cmd_test(args) -> int:
     try:
         with _tqdm_safe_logging():
             if name == "bam_base" or args.generalized:
-                from svfseg.engine import base_learner as bl
-
                 if name == "bam_base":
-                    out = bl.score_base_checkpoint(args.checkpoint, cfg, out_dir=args.out, info=info)
+                    from svfseg.engine.base_learner import results_markdown  # noqa: F811
+                    from svfseg.engine.base_learner import score_base_checkpoint
+
+                    out = score_base_checkpoint(args.checkpoint, cfg, out_dir=args.out, info=info)
                 else:
-                    out = bl.score_generalized(args.checkpoint, cfg, tau=args.tau, out_dir=args.out, info=info)
-                results_markdown = bl.results_markdown  # noqa: F811
+                    from svfseg.engine.generalized import generalized_markdown as results_markdown  # noqa: F811
+                    from svfseg.engine.generalized import score_generalized
+
+                    out = score_generalized(args.checkpoint, cfg, tau=args.tau, out_dir=args.out, info=info)
             else:
                 out = score_checkpoint(args.checkpoint, cfg, protocol=args.protocol, episodes=args.episodes,
                                        save_vis=args.save_vis, out_dir=args.out, info=info)

@@ -1,9 +1,9 @@
-"""Few-shot segmentation metrics: per-class IoU sums, mIoU over novel classes, FB-IoU."""
+"""Segmentation metrics: per-class IoU sums, mIoU over novel classes, FB-IoU, a multi-class confusion matrix."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -142,3 +142,71 @@ def summarize_runs(values: Iterable[float]) -> dict:
     mean = sum(vals) / len(vals)
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
     return {"mean": mean, "std": std, "best": max(vals), "values": vals}
+
+
+class ConfusionMatrix:
+    """Pixel confusion matrix over ``num_classes`` labels (255 ignored): exact int64 sums.
+
+    Args:
+        num_classes: Label values 0..num_classes-1 (0 = background).
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = int(num_classes)
+        self.mat = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:
+        """Add one prediction (H, W) against its label (H, W)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"ConfusionMatrix: prediction {tuple(pred.shape)} vs label {tuple(target.shape)}")
+        t = target.reshape(-1).to("cpu", torch.int64)
+        p = pred.reshape(-1).to("cpu", torch.int64)
+        keep = t != ignore_index
+        t, p = t[keep], p[keep]
+        if t.numel() and (int(t.max()) >= self.num_classes or int(t.min()) < 0):
+            raise ValueError(f"ConfusionMatrix: label values outside 0..{self.num_classes - 1} (and {ignore_index})")
+        self.mat += torch.bincount(t * self.num_classes + p, minlength=self.num_classes ** 2).reshape(
+            self.num_classes, self.num_classes)
+
+    def compute(self, class_ids: Optional[Sequence[int]] = None) -> dict:
+        """Scores from the sums (fractions in [0, 1]).
+
+        Args:
+            class_ids: Benchmark id of each foreground channel 1..C-1 (keys of ``per_class``);
+                default the channel numbers.
+
+        Returns:
+            ``miou`` (mean IoU over the foreground channels that occur in labels or predictions,
+            as BAM's base-learner score: background excluded), ``miou_with_background``,
+            ``bg_iou``, ``fb_iou`` (mean of the background IoU and the IoU of "any foreground
+            class" vs background), ``pixel_acc`` and ``per_class`` {id: IoU or NaN}.
+        """
+        m = self.mat.double()
+        inter = m.diag()
+        union = m.sum(0) + m.sum(1) - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
+        ids = list(class_ids) if class_ids is not None else list(range(1, self.num_classes))
+        if len(ids) != self.num_classes - 1:
+            raise ValueError(f"ConfusionMatrix.compute: {len(ids)} class ids for {self.num_classes - 1} "
+                             "foreground channels")
+        fg = [v for v in iou[1:].tolist() if not math.isnan(v)]
+        every = [v for v in iou.tolist() if not math.isnan(v)]
+        bg_inter, bg_union = float(m[0, 0]), float(m[0].sum() + m[:, 0].sum() - m[0, 0])
+        fg_inter = float(m[1:, 1:].sum())
+        fg_union = float(m.sum() - m[0, 0])
+        bg = bg_inter / bg_union if bg_union else 1.0
+        fgi = fg_inter / fg_union if fg_union else 1.0
+        total = float(m.sum())
+        return {
+            "miou": sum(fg) / len(fg) if fg else math.nan,
+            "miou_with_background": sum(every) / len(every) if every else math.nan,
+            "bg_iou": bg,
+            "fb_iou": (bg + fgi) / 2,
+            "pixel_acc": float(inter.sum()) / total if total else math.nan,
+            "per_class": {int(c): float(v) for c, v in zip(ids, iou[1:].tolist())},
+        }
+
+
+def format_pct(v: object) -> str:
+    """A fraction as a percentage with two decimals; "n/a" for a missing or non-finite value."""
+    return f"{100 * v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"

@@ -1,11 +1,12 @@
-"""BAM engine pieces: stage-1 training/scoring (multi-class CE, base-class mIoU), stage-1 checks, generalized eval.
+"""BAM stage 1: base-learner training and scoring (multi-class CE, base-class mIoU) and stage-1 checks.
 
 Everything that is not specific to semantic segmentation comes from the rest of the engine:
 optimiser groups and the poly schedule (``optim``), atomic/resumable checkpoints and RNG state
 (``checkpoint``), the resumable distributed batch sampler (``data``), CSV/TensorBoard logging
-and the curve PNG (``runlog``), AMP and DDP helpers. This module adds the multi-class loss,
-the confusion-matrix metric, the checks the BAM stage-2 model runs on its stage-1 input, and
-the generalized (base + novel) evaluation of a stage-2 model.
+and the curve PNG (``runlog``), AMP and DDP helpers; the confusion matrix is in
+:mod:`svfseg.metrics`. This module adds the multi-class loss step and the checks the BAM
+stage-2 model runs on its stage-1 input. The generalized (base + novel) evaluation of a
+stage-2 model is in :mod:`svfseg.engine.generalized`.
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier, resolve
 from svfseg.engine.evaluate import amp_dtype, autocast, predictions_at_original_size, unwrap
 from svfseg.engine.optim import build_optimizer, poly_lr, set_lr
 from svfseg.engine.runlog import RunLogger, plot_curves
-from svfseg.engine.train import FitResult, NonFiniteLoss, _gather_rng, _StopRequest, steps_per_epoch
-from svfseg.losses import IGNORE_INDEX, cross_entropy_sum, valid_pixel_count
+from svfseg.engine.train import FitResult, NonFiniteLoss, StopRequest, gather_rng, steps_per_epoch
+from svfseg.losses import cross_entropy_sum, valid_pixel_count
+from svfseg.metrics import ConfusionMatrix, format_pct
 
 logger = logging.getLogger(__name__)
 
@@ -36,72 +38,6 @@ BASE_MODEL = "bam_base"
 BAM_MODEL = "bam"
 #: Placeholders allowed in ``model.base_checkpoint``.
 CHECKPOINT_FIELDS = ("output_dir", "benchmark", "fold", "backbone")
-
-
-# ------------------------------------------------------------------------------ metric
-
-
-class ConfusionMatrix:
-    """Pixel confusion matrix over ``num_classes`` labels (255 ignored): exact int64 sums.
-
-    Args:
-        num_classes: Label values 0..num_classes-1 (0 = background).
-    """
-
-    def __init__(self, num_classes: int):
-        self.num_classes = int(num_classes)
-        self.mat = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:
-        """Add one prediction (H, W) against its label (H, W)."""
-        if pred.shape != target.shape:
-            raise ValueError(f"ConfusionMatrix: prediction {tuple(pred.shape)} vs label {tuple(target.shape)}")
-        t = target.reshape(-1).to("cpu", torch.int64)
-        p = pred.reshape(-1).to("cpu", torch.int64)
-        keep = t != ignore_index
-        t, p = t[keep], p[keep]
-        if t.numel() and (int(t.max()) >= self.num_classes or int(t.min()) < 0):
-            raise ValueError(f"ConfusionMatrix: label values outside 0..{self.num_classes - 1} (and {ignore_index})")
-        self.mat += torch.bincount(t * self.num_classes + p, minlength=self.num_classes ** 2).reshape(
-            self.num_classes, self.num_classes)
-
-    def compute(self, class_ids: Optional[Sequence[int]] = None) -> dict:
-        """Scores from the sums (fractions in [0, 1]).
-
-        Args:
-            class_ids: Benchmark id of each foreground channel 1..C-1 (keys of ``per_class``);
-                default the channel numbers.
-
-        Returns:
-            ``miou`` (mean IoU over the foreground channels that occur in labels or predictions,
-            as BAM's base-learner score: background excluded), ``miou_with_background``,
-            ``bg_iou``, ``fb_iou`` (mean of the background IoU and the IoU of "any foreground
-            class" vs background), ``pixel_acc`` and ``per_class`` {id: IoU or NaN}.
-        """
-        m = self.mat.double()
-        inter = m.diag()
-        union = m.sum(0) + m.sum(1) - inter
-        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
-        ids = list(class_ids) if class_ids is not None else list(range(1, self.num_classes))
-        if len(ids) != self.num_classes - 1:
-            raise ValueError(f"ConfusionMatrix.compute: {len(ids)} class ids for {self.num_classes - 1} "
-                             "foreground channels")
-        fg = [v for v in iou[1:].tolist() if not math.isnan(v)]
-        every = [v for v in iou.tolist() if not math.isnan(v)]
-        bg_inter, bg_union = float(m[0, 0]), float(m[0].sum() + m[:, 0].sum() - m[0, 0])
-        fg_inter = float(m[1:, 1:].sum())
-        fg_union = float(m.sum() - m[0, 0])
-        bg = bg_inter / bg_union if bg_union else 1.0
-        fgi = fg_inter / fg_union if fg_union else 1.0
-        total = float(m.sum())
-        return {
-            "miou": sum(fg) / len(fg) if fg else math.nan,
-            "miou_with_background": sum(every) / len(every) if every else math.nan,
-            "bg_iou": bg,
-            "fb_iou": (bg + fgi) / 2,
-            "pixel_acc": float(inter.sum()) / total if total else math.nan,
-            "per_class": {int(c): float(v) for c, v in zip(ids, iou[1:].tolist())},
-        }
 
 
 # ------------------------------------------------------------------------------ config -> data / model
@@ -237,12 +173,8 @@ def load_base_learner_state(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """
     path, state = _read_stage1(cfg, mmap=False)
     logger.info("stage-1 base learner: %s (step %s, val base mIoU %s)", path, state.get("step"),
-                _fmt_pct((state.get("metrics") or {}).get("miou")))
+                format_pct((state.get("metrics") or {}).get("miou")))
     return state["model"]
-
-
-def _fmt_pct(v: Any) -> str:
-    return f"{100 * v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
 
 
 def semantic_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
@@ -429,7 +361,7 @@ def fit_base(cfg: ExperimentConfig, model: nn.Module, train_set: Dataset, *, run
         return b
 
     def save_last(status: str) -> None:
-        states = _gather_rng(info)
+        states = gather_rng(info)
         if info.is_main:
             b = blob(status)
             b["rng_per_rank"] = states
@@ -468,7 +400,7 @@ def fit_base(cfg: ExperimentConfig, model: nn.Module, train_set: Dataset, *, run
         bar = tqdm(total=total, initial=step, desc="train base learner", unit="step", dynamic_ncols=True)
     window = {"loss": 0.0, "n": 0, "t": time.perf_counter()}
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while step < total:
                 epoch, first = divmod(step, spe)
                 if hasattr(train_set, "set_epoch"):
@@ -613,18 +545,10 @@ def score_base_checkpoint(checkpoint: str | Path, cfg: Optional[ExperimentConfig
 
 
 def results_markdown(r: dict) -> str:
-    """Markdown of a :func:`score_base_checkpoint` or :func:`score_generalized` result."""
+    """Markdown of a :func:`score_base_checkpoint` result."""
     from svfseg.data.splits import class_names
 
     names = class_names(r["benchmark"])
-    if r.get("setting") == "generalized":
-        lines = [f"# BAM generalized setting, {r['benchmark']} fold {r['fold']}, {r['shot']}-shot", "",
-                 f"{r['episodes']} episodes (seed {r['seed']}), tau {r['tau']}; base and novel classes scored "
-                 "together.", "", "| score | % |", "|---|---|",
-                 f"| mIoU novel | {_fmt_pct(r['miou_novel'])} |", f"| mIoU base | {_fmt_pct(r['miou_base'])} |",
-                 f"| mIoU total | {_fmt_pct(r['miou_total'])} |", "", "| class | IoU % |", "|---|---|"]
-        lines += [f"| {int(c)} {names[int(c) - 1]} | {_fmt_pct(v)} |" for c, v in r["per_class"].items()]
-        return "\n".join(lines) + "\n"
     lines = [f"# BAM base learner, {r['benchmark']} fold {r['fold']}", "",
              f"{r['images']} val images, original label size; novel classes count as background.", "",
              "| score | % |", "|---|---|",
@@ -635,134 +559,3 @@ def results_markdown(r: dict) -> str:
     for k, v in r["per_class"].items():
         lines.append(f"| {int(k)} {names[int(k) - 1]} | {'n/a' if math.isnan(v) else f'{100 * v:.2f}'} |")
     return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------ generalized setting
-
-
-@torch.no_grad()
-def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.device, tau: float = 0.9,
-                         info: Optional[DistInfo] = None, amp: str = "off", workers: int = 0,
-                         progress: bool = False) -> dict:
-    """Score a BAM model in the generalized setting (BAM's ``test_GFSS``): base and novel classes at once.
-
-    Each episode's prediction is :func:`~svfseg.models.heads.bam.generalized_prediction` of the
-    ensemble and base-learner outputs, both cropped to the un-padded extent and resized
-    (bilinear) to the original label size. Base classes accumulate over every episode; the
-    novel label of an episode counts for that episode's novel class.
-
-    Args:
-        model: A stage-2 "bam" model.
-        dataset: :class:`~svfseg.data.semantic.GeneralizedEpisodes`.
-        device: Where to run.
-        tau: Novel-class probability threshold.
-        info: Process-group info (episodes are sharded, sums reduced).
-        amp: ``train.amp`` mode.
-        workers: DataLoader workers.
-        progress: Show a progress bar.
-
-    Returns:
-        ``miou_base``, ``miou_novel``, ``miou_total`` (means of per-class IoU over the base, the
-        novel and all classes), ``per_class`` {benchmark id: IoU}, ``episodes``, ``tau``, ``seconds``.
-    """
-    from svfseg.data.splits import class_split
-    from svfseg.engine.data import make_loader
-    from svfseg.models.blocks import resize
-    from svfseg.models.heads.bam import generalized_prediction
-
-    info = info or DistInfo(device=device)
-    net = unwrap(model)
-    if not hasattr(net, "forward_parts"):
-        raise TypeError(f"evaluate_generalized: needs a BAM model (with forward_parts), got {type(net).__name__}")
-    eps = dataset.episodes
-    novel = tuple(class_split(eps.benchmark, eps.fold, eps.convention).novel)
-    base = tuple(dataset.base_classes)
-    nb = len(base)
-    slot = {c: nb + 1 + i for i, c in enumerate(novel)}  # the novel label of an episode -> its class's slot
-    was_training = net.training
-    net.eval()
-    sampler = ShardSampler(len(dataset), info.rank, info.world_size)
-    loader = make_loader(dataset, sampler=sampler, batch_size=1, workers=workers)
-    cm = ConfusionMatrix(nb + 1 + len(novel))
-    dtype = amp_dtype(amp, device)
-    t0, seen = time.perf_counter(), 0
-    try:
-        for batch in loader:
-            with autocast(device, dtype):
-                parts = net.forward_parts(batch["query_img"].to(device), batch["support_imgs"].to(device),
-                                          batch["support_masks"].to(device))
-            size = batch["query_img"].shape[-2:]
-            final, basel = resize(parts.final, size), resize(parts.base, size)
-            for b, gt in enumerate(batch["query_label_orig"]):
-                hw, size0 = batch["query_valid_hw"][b], tuple(gt.shape)
-                pred = generalized_prediction(_at_label_size(final[b:b + 1], hw, size0),
-                                              _at_label_size(basel[b:b + 1], hw, size0), tau)[0].cpu()
-                k = slot[int(batch["class_id"][b])]
-                pred[pred == nb + 1] = k
-                target = gt.clone()
-                target[target == nb + 1] = k
-                cm.update(pred, target)
-                seen += 1
-    finally:
-        net.train(was_training)
-    cm.mat = all_reduce_sum(cm.mat.reshape(-1), info).reshape(cm.num_classes, cm.num_classes).cpu()
-    r = cm.compute(base + novel)
-    per = r["per_class"]
-    vals = lambda ids: [per[c] for c in ids if not math.isnan(per[c])]  # noqa: E731
-    mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
-    return {"miou_base": mean(vals(base)), "miou_novel": mean(vals(novel)), "miou_total": mean(vals(base + novel)),
-            "per_class": per, "episodes": int(all_reduce_sum(torch.tensor([seen]), info).item()), "tau": tau,
-            "seconds": time.perf_counter() - t0}
-
-
-def _at_label_size(x: torch.Tensor, valid_hw: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-    """Crop (1, C, H, W) maps to the un-padded extent and resize them bilinearly to the label size."""
-    import torch.nn.functional as F
-
-    h, w = int(valid_hw[0]), int(valid_hw[1])
-    return F.interpolate(x[:, :, :h, :w].float(), size=tuple(int(v) for v in size), mode="bilinear",
-                         align_corners=False)
-
-
-def score_generalized(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = None, *, tau: float = 0.9,
-                      seed: int = 0, out_dir: Optional[str | Path] = None, info: Optional[DistInfo] = None) -> dict:
-    """Generalized-setting score of a stage-2 BAM checkpoint; writes ``results.json`` + ``results.md``.
-
-    Args:
-        checkpoint: A "bam" training checkpoint or merged export.
-        cfg: Config (data root, fold, shot); None: the checkpoint's own.
-        tau: Novel-class probability threshold (BAM: 0.9).
-        seed: Seed of the episodes' class and support choice.
-        out_dir: Output folder (default ``<checkpoint folder>/test_generalized_<K>shot``).
-        info: Process-group info.
-
-    Returns:
-        The results dict.
-    """
-    from svfseg.data.semantic import build_generalized_dataset
-    from svfseg.engine.model import load_for_inference
-
-    info = info or DistInfo()
-    model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
-    if cfg.model.name != BAM_MODEL:
-        raise ValueError(f"generalized evaluation needs a {BAM_MODEL!r} checkpoint; {checkpoint} holds "
-                         f"{cfg.model.name!r}")
-    d = cfg.data
-    # eval.num_episodes caps the episode count (one per val image otherwise, as BAM).
-    ds = build_generalized_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, seed=seed,
-                                   convention=d.convention, test_size=d.test_size, count=cfg.eval.num_episodes)
-    r = evaluate_generalized(model, ds, device=info.device, tau=tau, info=info, amp=cfg.train.amp,
-                             workers=cfg.data.workers, progress=cfg.train.progress)
-    out = {"checkpoint": str(checkpoint), "setting": "generalized", "benchmark": d.benchmark, "fold": cfg.fold,
-           "shot": cfg.shot, "seed": seed, "episode_fingerprint": ds.episodes.fingerprint, **r,
-           "per_class": {str(k): v for k, v in r["per_class"].items()}}
-    out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / f"test_generalized_{cfg.shot}shot"
-    out["out_dir"] = str(out_dir)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
-        (out_dir / "results.md").write_text(results_markdown(out))
-        logger.info("generalized: mIoU novel %s  base %s  total %s over %d episodes -> %s", _fmt_pct(r["miou_novel"]),
-                    _fmt_pct(r["miou_base"]), _fmt_pct(r["miou_total"]), r["episodes"], out_dir)
-    return out
-

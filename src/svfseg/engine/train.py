@@ -56,8 +56,12 @@ class FitResult:
     history: list = field(default_factory=list)
 
 
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop reads between steps; a second Ctrl-C aborts at once."""
+class StopRequest:
+    """Context manager: SIGINT/SIGTERM set ``requested``, which a training loop reads between steps.
+
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once. Handlers are installed only in the
+    main thread and the previous ones are restored on exit.
+    """
 
     def __init__(self):
         self.requested = False
@@ -177,7 +181,7 @@ def fit(
     best_metric = None if best is None else best["miou"]
 
     def save_last(status: str) -> None:
-        states = _gather_rng(info)
+        states = gather_rng(info)
         if info.is_main:
             blob = _model_blob(model, cfg, describe, step, step // spe)
             blob.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), total_steps=total,
@@ -217,7 +221,7 @@ def fit(
     bar = _progress(total, step, tc.progress and info.is_main)
     window = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "t": time.perf_counter()}
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while step < total:
                 epoch, first = divmod(step, spe)
                 if hasattr(train_set, "set_epoch"):
@@ -333,8 +337,15 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _gather_rng(info: DistInfo) -> list:
-    """RNG states of every process (rank order), for the main process to store."""
+def gather_rng(info: DistInfo) -> list:
+    """RNG states of every process, for the main process to store in a checkpoint.
+
+    Args:
+        info: Process-group info; every process must call this (collective under DDP).
+
+    Returns:
+        One :func:`~svfseg.engine.checkpoint.capture_rng` state per process, in rank order.
+    """
     state = ckpt.capture_rng()
     if not info.distributed:
         return [state]
