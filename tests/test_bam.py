@@ -10,15 +10,6 @@ from svfseg.svf import singular_value_parameters
 from test_models import TinyBackbone, episode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 BASE = tuple(range(6, 21))  # Pascal fold 0 base classes -> channels 1..15
 
 

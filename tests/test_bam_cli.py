@@ -5,22 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from svfseg.cli import main
 from svfseg.data import generate_synthetic
 from svfseg.engine import checkpoint as ckpt
 from svfseg.models.backbones import list_backbones, register_backbone
 from test_models import TinyBackbone
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "synthetic"

@@ -13,15 +13,6 @@ from svfseg.engine.generalized import evaluate_generalized
 from svfseg.models.heads.bam import BAMParts, generalized_prediction
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 NB = 15  # synthetic fold 0: 15 base classes (6..20), novel 1..5
 
 

@@ -28,15 +28,6 @@ from svfseg.models import create_model
 from test_models import TinyBackbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is several times faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 

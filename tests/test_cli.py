@@ -8,9 +8,6 @@ import torch
 from PIL import Image
 
 from svfseg.cli import main
-from test_engine_toys import one_thread  # noqa: F401
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pfenet_efficientnet_lite0.yaml"
 SIZE = 64

@@ -1,12 +1,7 @@
 """`svfseg demo --quick`: the whole pipeline end to end on tiny synthetic data."""
 import json
 
-import pytest
-
 from svfseg.cli import main
-from test_engine_toys import one_thread  # noqa: F401
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):

@@ -13,9 +13,7 @@ from svfseg.engine.data import EpochBatchSampler
 from svfseg.engine.evaluate import evaluate, predictions_at_original_size
 from svfseg.engine.optim import ReferenceDecay, build_optimizer, poly_lr, set_lr
 from svfseg.engine.train import NonFiniteLoss, ValSet, fit
-from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, one_thread, toy_config  # noqa: F401
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
 
 
 def test_poly_lr_is_pure_and_correct_every_step():

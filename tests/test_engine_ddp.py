@@ -2,7 +2,6 @@
 sharded evaluation reduces to exactly the single-process sums."""
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -10,9 +9,7 @@ import torch.multiprocessing as mp
 from svfseg.engine.distributed import DistInfo
 from svfseg.engine.evaluate import evaluate
 from svfseg.engine.train import ValSet, fit
-from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, one_thread, toy_config  # noqa: F401
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
 
 
 def _free_port() -> int:

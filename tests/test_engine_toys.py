@@ -1,6 +1,5 @@
 """Tiny few-shot model and episode datasets for the engine tests (no test functions here)."""
 import numpy as np
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -104,12 +103,3 @@ def toy_config(tmp_path, *extra):
                               "train.epochs=3", "train.batch_size=4", "train.steps_per_epoch=4",
                               "train.progress=false", "train.tensorboard=false", "train.log_every=2",
                               "optim.lr=0.01", "optim.lr_mult={head: 10}", "svf.enabled=false", *extra])
-
-
-@pytest.fixture
-def one_thread():
-    """Toy tensors are tiny: one intra-op thread avoids thread contention on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -17,16 +17,6 @@ from svfseg.models.heads.pfenet import scale_size
 HEADS = ("baseline", "pfenet")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two torch threads per test worker on a shared 2-core machine oversubscribe the cores
-    # (spinning OpenMP/MKL threads make LAPACK and convs 10x slower); one thread is faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyBackbone(Backbone):
     """Contract-B backbone with five small stages (3x3 and 1x1 convs, BN) for fast tests.
 

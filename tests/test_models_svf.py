@@ -15,16 +15,6 @@ BACKBONES = ("resnet50_deep", "resnet50", "resnet101_deep", "vgg16_bn", "efficie
 SIZE = (57, 57)  # 8k + 1: the ResNets (output stride 8) give 8 x 8 maps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # LAPACK's SVD with 2 threads on a 2-core machine shared with other test workers is
-    # 10-40x slower than with one (spinning threads); 1 thread keeps this file fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def head_numel(model):
     return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
 

@@ -22,15 +22,6 @@ from svfseg.svf import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread wake-ups cost more than the work, badly so on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Toy(nn.Module):
     """Stem (3->64 3x3, rank 27), BN, grouped and depthwise convs, a 1x1, a Linear head."""
 

@@ -22,15 +22,6 @@ MODES = ("reparam", "factorized", "auto")
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread wake-ups cost more than the work, badly so on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rel_err(out, ref):
     return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
