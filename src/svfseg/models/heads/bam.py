@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from svfseg.models.blocks import masked_average_pool, prior_mask, resize
+from svfseg.models.blocks import resize
 from svfseg.models.fewshot import EpisodeFeatures, check_episode_shapes
 from svfseg.models.heads.baseline import ASPPBaseline
 from svfseg.models.heads.pspnet import PSPNet
@@ -323,14 +323,7 @@ class BAM(ASPPBaseline):
 
     def _meta_learner(self, feats: EpisodeFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Meta logits (B, 2, h, w), the weighted psi (B,) and the shot weights (B, K)."""
-        b, k = feats.support_fg.shape[:2]
-        size = self.head_size(feats)
-        query = self.down_query(self.mid_level(feats.query, size))
-        support = {s: feats.support[s].flatten(0, 1) for s in self.mid_stages}
-        support_mid = self.down_supp(self.mid_level(support, size))
-        fg = feats.support_fg.flatten(0, 1).unsqueeze(1)
-        prototypes = masked_average_pool(support_mid, fg).reshape(b, k, self.reduce_dim, 1, 1)
-        priors = prior_mask(feats.query[self.prior_stage], feats.support[self.prior_stage], feats.support_fg)
+        query, prototypes, priors, size = self.shot_inputs(feats)
         priors = resize(priors, size)
         psi_shots = gram_discrepancy(feats.query[self.gram_stage], feats.support[self.gram_stage])
         weights = self.shot_weights(psi_shots)

@@ -110,6 +110,25 @@ class PrototypePriorModel(FewShotModel):
         """Concatenate the mid stages (flattened leading dims) at ``size``."""
         return torch.cat([resize(stage_feats[s], size) for s in self.mid_stages], dim=1)
 
+    def shot_inputs(
+        self, feats: EpisodeFeatures
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Compute the per-shot head inputs (before any combination over the K shots).
+
+        Returns:
+            ``(query_mid (B, D, h, w), prototypes (B, K, D, 1, 1), shot_priors (B, K, hp, wp),
+            (h, w))`` with (h, w) the head size and (hp, wp) the size of ``prior_stage``.
+        """
+        b, k = feats.support_fg.shape[:2]
+        size = self.head_size(feats)
+        query_mid = self.down_query(self.mid_level(feats.query, size))
+        support = {s: feats.support[s].flatten(0, 1) for s in self.mid_stages}
+        support_mid = self.down_supp(self.mid_level(support, size))
+        fg = feats.support_fg.flatten(0, 1).unsqueeze(1)
+        prototypes = masked_average_pool(support_mid, fg).reshape(b, k, self.reduce_dim, 1, 1)
+        shot_priors = prior_mask(feats.query[self.prior_stage], feats.support[self.prior_stage], feats.support_fg)
+        return query_mid, prototypes, shot_priors, size
+
     def query_prototype_prior(
         self, feats: EpisodeFeatures
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,13 +139,7 @@ class PrototypePriorModel(FewShotModel):
             shot_priors (B, K, hp, wp))`` with (h, w) the head size; prototypes and priors
             are averaged over the K shots.
         """
-        b, k = feats.support_fg.shape[:2]
-        size = self.head_size(feats)
-        query_mid = self.down_query(self.mid_level(feats.query, size))
-        support = {s: feats.support[s].flatten(0, 1) for s in self.mid_stages}
-        support_mid = self.down_supp(self.mid_level(support, size))
-        fg = feats.support_fg.flatten(0, 1).unsqueeze(1)
-        prototype = masked_average_pool(support_mid, fg).reshape(b, k, self.reduce_dim, 1, 1).mean(dim=1)
-        shot_priors = prior_mask(feats.query[self.prior_stage], feats.support[self.prior_stage], feats.support_fg)
+        query_mid, prototypes, shot_priors, size = self.shot_inputs(feats)
+        prototype = prototypes.mean(dim=1)
         prior = resize(shot_priors.mean(dim=1, keepdim=True), size)
         return query_mid, prototype, prior, shot_priors
