@@ -478,7 +478,7 @@ def train_base_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, arg
     """
     from svfseg.engine.distributed import cleanup, init_distributed
     from svfseg.engine.model import build_model, describe as describe_model
-    from svfseg.engine.run import write_run_metadata
+    from svfseg.engine.run import load_resume_state, write_run_metadata
 
     if cfg.model.name != BASE_MODEL:
         raise ValueError(f"train_base_run: model.name must be {BASE_MODEL!r}, got {cfg.model.name!r}")
@@ -486,15 +486,7 @@ def train_base_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, arg
     info = info or init_distributed(cfg.device)
     try:
         run_dir = Path(run_dir or cfg.run_dir())
-        last = run_dir / "last.pt"
-        state = None
-        if cfg.resume:
-            if not last.exists():
-                raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
-            state = ckpt.load(last)
-        elif last.exists():
-            raise FileExistsError(f"{run_dir} already holds a training run ({last}); continue it with "
-                                  f"`svfseg train --resume {run_dir}` or start another with name=<new name>")
+        state = load_resume_state(cfg, run_dir)
         if info.is_main:
             write_run_metadata(run_dir, cfg, argv)
         barrier(info)

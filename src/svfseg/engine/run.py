@@ -32,6 +32,31 @@ def write_run_metadata(run_dir: Path, cfg: ExperimentConfig, argv: Optional[Sequ
     (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
+def load_resume_state(cfg: ExperimentConfig, run_dir: Path) -> Optional[dict]:
+    """The run folder's ``last.pt`` when ``cfg.resume`` is set; None for a fresh run.
+
+    Args:
+        cfg: Experiment config (``resume`` read).
+        run_dir: The run folder.
+
+    Returns:
+        The loaded checkpoint, or None.
+
+    Raises:
+        FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt``.
+        FileExistsError: A fresh run would overwrite a run folder that holds a ``last.pt``.
+    """
+    last = run_dir / "last.pt"
+    if cfg.resume:
+        if not last.exists():
+            raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
+        return ckpt.load(last)
+    if last.exists():
+        raise FileExistsError(f"{run_dir} already holds a training run ({last}); continue it with "
+                              f"`svfseg train --resume {run_dir}` or start another with name=<new name>")
+    return None
+
+
 def selection_set(cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[ValSet]:
     """The validation episodes checkpoints are selected on, fixed in a file in the run folder.
 
@@ -74,16 +99,9 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
     info = info or init_distributed(cfg.device)
     try:
         run_dir = Path(run_dir or cfg.run_dir())
-        last = run_dir / "last.pt"
-        state = None
-        if cfg.resume:
-            if not last.exists():
-                raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
-            state = ckpt.load(last)
+        state = load_resume_state(cfg, run_dir)
+        if state is not None:
             _warn_config_changes(state["config"], to_dict(cfg))
-        elif last.exists():
-            raise FileExistsError(f"{run_dir} already holds a training run ({last}); continue it with "
-                                  f"`svfseg train --resume {run_dir}` or start another with name=<new name>")
         preflight(cfg)
         if info.is_main:
             write_run_metadata(run_dir, cfg, argv)

@@ -12,7 +12,7 @@ from svfseg.engine.data import eval_dataset, novel_classes
 from svfseg.engine.distributed import DistInfo, barrier
 from svfseg.engine.evaluate import evaluate
 from svfseg.engine.model import describe, load_for_inference
-from svfseg.metrics import summarize_runs
+from svfseg.metrics import format_pct, summarize_runs
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,6 @@ def _mean(vals):
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def _pct(x: float) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.2f}"
-
-
 def results_markdown(out: dict) -> str:
     """The Markdown report of one ``svfseg test`` run."""
     s = out["summary"]
@@ -134,14 +130,14 @@ def results_markdown(out: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in out["runs"]:
-        lines.append(f"| seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` | {_pct(r['miou'])} "
-                     f"| {_pct(r['fb_iou'])} |")
+        lines.append(f"| seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` | {format_pct(r['miou'])} "
+                     f"| {format_pct(r['fb_iou'])} |")
     if len(out["runs"]) > 1:
-        lines.append(f"| **mean ± std** | | | **{_pct(s['miou']['mean'])} ± {_pct(s['miou']['std'])}** "
-                     f"| {_pct(s['fb_iou']['mean'])} ± {_pct(s['fb_iou']['std'])} |")
-        lines.append(f"| best | | | {_pct(s['miou']['best'])} | {_pct(s['fb_iou']['best'])} |")
+        lines.append(f"| **mean ± std** | | | **{format_pct(s['miou']['mean'])} ± {format_pct(s['miou']['std'])}** "
+                     f"| {format_pct(s['fb_iou']['mean'])} ± {format_pct(s['fb_iou']['std'])} |")
+        lines.append(f"| best | | | {format_pct(s['miou']['best'])} | {format_pct(s['fb_iou']['best'])} |")
     lines += ["", "| class | name | IoU (%)" + (" (mean over runs)" if len(out["runs"]) > 1 else "") + " |",
               "|---|---|---|"]
     for c, v in out["per_class_mean"].items():
-        lines.append(f"| {c} | {out['class_names'][c]} | {_pct(v)} |")
+        lines.append(f"| {c} | {out['class_names'][c]} | {format_pct(v)} |")
     return "\n".join(lines) + "\n"
