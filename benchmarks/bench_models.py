@@ -1,6 +1,9 @@
 """Few-shot model costs: training step time / peak memory per backbone regime, eval throughput.
 
 PFENet + ResNet-50 deep stem (output stride 8), 1 x 3 x 473 x 473, 1-shot, random weights.
+BAM rows are opt-in (``--models pfenet,bam``): each BAM row costs about 1.2-1.7x a PFENet row
+on CPU, so by default the full run stays PFENet only. BAM gets the Pascal fold-0 base classes
+(random 16-way base learner) and the episode's class id in training.
 
 Two kinds of measurement:
 - isolated rows: each configuration in its own subprocess (clean peak memory: RSS on CPU,
@@ -13,7 +16,7 @@ Targets: SVF training step <= 1.0x the full fine-tune step; merged-SVF eval with
 frozen-backbone eval.
 
     python benchmarks/bench_models.py [--quick] [--device cpu|cuda] [--json out.json] [--threads N]
-    python benchmarks/bench_models.py --models pfenet,bam   # rows for more registered models
+    python benchmarks/bench_models.py --models pfenet,bam   # add the BAM rows (opt-in)
 """
 
 from __future__ import annotations
@@ -100,8 +103,11 @@ def _make_step(row: Row, spec: dict):
 
     device, size = spec["device"], spec["size"]
     torch.manual_seed(0)
+    # BAM needs its base classes (Pascal fold 0: 15 -> a 16-way base learner, random weights here).
+    extra = {"base_classes": tuple(range(6, 21))} if row.model == "bam" else {}
     model = create_model(
-        row.model, backbone="resnet50_deep", backbone_mode=row.backbone_mode, batch_backbone=row.batch_backbone
+        row.model, backbone="resnet50_deep", backbone_mode=row.backbone_mode, batch_backbone=row.batch_backbone,
+        **extra,
     )
     if row.merged:
         model = export_merged(model, inplace=True)
@@ -112,6 +118,8 @@ def _make_step(row: Row, spec: dict):
     masks = torch.randint(0, 2, (1, 1, size, size), generator=gen).to(device)
     target = torch.randint(0, 2, (1, size, size), generator=gen).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Models that leave the episode's class out of something in training (BAM) get its id.
+    kw = {"class_ids": torch.tensor([6], device=device)} if getattr(model, "uses_class_ids", False) else {}
 
     if row.task == "train":
         model.train()
@@ -120,7 +128,7 @@ def _make_step(row: Row, spec: dict):
 
         def run():
             opt.zero_grad(set_to_none=True)
-            _loss(model(query, supports, masks), target).backward()
+            _loss(model(query, supports, masks, **kw), target).backward()
             opt.step()
     else:
         model.eval()
@@ -295,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 round, 1-2 timed steps, 257 px input")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    parser.add_argument("--models", default="pfenet", help="comma-separated registered model names")
+    parser.add_argument(
+        "--models",
+        default="pfenet",
+        help="comma-separated registered model names (default pfenet; BAM rows are opt-in: pfenet,bam)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of isolated rows")
     parser.add_argument("--steps", type=int, default=2, help="timed iterations per isolated subprocess")
     parser.add_argument("--pair-steps", type=int, default=6, help="timed turns per configuration in paired groups")
