@@ -28,7 +28,7 @@ def test_generalized_episodes_follow_bam_rules(dataset):
     assert len(eps) == sum(1 for r in index.records if r.counts)  # every labelled val image once
     for ep in eps:
         counts = index.records[pos[ep.query]].counts
-        assert 1 <= ep.class_id <= 5
+        assert ep.class_id in range(1, 6)
         if not set(counts) & set(range(6, 21)):
             assert ep.class_id in counts  # no base class: one of the novel classes it shows
         assert ep.query not in ep.supports and all(ep.class_id in index.records[pos[s]].counts for s in ep.supports)
