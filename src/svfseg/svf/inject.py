@@ -294,7 +294,16 @@ def save_svf(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str]
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"save_svf: metadata must map str to str, found {key!r}: {type(value).__name__}")
         meta[key] = value
-    save_file(state, os.fspath(path), metadata=meta)
+    # Written next to the destination, then renamed: a crash never leaves a half-written file.
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_svf(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
