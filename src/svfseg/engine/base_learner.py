@@ -1,10 +1,10 @@
 """BAM stage 1: base-learner training and scoring (multi-class CE, base-class mIoU) and stage-1 checks.
 
 Everything that is not specific to semantic segmentation comes from the rest of the engine:
-optimiser groups and the poly schedule (``optim``), atomic/resumable checkpoints and RNG state
-(``checkpoint``), the resumable distributed batch sampler (``data``), CSV/TensorBoard logging
-and the curve PNG (``runlog``), AMP and DDP helpers; the confusion matrix is in
-:mod:`svfseg.metrics`. This module adds the multi-class loss step and the checks the BAM
+the training loop shared with few-shot training (``train.run_training``: stop/resume, logging,
+last/best checkpoints), optimiser groups and the poly schedule (``optim``), atomic/resumable
+checkpoints and RNG state (``checkpoint``), the resumable distributed batch sampler (``data``),
+AMP and DDP helpers; the confusion matrix is in :mod:`svfseg.metrics`. This module adds the multi-class loss step and the checks the BAM
 stage-2 model runs on its stage-1 input. The generalized (base + novel) evaluation of a
 stage-2 model is in :mod:`svfseg.engine.generalized`.
 """
@@ -21,14 +21,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from svfseg.config import ExperimentConfig, to_dict
+from svfseg.config import ExperimentConfig
 from svfseg.engine import checkpoint as ckpt
-from svfseg.engine.data import EpochBatchSampler, ShardSampler
+from svfseg.engine.data import ShardSampler
 from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier, resolve_device, sync_trainable_batchnorm
 from svfseg.engine.evaluate import amp_dtype, autocast, predictions_at_original_size, unwrap
-from svfseg.engine.optim import build_optimizer, poly_lr, set_lr
-from svfseg.engine.runlog import RunLogger, plot_curves
-from svfseg.engine.train import FitResult, NonFiniteLoss, StopRequest, gather_rng, steps_per_epoch
+from svfseg.engine.optim import build_optimizer
+from svfseg.engine.train import FitResult, NonFiniteLoss, ValResult, run_training, steps_per_epoch
 from svfseg.losses import cross_entropy_sum, valid_pixel_count
 from svfseg.metrics import ConfusionMatrix, format_pct
 
@@ -328,7 +327,7 @@ def fit_base(cfg: ExperimentConfig, model: nn.Module, train_set: Dataset, *, run
     spe = steps_per_epoch(cfg, len(train_set))
     total = tc.epochs * spe
     step, best, history = 0, None, []
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    last_path = run_dir / "last.pt"
     if resume_state is not None:
         ckpt.check_compatible(describe, resume_state["describe"], last_path)
         ckpt.load_model_state(unwrap(model), resume_state["model"], last_path)
@@ -344,123 +343,28 @@ def fit_base(cfg: ExperimentConfig, model: nn.Module, train_set: Dataset, *, run
         # broadcast keeps the running statistics equal across ranks.
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
-    sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    runlog = RunLogger(run_dir, resume_step=step if resume_state is not None else None,
-                       tensorboard=tc.tensorboard) if info.is_main else None
-    best_metric = None if best is None else best["miou"]
 
-    def blob(status: Optional[str] = None) -> dict:
-        b = {"format": ckpt.FORMAT, "model": unwrap(model).state_dict(), "config": to_dict(cfg), "describe": describe,
-             "step": step, "epoch": step // spe}
-        if status is not None:
-            b.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), total_steps=total,
-                     reference_decay=None, best=best, history=history, status=status,
-                     data_position={"epoch": step // spe, "step_in_epoch": step % spe, "steps_per_epoch": spe})
-        return b
+    def train_step(net: nn.Module, batch: dict, i: int) -> dict:
+        loss = _train_step(net, batch, optimizer, scaler, cfg, info, dtype, i)
+        return {"loss": loss, "main": loss, "aux": 0.0}
 
-    def save_last(status: str) -> None:
-        states = gather_rng(info)
-        if info.is_main:
-            b = blob(status)
-            b["rng_per_rank"] = states
-            ckpt.save_atomic(b, last_path)
-        barrier(info)
-
-    def validate_and_select() -> None:
-        nonlocal best, best_metric
-        if val_set is None:
-            return
-        r = evaluate_base(model, val_set, device=device, info=info, amp=tc.amp, batch_size=cfg.eval.batch_size,
+    def validate(net: nn.Module) -> ValResult:
+        r = evaluate_base(net, val_set, device=device, info=info, amp=tc.amp, batch_size=cfg.eval.batch_size,
                           workers=cfg.data.workers, progress=tc.progress)
-        improved = tc.select_on != "last" and (best_metric is None or r["miou"] > best_metric)
-        row = {"step": step, "epoch": step // spe, "on": "base_val", "miou": r["miou"], "fb_iou": r["fb_iou"],
-               "episodes": r["images"], "best": int(improved)}
-        history.append({**row, "bg_iou": r["bg_iou"], "pixel_acc": r["pixel_acc"]})
-        logger.info("step %d: base-class mIoU %.2f (background IoU %.2f, FB-IoU %.2f) over %d val images%s", step,
-                    100 * r["miou"], 100 * r["bg_iou"], 100 * r["fb_iou"], r["images"],
-                    "  (best so far)" if improved else "")
-        if runlog is not None:
-            runlog.log_val(row)
-        if improved:
-            best_metric = r["miou"]
-            best = {"step": step, "epoch": step // spe, "on": "base_val", "miou": r["miou"], "fb_iou": r["fb_iou"],
-                    "bg_iou": r["bg_iou"], "per_class": {str(k): v for k, v in r["per_class"].items()}}
-            if info.is_main:
-                b = blob()
-                b["metrics"] = best
-                ckpt.save_atomic(b, best_path)
+        return ValResult(
+            row={"on": "base_val", "miou": r["miou"], "fb_iou": r["fb_iou"], "episodes": r["images"]},
+            best={"on": "base_val", "miou": r["miou"], "fb_iou": r["fb_iou"], "bg_iou": r["bg_iou"],
+                  "per_class": {str(k): v for k, v in r["per_class"].items()}},
+            message=("step %d: base-class mIoU %.2f (background IoU %.2f, FB-IoU %.2f) over %d val images%s",
+                     100 * r["miou"], 100 * r["bg_iou"], 100 * r["fb_iou"], r["images"]),
+            history_extra={"bg_iou": r["bg_iou"], "pixel_acc": r["pixel_acc"]})
 
-    t_start, status = time.perf_counter(), "finished"
-    bar = None
-    if tc.progress and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=step, desc="train base learner", unit="step", dynamic_ncols=True)
-    window = {"loss": 0.0, "n": 0, "t": time.perf_counter()}
-    try:
-        with StopRequest() as stop:
-            while step < total:
-                epoch, first = divmod(step, spe)
-                if hasattr(train_set, "set_epoch"):
-                    train_set.set_epoch(epoch)
-                sampler.set_epoch(epoch, first)
-                for batch in _loader(train_set, batch_sampler=sampler, workers=cfg.data.workers,
-                                     pin_memory=device.type == "cuda"):
-                    want_stop = stop.requested or (tc.stop_after_steps is not None and step >= tc.stop_after_steps)
-                    if info.distributed:
-                        want_stop = bool(all_reduce_sum(torch.tensor([float(want_stop)]), info).item())
-                    if want_stop:
-                        status = "interrupted"
-                        break
-                    lr = poly_lr(step, total, oc.lr, oc.power, oc.warmup_steps)
-                    set_lr(optimizer, lr)
-                    window["loss"] += _train_step(model, batch, optimizer, scaler, cfg, info, dtype, step)
-                    window["n"] += 1
-                    step += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if step % tc.log_every == 0 or step == total:
-                        now = time.perf_counter()
-                        loss = window["loss"] / max(window["n"], 1)
-                        row = {"step": step, "epoch": epoch, "loss": loss, "loss_main": loss, "loss_aux": 0.0,
-                               "lr": lr, "steps_per_s": window["n"] / max(now - window["t"], 1e-9),
-                               "elapsed_s": now - t_start}
-                        if runlog is not None:
-                            runlog.log_train(row)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-                        window.update(loss=0.0, n=0, t=now)
-                    if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step % spe:
-                        save_last("running")
-                if status == "interrupted":
-                    break
-                if tc.val_every and ((step // spe) % tc.val_every == 0 or step == total):
-                    validate_and_select()
-                save_last("running" if step < total else "finished")
-        if status == "interrupted":
-            save_last("interrupted")
-            logger.warning("stopped at step %d/%d; continue with `svfseg train --resume %s`", step, total, run_dir)
-        elif val_set is None or tc.select_on == "last" or not best_path.exists():
-            if info.is_main:
-                b = blob()
-                b["metrics"] = history[-1] if history else None
-                ckpt.save_atomic(b, best_path)
-            barrier(info)
-    finally:
-        if bar is not None:
-            bar.close()
-        if runlog is not None:
-            runlog.close()
-            plot_curves(run_dir)
-    seconds = time.perf_counter() - t_start
-    if info.is_main:
-        summary = {"stage": "bam_base", "status": status, "step": step, "total_steps": total, "seconds": seconds,
-                   "best": best, "history": history}
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    return FitResult(status, step, total, run_dir, last_path, best_path if best_path.exists() else None, best,
-                     seconds, history)
+    return run_training(
+        cfg, info, model=model, optimizer=optimizer, scaler=scaler, ref_decay=None, train_set=train_set,
+        loader=_loader, spe=spe, total=total, run_dir=run_dir, describe=describe, step=step, best=best,
+        history=history, resumed=resume_state is not None, train_step=train_step,
+        validate=validate if val_set is not None else None, desc="train base learner", log=logger,
+        summary={"stage": "bam_base"})
 
 
 def train_base_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Optional[Sequence[str]] = None,

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -135,8 +135,6 @@ def fit(
     info = info or DistInfo(device=resolve_device(cfg.device))
     device = info.device
     run_dir = Path(run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     tc, oc = cfg.train, cfg.optim
     # Dropout and other in-model randomness use the global torch RNG: seed it per process and
     # carry its state in checkpoints so a resumed run draws the same numbers.
@@ -174,8 +172,87 @@ def fit(
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     model.train()
 
+    def validate(net: nn.Module) -> ValResult:
+        r = evaluate(net, val.dataset, class_ids=val.class_ids, device=device, info=info, amp=tc.amp,
+                     batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=tc.progress,
+                     desc=f"val ({val.on})")
+        return ValResult(
+            row={"on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"], "episodes": r["episodes"]},
+            best={"on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"],
+                  "per_class": {str(k): v for k, v in r["per_class"].items()},
+                  "episode_fingerprint": r["episode_fingerprint"]},
+            message=("step %d: val (%s) mIoU %.2f FB-IoU %.2f over %d episodes%s",
+                     val.on, 100 * r["miou"], 100 * r["fb_iou"], r["episodes"]))
+
+    return run_training(
+        cfg, info, model=model, optimizer=optimizer, scaler=scaler, ref_decay=ref_decay, train_set=train_set,
+        loader=make_loader, spe=spe, total=total, run_dir=run_dir, describe=describe, step=step, best=best,
+        history=history, resumed=resume_state is not None,
+        train_step=lambda net, batch, i: _train_step(net, batch, optimizer, scaler, ref_decay, cfg, info, dtype, i),
+        validate=validate if val is not None else None)
+
+
+@dataclass
+class ValResult:
+    """One validation pass, as a trainer's ``validate`` callback reports it to :func:`run_training`."""
+
+    row: dict                          # val.csv row without step/epoch/best (``miou`` is the selection score)
+    best: dict                         # best.pt ``metrics`` / FitResult.best without step/epoch
+    message: tuple                     # logger format (step first, "%s" last for the best-so-far mark) + args
+    history_extra: dict = field(default_factory=dict)   # extra keys kept in the history row
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    info: DistInfo,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ref_decay,
+    train_set: Dataset,
+    loader: Callable,
+    spe: int,
+    total: int,
+    run_dir: Path,
+    describe: dict,
+    step: int,
+    best: Optional[dict],
+    history: list,
+    resumed: bool,
+    train_step: Callable[[nn.Module, dict, int], dict],
+    validate: Optional[Callable[[nn.Module], ValResult]],
+    desc: str = "train",
+    log: logging.Logger = logger,
+    summary: Optional[dict] = None,
+) -> FitResult:
+    """The loop :func:`fit` and the BAM base learner share, from ``step`` to ``total`` (or a stop).
+
+    Sets ``poly_lr`` before every step, stops on Ctrl-C/SIGTERM or ``train.stop_after_steps``
+    (agreed across processes), logs a window mean every ``train.log_every`` steps, writes
+    ``last.pt`` at epoch ends / every ``train.checkpoint_every`` steps / on a stop, validates
+    every ``train.val_every`` epochs and writes ``best.pt`` on a better ``miou`` (or the last
+    model when nothing selects), and writes ``train_summary.json``.
+
+    Args:
+        model: the model being trained (already on the device and DDP-wrapped where distributed).
+        optimizer, scaler, ref_decay: stored in ``last.pt`` (``ref_decay`` may be None).
+        loader: ``loader(train_set, batch_sampler=, workers=, pin_memory=)`` -> iterable of batches.
+        step, best, history: where the run stands (from a resume state or fresh).
+        resumed: whether the run continues from a checkpoint (the logs are cut back to ``step``).
+        train_step: ``train_step(model, batch, step)`` applies one step and returns its
+            ``loss``/``main``/``aux`` values.
+        validate: ``validate(model)`` -> :class:`ValResult`; None = no validation (best = last).
+        desc: progress-bar label.
+        log: logger of the validation and stop lines.
+        summary: extra leading keys of ``train_summary.json``.
+    """
+    tc, oc = cfg.train, cfg.optim
+    device = info.device
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)
-    runlog = RunLogger(run_dir, resume_step=step if resume_state is not None else None,
+    runlog = RunLogger(run_dir, resume_step=step if resumed else None,
                        tensorboard=tc.tensorboard) if info.is_main else None
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     best_metric = None if best is None else best["miou"]
@@ -193,24 +270,19 @@ def fit(
 
     def validate_and_select() -> None:
         nonlocal best, best_metric
-        if val is None:
+        if validate is None:
             return
-        r = evaluate(model, val.dataset, class_ids=val.class_ids, device=device, info=info, amp=tc.amp,
-                     batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=tc.progress,
-                     desc=f"val ({val.on})")
-        improved = tc.select_on != "last" and (best_metric is None or r["miou"] > best_metric)
-        row = {"step": step, "epoch": step // spe, "on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"],
-               "episodes": r["episodes"], "best": int(improved)}
-        history.append(row)
-        logger.info("step %d: val (%s) mIoU %.2f FB-IoU %.2f over %d episodes%s", step, val.on, 100 * r["miou"],
-                    100 * r["fb_iou"], r["episodes"], "  (best so far)" if improved else "")
+        v = validate(model)
+        improved = tc.select_on != "last" and (best_metric is None or v.row["miou"] > best_metric)
+        row = {"step": step, "epoch": step // spe, **v.row, "best": int(improved)}
+        history.append({**row, **v.history_extra})
+        fmt, *args = v.message
+        log.info(fmt, step, *args, "  (best so far)" if improved else "")
         if runlog is not None:
             runlog.log_val(row)
         if improved:
-            best_metric = r["miou"]
-            best = {"step": step, "epoch": step // spe, "on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"],
-                    "per_class": {str(k): v for k, v in r["per_class"].items()},
-                    "episode_fingerprint": r["episode_fingerprint"]}
+            best_metric = v.row["miou"]
+            best = {"step": step, "epoch": step // spe, **v.best}
             if info.is_main:
                 blob = _model_blob(model, cfg, describe, step, step // spe)
                 blob["metrics"] = best
@@ -218,7 +290,7 @@ def fit(
 
     t_start = time.perf_counter()
     status = "finished"
-    bar = _progress(total, step, tc.progress and info.is_main)
+    bar = _progress(total, step, tc.progress and info.is_main, desc)
     window = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "t": time.perf_counter()}
     try:
         with StopRequest() as stop:
@@ -227,9 +299,8 @@ def fit(
                 if hasattr(train_set, "set_epoch"):
                     train_set.set_epoch(epoch)
                 sampler.set_epoch(epoch, first)
-                loader = make_loader(train_set, batch_sampler=sampler, workers=cfg.data.workers,
-                                     pin_memory=device.type == "cuda")
-                for batch in loader:
+                for batch in loader(train_set, batch_sampler=sampler, workers=cfg.data.workers,
+                                    pin_memory=device.type == "cuda"):
                     want_stop = stop.requested or (tc.stop_after_steps is not None and step >= tc.stop_after_steps)
                     if info.distributed:
                         want_stop = bool(all_reduce_sum(torch.tensor([float(want_stop)]), info).item())
@@ -238,7 +309,7 @@ def fit(
                         break
                     lr = poly_lr(step, total, oc.lr, oc.power, oc.warmup_steps)
                     set_lr(optimizer, lr)
-                    stats = _train_step(model, batch, optimizer, scaler, ref_decay, cfg, info, dtype, step)
+                    stats = train_step(model, batch, step)
                     step += 1
                     for k in ("loss", "main", "aux"):
                         window[k] += stats[k]
@@ -256,8 +327,8 @@ def fit(
                 save_last("running" if step < total else "finished")
         if status == "interrupted":
             save_last("interrupted")
-            logger.warning("stopped at step %d/%d; continue with `svfseg train --resume %s`", step, total, run_dir)
-        elif val is None or tc.select_on == "last" or not best_path.exists():
+            log.warning("stopped at step %d/%d; continue with `svfseg train --resume %s`", step, total, run_dir)
+        elif validate is None or tc.select_on == "last" or not best_path.exists():
             if info.is_main:
                 blob = _model_blob(model, cfg, describe, step, step // spe)
                 blob["metrics"] = history[-1] if history else None
@@ -271,9 +342,9 @@ def fit(
             plot_curves(run_dir)
     seconds = time.perf_counter() - t_start
     if info.is_main:
-        summary = {"status": status, "step": step, "total_steps": total, "seconds": seconds, "best": best,
-                   "history": history}
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        out = {**(summary or {}), "status": status, "step": step, "total_steps": total, "seconds": seconds,
+               "best": best, "history": history}
+        (run_dir / "train_summary.json").write_text(json.dumps(out, indent=1, default=str))
     return FitResult(status, step, total, run_dir, last_path, best_path if best_path.exists() else None, best,
                      seconds, history)
 
@@ -329,12 +400,12 @@ def _flush(window: dict, step: int, epoch: int, lr: float, runlog: Optional[RunL
     window.update(loss=0.0, main=0.0, aux=0.0, n=0, t=now)
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool, desc: str = "train"):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
 
 def gather_rng(info: DistInfo) -> list:
