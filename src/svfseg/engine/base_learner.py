@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from svfseg.config import ExperimentConfig
 from svfseg.engine import checkpoint as ckpt
-from svfseg.engine.data import ShardSampler
+from svfseg.engine.data import ShardSampler, make_loader
 from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier, resolve_device, sync_trainable_batchnorm
-from svfseg.engine.evaluate import amp_dtype, autocast, predictions_at_original_size, unwrap
+from svfseg.engine.evaluate import _bar, amp_dtype, autocast, predictions_at_original_size, unwrap
 from svfseg.engine.optim import build_optimizer
 from svfseg.engine.train import FitResult, NonFiniteLoss, ValResult, run_training, steps_per_epoch
 from svfseg.losses import cross_entropy_sum, valid_pixel_count
@@ -189,17 +189,11 @@ def semantic_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
                                   train_scale=d.train_scale, test_size=d.test_size)
 
 
-def _loader(dataset: Dataset, *, batch_sampler=None, sampler=None, batch_size: int = 1, workers: int = 0,
-            pin_memory: bool = False) -> DataLoader:
-    # Same policy as engine.data.make_loader (own generator, never the global RNG), with the
-    # semantic collate instead of the episode one.
+def _loader(dataset: Dataset, **kw) -> DataLoader:
+    # engine.data.make_loader (own generator, never the global RNG) with the semantic collate.
     from svfseg.data.semantic import collate_semantic
 
-    kw = dict(num_workers=workers, collate_fn=collate_semantic, pin_memory=pin_memory,
-              generator=torch.Generator().manual_seed(0), persistent_workers=False)
-    if batch_sampler is not None:
-        return DataLoader(dataset, batch_sampler=batch_sampler, **kw)
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, shuffle=False, drop_last=False, **kw)
+    return make_loader(dataset, collate_fn=collate_semantic, **kw)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -226,11 +220,7 @@ def evaluate_base(model: nn.Module, dataset: Dataset, *, device: torch.device, i
     loader = _loader(dataset, sampler=sampler, batch_size=batch_size, workers=workers)
     cm = ConfusionMatrix(dataset.num_classes)
     dtype = amp_dtype(amp, device)
-    bar = None
-    if progress and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(loader), desc=desc, unit="batch", dynamic_ncols=True, leave=False)
+    bar = _bar(len(loader), desc, progress and info.is_main)
     t0, seen = time.perf_counter(), 0
     try:
         for batch in loader:

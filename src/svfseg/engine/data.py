@@ -88,13 +88,14 @@ def collate(batch: list[dict]) -> dict:
 
 
 def make_loader(dataset: Dataset, *, batch_sampler: Optional[Sampler] = None, sampler: Optional[Sampler] = None,
-                batch_size: int = 1, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                batch_size: int = 1, workers: int = 0, pin_memory: bool = False, collate_fn=collate) -> DataLoader:
     """A DataLoader that never touches the global torch RNG (it gets its own generator).
 
     The episodes' randomness comes from (seed, epoch, index) inside the dataset; keeping the
     loader off the global RNG is what makes a resumed run continue the same dropout stream.
+    ``collate_fn`` defaults to the episode collate.
     """
-    kw = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+    kw = dict(num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory,
               generator=torch.Generator().manual_seed(0), persistent_workers=False)
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **kw)
