@@ -235,7 +235,8 @@ def _verdict(rows: dict) -> str:
     if math.isnan(d):
         return "\nNo comparison: a score is undefined."
     if d > 0:
-        return f"\nSVF beats the frozen backbone by {d:.2f} mIoU points on these episodes."
+        return (f"\nSVF scores {d:.2f} mIoU points above the frozen backbone on these episodes, from one "
+                f"training seed: rerun with other --seed values before reading much into a small gap.")
     return (f"\nSVF does NOT beat the frozen backbone here ({d:+.2f} mIoU points). This short CPU run is a "
             f"smoke test of the pipeline, not a reproduction of the paper; see README.")
 
