@@ -16,14 +16,14 @@ BASE = tuple(range(6, 21))  # Pascal fold 0 base classes -> channels 1..15
 def stage1(seed=0, kind="os8"):
     torch.manual_seed(seed)
     steps = (2, 2, 2, 1, 1) if kind == "os8" else (2, 2, 2, 2, 2)
-    return create_model("bam_base", backbone=TinyBackbone(steps=steps, seed=seed), backbone_mode="train",
+    return create_model("bam_base", backbone=TinyBackbone(steps=steps, seed=seed), regime="full",
                         num_classes=len(BASE) + 1)
 
 
 def stage2(mode="frozen", shot=1, state=None, kind="os8", **kw):
     torch.manual_seed(1)
     steps = (2, 2, 2, 1, 1) if kind == "os8" else (2, 2, 2, 2, 2)
-    return create_model("bam", backbone=TinyBackbone(steps=steps, seed=5), backbone_mode=mode, base_classes=BASE,
+    return create_model("bam", backbone=TinyBackbone(steps=steps, seed=5), regime=mode, base_classes=BASE,
                         shot=shot, base_state=state, reduce_dim=16, **kw)
 
 
@@ -44,10 +44,10 @@ def test_base_learner_shapes_gradients_groups_and_bn():
     assert model.describe()["num_classes"] == 16 and model.describe()["head"]["ppm_bins"] == [1, 2, 3, 6]
     model.eval()
     assert model(x).shape == (2, 16, 65, 49)
-    frozen = create_model("bam_base", backbone=TinyBackbone(), backbone_mode="frozen", num_classes=16)
+    frozen = create_model("bam_base", backbone=TinyBackbone(), regime="frozen", num_classes=16)
     assert [g["name"] for g in frozen.parameter_groups()] == ["head"]
     with pytest.raises(ValueError, match="does not use SVF"):
-        create_model("bam_base", backbone=TinyBackbone(), backbone_mode="svf", num_classes=16)
+        create_model("bam_base", backbone=TinyBackbone(), regime="svf", num_classes=16)
 
 
 # -- stage 2 -----------------------------------------------------------------------------------
@@ -174,19 +174,19 @@ def test_merged_export_matches_svf_model():
     with torch.no_grad():
         want = model(q, s, m)
         merged = export_merged(model)
-        assert isinstance(merged, BAM) and merged.backbone_mode == "frozen"
+        assert isinstance(merged, BAM) and merged.regime == "frozen"
         torch.testing.assert_close(merged(q, s, m), want, rtol=1e-4, atol=1e-5)
 
 
 def test_both_stages_on_efficientnet_lite0_at_65px():
     torch.manual_seed(0)
-    base = create_model("bam_base", backbone="efficientnet_lite0", backbone_mode="train", num_classes=16)
+    base = create_model("bam_base", backbone="efficientnet_lite0", regime="full", num_classes=16)
     x = torch.randn(2, 3, 65, 65)
     logits = base(x)
     assert logits.shape == (2, 16, 65, 65)
     logits.logsumexp(1).mean().backward()
     assert all(p.grad is not None for p in base.backbone.parameters())
-    model = create_model("bam", backbone="efficientnet_lite0", backbone_mode="svf", base_classes=BASE, shot=1,
+    model = create_model("bam", backbone="efficientnet_lite0", regime="svf", base_classes=BASE, shot=1,
                          base_state=base.state_dict())
     q, s, m = episode(b=2, k=1, size=(65, 65))
     out = model(q, s, m, class_ids=[6, 7])

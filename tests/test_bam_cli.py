@@ -46,7 +46,7 @@ def test_two_stage_run_writes_both_checkpoints_and_results(tmp_path, capsys):
     assert main(["train", *stage2_args]) == 0
     stage2 = tmp_path / "runs" / f"synthetic_bam_{TINY}_svf_fold0_1shot"
     s2 = ckpt.load(stage2 / "best.pt")
-    assert s2["describe"]["name"] == "bam" and s2["describe"]["backbone_mode"] == "svf"
+    assert s2["describe"]["name"] == "bam" and s2["describe"]["regime"] == "svf"
     assert any(k.startswith("base_learner.cls.") for k in s2["model"])
 
     assert main(["test", "--checkpoint", str(stage2 / "best.pt"), "eval.num_episodes=4", "eval.seeds=[0]"]) == 0

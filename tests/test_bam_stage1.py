@@ -14,18 +14,29 @@ from svfseg.data import generate_synthetic
 from svfseg.data.io import read_label
 from svfseg.data.semantic import base_label_lut, build_semantic_dataset
 from svfseg.engine import checkpoint as ckpt
-from svfseg.engine.base_learner import (
-    check_base_checkpoint,
-    evaluate_base,
-    fit_base,
-    load_base_learner_state,
-    model_kwargs,
-    stage1_differences,
-)
-from svfseg.engine.model import describe
+from svfseg.engine.loop import fit
+from svfseg.engine.model import describe, load_dependencies, preflight
+from svfseg.engine.tasks import EvalSet, SemanticTask
+from svfseg.engine.tasks.semantic import evaluate_semantic as evaluate_base
 from svfseg.metrics import ConfusionMatrix
-from svfseg.models import create_model
+from svfseg.models import create_model, model_recipe
+from svfseg.models.heads.bam_recipe import stage1_differences
 from test_models import TinyBackbone
+
+
+def model_kwargs(cfg):
+    """The constructor keywords the model's recipe derives from the config."""
+    return model_recipe(cfg.model.name).model_kwargs(cfg)
+
+
+def load_base_learner_state(cfg):
+    """The stage-1 state dict a BAM run is built from (read and checked by the engine)."""
+    return load_dependencies(cfg)["base_state"]
+
+
+def fit_base(cfg, model, train, *, run_dir, describe, val_set=None, resume_state=None):
+    return fit(cfg, model, train, task=SemanticTask(), run_dir=run_dir, describe=describe,
+               val=EvalSet(val_set, on="base_val") if val_set is not None else None, resume_state=resume_state)
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -88,7 +99,7 @@ def test_fit_base_writes_checkpoints_and_base_miou(root, tmp_path):
     cfg = base_cfg(root, tmp_path)
     assert model_kwargs(cfg) == {"num_classes": 16}
     torch.manual_seed(0)
-    model = create_model("bam_base", backbone=TinyBackbone(), backbone_mode="train", hidden=32, **model_kwargs(cfg))
+    model = create_model("bam_base", backbone=TinyBackbone(), regime="full", hidden=32, **model_kwargs(cfg))
     train = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="train", train_crop=64)
     val = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="val", test_size=64)
     run = tmp_path / "stage1"
@@ -102,13 +113,13 @@ def test_fit_base_writes_checkpoints_and_base_miou(root, tmp_path):
     assert last["status"] == "finished" and "optimizer" in last
     assert (run / "val_log.csv").read_text().count("base_val") == 1
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["stage"] == "bam_base" and summary["step"] == 2
+    assert summary["model"] == "bam_base" and summary["task"] == "semantic" and summary["step"] == 2
     r = evaluate_base(model, val, device=torch.device("cpu"))
     assert r["images"] == 6 and r["miou"] == pytest.approx(best["metrics"]["miou"])
 
 
 def _stage1_checkpoint(tmp_path, cfg, num_classes=16, fold=0):
-    model = create_model("bam_base", backbone=TinyBackbone(), backbone_mode="train", num_classes=num_classes)
+    model = create_model("bam_base", backbone=TinyBackbone(), regime="full", num_classes=num_classes)
     d = describe(model, cfg)
     d["fold"] = fold
     path = tmp_path / f"fold{fold}" / "best.pt"
@@ -128,7 +139,7 @@ def test_stage2_refuses_missing_or_incompatible_stage1_checkpoint(root, tmp_path
     cfg.model.base_checkpoint = str(tmp_path / "fold{fold}" / "best.pt")
     state = load_base_learner_state(cfg)  # fold 0: fits
     bam = create_model("bam", backbone=TinyBackbone(seed=3), base_state=state, reduce_dim=8,
-                       **{k: v for k, v in model_kwargs(cfg, pretrained=False).items()})
+                       **model_kwargs(cfg))
     x = torch.randn(1, 3, 33, 33)
     model.eval()
     with torch.no_grad():
@@ -138,7 +149,7 @@ def test_stage2_refuses_missing_or_incompatible_stage1_checkpoint(root, tmp_path
     with pytest.raises(ckpt.CheckpointMismatch, match=msg):
         load_base_learner_state(cfg)
     with pytest.raises(ckpt.CheckpointMismatch, match="checkpoint has 11"):
-        check_base_checkpoint(cfg)  # the fail-fast check (lazy read) finds the same
+        preflight(cfg)  # the fail-fast check (lazy read) finds the same
     cfg.fold = 2
     with pytest.raises(FileNotFoundError, match=r"fold2/best.pt does not exist.*bam_base_<backbone>.yaml fold=2"):
         load_base_learner_state(cfg)
@@ -154,7 +165,7 @@ def test_fit_base_killed_and_resumed_ends_with_the_same_weights(root, tmp_path):
         cfg = base_cfg(root, tmp_path, "train.val_every=0", "train.steps_per_epoch=3", "train.batch_size=2",
                        *([f"train.stop_after_steps={stop}"] if stop else []))
         torch.manual_seed(0)
-        model = create_model("bam_base", backbone=TinyBackbone(), backbone_mode="train", hidden=16, **model_kwargs(cfg))
+        model = create_model("bam_base", backbone=TinyBackbone(), regime="full", hidden=16, **model_kwargs(cfg))
         train = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="train", train_crop=48)
         state = ckpt.load(tmp_path / resume / "last.pt") if resume else None
         res = fit_base(cfg, model, train, run_dir=tmp_path / (resume or name), describe=describe(model, cfg),
@@ -173,7 +184,7 @@ def test_fit_base_killed_and_resumed_ends_with_the_same_weights(root, tmp_path):
 
 def test_fit_base_refuses_one_image_per_batch_when_bn_trains(root, tmp_path):
     cfg = base_cfg(root, tmp_path, "train.batch_size=1")
-    model = create_model("bam_base", backbone=TinyBackbone(), backbone_mode="train", hidden=16, **model_kwargs(cfg))
+    model = create_model("bam_base", backbone=TinyBackbone(), regime="full", hidden=16, **model_kwargs(cfg))
     train = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="train", train_crop=48)
     with pytest.raises(ValueError, match="needs >= 2 images per process"):
         fit_base(cfg, model, train, run_dir=tmp_path / "one", describe=describe(model, cfg))

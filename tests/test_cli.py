@@ -47,7 +47,7 @@ def test_train_writes_run_folder(trained):
     summary = json.loads((trained / "train_summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 4 and len(summary["history"]) == 2
     last = torch.load(trained / "last.pt", weights_only=True)
-    assert last["describe"]["backbone_mode"] == "svf" and last["describe"]["fold"] == 0
+    assert last["describe"]["regime"] == "svf" and last["describe"]["fold"] == 0
 
 
 def test_test_merge_predict_report(trained, data_root, tmp_path, capsys):
@@ -103,12 +103,12 @@ def test_test_merge_predict_report(trained, data_root, tmp_path, capsys):
 
 
 def test_kill_and_resume_through_cli(data_root, tmp_path):
-    full = tiny(data_root, tmp_path, "full", "svf.enabled=false", "train.val_every=0")
+    full = tiny(data_root, tmp_path, "full", "model.regime=frozen", "train.val_every=0")
     assert main(["train", *full]) == 0
-    assert main(["train", *tiny(data_root, tmp_path, "cut", "svf.enabled=false", "train.val_every=0",
+    assert main(["train", *tiny(data_root, tmp_path, "cut", "model.regime=frozen", "train.val_every=0",
                                 "train.stop_after_steps=3")]) == 130
     # a second start without resume refuses to overwrite the run
-    assert main(["train", *tiny(data_root, tmp_path, "cut", "svf.enabled=false", "train.val_every=0")]) == 1
+    assert main(["train", *tiny(data_root, tmp_path, "cut", "model.regime=frozen", "train.val_every=0")]) == 1
     assert main(["train", "--resume", str(tmp_path / "cut"), "train.stop_after_steps=null"]) == 0
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
@@ -116,7 +116,7 @@ def test_kill_and_resume_through_cli(data_root, tmp_path):
 
 
 def test_select_on_heldout_base_classes(data_root, tmp_path):
-    assert main(["train", *tiny(data_root, tmp_path, "sel", "svf.enabled=false", "train.epochs=1",
+    assert main(["train", *tiny(data_root, tmp_path, "sel", "model.regime=frozen", "train.epochs=1",
                                 "train.select_on=base_heldout")]) == 0
     from svfseg.data.episodes import EpisodeList
     from svfseg.data.splits import class_split
@@ -133,7 +133,7 @@ def test_torchrun_two_processes(data_root, tmp_path):
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "svfseg", "train", *tiny(data_root, tmp_path, "ddp", "svf.enabled=false", "train.epochs=1",
+           "-m", "svfseg", "train", *tiny(data_root, tmp_path, "ddp", "model.regime=frozen", "train.epochs=1",
                                          "train.val_every=0")]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)

@@ -13,7 +13,7 @@ def test_dotlist_overrides_yaml_and_defaults(tmp_path):
     recipe.write_text("fold: 2\noptim:\n  lr: 0.01\n  lr_mult: {head: 5.0}\nsvf:\n  enabled: true\n")
     cfg = load_config(recipe, ["fold=1", "shot=5", "svf.enabled=false", "optim.lr=0.005",
                                "data.train_scale=[0.8, 1.25]", "model.weights=null"])
-    assert (cfg.fold, cfg.shot, cfg.svf.enabled, cfg.optim.lr) == (1, 5, False, 0.005)
+    assert (cfg.fold, cfg.shot, cfg.model.regime, cfg.optim.lr) == (1, 5, "frozen", 0.005)
     assert cfg.data.train_scale == (0.8, 1.25)
     # lr_mult merges key by key: head from the recipe, svf/backbone from the defaults
     assert cfg.optim.lr_mult == {"head": 5.0, "svf": 1.0, "backbone": 1.0}
@@ -70,5 +70,29 @@ def test_every_recipe_loads():
     for p in recipes:
         cfg = load_config(p)
         assert cfg.optim.lr_mult["head"] == 10.0, p
-        if cfg.svf.enabled:
+        if cfg.model.regime == "svf":
             assert cfg.optim.lr_mult["svf"] * 10 == cfg.optim.lr_mult["head"], p  # S at 1/10 of the head lr
+
+
+def test_regime_is_one_key_and_the_old_pair_still_works(tmp_path, caplog):
+    assert load_config(None).model.regime == "svf"
+    assert load_config(None, ["model.regime=full"]).model.regime == "full"
+    with pytest.raises(ConfigError, match="'model.regime' must be one of"):
+        load_config(None, ["model.regime=lora-ish"])
+    # svfseg 0.1's two keys combine across layers exactly as they did: svf.enabled wins when true,
+    # and a backbone_mode given while SVF was on counts once SVF is switched off.
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("model:\n  backbone_mode: train\n")
+    with caplog.at_level("WARNING"):
+        assert load_config(recipe).model.regime == "svf"
+        assert load_config(recipe, ["svf.enabled=false"]).model.regime == "full"
+    assert "deprecated; use model.regime" in caplog.text
+    assert load_config(None, ["svf.enabled=false"]).model.regime == "frozen"
+    with pytest.raises(ConfigError, match="keep only model.regime"):
+        load_config(None, ["model.regime=svf", "svf.enabled=false"])
+    # A config stored by svfseg 0.1 (e.g. in a checkpoint) reads as the same regime.
+    old = to_dict(load_config(None))
+    del old["model"]["regime"]
+    old["model"]["backbone_mode"], old["svf"]["enabled"] = "train", False
+    assert from_dict(old).model.regime == "full"
+    assert "enabled" not in to_dict(from_dict(old))["svf"]

@@ -28,15 +28,17 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
 
 def test_demo_trains_the_synthetic_recipes(tmp_path):
+    """The demo loads the recipe files; its FULL plan only restates their sizes."""
     from pathlib import Path
 
     from svfseg.config import load_config
-    from svfseg.demo import FULL, demo_overrides, run_overrides
+    from svfseg.demo import FULL, demo_config, recipe_path, run_overrides
 
     configs = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
     for head in ("pfenet", "baseline"):
+        assert recipe_path(head).resolve() == (configs / f"{head}_efficientnet_lite0.yaml").resolve()
         for regime in ("frozen", "svf"):
-            demo = load_config(None, demo_overrides(FULL, tmp_path / "d", tmp_path / "o", head, regime))
+            demo = demo_config(FULL, tmp_path / "d", tmp_path / "o", head, regime)
             recipe = load_config(configs / f"{head}_efficientnet_lite0.yaml",
                                  run_overrides(tmp_path / "d", tmp_path / "o", regime))
             assert demo == recipe, (head, regime)

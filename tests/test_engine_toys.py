@@ -102,4 +102,4 @@ def toy_config(tmp_path, *extra):
     return load_config(None, [f"output_dir={tmp_path}", "name=toy", "device=cpu", "data.workers=0",
                               "train.epochs=3", "train.batch_size=4", "train.steps_per_epoch=4",
                               "train.progress=false", "train.tensorboard=false", "train.log_every=2",
-                              "optim.lr=0.01", "optim.lr_mult={head: 10}", "svf.enabled=false", *extra])
+                              "optim.lr=0.01", "optim.lr_mult={head: 10}", "model.regime=frozen", *extra])

@@ -284,8 +284,8 @@ def test_unmasked_support_path_for_heads_that_want_it():
 
 # -- regimes on the tiny backbone ----------------------------------------------------------------
 def test_train_mode_keeps_backbone_batchnorm_in_eval():
-    for mode in ("frozen", "train"):
-        model = build("pfenet", backbone_mode=mode).train()
+    for mode in ("frozen", "full"):
+        model = build("pfenet", regime=mode).train()
         bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
         assert bns and all(not m.training and is_frozen_batchnorm(m) for m in bns)
         assert model.down_query.training and model.cls.training
@@ -299,7 +299,7 @@ def test_frozen_and_train_regimes_trainable_sets():
     head = {n for n, p in frozen.named_parameters() if not n.startswith("backbone.")}
     assert {n for n, p in frozen.named_parameters() if p.requires_grad} == head
     assert [g["name"] for g in frozen.parameter_groups()] == ["head"]
-    full = build("pfenet", backbone_mode="train")
+    full = build("pfenet", regime="full")
     assert all(p.requires_grad for p in full.parameters())
     groups = {g["name"]: g for g in full.parameter_groups()}
     assert set(groups) == {"backbone", "head"}
@@ -320,8 +320,11 @@ def test_registry_lists_models_and_rejects_unknown_names():
     assert {"baseline", "pfenet"} <= set(list_models())
     with pytest.raises(ValueError, match="did you mean 'pfenet'"):
         create_model("pfenett", backbone=tiny())
-    with pytest.raises(ValueError, match="backbone_mode"):
+    with pytest.raises(ValueError, match="regime must be one of"):
+        create_model("pfenet", backbone=tiny(), regime="finetune")
+    with pytest.raises(ValueError, match="backbone_mode"):  # svfseg 0.1's name for the regime, still checked
         create_model("pfenet", backbone=tiny(), backbone_mode="finetune")
+    assert create_model("pfenet", backbone=tiny(), backbone_mode="train").regime == "full"
     with pytest.raises(ValueError, match="svf_policy given"):
         create_model("pfenet", backbone=tiny(), svf_policy=SVFPolicy())
     with pytest.raises(ValueError, match="unknown backbone"):
@@ -336,7 +339,7 @@ def test_register_model_rejects_a_second_owner_of_a_name():
 def test_describe_is_json_and_names_the_architecture():
     desc = build("pfenet").describe()
     assert json.loads(json.dumps(desc)) == desc
-    assert desc["name"] == "pfenet" and desc["backbone"] == "tiny" and desc["backbone_mode"] == "frozen"
+    assert desc["name"] == "pfenet" and desc["backbone"] == "tiny" and desc["regime"] == "frozen"
     assert desc["shot_independent"] is True and desc["svf_policy"] is None
     assert desc["head"]["scales"][:3] == [1.0, 0.5, 0.25]
     assert build("baseline").describe()["head"]["aspp_rates"] == [6, 12, 18]

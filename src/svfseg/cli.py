@@ -16,7 +16,7 @@ logger = logging.getLogger("svfseg")
 EXAMPLES = """examples:
   svfseg demo                                   # the whole pipeline on synthetic-5i, CPU, no download
   svfseg prepare pascal --voc VOC2012 --sbd SBD --out data/pascal
-  svfseg train --config configs/pascal/pfenet_resnet50.yaml fold=1 shot=5 svf.enabled=false
+  svfseg train --config configs/pascal/pfenet_resnet50.yaml fold=1 shot=5 model.regime=frozen
   torchrun --nproc_per_node 4 -m svfseg train --config configs/coco/pfenet_resnet50.yaml
   svfseg train --resume runs/pascal_pfenet_resnet50_deep_svf_fold1_5shot
   svfseg test --checkpoint runs/RUN/best.pt --protocol bam --save-vis 10
@@ -73,13 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     te = sub.add_parser("test", help="evaluate a checkpoint on fixed episodes (JSON + Markdown)")
     te.add_argument("--checkpoint", type=Path, required=True, help="best.pt / last.pt / merged export")
     te.add_argument("--config", type=Path, help="recipe YAML (default: the checkpoint's own config)")
-    te.add_argument("--protocol", choices=("pfenet", "bam", "hsnet"), help="episode count + seeds (default eval.protocol)")
+    from svfseg.data.episodes import PROTOCOLS
+
+    te.add_argument("--protocol", choices=sorted(PROTOCOLS), help="episode count + seeds (default eval.protocol)")
     te.add_argument("--episodes", type=Path, help="episode file to use instead of a protocol")
     te.add_argument("--save-vis", type=int, default=0, metavar="N", help="write N overlay PNGs")
     te.add_argument("--out", type=Path, help="output folder (default: next to the checkpoint)")
     te.add_argument("--generalized", action="store_true",
-                    help="BAM: generalized setting (base + novel classes) instead of episodic mIoU")
-    te.add_argument("--tau", type=float, default=0.9, help="BAM generalized: novel-class threshold (default 0.9)")
+                    help="generalized setting (base + novel classes) instead of episodic mIoU, for models that "
+                         "predict both")
+    te.add_argument("--tau", type=float, default=0.9, help="generalized setting: novel-class threshold (default 0.9)")
     te.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shot=5 data.root=...")
 
     pd = sub.add_parser("predict", help="segment your own images from annotated supports")
@@ -113,8 +116,6 @@ def cmd_train(args) -> int:
         run_dir = None
     else:
         raise UsageError("train: --config RECIPE.yaml (or --resume RUN_DIR) is required")
-    if cfg.model.name == "bam_base":  # BAM stage 1: a semantic-segmentation base learner, its own loop
-        from svfseg.engine.base_learner import train_base_run as train_run  # noqa: F811
     with _tqdm_safe_logging():
         res = train_run(cfg, run_dir=run_dir, argv=sys.argv)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -127,52 +128,31 @@ def cmd_train(args) -> int:
 
 
 def cmd_test(args) -> int:
-    from svfseg.config import load_config
+    from svfseg.config import config_with_overrides, load_config
+    from svfseg.engine import checkpoint as ckpt
     from svfseg.engine.distributed import cleanup, init_distributed
-    from svfseg.engine.testing import score_checkpoint
+    from svfseg.engine.tasks import TestOptions
+    from svfseg.engine.testing import score_with_task
 
     cfg = None
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
     elif args.overrides:
-        from svfseg.config import config_with_overrides
-        from svfseg.engine import checkpoint as ckpt
-
         cfg = config_with_overrides(ckpt.load(args.checkpoint)["config"], args.overrides, str(args.checkpoint))
-    from svfseg.engine.testing import results_markdown
-
-    name = _checkpoint_model_name(args.checkpoint)
+    options = TestOptions(protocol=args.protocol, episodes=args.episodes, save_vis=args.save_vis, out_dir=args.out,
+                          tau=args.tau)
     info = init_distributed(cfg.device if cfg else "auto")
     try:
         with _tqdm_safe_logging():
-            if name == "bam_base" or args.generalized:
-                if name == "bam_base":
-                    from svfseg.engine.base_learner import results_markdown  # noqa: F811
-                    from svfseg.engine.base_learner import score_base_checkpoint
-
-                    out = score_base_checkpoint(args.checkpoint, cfg, out_dir=args.out, info=info)
-                else:
-                    from svfseg.engine.generalized import generalized_markdown as results_markdown  # noqa: F811
-                    from svfseg.engine.generalized import score_generalized
-
-                    out = score_generalized(args.checkpoint, cfg, tau=args.tau, out_dir=args.out, info=info)
-            else:
-                out = score_checkpoint(args.checkpoint, cfg, protocol=args.protocol, episodes=args.episodes,
-                                       save_vis=args.save_vis, out_dir=args.out, info=info)
+            out, markdown = score_with_task(args.checkpoint, cfg, setting="generalized" if args.generalized else None,
+                                            options=options, info=info)
     finally:
         cleanup(info)
     if info.is_main:
-        print(results_markdown(out))
+        print(markdown)
         if out.get("out_dir"):
             print(f"results: {out['out_dir']}/results.json, results.md")
     return 0
-
-
-def _checkpoint_model_name(path: Path) -> str:
-    from svfseg.engine import checkpoint as ckpt
-
-    state = ckpt.peek(path)
-    return str(((state.get("config") or {}).get("model") or {}).get("name", ""))
 
 
 def cmd_predict(args) -> int:
@@ -228,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging(args.verbose)
     from svfseg.config import ConfigError
     from svfseg.engine.checkpoint import CheckpointMismatch
-    from svfseg.engine.train import NonFiniteLoss
+    from svfseg.engine.loop import NonFiniteLoss
     from svfseg.predict import PredictInputError
 
     # Anticipated failures print one line (use -v for the traceback); ValueError covers bad

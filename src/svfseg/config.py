@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import re
 import subprocess
 import types
 import typing
@@ -12,6 +14,11 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+logger = logging.getLogger(__name__)
+
+#: How the backbone trains (``model.regime``): frozen (the FSS paradigm), svf (only the
+#: singular values of ``svf.stages``), full (every backbone weight; BN statistics stay frozen).
+REGIMES = ("frozen", "svf", "full")
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key and where it came from."""
@@ -35,31 +42,87 @@ class DataConfig:
 class ModelConfig:
     """Which few-shot model to build (svfseg.models.create_model)."""
 
-    name: str = "pfenet"               # baseline | pfenet | ...
+    name: str = "pfenet"               # a registered model: baseline | pfenet | bam | bam_base | ...
     backbone: str = "resnet50_deep"
     weights: Optional[str] = None      # backbone weight file, or "imagenet" for efficientnet_lite0
-    backbone_mode: str = "frozen"      # frozen | train (ignored when svf.enabled: then "svf")
+    regime: str = "svf"                # frozen | svf | full (REGIMES); the svf: section configures svf
     backbone_kwargs: dict = field(default_factory=dict)  # e.g. {output_stride: 8}
     base_checkpoint: Optional[str] = None  # BAM stage 2: the stage-1 best.pt ({fold}, {benchmark}, ... filled in)
     head: dict = field(default_factory=dict)  # extra keyword arguments for the head
 
 
-@dataclass
-class SVFSettings:
-    """Experiment-level SVF settings: the ``svf:`` section of a config.
+_SVF_MODES = ("auto", "reparam", "factorized")
 
-    Which backbone stages are decomposed and what trains. Not to be confused with
-    :class:`svfseg.svf.SVFConfig`, the per-layer config (built from these via ``SVFPolicy``).
+
+@dataclass
+class SVFPolicy:
+    """Which backbone weights SVF decomposes and what trains: the ``svf:`` section of a config.
+
+    The default is the paper's: every conv (1x1 and 3x3, downsample included) of layer2,
+    layer3 and layer4 is decomposed and only its singular values train; layer0, layer1, every
+    other backbone weight and every BatchNorm stay frozen. Used when ``model.regime=svf``;
+    :func:`svfseg.models.policy.apply_policy` turns it into the per-layer
+    :class:`svfseg.svf.SVFConfig` of the model-agnostic library.
+
+    Attributes:
+        stages: Backbone stages whose convs are decomposed and whose singular values train.
+        skip_1x1: Leave 1x1 convs undecomposed (frozen).
+        skip_3x3: Leave 3x3 convs undecomposed (frozen).
+        train_bn: Also train the BatchNorm affine parameters inside ``stages`` (running
+            statistics stay frozen: BN is always in eval mode).
+        train_bias: Also train the conv biases of the decomposed layers.
+        mode: SVD layer forward, "auto" | "reparam" | "factorized" (see ``svfseg.svf``).
+        decay_to: What weight decay pulls the singular values towards: "pretrained" (their
+            initial values) or "zero" (SGD's plain decay, as the authors' code). Read by the
+            optimiser; the model ignores it.
     """
 
-    enabled: bool = True
-    stages: list[str] = field(default_factory=lambda: ["layer2", "layer3", "layer4"])
+    stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
     skip_1x1: bool = False
     skip_3x3: bool = False
-    train_bn: bool = False             # also train BN affine params inside the stages (BN stays in eval mode)
-    train_bias: bool = False           # also train the biases of the decomposed layers
-    mode: str = "auto"                 # auto | reparam | factorized
-    decay_to: str = "pretrained"       # weight decay pulls S towards: pretrained | zero (the authors' code)
+    train_bn: bool = False
+    train_bias: bool = False
+    mode: str = "auto"
+    decay_to: str = "pretrained"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stages, str):
+            self.stages = (self.stages,)
+        self.stages = tuple(self.stages)
+        if not self.stages or not all(isinstance(s, str) and s for s in self.stages):
+            raise ValueError(f"SVFPolicy.stages: expected a non-empty list of stage names, got {self.stages!r}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"SVFPolicy.stages: duplicate stage names in {self.stages!r}")
+        if self.mode not in _SVF_MODES:
+            raise ValueError(f"SVFPolicy.mode: expected one of {_SVF_MODES}, got {self.mode!r}")
+        if self.skip_1x1 and self.skip_3x3:
+            logger.warning("SVFPolicy: skip_1x1 and skip_3x3 both set; only other kernel sizes are decomposed")
+
+    @property
+    def target_regex(self) -> str:
+        """Full-match regex on qualified module names selecting everything inside ``stages``."""
+        names = "|".join(re.escape(s) for s in self.stages)
+        return rf"(?:{names})(?:\..+)?"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (for configs, checkpoints and ``describe()``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["stages"] = list(self.stages)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SVFPolicy:
+        """Build a policy from :meth:`to_dict` output; unknown keys are an error.
+
+        ``lr_mult`` (in policies svfseg 0.1 wrote; the optimiser reads ``optim.lr_mult``) is
+        accepted and ignored.
+        """
+        d = {k: v for k, v in d.items() if k != "lr_mult"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SVFPolicy: unknown keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
 
 
 @dataclass
@@ -133,7 +196,7 @@ class ExperimentConfig:
     resume: bool = False               # continue the run in run_dir() from its last.pt
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    svf: SVFSettings = field(default_factory=SVFSettings)
+    svf: SVFPolicy = field(default_factory=SVFPolicy)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -142,7 +205,9 @@ class ExperimentConfig:
         """The run folder name: explicit ``name`` or one derived from the main choices."""
         if self.name:
             return self.name
-        regime = "svf" if self.svf.enabled else self.model.backbone_mode
+        # Full fine-tuning runs keep the folder name svfseg 0.1 gave them ("train"), so that
+        # existing stage-1 paths (the bam_base_* runs: ..._train_fold{fold}_...) still resolve.
+        regime = {"full": "train"}.get(self.model.regime, self.model.regime)
         return f"{self.data.benchmark}_{self.model.name}_{self.model.backbone}_{regime}_fold{self.fold}_{self.shot}shot"
 
     def run_dir(self) -> Path:
@@ -153,8 +218,8 @@ _CHOICES = {
     "data.benchmark": ("pascal", "coco", "synthetic"),
     "data.protocol": ("dagger", "pfenet"),
     "data.convention": ("interleaved", "consecutive"),
-    "model.backbone_mode": ("frozen", "train"),
-    "svf.mode": ("auto", "reparam", "factorized"),
+    "model.regime": REGIMES,
+    "svf.mode": _SVF_MODES,
     "svf.decay_to": ("pretrained", "zero"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.select_on": ("test_fold", "base_heldout", "last"),
@@ -181,7 +246,7 @@ def to_dict(cfg: Any) -> dict:
 def from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
     """Build a validated config from a (partial) nested dict over the defaults."""
     cfg = ExperimentConfig()
-    _merge(cfg, data, prefix="", source=source)
+    _merge(cfg, _strip_regime_aliases(_combine({}, data, source, warn=False)), prefix="", source=source)
     validate(cfg)
     return cfg
 
@@ -300,6 +365,10 @@ def validate(cfg: ExperimentConfig) -> None:
     for k, v in cfg.optim.lr_mult.items():
         if not isinstance(v, (int, float)) or v < 0:
             raise ConfigError(f"config key 'optim.lr_mult.{k}' must be a number >= 0, found {v!r}")
+    try:
+        cfg.svf = SVFPolicy.from_dict(cfg.svf.to_dict())  # runs its checks; stages become a tuple
+    except ValueError as e:
+        raise ConfigError(f"config section 'svf': {e}") from None
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"config key 'optim.grad_clip' must be > 0 or null, found {cfg.optim.grad_clip}")
 
@@ -326,7 +395,71 @@ def read_yaml(path: str | Path) -> dict:
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else bases:
         merged = _deep_update(merged, read_yaml(path.parent / base))
-    return _deep_update(merged, data)
+    return _combine(merged, data, str(path))
+
+
+# ---------------------------------------------------------------- svfseg 0.1's regime keys
+#
+# svfseg 0.1 chose the backbone regime with two keys, ``svf.enabled`` (svf wins when true) and
+# ``model.backbone_mode`` (frozen | train). They still work, as deprecated aliases of
+# ``model.regime``. While config layers merge (recipe bases, the recipe, the command line, a
+# stored config) every layer is rewritten to carry all three keys consistently, so that a later
+# layer's old key combines with earlier ones exactly as it did in 0.1; the aliases are dropped
+# before the typed config is built.
+
+
+def _regime_pair(d: dict) -> tuple[bool, str]:
+    """(svf enabled, backbone mode) of a merged layer, in svfseg 0.1's terms."""
+    model, svf = d.get("model") or {}, d.get("svf") or {}
+    regime = model.get("regime", "svf")
+    enabled = svf.get("enabled", regime == "svf")
+    mode = model.get("backbone_mode", "train" if regime == "full" else "frozen")
+    return enabled, mode
+
+
+def _combine(base: dict, new: dict, source: str, *, warn: bool = True) -> dict:
+    """``base`` updated with the layer ``new``, svfseg 0.1's regime keys translated (see above)."""
+    model = new.get("model") if isinstance(new.get("model"), dict) else {}
+    svf = new.get("svf") if isinstance(new.get("svf"), dict) else {}
+    old = [k for k, section in (("svf.enabled", svf), ("model.backbone_mode", model))
+           if k.split(".")[1] in section]
+    if "regime" in model:
+        if old:
+            raise ConfigError(f"{source}: 'model.regime' and the deprecated {' and '.join(repr(k) for k in old)} "
+                              f"are both set; keep only model.regime (frozen | svf | full)")
+        if model["regime"] not in REGIMES:
+            raise ConfigError(f"{source}: config key 'model.regime' must be one of {list(REGIMES)}, "
+                              f"found {model['regime']!r}")
+        enabled, mode = model["regime"] == "svf", "train" if model["regime"] == "full" else "frozen"
+    elif old:
+        enabled, mode = _regime_pair(base)
+        if "enabled" in svf:
+            enabled = svf["enabled"]
+            if not isinstance(enabled, bool):
+                raise ConfigError(f"{source}: 'svf.enabled' expects bool, found {enabled!r}")
+        if "backbone_mode" in model:
+            mode = model["backbone_mode"]
+            if mode not in ("frozen", "train"):
+                raise ConfigError(f"{source}: config key 'model.backbone_mode' must be one of ['frozen', 'train'], "
+                                  f"found {mode!r}")
+        regime = "svf" if enabled else ("full" if mode == "train" else "frozen")
+        if warn:
+            logger.warning("%s: %s deprecated; use model.regime=%s (frozen | svf | full)", source,
+                           " and ".join(old) + (" is" if len(old) == 1 else " are"), regime)
+    else:
+        return _deep_update(base, new)
+    regime = "svf" if enabled else ("full" if mode == "train" else "frozen")
+    new = {**new, "model": {**model, "regime": regime, "backbone_mode": mode}, "svf": {**svf, "enabled": enabled}}
+    return _deep_update(base, new)
+
+
+def _strip_regime_aliases(merged: dict) -> dict:
+    """``merged`` without the alias keys (``model.regime`` carries the regime)."""
+    out = dict(merged)
+    for section, key in (("model", "backbone_mode"), ("svf", "enabled")):
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def _deep_update(base: dict, new: dict) -> dict:
@@ -374,21 +507,22 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     Raises:
         ConfigError: unknown key (with the closest valid one), wrong type or value.
     """
-    cfg = ExperimentConfig()
-    if path is not None:
-        _merge(cfg, read_yaml(path), prefix="", source=str(path))
+    merged = read_yaml(path) if path is not None else {}
     if overrides:
-        _merge(cfg, parse_dotlist(overrides), prefix="", source="command line")
+        merged = _combine(merged, parse_dotlist(overrides), "command line")
+    cfg = ExperimentConfig()
+    _merge(cfg, _strip_regime_aliases(merged), prefix="", source=str(path) if path is not None else "command line")
     validate(cfg)
     return cfg
 
 
 def config_with_overrides(data: dict, overrides: Sequence[str] = (), source: str = "<dict>") -> ExperimentConfig:
     """Defaults <- ``data`` (e.g. the config stored in a checkpoint) <- dotlist overrides."""
-    cfg = ExperimentConfig()
-    _merge(cfg, data, prefix="", source=source)
+    merged = _combine({}, data, source, warn=False)
     if overrides:
-        _merge(cfg, parse_dotlist(overrides), prefix="", source="command line")
+        merged = _combine(merged, parse_dotlist(overrides), "command line")
+    cfg = ExperimentConfig()
+    _merge(cfg, _strip_regime_aliases(merged), prefix="", source=source)
     validate(cfg)
     return cfg
 

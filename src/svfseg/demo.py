@@ -41,30 +41,30 @@ FULL = DemoPlan(n_train=2000, n_val=500, image_size=160, steps=240, batch_size=8
 QUICK = DemoPlan(n_train=120, n_val=60, image_size=64, steps=3, batch_size=2, eval_episodes=10, vis=2)
 
 
-def demo_overrides(plan: DemoPlan, root: Path, out: Path, head: str, regime: str, seed: int = 0) -> list[str]:
-    """The config of one demo run as dotlist overrides over the defaults.
+def recipe_path(head: str) -> Path:
+    """The demo's recipe, ``configs/synthetic/<head>_efficientnet_lite0.yaml`` (shipped inside the package)."""
+    path = Path(__file__).resolve().parent / "configs" / "synthetic" / f"{head}_efficientnet_lite0.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"demo recipe {path} is missing (a broken install?)")
+    return path
 
-    With the FULL plan this is exactly ``configs/synthetic/<head>_efficientnet_lite0.yaml`` plus
-    the run-specific keys of :func:`run_overrides` (a test keeps the two in step).
-    """
-    return [
-        "fold=0", "shot=1", "device=auto",
-        "data.benchmark=synthetic", f"data.train_crop={plan.image_size}", f"data.test_size={plan.image_size}",
-        "data.train_scale=[0.9, 1.1]", "data.protocol=dagger", "data.workers=0",
-        f"model.name={head}", "model.backbone=efficientnet_lite0", "model.weights=imagenet",
-        "svf.enabled=true", "svf.stages=[layer2, layer3, layer4]",
-        "optim.lr=0.005", "optim.lr_mult={head: 10.0, svf: 1.0, backbone: 1.0}",
-        "train.epochs=1", f"train.steps_per_epoch={plan.steps}", f"train.batch_size={plan.batch_size}",
-        "train.val_every=0", "train.select_on=last", "train.log_every=5", "train.tensorboard=true",
-        "eval.protocol=hsnet", "eval.batch_size=8",
-        *run_overrides(root, out, regime, seed),
-    ]
+
+def plan_overrides(plan: DemoPlan) -> list[str]:
+    """The sizes of ``plan`` as overrides of the recipe (the FULL plan repeats the recipe's values)."""
+    return [f"data.train_crop={plan.image_size}", f"data.test_size={plan.image_size}",
+            f"train.steps_per_epoch={plan.steps}", f"train.batch_size={plan.batch_size}"]
 
 
 def run_overrides(root: Path, out: Path, regime: str, seed: int = 0) -> list[str]:
-    """What differs between the two demo runs and between machines: names, folders, regime, seed."""
-    return [f"name={regime}", f"output_dir={out}", f"data.root={root}", f"seed={seed}",
-            f"svf.enabled={str(regime == 'svf').lower()}"]
+    """What differs between the demo's runs and between machines: names, folders, regime, seed."""
+    return [f"name={regime}", f"output_dir={out}", f"data.root={root}", f"seed={seed}", f"model.regime={regime}"]
+
+
+def demo_config(plan: DemoPlan, root: Path, out: Path, head: str, regime: str, seed: int = 0):
+    """The config of one demo run: the recipe file, then the plan's sizes, then the run's own keys."""
+    from svfseg.config import load_config
+
+    return load_config(recipe_path(head), [*plan_overrides(plan), *run_overrides(root, out, regime, seed)])
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -123,14 +123,10 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", see
     Returns:
         The results dict (also in ``out/demo_results.json``).
     """
-    from svfseg.config import load_config
     from svfseg.data.synthetic import generate_synthetic
-    from svfseg.engine.data import eval_dataset, novel_classes, train_dataset
-    from svfseg.engine.distributed import resolve_device
-    from svfseg.engine.evaluate import evaluate
-    from svfseg.engine.model import build_model, describe
-    from svfseg.engine.run import write_run_metadata
-    from svfseg.engine.train import fit
+    from svfseg.engine.data import eval_dataset, novel_classes
+    from svfseg.engine.run import train_run
+    from svfseg.engine.tasks.fewshot import score_checkpoint
 
     t_total = time.perf_counter()
     root, out = Path(root), Path(out)
@@ -142,35 +138,27 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", see
     t = time.perf_counter()
     generate_synthetic(root, seed=0, n_train=plan.n_train, n_val=plan.n_val, size=plan.image_size)
     t_data = time.perf_counter() - t
-    cfgs = {r: load_config(None, demo_overrides(plan, root, out, head, r, seed)) for r in ("frozen", "svf")}
-    train_set = train_dataset(cfgs["frozen"])
+    cfgs = {r: demo_config(plan, root, out, head, r, seed) for r in ("frozen", "svf")}
     episodes_path = out / "episodes.json"
     eval_ds = eval_dataset(cfgs["frozen"], seed=0, count=plan.eval_episodes)
     eval_ds.episodes.save(episodes_path)
     classes = novel_classes(cfgs["frozen"])
-    print(f"  {len(train_set)} training queries (fold 0 base classes); {len(eval_ds)} fixed test episodes on the "
-          f"novel classes {list(classes)} -> {episodes_path} (fingerprint {eval_ds.episodes.fingerprint})",
-          flush=True)
+    print(f"  {len(eval_ds)} fixed test episodes on the novel classes {list(classes)} -> {episodes_path} "
+          f"(fingerprint {eval_ds.episodes.fingerprint}); recipe {recipe_path(head)}", flush=True)
 
     rows = {}
     for i, regime in enumerate(("frozen", "svf")):
         cfg = cfgs[regime]
-        run_dir = out / regime
         label = "backbone frozen" if regime == "frozen" else "SVF (singular values of layer2-4 + head train)"
         _stage(2 + i, n, f"meta-train {head} on EfficientNet-Lite0, {label}: {plan.steps} steps x "
                          f"{plan.batch_size} episodes")
-        write_run_metadata(run_dir, cfg, ["svfseg", "demo"])
-        torch.manual_seed(seed)  # same head initialisation in both runs
-        model = build_model(cfg)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        res = fit(cfg, model, train_set, run_dir=run_dir, describe=describe(model, cfg))
+        # The same calls as `svfseg train` and `svfseg test --episodes`.
+        res = train_run(cfg, argv=["svfseg", "demo"])
         print(f"  trained in {res.seconds:.0f}s; evaluating on the {len(eval_ds)} episodes", flush=True)
-        t = time.perf_counter()
-        scores = evaluate(model, eval_ds, class_ids=classes, device=resolve_device(cfg.device), batch_size=8,
-                          progress=True, desc=f"test {regime}", vis_dir=run_dir / "vis", num_vis=plan.vis)
-        t_eval = time.perf_counter() - t
-        rows[regime] = _row(model, regime, run_dir, trainable, res.seconds, t_eval, scores)
-        print(f"  mIoU {100 * scores['miou']:.2f}  FB-IoU {100 * scores['fb_iou']:.2f}", flush=True)
+        scores = score_checkpoint(res.best_checkpoint, cfg, episodes=episodes_path, save_vis=plan.vis,
+                                  out_dir=res.run_dir)
+        rows[regime] = _row(regime, res, scores)
+        print(f"  mIoU {100 * rows[regime]['miou']:.2f}  FB-IoU {100 * rows[regime]['fb_iou']:.2f}", flush=True)
 
     _stage(5, n, "results")
     result = {"head": head, "backbone": "efficientnet_lite0", "fold": 0, "shot": 1, "seed": seed,
@@ -186,9 +174,14 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", see
     return result
 
 
-def _row(model, regime: str, run_dir: Path, trainable: int, train_s: float, eval_s: float, scores: dict) -> dict:
+def _row(regime: str, res, scores: dict) -> dict:
+    """One table row: scores, trainable parameters and what a user would ship for the run."""
     from safetensors.torch import save_file
 
+    from svfseg.engine.model import load_for_inference
+
+    run_dir = Path(res.run_dir)
+    model, _, _ = load_for_inference(res.best_checkpoint)
     trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     trained_file = run_dir / "trained_params.safetensors"
     save_file(trained, str(trained_file))
@@ -198,12 +191,13 @@ def _row(model, regime: str, run_dir: Path, trainable: int, train_s: float, eval
 
         s_file = run_dir / "singular_values.safetensors"
         save_svf(s_file, model.backbone, metadata={"source": "svfseg demo"})
-    return {"miou": scores["miou"], "fb_iou": scores["fb_iou"], "per_class": {str(k): v for k, v in
-            scores["per_class"].items()}, "episodes": scores["episodes"], "trainable_params": trainable,
+    run = scores["runs"][0]
+    return {"miou": run["miou"], "fb_iou": run["fb_iou"], "per_class": run["per_class"], "episodes": run["episodes"],
+            "trainable_params": sum(t.numel() for t in trained.values()),
             "s_checkpoint": str(s_file) if s_file else None,
             "s_checkpoint_bytes": s_file.stat().st_size if s_file else None,
-            "trained_params_bytes": trained_file.stat().st_size, "train_seconds": train_s, "eval_seconds": eval_s,
-            "vis_dir": str(run_dir / "vis"), "run_dir": str(run_dir)}
+            "trained_params_bytes": trained_file.stat().st_size, "train_seconds": res.seconds,
+            "eval_seconds": run["seconds"], "vis_dir": str(run_dir / "vis"), "run_dir": str(run_dir)}
 
 
 def _size(n: Optional[int]) -> str:

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from svfseg.labels import IGNORE_LABEL as IGNORE_INDEX
 
 
 def valid_pixel_count(target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-IGNORE_INDEX = 255
+from svfseg.labels import IGNORE_LABEL as IGNORE_INDEX
 
 
 def episode_counts(pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

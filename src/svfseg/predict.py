@@ -92,7 +92,7 @@ def predict(
     Returns:
         One dict per query: ``query``, ``mask``, ``overlay`` paths and ``foreground_fraction``.
     """
-    from svfseg.engine.evaluate import predictions_at_original_size
+    from svfseg.engine.evaluator import predictions_at_original_size
     from svfseg.engine.model import load_for_inference
     from svfseg.engine.vis import episode_panel
 

@@ -17,7 +17,7 @@ __all__ = [
     "write_label", "image_size",
 ]
 
-IGNORE = 255
+from svfseg.labels import IGNORE_LABEL as IGNORE  # noqa: E402  (re-exported for the data package)
 
 
 class DataError(ValueError):

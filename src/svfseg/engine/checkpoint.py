@@ -125,9 +125,20 @@ def check_compatible(expected: Mapping, found: Mapping, path: str | os.PathLike)
     Raises:
         CheckpointMismatch: when any key differs.
     """
-    diffs = describe_differences(expected, found)
+    diffs = describe_differences(expected, _upgrade_description(found))
     if diffs:
         raise CheckpointMismatch(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(diffs))
+
+
+def _upgrade_description(d: Mapping) -> Mapping:
+    """A description svfseg 0.1 wrote (``backbone_mode``, policies with ``lr_mult``) in today's terms."""
+    if "backbone_mode" not in d:
+        return d
+    out = {k: v for k, v in d.items() if k != "backbone_mode"}
+    out["regime"] = {"train": "full"}.get(d["backbone_mode"], d["backbone_mode"])
+    if isinstance(out.get("svf_policy"), Mapping):
+        out["svf_policy"] = {k: v for k, v in out["svf_policy"].items() if k != "lr_mult"}
+    return out
 
 
 def load_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

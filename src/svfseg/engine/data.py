@@ -1,94 +1,23 @@
-"""Engine-side data plumbing: datasets from the config, the resumable distributed batch sampler, loaders."""
+"""Engine-side data plumbing: datasets from the config and DataLoaders that keep off the global RNG."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from svfseg.config import ExperimentConfig
+from svfseg.data.collate import collate_episodes
+from svfseg.data.samplers import EpochBatchSampler, ShardSampler  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """Global batches of one epoch, split across processes, resumable mid-epoch.
-
-    Epoch ``e`` visits ``numpy.random.default_rng([seed, e])`` permutations of the dataset
-    (concatenated when an epoch needs more samples than the dataset holds). Global batch ``b``
-    is ``order[b*B:(b+1)*B]``; process ``r`` of ``W`` takes its ``r``-th contiguous slice of
-    ``B/W`` indices. So W processes see exactly the samples one process sees, and a resumed
-    run skips exactly the batches already trained on.
-
-    Args:
-        n: dataset length.
-        global_batch: samples per optimiser step over all processes.
-        steps: optimiser steps per epoch.
-        seed: run seed.
-        rank, world_size: this process and the number of processes.
-    """
-
-    def __init__(self, n: int, global_batch: int, steps: int, seed: int, rank: int = 0, world_size: int = 1):
-        if global_batch % world_size:
-            raise ValueError(f"train.batch_size={global_batch} must be divisible by the number of processes "
-                             f"({world_size})")
-        if n < 1:
-            raise ValueError("the training set is empty")
-        self.n, self.global_batch, self.steps, self.seed = n, global_batch, steps, seed
-        self.rank, self.world_size = rank, world_size
-        self.local = global_batch // world_size
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Choose the epoch and the first step of it still to run (resume)."""
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step {start_step} outside [0, {self.steps}]")
-        self.epoch, self.start_step = epoch, start_step
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        need = self.steps * self.global_batch
-        parts, have = [], 0
-        while have < need:
-            parts.append(rng.permutation(self.n))
-            have += self.n
-        return np.concatenate(parts)[:need]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self.epoch_order(self.epoch)
-        for b in range(self.start_step, self.steps):
-            chunk = order[b * self.global_batch:(b + 1) * self.global_batch]
-            yield chunk[self.rank * self.local:(self.rank + 1) * self.local].tolist()
-
-    def __len__(self) -> int:
-        return self.steps - self.start_step
-
-
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + W, rank + 2W, ...``: evaluation episodes split across processes."""
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, n, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def collate(batch: list[dict]) -> dict:
-    """Collate episode dicts (the data package's collate when present)."""
-    from svfseg.data.collate import collate_episodes
-
-    return collate_episodes(batch)
-
-
 def make_loader(dataset: Dataset, *, batch_sampler: Optional[Sampler] = None, sampler: Optional[Sampler] = None,
-                batch_size: int = 1, workers: int = 0, pin_memory: bool = False, collate_fn=collate) -> DataLoader:
+                batch_size: int = 1, workers: int = 0, pin_memory: bool = False,
+                collate_fn=collate_episodes) -> DataLoader:
     """A DataLoader that never touches the global torch RNG (it gets its own generator).
 
     The episodes' randomness comes from (seed, epoch, index) inside the dataset; keeping the
@@ -148,3 +77,14 @@ def heldout_base_fold(fold: int) -> int:
     look at the test fold's classes.
     """
     return (fold + 1) % 4
+
+
+def semantic_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
+    """Semantic-segmentation data of ``cfg`` (base classes of ``cfg.fold``; novel pixels are background)."""
+    from svfseg.data.semantic import build_semantic_dataset
+
+    _check_root(cfg)
+    d = cfg.data
+    return build_semantic_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, split=split, seed=cfg.seed,
+                                  protocol=d.protocol, convention=d.convention, train_crop=d.train_crop,
+                                  train_scale=d.train_scale, test_size=d.test_size)

@@ -1,4 +1,4 @@
-"""Build the few-shot model a config names, describe it for checkpoint checks, load saved weights."""
+"""Build the model a config names (through its registered recipe), describe it for checkpoint checks, load saved weights."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +12,7 @@ from torch import nn
 
 from svfseg.config import ExperimentConfig, from_dict, to_dict
 from svfseg.engine import checkpoint as ckpt
+from svfseg.metrics import format_pct
 
 logger = logging.getLogger(__name__)
 
@@ -19,73 +20,86 @@ MERGED_FORMAT = "svfseg-merged-v1"
 
 
 def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
-    """The model of ``cfg`` (SVF policy from ``cfg.svf`` when enabled).
+    """The model of ``cfg``: its registered constructor with the keywords its recipe derives.
 
     Args:
-        cfg: the experiment config.
-        pretrained: load ``model.weights`` into the backbone. Off when a checkpoint will
-            overwrite every weight anyway (test, predict, resume), so the weight file is not needed.
+        cfg: the experiment config (``model.regime``; ``svf`` is the SVF policy when it is "svf").
+        pretrained: load ``model.weights`` into the backbone and the recipe's dependencies
+            (checkpoints of other runs). Off when a checkpoint will overwrite every weight
+            anyway (test, predict, resume), so those files are not needed.
 
     Returns:
         The model on the CPU, in train mode.
     """
-    from svfseg.models import SVFPolicy, create_model
+    from svfseg.models import create_model, model_recipe
 
-    m, s = cfg.model, cfg.svf
-    mode = "svf" if s.enabled else m.backbone_mode
-    policy = SVFPolicy(stages=tuple(s.stages), skip_1x1=s.skip_1x1, skip_3x3=s.skip_3x3, train_bn=s.train_bn,
-                       train_bias=s.train_bias, mode=s.mode) if s.enabled else None
+    m = cfg.model
+    recipe = model_recipe(m.name)
     weights = m.weights if pretrained else None
     if weights and weights != "imagenet" and not Path(weights).is_file():
         raise FileNotFoundError(f"model.weights={weights!r}: no such file (download the backbone weights the "
                                 f"recipe names, or set model.weights=null to start from random weights)")
-    return create_model(m.name, backbone=m.backbone, weights=weights, backbone_mode=mode, svf_policy=policy,
-                        backbone_kwargs=dict(m.backbone_kwargs) or None,
-                        **{**extra_model_kwargs(cfg, pretrained=pretrained), **m.head})
+    kwargs = {**recipe.model_kwargs(cfg), **(load_dependencies(cfg) if pretrained else {})}
+    return create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
+                        svf_policy=cfg.svf if m.regime == "svf" else None,
+                        backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
 
 
-STAGED_MODELS = ("bam", "bam_base")
+def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
+    """The state dicts of the checkpoints ``cfg``'s model is built from, keyed by constructor keyword.
 
+    Raises:
+        FileNotFoundError, CheckpointMismatch: as :func:`preflight`.
+    """
+    from svfseg.models import model_recipe
 
-def extra_model_kwargs(cfg: ExperimentConfig, *, pretrained: bool = True) -> dict[str, Any]:
-    """Constructor keywords some models derive from the config (BAM: base classes, shot, stage-1 weights)."""
-    if cfg.model.name not in STAGED_MODELS:
-        return {}
-    from svfseg.engine.base_learner import model_kwargs
-
-    return model_kwargs(cfg, pretrained=pretrained)
+    out = {}
+    for dep in model_recipe(cfg.model.name).dependencies(cfg):
+        state = _read_dependency(dep, lazy=False)
+        logger.info("%s: %s (step %s, validation mIoU %s)", dep.what, dep.path, state.get("step"),
+                    format_pct((state.get("metrics") or {}).get("miou")))
+        out[dep.keyword] = state["model"]
+    return out
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-    """Checks that must pass before a run folder is created (BAM stage 2: its stage-1 checkpoint)."""
-    if cfg.model.name == "bam":
-        from svfseg.engine.base_learner import check_base_checkpoint
+    """Checks that must pass before a run folder is created: the recipe's dependencies exist and fit.
 
-        check_base_checkpoint(cfg)
+    Raises:
+        FileNotFoundError: a dependency is missing (the message says how to make it).
+        CheckpointMismatch: a dependency was made for another model, fold, class count, ...
+    """
+    from svfseg.models import model_recipe
+
+    for dep in model_recipe(cfg.model.name).dependencies(cfg):
+        _read_dependency(dep, lazy=True)
 
 
-def forward_episode(model: nn.Module, batch: dict, device: torch.device, non_blocking: bool = False):
-    """Call a few-shot model on a collated batch; models with ``uses_class_ids`` also get the class ids."""
-    args = (batch["query_img"].to(device, non_blocking=non_blocking),
-            batch["support_imgs"].to(device, non_blocking=non_blocking),
-            batch["support_masks"].to(device, non_blocking=non_blocking))
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    if getattr(inner, "uses_class_ids", False):
-        return model(*args, class_ids=torch.as_tensor(batch["class_id"]).to(device))
-    return model(*args)
+def _read_dependency(dep, *, lazy: bool) -> dict:
+    """A recipe dependency's checkpoint, checked (``lazy``: tensors memory-mapped, only metadata read)."""
+    if not dep.path.is_file():
+        raise FileNotFoundError(f"{dep.path} does not exist. {dep.how_to_make}")
+    state = ckpt.peek(dep.path) if lazy else ckpt.load(dep.path)
+    if not isinstance(state, dict) or "model" not in state or "describe" not in state:
+        raise ckpt.CheckpointMismatch(f"{dep.path}: not an svfseg training checkpoint (no model/describe entries)")
+    diffs = dep.check(state)
+    if diffs:
+        raise ckpt.CheckpointMismatch(f"{dep.what} {dep.path} does not fit this run:\n  " + "\n  ".join(diffs))
+    return state
 
 
 def describe(model: nn.Module, cfg: ExperimentConfig) -> dict[str, Any]:
     """What must match for a checkpoint to load: architecture, regime, benchmark, fold, class count.
 
-    Optimiser settings (e.g. the policy's lr multiplier) are left out: they do not change the
-    weights' meaning.
+    Optimiser settings (the policy's ``decay_to``; ``lr_mult`` in svfseg 0.1's policies) are
+    left out: they do not change the weights' meaning.
     """
     from svfseg.data.splits import num_classes
 
     d = copy.deepcopy(model.describe()) if hasattr(model, "describe") else {"name": type(model).__name__}
     if isinstance(d.get("svf_policy"), dict):
-        d["svf_policy"].pop("lr_mult", None)
+        for key in ("lr_mult", "decay_to"):
+            d["svf_policy"].pop(key, None)
     d.update(benchmark=cfg.data.benchmark, fold=cfg.fold, num_benchmark_classes=num_classes(cfg.data.benchmark))
     return _plain(d)
 
@@ -113,8 +127,7 @@ def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     ckpt.load_model_state(model, state["model"], checkpoint)
     merged = export_merged(model)
     plain_cfg = copy.deepcopy(cfg)
-    plain_cfg.svf.enabled = False
-    plain_cfg.model.backbone_mode = "frozen"
+    plain_cfg.model.regime = "frozen"
     blob = {"format": MERGED_FORMAT, "model": merged.state_dict(), "config": to_dict(plain_cfg),
             "describe": describe(merged, plain_cfg), "source": str(checkpoint), "step": state.get("step")}
     return ckpt.save_atomic(blob, out)
@@ -141,11 +154,10 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
     own_cfg = from_dict(state["config"], source=str(checkpoint))
     if cfg is None:
         cfg = own_cfg
-    elif state.get("format") == MERGED_FORMAT and cfg.svf.enabled:
-        # A merged export is the plain architecture: compare against the config with SVF off.
+    elif state.get("format") == MERGED_FORMAT and cfg.model.regime != "frozen":
+        # A merged export is the plain architecture: compare against the frozen-backbone config.
         cfg = copy.deepcopy(cfg)
-        cfg.svf.enabled = False
-        cfg.model.backbone_mode = "frozen"
+        cfg.model.regime = "frozen"
     model = build_model(cfg, pretrained=False)
     ckpt.check_compatible(describe(model, cfg), state.get("describe", {}), checkpoint)
     ckpt.load_model_state(model, state["model"], checkpoint)

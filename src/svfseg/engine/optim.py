@@ -16,7 +16,7 @@ def poly_lr(step: int, total_steps: int, base_lr: float, power: float = 0.9, war
     ``lr = base_lr * (1 - step / total_steps) ** power``; a pure function of the step, so it is
     right at every step and after a resume. The optional linear warm-up ramps from
     ``base_lr / warmup_steps`` to the poly value over the first ``warmup_steps`` steps.
-    (PFENet/BAM count from 1, so their very last step has lr 0; here the first step has
+    (The reference implementations count from 1, so their very last step has lr 0; here the first step has
     the full lr and the last one a small positive lr.)
 
     Args:

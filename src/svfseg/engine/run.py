@@ -1,4 +1,4 @@
-"""One training run from a config: run folder, datasets, model, fit, resume."""
+"""One training run from a config: run folder, the model's task and data, the model, the loop, resume."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,11 @@ import torch
 import svfseg
 from svfseg.config import ExperimentConfig, dump_yaml, git_commit, load_config, to_dict
 from svfseg.engine import checkpoint as ckpt
-from svfseg.engine.data import eval_dataset, heldout_base_fold, novel_classes, train_dataset
 from svfseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from svfseg.engine.loop import FitResult, fit
 from svfseg.engine.model import build_model, describe, preflight
-from svfseg.engine.train import FitResult, ValSet, fit
+from svfseg.engine.tasks import get_task
+from svfseg.models import model_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -57,34 +58,12 @@ def load_resume_state(cfg: ExperimentConfig, run_dir: Path) -> Optional[dict]:
     return None
 
 
-def selection_set(cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[ValSet]:
-    """The validation episodes checkpoints are selected on, fixed in a file in the run folder.
-
-    ``train.select_on=test_fold`` (what PFENet/BAM/SVF do) or ``last`` validates on the test
-    fold's novel classes; ``base_heldout`` on val-split episodes of base classes (the novel
-    classes of fold ``(fold+1) % 4``), so the test fold is never looked at before testing.
-    """
-    from svfseg.data.episodes import EpisodeList
-
-    if not cfg.train.val_every:
-        return None
-    on = "base_heldout" if cfg.train.select_on == "base_heldout" else "test_fold"
-    fold = heldout_base_fold(cfg.fold) if on == "base_heldout" else cfg.fold
-    path = Path(cfg.train.val_episodes_file) if cfg.train.val_episodes_file else run_dir / f"val_episodes_{on}.json"
-    if not path.exists():
-        if info.is_main:
-            ds = eval_dataset(cfg, fold=fold, seed=cfg.train.val_seed, count=cfg.train.val_episodes)
-            ds.episodes.save(path)
-        barrier(info)
-    ds = eval_dataset(cfg, fold=fold, episodes=EpisodeList.load(path))
-    logger.info("validation (%s): %d fixed episodes from %s (fingerprint %s)", on, len(ds), path,
-                ds.episodes.fingerprint)
-    return ValSet(ds, novel_classes(cfg, fold), on)
-
-
 def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Optional[Sequence[str]] = None,
               info: Optional[DistInfo] = None) -> FitResult:
     """Train as ``cfg`` says (``cfg.resume``: continue the run folder's ``last.pt``).
+
+    The model's recipe names the task that trains it (few-shot episodes, semantic
+    segmentation, ...); this function is the same for all of them.
 
     Args:
         cfg: experiment config.
@@ -93,12 +72,13 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         info: process-group info (default: from the torchrun environment).
 
     Returns:
-        The :class:`FitResult`.
+        The :class:`~svfseg.engine.loop.FitResult`.
     """
     own_group = info is None
     info = info or init_distributed(cfg.device)
     try:
         run_dir = Path(run_dir or cfg.run_dir())
+        task = get_task(model_recipe(cfg.model.name).task)
         state = load_resume_state(cfg, run_dir)
         if state is not None:
             _warn_config_changes(state["config"], to_dict(cfg))
@@ -106,12 +86,12 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         if info.is_main:
             write_run_metadata(run_dir, cfg, argv)
         barrier(info)
-        train_set = train_dataset(cfg)
-        val = selection_set(cfg, run_dir, info)
+        train_set = task.train_data(cfg)
+        val = task.selection_set(cfg, run_dir, info)
         torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
         model = build_model(cfg, pretrained=state is None)
-        return fit(cfg, model, train_set, run_dir=run_dir, describe=describe(model, cfg), val=val, info=info,
-                   resume_state=state)
+        return fit(cfg, model, train_set, task=task, run_dir=run_dir, describe=describe(model, cfg), val=val,
+                   info=info, resume_state=state)
     finally:
         if own_group:
             cleanup(info)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from svfseg.labels import IGNORE_LABEL
+
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 GREEN, RED, BLUE = (0, 200, 0), (230, 30, 30), (40, 90, 255)
@@ -26,7 +28,7 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, color: Sequence[int], alpha: floa
     fg = mask == 1
     out[fg] = (1 - alpha) * out[fg] + alpha * np.asarray(color, dtype=np.float32)
     out[_boundary(fg)] = np.asarray(color, dtype=np.float32)  # a solid outline keeps thin masks visible
-    ign = mask == 255
+    ign = mask == IGNORE_LABEL
     if ign.any():
         hatch = (np.add.outer(np.arange(mask.shape[0]), np.arange(mask.shape[1])) % 4) == 0
         out[ign & hatch] = 128

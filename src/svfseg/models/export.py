@@ -17,7 +17,7 @@ def export_merged(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     The result has the state-dict keys of the original architecture, computes the same
     logits, and costs what a frozen-backbone model costs at inference. Its backbone is
-    frozen (``backbone_mode == "frozen"``, ``svf_policy`` None); ``describe()`` then matches
+    frozen (``regime == "frozen"``, ``svf_policy`` None); ``describe()`` then matches
     a plain model of the same architecture.
 
     Args:
@@ -27,16 +27,16 @@ def export_merged(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Returns:
         The merged model, in eval mode.
     """
-    if not hasattr(model, "backbone") or not hasattr(model, "backbone_mode"):
+    if not hasattr(model, "backbone") or not hasattr(model, "regime"):
         raise TypeError(f"export_merged: expected a few-shot model with a backbone, got {type(model).__name__}")
     merged = model if inplace else copy.deepcopy(model)
     n_layers = sum(1 for _ in svf_layers(merged.backbone))
     if n_layers:
         merge_svf(merged.backbone)
         logger.info("merged %d SVF layers of %s", n_layers, merged.backbone_name)
-    if merged.backbone_mode == "train":
+    if merged.regime == "full":
         logger.warning("export_merged: backbone was fully fine-tuned; exported with a frozen backbone")
-    merged.backbone_mode = "frozen"
+    merged.regime = "frozen"
     merged.svf_policy = None
     for p in merged.backbone.parameters():
         p.requires_grad_(False)

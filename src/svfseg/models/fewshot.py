@@ -11,15 +11,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from svfseg.models.backbones import freeze_batchnorm
+from svfseg.config import REGIMES, SVFPolicy
 from svfseg.models.blocks import foreground, resize
 from svfseg.models.outputs import FewShotOutput
-from svfseg.models.policy import SVFPolicy
+from svfseg.models.regimes import backbone_needs_graph, configure_backbone, resolve_regime, set_backbone_mode
 from svfseg.svf import singular_value_parameters
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_MODES = ("frozen", "svf", "train")
+#: The regimes every few-shot model accepts (``regime=``).
+BACKBONE_MODES = REGIMES
 
 
 @dataclass
@@ -57,12 +58,12 @@ class FewShotModel(nn.Module):
     Args:
         backbone: A ``svfseg.models.backbones.Backbone`` (stages ``layer0``..``layer4`` with
             ``stage_channels``, ``stage_strides`` and ``forward_stages``).
-        backbone_mode: "frozen" (no backbone gradient; the backbone runs under no_grad),
-            "svf" (only singular values of ``svf_policy``'s stages train) or "train" (full
+        regime: "frozen" (no backbone gradient; the backbone runs under no_grad), "svf"
+            (only singular values of ``svf_policy``'s stages train) or "full" (full
             fine-tune). BatchNorm stays in eval mode in every regime.
         svf_policy: Policy for "svf"; defaults to :class:`SVFPolicy` (the paper's).
         backbone_name: Name recorded by :meth:`describe` (``create_model`` passes it).
-        backbone_lr_mult: Learning-rate multiplier reported for the "backbone" group.
+        backbone_mode: Deprecated alias of ``regime`` ("train" = "full").
         batch_backbone: Run query and supports through the backbone as one batch when their
             sizes match (one pass per stage instead of two).
     """
@@ -80,17 +81,16 @@ class FewShotModel(nn.Module):
         self,
         backbone: nn.Module,
         *,
-        backbone_mode: str = "frozen",
+        regime: str | None = None,
         svf_policy: SVFPolicy | None = None,
         backbone_name: str | None = None,
-        backbone_lr_mult: float = 0.1,
         batch_backbone: bool = True,
+        backbone_mode: str | None = None,
     ) -> None:
         super().__init__()
-        if backbone_mode not in BACKBONE_MODES:
-            raise ValueError(f"backbone_mode: expected one of {BACKBONE_MODES}, got {backbone_mode!r}")
-        if svf_policy is not None and backbone_mode != "svf":
-            raise ValueError(f"svf_policy given but backbone_mode={backbone_mode!r}; use backbone_mode='svf'")
+        regime = resolve_regime(regime, backbone_mode, where=type(self).__name__)
+        if svf_policy is not None and regime != "svf":
+            raise ValueError(f"svf_policy given but regime={regime!r}; use regime='svf'")
         for attr in ("stage_names", "stage_channels", "forward_stages"):
             if not hasattr(backbone, attr):
                 raise TypeError(f"backbone {type(backbone).__name__} has no `{attr}`; expected a Backbone")
@@ -99,9 +99,8 @@ class FewShotModel(nn.Module):
             raise ValueError(f"{type(self).__name__} needs stages {missing}; backbone has {backbone.stage_names}")
         self.backbone = backbone
         self.backbone_name = backbone_name or getattr(backbone, "name", None) or type(backbone).__name__
-        self.backbone_mode = backbone_mode
-        self.svf_policy = (svf_policy or SVFPolicy()) if backbone_mode == "svf" else None
-        self.backbone_lr_mult = float(backbone_lr_mult)
+        self.regime = regime
+        self.svf_policy = (svf_policy or SVFPolicy()) if regime == "svf" else None
         self.batch_backbone = bool(batch_backbone)
         self._configure_backbone()
 
@@ -113,15 +112,7 @@ class FewShotModel(nn.Module):
         return stages
 
     def _configure_backbone(self) -> None:
-        # BN statistics never update in any regime; "train" (and an SVF policy with
-        # train_bn) re-enables only the affine parameters.
-        freeze_batchnorm(self.backbone)
-        if self.backbone_mode == "svf":
-            self.svf_policy.apply_policy(self.backbone)
-        else:
-            trainable = self.backbone_mode == "train"
-            for p in self.backbone.parameters():
-                p.requires_grad_(trainable)
+        configure_backbone(self.backbone, self.regime, self.svf_policy)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> FewShotModel:
@@ -131,25 +122,21 @@ class FewShotModel(nn.Module):
         either); a fully fine-tuned one only has its BatchNorm layers in eval mode.
         """
         super().train(mode)
-        if self.backbone_mode in ("frozen", "svf"):
-            self.backbone.eval()
-        else:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        set_backbone_mode(self.backbone, self.regime)
         return self
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters split for the optimiser.
 
         Returns:
-            Non-empty groups among ``{"name": "svf" | "backbone" | "head", "params": [...],
-            "lr_mult": float}``: "svf" holds singular values, "backbone" any other trainable
-            backbone parameter (full fine-tune, or BN/bias under an SVF policy), "head" the
-            rest. Only parameters with ``requires_grad`` appear.
+            Non-empty groups among ``{"name": "svf" | "backbone" | "head", "params": [...]}``:
+            "svf" holds singular values, "backbone" any other trainable backbone parameter
+            (full fine-tune, or BN/bias under an SVF policy), "head" the rest. Only parameters
+            with ``requires_grad`` appear. The optimiser sets each group's lr from
+            ``optim.lr_mult[name]``.
         """
         svf_ids: set[int] = set()
-        if self.backbone_mode == "svf":
+        if self.regime == "svf":
             svf_ids = {id(p) for _, p in singular_value_parameters(self.backbone)}
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         groups: dict[str, list[nn.Parameter]] = {"svf": [], "backbone": [], "head": []}
@@ -158,9 +145,7 @@ class FewShotModel(nn.Module):
                 continue
             key = "svf" if id(p) in svf_ids else "backbone" if id(p) in backbone_ids else "head"
             groups[key].append(p)
-        backbone_mult = self.svf_policy.lr_mult if self.svf_policy is not None else self.backbone_lr_mult
-        mults = {"svf": backbone_mult, "backbone": backbone_mult, "head": 1.0}
-        return [{"name": k, "params": v, "lr_mult": mults[k]} for k, v in groups.items() if v]
+        return [{"name": k, "params": v} for k, v in groups.items() if v]
 
     def describe(self) -> dict[str, Any]:
         """Metadata that decides checkpoint compatibility (JSON-serialisable).
@@ -171,7 +156,7 @@ class FewShotModel(nn.Module):
             "name": self.model_name,
             "backbone": self.backbone_name,
             "backbone_strides": dict(getattr(self.backbone, "stage_strides", {})),
-            "backbone_mode": self.backbone_mode,
+            "regime": self.regime,
             "svf_policy": self.svf_policy.to_dict() if self.svf_policy is not None else None,
             "num_classes": self.num_classes,
             "shot_independent": True,
@@ -216,7 +201,7 @@ class FewShotModel(nn.Module):
 
     def _backbone_context(self) -> contextlib.AbstractContextManager:
         # Frozen backbone: no graph at all, so the frozen regime costs what PFENet costs.
-        return torch.no_grad() if self.backbone_mode == "frozen" else contextlib.nullcontext()
+        return contextlib.nullcontext() if backbone_needs_graph(self.regime) else torch.no_grad()
 
     def extract_features(
         self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor

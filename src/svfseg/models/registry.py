@@ -1,45 +1,57 @@
-"""Few-shot model registry: ``register_model``, ``create_model``, ``list_models``."""
+"""Few-shot model registry: ``register_model`` (constructor + recipe), ``create_model``, ``list_models``.
+
+The built-in heads register themselves when ``svfseg.models`` is imported (timm's pattern):
+importing this module runs ``svfseg/models/__init__.py`` first, which imports the heads, so
+the registry itself imports no model.
+"""
 
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from svfseg.models.policy import SVFPolicy
+from svfseg.config import SVFPolicy
+from svfseg.models.recipe import ModelRecipe
 
-# name -> constructor(backbone, **kwargs) -> FewShotModel. Filled by @register_model at
-# import of svfseg.models.heads (timm's pattern).
+# name -> constructor(backbone, **kwargs) -> model, and name -> its recipe.
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_RECIPES: dict[str, ModelRecipe] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Class/function decorator registering a few-shot model constructor under ``name``.
+def register_model(
+    name: str, recipe: ModelRecipe | None = None
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Class/function decorator registering a model constructor under ``name``, with its recipe.
 
-    The constructor is called as ``fn(backbone, backbone_mode=..., svf_policy=...,
-    backbone_name=..., **head_kwargs)``.
+    The constructor is called as ``fn(backbone, regime=..., svf_policy=..., backbone_name=...,
+    **recipe.model_kwargs(cfg), **head_kwargs)``. ``recipe`` (default :class:`ModelRecipe`: a
+    few-shot model on episodes) tells the engine what else the model needs from a config and
+    which task trains it, so that a new head needs no engine change.
     """
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS and _MODELS[name] is not fn:
             raise ValueError(f"model name {name!r} is already registered by {_MODELS[name]!r}")
         _MODELS[name] = fn
+        _RECIPES[name] = recipe or ModelRecipe()
         return fn
 
     return decorator
 
 
-def _load_builtin_heads() -> None:
-    importlib.import_module("svfseg.models.heads")
-
-
 def list_models() -> list[str]:
     """Names of the registered few-shot models, sorted."""
-    _load_builtin_heads()
     return sorted(_MODELS)
+
+
+def model_recipe(name: str) -> ModelRecipe:
+    """The recipe ``name`` was registered with (ValueError naming the closest model otherwise)."""
+    if name not in _RECIPES:
+        raise _unknown("model", name, list_models())
+    return _RECIPES[name]
 
 
 def _unknown(kind: str, name: str, valid: list[str]) -> ValueError:
@@ -53,9 +65,10 @@ def create_model(
     *,
     backbone: str | nn.Module = "resnet50_deep",
     weights: str | None = None,
-    backbone_mode: str = "frozen",
+    regime: str | None = None,
     svf_policy: SVFPolicy | dict[str, Any] | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
+    backbone_mode: str | None = None,
     **head_kwargs: Any,
 ) -> nn.Module:
     """Build a few-shot segmentation model.
@@ -66,10 +79,12 @@ def create_model(
             ``Backbone`` instance (then ``weights`` and ``backbone_kwargs`` must be unset).
         weights: Backbone weight file (or "imagenet" where the backbone supports it); None
             leaves the backbone randomly initialised.
-        backbone_mode: "frozen" | "svf" | "train" (the paper's three regimes).
-        svf_policy: :class:`SVFPolicy` or its dict form; only with backbone_mode="svf"
+        regime: "frozen" | "svf" | "full" (the paper's three regimes); the model's default when
+            None ("frozen" for the few-shot models).
+        svf_policy: :class:`SVFPolicy` or its dict form; only with regime="svf"
             (default there: the paper's policy, layer2-4).
         backbone_kwargs: Extra arguments for ``create_backbone`` (e.g. output_stride=8).
+        backbone_mode: Deprecated alias of ``regime`` (svfseg 0.1: "frozen" | "svf" | "train").
         **head_kwargs: Head hyper-parameters (e.g. reduce_dim, scales, batch_backbone).
 
     Returns:
@@ -91,9 +106,11 @@ def create_model(
         if weights is not None or backbone_kwargs:
             raise ValueError("create_model: weights/backbone_kwargs apply to a backbone name, not an instance")
         backbone_name = None
+    if backbone_mode is not None:
+        head_kwargs["backbone_mode"] = backbone_mode
     return _MODELS[name](
         backbone,
-        backbone_mode=backbone_mode,
+        regime=regime,
         svf_policy=svf_policy,
         backbone_name=backbone_name,
         **head_kwargs,

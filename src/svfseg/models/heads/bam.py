@@ -13,7 +13,8 @@ from torch import nn
 
 from svfseg.models.blocks import resize
 from svfseg.models.fewshot import EpisodeFeatures, check_episode_shapes
-from svfseg.models.heads.baseline import ASPPBaseline
+from svfseg.models.heads.bam_recipe import BAMRecipe
+from svfseg.models.heads.baseline import ASPPMetaLearner
 from svfseg.models.heads.pspnet import PSPNet
 from svfseg.models.outputs import FewShotOutput
 from svfseg.models.registry import register_model
@@ -105,8 +106,8 @@ class BAMParts:
     shot_weights: torch.Tensor
 
 
-@register_model("bam")
-class BAM(ASPPBaseline):
+@register_model("bam", recipe=BAMRecipe())
+class BAM(ASPPMetaLearner):
     """BAM few-shot segmentation model (stage 2), with the SVF regimes of the other heads.
 
     Meta learner: the ASPP head of the SVF baseline (prior + prototype + query mid-level
@@ -137,7 +138,7 @@ class BAM(ASPPBaseline):
             initialised to 1/K); unused for K = 1.
         ppm_bins: PPM bins of the base learner (must match stage 1).
         base_hidden: Classifier width of the base learner (must match stage 1).
-        **kwargs: Passed to :class:`~svfseg.models.heads.baseline.ASPPBaseline`.
+        **kwargs: Passed to :class:`~svfseg.models.heads.baseline.ASPPMetaLearner`.
     """
 
     model_name = "bam"
@@ -182,7 +183,7 @@ class BAM(ASPPBaseline):
         self.base_learner = PSPNet(
             base_backbone,
             num_classes=len(classes) + 1,
-            backbone_mode="frozen",
+            regime="frozen",
             backbone_name=self.backbone_name,
             ppm_bins=ppm_bins,
             hidden=base_hidden,
@@ -282,9 +283,6 @@ class BAM(ASPPBaseline):
             return final
         return FewShotOutput(logits=final, aux_logits=(resize(parts.meta, size),))
 
-    def forward_head(self, feats: EpisodeFeatures) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        raise TypeError("bam: the ensemble needs the query image for the base learner; call the model or forward_parts")
-
     def forward_parts(
         self,
         query_img: torch.Tensor,
@@ -321,6 +319,11 @@ class BAM(ASPPBaseline):
         final = self._ensemble(meta, psi, base_map.to(meta.dtype))
         return BAMParts(final=final, meta=meta, base=base, base_map=base_map, psi=psi, shot_weights=weights)
 
+    @staticmethod
+    def generalized_prediction(final: torch.Tensor, base: torch.Tensor, tau: float = 0.9) -> torch.Tensor:
+        """BAM's generalized (base + novel) labels from ensemble and base logits: see :func:`generalized_prediction`."""
+        return generalized_prediction(final, base, tau)
+
     def _meta_learner(self, feats: EpisodeFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Meta logits (B, 2, h, w), the weighted psi (B,) and the shot weights (B, K)."""
         query, prototypes, priors, size = self.shot_inputs(feats)
@@ -330,10 +333,7 @@ class BAM(ASPPBaseline):
         prototype = (weights[:, :, None, None, None] * prototypes).sum(1)
         prior = (weights[:, :, None, None] * priors).sum(1, keepdim=True)
         psi = (weights * psi_shots).sum(1)
-        x = torch.cat([query, prototype.expand(-1, -1, *query.shape[-2:]), prior], dim=1)
-        x = self.res1(self.aspp(self.init_merge(x)))
-        x = self.res2(x) + x
-        return self.cls(x), psi, weights
+        return self.aspp_logits(query, prototype, prior), psi, weights
 
     def shot_weights(self, psi: torch.Tensor) -> torch.Tensor:
         """Shot weights from the per-shot psi (B, K): sorted psi -> weighting net -> softmax.

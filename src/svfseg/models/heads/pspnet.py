@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from svfseg.models.blocks import PPM, resize
+from svfseg.models.heads.bam_recipe import BaseLearnerRecipe
+from svfseg.models.regimes import resolve_regime
 from svfseg.models.registry import register_model
 
 logger = logging.getLogger(__name__)
 
-#: Backbone regimes the base learner supports in stage 1.
-BASE_BACKBONE_MODES = ("train", "frozen")
+#: Regimes of the base learner: stage 1 trains without SVF.
+BASE_REGIMES = ("full", "frozen")
 
 
 def pspnet_classifier(in_channels: int, num_classes: int, hidden: int = 512, dropout: float = 0.1) -> nn.Sequential:
@@ -29,7 +31,7 @@ def pspnet_classifier(in_channels: int, num_classes: int, hidden: int = 512, dro
     )
 
 
-@register_model("bam_base")
+@register_model("bam_base", recipe=BaseLearnerRecipe())
 class PSPNet(nn.Module):
     """PSPNet semantic segmenter over background + the base classes of a fold (BAM's base learner).
 
@@ -46,16 +48,16 @@ class PSPNet(nn.Module):
     Args:
         backbone: A ``svfseg.models.backbones.Backbone``.
         num_classes: Output channels, background included (16 on Pascal-5i, 61 on COCO-20i).
-        backbone_mode: "train" (full fine-tune, the BAM recipe) or "frozen" (only PPM and
+        regime: "full" (full fine-tune, the BAM recipe) or "frozen" (only PPM and
             classifier train).
         svf_policy: Must be None (stage 1 does not use SVF).
         backbone_name: Name recorded by :meth:`describe`.
         ppm_bins: Output sizes of the pyramid pooling.
         hidden: Channels of the classifier's 3x3 conv.
         dropout: Dropout2d before the last 1x1 conv.
-        train_bn: With backbone_mode="train", let the backbone BatchNorm layers update their
+        train_bn: With regime="full", let the backbone BatchNorm layers update their
             statistics and affine parameters (BAM). False freezes them.
-        backbone_lr_mult: Learning-rate multiplier reported for the "backbone" group.
+        backbone_mode: Deprecated alias of ``regime`` ("train" = "full").
     """
 
     model_name = "bam_base"
@@ -65,20 +67,22 @@ class PSPNet(nn.Module):
         backbone: nn.Module,
         *,
         num_classes: int,
-        backbone_mode: str = "train",
+        regime: str | None = None,
         svf_policy: Any = None,
         backbone_name: str | None = None,
         ppm_bins: Sequence[int] = (1, 2, 3, 6),
         hidden: int = 512,
         dropout: float = 0.1,
         train_bn: bool = True,
-        backbone_lr_mult: float = 0.1,
+        backbone_mode: str | None = None,
     ) -> None:
         super().__init__()
-        if backbone_mode not in BASE_BACKBONE_MODES:
+        regime = "full" if regime is None and backbone_mode is None else resolve_regime(regime, backbone_mode,
+                                                                                       where="bam_base")
+        if regime not in BASE_REGIMES:
             raise ValueError(
-                f"bam_base: backbone_mode must be one of {BASE_BACKBONE_MODES} (stage 1 does not use SVF; "
-                f"turn it off with svf.enabled=false), got {backbone_mode!r}"
+                f"bam_base: regime must be one of {BASE_REGIMES} (stage 1 does not use SVF; "
+                f"set model.regime=full), got {regime!r}"
             )
         if svf_policy is not None:
             raise ValueError("bam_base: svf_policy given, but the base learner is trained without SVF")
@@ -89,12 +93,11 @@ class PSPNet(nn.Module):
                 raise TypeError(f"bam_base: backbone {type(backbone).__name__} has no `{attr}`; expected a Backbone")
         self.backbone = backbone
         self.backbone_name = backbone_name or getattr(backbone, "name", None) or type(backbone).__name__
-        self.backbone_mode = backbone_mode
+        self.regime = regime
         self.num_classes = int(num_classes)
         self.ppm_bins = tuple(int(b) for b in ppm_bins)
         self.hidden = int(hidden)
-        self.train_bn = bool(train_bn) and backbone_mode == "train"
-        self.backbone_lr_mult = float(backbone_lr_mult)
+        self.train_bn = bool(train_bn) and regime == "full"
         channels = backbone.stage_channels["layer4"]
         self.ppm = PPM(channels, max(1, channels // len(self.ppm_bins)), self.ppm_bins)
         self.cls = pspnet_classifier(self.ppm.out_channels, self.num_classes, self.hidden, dropout)
@@ -105,7 +108,7 @@ class PSPNet(nn.Module):
 
         if not self.train_bn:
             freeze_batchnorm(self.backbone)
-        trainable = self.backbone_mode == "train"
+        trainable = self.regime == "full"
         for p in self.backbone.parameters():
             p.requires_grad_(trainable)
         # Frozen BatchNorm keeps its affine parameters frozen too (BAM never trains BN affine
@@ -119,7 +122,7 @@ class PSPNet(nn.Module):
     def train(self, mode: bool = True) -> PSPNet:
         """Set train/eval mode; a frozen backbone stays in eval mode as a whole."""
         super().train(mode)
-        if self.backbone_mode == "frozen":
+        if self.regime == "frozen":
             self.backbone.eval()
         return self
 
@@ -135,7 +138,7 @@ class PSPNet(nn.Module):
         """Segment ``images`` (B, 3, H, W) into logits (B, num_classes, H, W)."""
         if images.dim() != 4:
             raise ValueError(f"bam_base: expected images (B, 3, H, W), got shape {tuple(images.shape)}")
-        if self.backbone_mode == "frozen":
+        if self.regime == "frozen":
             with torch.no_grad():
                 feats = self.features(images)
         else:
@@ -143,14 +146,13 @@ class PSPNet(nn.Module):
         return resize(self.classify(feats), images.shape[-2:])
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters: "backbone" (lr_mult ``backbone_lr_mult``) and "head" (PPM + classifier)."""
+        """Trainable parameters: "backbone" and "head" (PPM + classifier); lrs from ``optim.lr_mult``."""
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": []}
         for p in self.parameters():
             if p.requires_grad:
                 groups["backbone" if id(p) in backbone_ids else "head"].append(p)
-        mults = {"backbone": self.backbone_lr_mult, "head": 1.0}
-        return [{"name": k, "params": v, "lr_mult": mults[k]} for k, v in groups.items() if v]
+        return [{"name": k, "params": v} for k, v in groups.items() if v]
 
     def head_config(self) -> dict[str, Any]:
         """Hyper-parameters that change the architecture."""
@@ -162,7 +164,7 @@ class PSPNet(nn.Module):
             "name": self.model_name,
             "backbone": self.backbone_name,
             "backbone_strides": dict(getattr(self.backbone, "stage_strides", {})),
-            "backbone_mode": self.backbone_mode,
+            "regime": self.regime,
             "svf_policy": None,
             "num_classes": self.num_classes,
             "head": self.head_config(),

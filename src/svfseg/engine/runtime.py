@@ -1,0 +1,50 @@
+"""Runtime helpers every loop uses: mixed precision, the model inside DDP, progress bars, batches to the device."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def amp_dtype(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``train.amp`` on ``device`` (None = full precision).
+
+    ``auto`` means bf16 on a GPU that supports it, fp16 on older GPUs, off on the CPU.
+    """
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``dtype``, or a no-op context when it is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def to_device(batch: dict, keys, device: torch.device) -> list[torch.Tensor]:
+    """``batch[k]`` for each key, on ``device`` (non-blocking from pinned memory on a GPU)."""
+    nb = device.type == "cuda"
+    return [batch[k].to(device, non_blocking=nb) for k in keys]
+
+
+def progress_bar(total: int, *, desc: str, enabled: bool, unit: str = "batch", initial: int = 0,
+                 leave: bool = False):
+    """A tqdm bar, or None when disabled (non-main processes, ``train.progress=false``)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)

@@ -1,0 +1,106 @@
+"""What a task tells the engine: how to step, validate, and score; the shared result records."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from svfseg.config import ExperimentConfig
+from svfseg.data.collate import collate_episodes
+from svfseg.engine.distributed import DistInfo
+
+
+@dataclass
+class EvalSet:
+    """Items checkpoints are selected on: the dataset, the classes scored (None: the dataset's), a label."""
+
+    dataset: Dataset
+    class_ids: Optional[Sequence[int]] = None
+    on: str = "test_fold"
+
+
+#: Former name of :class:`EvalSet` (svfseg 0.1).
+ValSet = EvalSet
+
+
+@dataclass
+class ValResult:
+    """One validation pass, as a task reports it to the training loop."""
+
+    row: dict                          # val.csv row without step/epoch/best (``miou`` is the selection score)
+    best: dict                         # best.pt ``metrics`` / FitResult.best without step/epoch
+    message: tuple                     # logger format (step first, "%s" last for the best-so-far mark) + args
+    history_extra: dict = field(default_factory=dict)   # extra keys kept in the history row
+
+
+@dataclass
+class TestOptions:
+    """What ``svfseg test`` asks of a task beyond the config (each task reads the fields it knows)."""
+
+    protocol: Optional[str] = None     # episode protocol (few-shot)
+    episodes: Optional[Path] = None    # fixed episode file (few-shot)
+    save_vis: int = 0                  # overlay PNGs to write
+    out_dir: Optional[Path] = None     # results folder (default: next to the checkpoint)
+    tau: float = 0.9                   # novel-class threshold (generalized setting)
+
+
+class Task:
+    """Base of the engine's tasks (few-shot episodes, semantic segmentation, the generalized setting).
+
+    A task owns what differs between them: its data, one training step's loss, a validation
+    pass, and ``svfseg test``'s scoring and report. The training loop
+    (:func:`svfseg.engine.loop.fit`) and the evaluation loop
+    (:func:`svfseg.engine.evaluator.evaluation_loop`) are shared.
+    """
+
+    name: str = ""
+    #: Progress-bar label of training.
+    train_desc: str = "train"
+    #: Batch collation of its items.
+    collate_fn = staticmethod(collate_episodes)
+    #: DDP re-sends buffers every step; only needed where BatchNorm statistics train.
+    broadcast_buffers: bool = False
+
+    def train_data(self, cfg: ExperimentConfig) -> Dataset:
+        """Training items of ``cfg``."""
+        raise NotImplementedError(f"task {self.name!r} does not train")
+
+    def selection_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
+        """Items checkpoints are selected on (None: no validation)."""
+        return None
+
+    def check_training(self, cfg: ExperimentConfig, model: nn.Module, info: DistInfo) -> None:
+        """Refuse a run that cannot train (called before anything is written)."""
+
+    def loss(self, model: nn.Module, batch: dict, cfg: ExperimentConfig, info: DistInfo,
+             dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward one batch: (loss to back-propagate, detached float (3,) [loss, main, aux] of the global batch)."""
+        raise NotImplementedError(f"task {self.name!r} does not train")
+
+    def validate(self, model: nn.Module, val: EvalSet, cfg: ExperimentConfig, info: DistInfo) -> ValResult:
+        """Score ``model`` on ``val`` for checkpoint selection."""
+        raise NotImplementedError(f"task {self.name!r} does not validate")
+
+    def test(self, checkpoint: str | Path, cfg: Optional[ExperimentConfig], options: TestOptions,
+             info: DistInfo) -> dict:
+        """``svfseg test``: score a checkpoint, write ``results.json`` + ``results.md``, return the results."""
+        raise NotImplementedError(f"task {self.name!r} does not test")
+
+    def markdown(self, results: dict) -> str:
+        """The Markdown report of :meth:`test`'s results."""
+        raise NotImplementedError
+
+
+def write_results(out_dir: Path, results: dict, markdown: str, info: DistInfo) -> None:
+    """``results.json`` + ``results.md`` in ``out_dir`` (main process only)."""
+    import json
+
+    if not info.is_main:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out_dir / "results.md").write_text(markdown)

@@ -1,0 +1,295 @@
+"""Few-shot episodes: the episodic loss, per-class IoU over novel classes, protocol scoring of a checkpoint."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from svfseg.config import ExperimentConfig
+from svfseg.engine.data import eval_dataset, heldout_base_fold, novel_classes, train_dataset
+from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier
+from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
+from svfseg.engine.model import MERGED_FORMAT, describe, load_for_inference
+from svfseg.engine.runtime import autocast, to_device, unwrap
+from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult, write_results
+from svfseg.losses import fewshot_loss, valid_pixel_count
+from svfseg.metrics import IoUAccumulator, format_pct, summarize_runs
+
+logger = logging.getLogger(__name__)
+
+
+def forward_episode(model: nn.Module, batch: dict, device: torch.device):
+    """Call a few-shot model on a collated batch; models with ``uses_class_ids`` also get the class ids."""
+    args = to_device(batch, ("query_img", "support_imgs", "support_masks"), device)
+    if getattr(unwrap(model), "uses_class_ids", False):
+        return model(*args, class_ids=torch.as_tensor(batch["class_id"]).to(device))
+    return model(*args)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    class_ids: Sequence[int],
+    device: torch.device,
+    info: Optional[DistInfo] = None,
+    amp: str = "off",
+    batch_size: int = 1,
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "eval",
+    vis_dir: Optional[Path] = None,
+    num_vis: int = 0,
+) -> dict:
+    """Score a few-shot model on fixed episodes.
+
+    Intersections and unions are summed per class over all episodes (integers), so the result
+    does not depend on the batch size, and under DDP each process scores every W-th episode
+    and the sums are all-reduced: exactly the single-process result.
+
+    Args:
+        model: few-shot model (eval mode is set here and restored afterwards).
+        dataset: evaluation episodes (items with ``query_label_orig`` and ``query_valid_hw``).
+        class_ids: classes mIoU averages over (the fold's novel classes).
+        device: where to run.
+        info: process-group info (None: single process).
+        amp: ``train.amp`` mode.
+        batch_size: episodes per forward pass.
+        workers: DataLoader workers.
+        progress: show a tqdm bar (main process).
+        desc: bar label.
+        vis_dir: where to write overlay PNGs of the first ``num_vis`` episodes.
+        num_vis: number of overlays.
+
+    Returns:
+        :meth:`IoUAccumulator.compute` plus ``seconds`` and ``episode_fingerprint``.
+    """
+    info = info or DistInfo(device=device)
+    acc = IoUAccumulator(class_ids)
+
+    def on_batch(net: nn.Module, batch: dict, indices: Sequence[int]) -> None:
+        logits = forward_episode(net, batch, device)
+        labels = batch["query_label_orig"]
+        preds = predictions_at_original_size(logits, batch["query_valid_hw"], [tuple(x.shape) for x in labels])
+        for b, (pred, gt) in enumerate(zip(preds, labels)):
+            acc.update(pred.cpu(), gt, int(batch["class_id"][b]))
+            if vis_dir is not None and indices[b] < num_vis:
+                from svfseg.engine.vis import save_episode_overlay
+
+                save_episode_overlay(Path(vis_dir) / f"episode_{indices[b]:05d}_class{int(batch['class_id'][b])}.png",
+                                     batch, b, pred, gt)
+
+    def running() -> dict:
+        r = acc.compute()
+        return {"mIoU": f"{100 * r['miou']:.1f}", "FB": f"{100 * r['fb_iou']:.1f}"}
+
+    seconds = evaluation_loop(model, dataset, on_batch, info=info, device=device, amp=amp, batch_size=batch_size,
+                              workers=workers, progress=progress, desc=desc, postfix=running)
+    acc.load_tensor(all_reduce_sum(acc.as_tensor(), info))
+    result = acc.compute()
+    result["seconds"] = seconds
+    episodes = getattr(dataset, "episodes", None)
+    result["episode_fingerprint"] = getattr(episodes, "fingerprint", None)
+    return result
+
+
+def protocol_runs(cfg: ExperimentConfig, protocol: str) -> list[tuple[int, int]]:
+    """(seed, episode count) pairs of a protocol, with ``eval.seeds``/``eval.num_episodes`` overrides."""
+    from svfseg.data.episodes import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
+    runs = PROTOCOLS[protocol].runs(cfg.data.benchmark)
+    if cfg.eval.seeds:
+        runs = [(s, runs[0][1]) for s in cfg.eval.seeds]
+    if cfg.eval.num_episodes:
+        runs = [(s, cfg.eval.num_episodes) for s, _ in runs]
+    return runs
+
+
+class FewShotTask(Task):
+    """Episodes of the fold's base classes in training; mIoU over its novel classes in testing."""
+
+    name = "fewshot"
+
+    def train_data(self, cfg: ExperimentConfig) -> Dataset:
+        return train_dataset(cfg)
+
+    def selection_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
+        """The validation episodes checkpoints are selected on, fixed in a file in the run folder.
+
+        ``train.select_on=test_fold`` (what the published methods do) or ``last`` validates on the test
+        fold's novel classes; ``base_heldout`` on val-split episodes of base classes (the novel
+        classes of fold ``(fold+1) % 4``), so the test fold is never looked at before testing.
+        """
+        from svfseg.data.episodes import EpisodeList
+
+        if not cfg.train.val_every:
+            return None
+        on = "base_heldout" if cfg.train.select_on == "base_heldout" else "test_fold"
+        fold = heldout_base_fold(cfg.fold) if on == "base_heldout" else cfg.fold
+        path = (Path(cfg.train.val_episodes_file) if cfg.train.val_episodes_file
+                else run_dir / f"val_episodes_{on}.json")
+        if not path.exists():
+            if info.is_main:
+                ds = eval_dataset(cfg, fold=fold, seed=cfg.train.val_seed, count=cfg.train.val_episodes)
+                ds.episodes.save(path)
+            barrier(info)
+        ds = eval_dataset(cfg, fold=fold, episodes=EpisodeList.load(path))
+        logger.info("validation (%s): %d fixed episodes from %s (fingerprint %s)", on, len(ds), path,
+                    ds.episodes.fingerprint)
+        return EvalSet(ds, novel_classes(cfg, fold), on)
+
+    def loss(self, model, batch, cfg, info, dtype):
+        device = info.device
+        target = batch["query_mask"].to(device, non_blocking=device.type == "cuda")
+        normalizer = None
+        if info.distributed:
+            # Divide the summed CE by the global pixel count (x world size, since DDP averages the
+            # gradients) so W processes compute exactly the gradient of one process on the batch.
+            normalizer = all_reduce_sum(valid_pixel_count(target), info) / info.world_size
+        with autocast(device, dtype):
+            out = forward_episode(model, batch, device)
+        logits, aux = (out.logits, tuple(out.aux_logits)) if hasattr(out, "logits") else (out, ())
+        loss, parts = fewshot_loss(logits, aux, target, aux_weight=cfg.train.aux_weight, normalizer=normalizer)
+        stats = torch.stack([loss.detach(), parts["main"], parts["aux"]]).float()
+        if info.distributed:
+            # Each process's share is normalised by global pixels / W, so the sum over the W
+            # processes is W times the batch loss.
+            stats = all_reduce_sum(stats, info) / info.world_size
+        return loss, stats
+
+    def validate(self, model, val, cfg, info) -> ValResult:
+        r = evaluate(model, val.dataset, class_ids=val.class_ids, device=info.device, info=info, amp=cfg.train.amp,
+                     batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
+                     desc=f"val ({val.on})")
+        return ValResult(
+            row={"on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"], "episodes": r["episodes"]},
+            best={"on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"],
+                  "per_class": {str(k): v for k, v in r["per_class"].items()},
+                  "episode_fingerprint": r["episode_fingerprint"]},
+            message=("step %d: val (%s) mIoU %.2f FB-IoU %.2f over %d episodes%s",
+                     val.on, 100 * r["miou"], 100 * r["fb_iou"], r["episodes"]))
+
+    def test(self, checkpoint, cfg, options: TestOptions, info: DistInfo) -> dict:
+        return score_checkpoint(checkpoint, cfg, protocol=options.protocol, episodes=options.episodes,
+                                save_vis=options.save_vis, out_dir=options.out_dir, info=info)
+
+    def markdown(self, results: dict) -> str:
+        return results_markdown(results)
+
+
+def score_checkpoint(
+    checkpoint: str | Path,
+    cfg: Optional[ExperimentConfig] = None,
+    *,
+    protocol: Optional[str] = None,
+    episodes: Optional[str | Path] = None,
+    save_vis: int = 0,
+    out_dir: Optional[str | Path] = None,
+    info: Optional[DistInfo] = None,
+) -> dict:
+    """Evaluate a checkpoint on fixed episodes and write ``results.json`` + ``results.md``.
+
+    Args:
+        checkpoint: training checkpoint or merged export.
+        cfg: config (data root, fold, shot, eval settings); None: the checkpoint's own. The
+            checkpoint must describe the same model, fold and class count.
+        protocol: a name in ``svfseg.data.episodes.PROTOCOLS`` (default ``cfg.eval.protocol``); ignored with
+            ``episodes``.
+        episodes: an episode file to use instead of a protocol.
+        save_vis: overlay PNGs to write (from the first run).
+        out_dir: output folder (default: next to the checkpoint, ``test_<protocol>_<K>shot``).
+        info: process-group info (episodes are sharded across processes).
+
+    Returns:
+        The results dict (also written to ``results.json``).
+    """
+    info = info or DistInfo()
+    model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
+    protocol = protocol or cfg.eval.protocol
+    label = "file" if episodes else protocol
+    out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / f"test_{label}_{cfg.shot}shot"
+    classes = novel_classes(cfg)
+    runs = [(None, None)] if episodes else protocol_runs(cfg, protocol)
+    results = []
+    for i, (seed, count) in enumerate(runs):
+        ds = eval_dataset(cfg, episodes=episodes) if episodes else eval_dataset(cfg, seed=seed, count=count)
+        name = f"seed {seed}" if seed is not None else Path(episodes).name
+        r = evaluate(model, ds, class_ids=classes, device=info.device, info=info, amp=cfg.train.amp,
+                     batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
+                     desc=f"test {name}", vis_dir=out_dir / "vis" if save_vis and i == 0 else None,
+                     num_vis=save_vis)
+        r.update(seed=ds.episodes.seed, episode_count=len(ds))
+        logger.info("%s: mIoU %.2f  FB-IoU %.2f  (%d episodes, fingerprint %s)", name, 100 * r["miou"],
+                    100 * r["fb_iou"], r["episodes"], r["episode_fingerprint"])
+        results.append(r)
+    out = _assemble(checkpoint, cfg, state, model, protocol if not episodes else "file", results)
+    write_results(out_dir, out, results_markdown(out), info)
+    if info.is_main:
+        logger.info("wrote %s and results.md%s", out_dir / "results.json",
+                    f" and {save_vis} overlays in {out_dir / 'vis'}" if save_vis else "")
+    barrier(info)
+    out["out_dir"] = str(out_dir)
+    return out
+
+
+def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: str, results: list[dict]) -> dict:
+    from svfseg.data.splits import class_names
+
+    names = class_names(cfg.data.benchmark)
+    classes = novel_classes(cfg)
+    per_class_mean = {str(c): _mean([r["per_class"][c] for r in results]) for c in classes}
+    runs = [{"seed": r["seed"], "episodes": r["episodes"], "episode_fingerprint": r["episode_fingerprint"],
+             "miou": r["miou"], "fb_iou": r["fb_iou"], "seconds": r["seconds"],
+             "per_class": {str(c): v for c, v in r["per_class"].items()}} for r in results]
+    return {
+        "checkpoint": str(checkpoint), "step": state.get("step"),
+        "benchmark": cfg.data.benchmark, "fold": cfg.fold, "shot": cfg.shot, "protocol": protocol,
+        "model": cfg.model.name, "backbone": cfg.model.backbone,
+        "regime": cfg.model.regime,
+        "merged": state.get("format") == MERGED_FORMAT, "describe": describe(model, cfg),
+        "novel_classes": list(classes), "class_names": {str(c): names[c - 1] for c in classes},
+        "runs": runs,
+        "summary": {"miou": summarize_runs(r["miou"] for r in results),
+                    "fb_iou": summarize_runs(r["fb_iou"] for r in results)},
+        "per_class_mean": per_class_mean,
+    }
+
+
+def _mean(vals):
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def results_markdown(out: dict) -> str:
+    """The Markdown report of one ``svfseg test`` run."""
+    s = out["summary"]
+    lines = [
+        f"# {out['model']} / {out['backbone']} ({out['regime']}) on {out['benchmark']} fold {out['fold']}, "
+        f"{out['shot']}-shot",
+        "",
+        f"checkpoint `{out['checkpoint']}` (step {out['step']}), protocol **{out['protocol']}**, "
+        f"scored at the original label size; mIoU over the fold's novel classes {out['novel_classes']}.",
+        "",
+        "| run | episodes | episode fingerprint | mIoU (%) | FB-IoU (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in out["runs"]:
+        lines.append(f"| seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` | {format_pct(r['miou'])} "
+                     f"| {format_pct(r['fb_iou'])} |")
+    if len(out["runs"]) > 1:
+        lines.append(f"| **mean ± std** | | | **{format_pct(s['miou']['mean'])} ± {format_pct(s['miou']['std'])}** "
+                     f"| {format_pct(s['fb_iou']['mean'])} ± {format_pct(s['fb_iou']['std'])} |")
+        lines.append(f"| best | | | {format_pct(s['miou']['best'])} | {format_pct(s['fb_iou']['best'])} |")
+    lines += ["", "| class | name | IoU (%)" + (" (mean over runs)" if len(out["runs"]) > 1 else "") + " |",
+              "|---|---|---|"]
+    for c, v in out["per_class_mean"].items():
+        lines.append(f"| {c} | {out['class_names'][c]} | {format_pct(v)} |")
+    return "\n".join(lines) + "\n"
