@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from svfseg.data import generate_synthetic
-from svfseg.data.semantic import build_generalized_dataset
+from svfseg.data.generalized import build_generalized_dataset
 from svfseg.engine.tasks.generalized import evaluate_generalized
 from svfseg.models.heads.bam import BAMParts, generalized_prediction
 

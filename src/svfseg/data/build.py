@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from svfseg.data.episodes import DEFAULT_MIN_PIXELS, TRAIN_PROTOCOLS, EpisodeList, make_episodes, make_pool
 from svfseg.data.index import load_class_index
 from svfseg.data.io import DataError
-from svfseg.data.pascal import EvalEpisodes, TrainEpisodes
+from svfseg.data.episodic import EvalEpisodes, TrainEpisodes
 from svfseg.data.splits import class_split, num_classes
 from svfseg.data.transforms import TestTransform, TrainTransform
 

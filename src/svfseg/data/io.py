@@ -17,7 +17,7 @@ __all__ = [
     "write_label", "image_size",
 ]
 
-from svfseg.labels import IGNORE_LABEL as IGNORE  # noqa: E402  (re-exported for the data package)
+from svfseg.labels import IGNORE_LABEL as IGNORE  # noqa: E402,F401  (the data package reads it from here)
 
 
 class DataError(ValueError):

@@ -15,8 +15,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from svfseg.data import coco as coco_src
-from svfseg.data import voc as voc_src
+from svfseg.data.sources import coco as coco_src
+from svfseg.data.sources import voc as voc_src
 from svfseg.data.check import check_dataset
 from svfseg.data.index import load_class_index
 from svfseg.data.io import DataError, atomic_dir, read_list, write_label, write_list
@@ -91,7 +91,7 @@ def prepare_pascal(voc, sbd, out, *, sbd_val: bool = False, train_list=None, val
     """Build a Pascal-5i root from VOC2012 and SBD.
 
     Labels: VOC ``SegmentationClass`` PNG (palette indices, 255 boundaries kept) when present, else
-    the SBD ``GTcls.Segmentation``. Lists: see :func:`svfseg.data.voc.pascal_lists`, or the given
+    the SBD ``GTcls.Segmentation``. Lists: see :func:`svfseg.data.sources.voc.pascal_lists`, or the given
     PFENet/BAM list files taken as they are.
 
     Args:
@@ -142,7 +142,7 @@ def prepare_coco(coco, out, *, copy_images: bool = False, workers: int | None = 
     """Build a COCO-20i root from COCO 2014 (``train2014/``, ``val2014/``, ``annotations/instances_*2014.json``).
 
     Every image of the json is listed (also those without annotations); ids are contiguous 1..80 in
-    category-id order; overlaps and ``iscrowd`` are resolved as :mod:`svfseg.data.coco` documents.
+    category-id order; overlaps and ``iscrowd`` are resolved as :mod:`svfseg.data.sources.coco` documents.
     """
     coco = Path(coco)
     with atomic_dir(out) as tmp:

@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from svfseg.config import ExperimentConfig
 from svfseg.data.collate import collate_episodes
-from svfseg.data.samplers import EpochBatchSampler, ShardSampler  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 

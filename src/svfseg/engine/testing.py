@@ -46,7 +46,3 @@ def score_with_task(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = No
     task = select_test_task(checkpoint, setting)
     out = task.test(checkpoint, cfg, options or TestOptions(), info or DistInfo())
     return out, task.markdown(out)
-
-
-# ``svfseg test`` of few-shot checkpoints, for callers of svfseg 0.1.
-from svfseg.engine.tasks.fewshot import protocol_runs, results_markdown, score_checkpoint  # noqa: E402,F401

@@ -35,7 +35,7 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
 
     Args:
         model: A model with ``forward_parts`` and ``generalized_prediction``.
-        dataset: :class:`~svfseg.data.semantic.GeneralizedEpisodes`.
+        dataset: :class:`~svfseg.data.generalized.GeneralizedEpisodes`.
         device: Where to run.
         tau: Novel-class probability threshold.
         info: Process-group info (episodes are sharded, sums reduced).
@@ -98,7 +98,7 @@ class GeneralizedTask(Task):
     def test(self, checkpoint, cfg: Optional[ExperimentConfig], options: TestOptions, info: DistInfo,
              seed: int = 0) -> dict:
         """Generalized-setting score of a checkpoint; results in ``<checkpoint folder>/test_generalized_<K>shot``."""
-        from svfseg.data.semantic import build_generalized_dataset
+        from svfseg.data.generalized import build_generalized_dataset
 
         model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
         d = cfg.data

@@ -1,0 +1,131 @@
+"""Episodes of the generalized few-shot setting (BAM's): base classes and the episode's novel class scored together."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from svfseg.data.episodic import binarize, load_pair
+from svfseg.data.index import ClassIndex, load_class_index
+from svfseg.data.io import DataError
+from svfseg.data.semantic import base_label_lut, remap_label
+from svfseg.data.splits import class_split, num_classes
+from svfseg.data.transforms import TestTransform
+
+__all__ = ["generalized_episodes", "GeneralizedEpisodes", "build_generalized_dataset"]
+
+log = logging.getLogger(__name__)
+
+
+def generalized_episodes(index: ClassIndex, *, benchmark: str, fold: int, shot: int, seed: int = 0,
+                         convention: str = "interleaved", min_pixels: int | None = None, count: int | None = None):
+    """BAM's generalized few-shot episodes: every val image once, base and novel classes together.
+
+    For each image (list order) with at least one labelled class: if it shows a base class, the
+    episode's novel class is drawn uniformly among all novel classes of the fold (it may be
+    absent from the image); otherwise among the novel classes it shows. Supports: ``shot``
+    other images where that class covers ``>= min_pixels`` pixels (the small-object rule; BAM
+    accepts any pixel count). Randomness: ``numpy.random.default_rng(seed)``. ``count`` keeps
+    only the first episodes (quick checks); None keeps one per image.
+
+    Returns:
+        An :class:`~svfseg.data.episodes.EpisodeList` (split "val").
+    """
+    from svfseg.data.build import default_min_pixels
+    from svfseg.data.episodes import Episode, EpisodeList
+
+    sp = class_split(benchmark, fold, convention)
+    if min_pixels is None:
+        min_pixels = default_min_pixels(index.root, benchmark)
+    recs = index.records
+    holders = {c: [i for i, r in enumerate(recs) if r.counts.get(c, 0) >= min_pixels] for c in sp.novel}
+    short = {c: len(v) for c, v in holders.items() if len(v) < shot + 1}
+    if short:
+        raise DataError(f"{index.root} (val): generalized {shot}-shot episodes need >= {shot + 1} images per novel "
+                        f"class with >= {min_pixels} px; found class:count {short}")
+    rng = np.random.default_rng(seed)
+    base, novel = set(sp.base), list(sp.novel)
+    eps = []
+    for i, r in enumerate(recs):
+        present = set(r.counts)
+        if not present:
+            continue
+        choices = novel if present & base else sorted(present & set(novel))
+        c = int(choices[int(rng.integers(len(choices)))])
+        cand = np.asarray([j for j in holders[c] if j != i])
+        sup = rng.choice(cand, size=shot, replace=False)
+        eps.append(Episode(r.image, c, tuple(recs[int(j)].image for j in sup)))
+        if count is not None and len(eps) >= count:
+            break
+    return EpisodeList(benchmark, index.split, fold, shot, seed, convention, int(min_pixels), index.fingerprint,
+                       tuple(eps))
+
+
+class GeneralizedEpisodes(Dataset):
+    """Episodes of the generalized setting, scored over base + novel classes at once.
+
+    Items are those of :class:`~svfseg.data.episodic.EvalEpisodes` (binary masks of the episode's
+    novel class, test chain), except ``query_label_orig``: base class ``c`` -> its
+    channel ``1..num_base``, the episode's novel class -> ``num_base + 1``, other novel classes
+    -> 0, 255 kept (BAM's generalized labels).
+
+    Args:
+        index: Val class index.
+        episodes: From :func:`generalized_episodes`.
+        base_classes: Base classes of the fold.
+        transform: Test chain.
+    """
+
+    def __init__(self, index: ClassIndex, episodes, base_classes: Sequence[int], *,
+                 transform: TestTransform | None = None):
+        episodes.check_dataset(index.fingerprint)
+        self.index, self.episodes, self.root = index, episodes, Path(index.root)
+        self.base_classes = tuple(sorted(int(c) for c in base_classes))
+        self.lut = base_label_lut(self.base_classes, index.num_classes)
+        self.transform = transform or TestTransform()
+        self._pos = index.position()
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def _load(self, image: str):
+        r = self.index.records[self._pos[image]]
+        return r, *load_pair(self.root, r.image, r.label)
+
+    def __getitem__(self, i: int) -> dict:
+        ep = self.episodes[i]
+        qr, img, lbl = self._load(ep.query)
+        label = remap_label(lbl, self.lut)
+        label[lbl == ep.class_id] = len(self.base_classes) + 1
+        q_img, q_mask, valid = self.transform(img, binarize(lbl, ep.class_id))
+        s_imgs, s_masks = [], []
+        for s in ep.supports:
+            _, simg, slbl = self._load(s)
+            a, b, _ = self.transform(simg, binarize(slbl, ep.class_id))
+            s_imgs.append(a)
+            s_masks.append(b)
+        return {"query_img": torch.from_numpy(q_img), "query_mask": torch.from_numpy(q_mask),
+                "support_imgs": torch.from_numpy(np.stack(s_imgs)),
+                "support_masks": torch.from_numpy(np.stack(s_masks)), "class_id": ep.class_id, "query_name": qr.name,
+                "support_names": [Path(s).stem for s in ep.supports],
+                "query_label_orig": torch.from_numpy(label.astype(np.int64)), "query_valid_hw": valid}
+
+
+def build_generalized_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, shot: int, seed: int = 0,
+                              convention: str = "interleaved", test_size: int = 473,
+                              count: int | None = None) -> GeneralizedEpisodes:
+    """Generalized-setting evaluation episodes on the val split (see :func:`generalized_episodes`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: expected a dataset root folder, found none")
+    index = load_class_index(root, "val", num_classes(benchmark))
+    eps = generalized_episodes(index, benchmark=benchmark, fold=fold, shot=shot, seed=seed, convention=convention,
+                               count=count)
+    log.info("%s fold %d generalized: %d episodes", benchmark, fold, len(eps))
+    return GeneralizedEpisodes(index, eps, class_split(benchmark, fold, convention).base,
+                               transform=TestTransform(size=test_size))
