@@ -1,0 +1,67 @@
+"""The query-class rule: upstream's "any size" rule vs the size rule, and its record in episode files."""
+import json
+
+import numpy as np
+import pytest
+
+from svfseg.data import EpisodeList, make_episodes, make_pool
+from svfseg.data.episodes import DEFAULT_MIN_PIXELS
+from svfseg.data.index import ClassIndex, ImageRecord
+
+
+def _index(counts_per_image):
+    recs = tuple(ImageRecord(f"JPEGImages/{i}.jpg", f"L/{i}.png", (100, 100), counts)
+                 for i, counts in enumerate(counts_per_image))
+    return ClassIndex(root=".", split="val", num_classes=20, records=recs, fingerprint="f" * 16)
+
+
+# image 0 shows class 1 at 3,000 px and class 2 at 1,000 px (below 2*32*32 = 2,048);
+# images 1-2 show class 1 large, images 3-4 class 2 large; image 5 shows only a small class 1.
+IMAGES = [{1: 3000, 2: 1000}, {1: 4000}, {1: 2500}, {2: 5000}, {2: 2100}, {1: 900}]
+
+
+def test_small_class_is_an_eligible_query_class_upstream():
+    pool = make_pool(_index(IMAGES), (1, 2), shot=1)
+    assert pool.min_pixels == DEFAULT_MIN_PIXELS == 2048 and pool.query_rule == "any"
+    qc = dict(zip(pool.queries, pool.query_classes))
+    assert qc[0] == (1, 2)  # the 1,000-px class may be the episode's class (PFENet/BAM)
+    assert 5 not in qc  # no class reaches 2,048 px: the image is not in the list at all
+    # supports keep the size rule: the 1,000-px image never supports class 2
+    assert pool.class_images[2].tolist() == [3, 4] and pool.class_images[1].tolist() == [0, 1, 2]
+
+
+def test_min_pixels_rule_keeps_the_old_behaviour():
+    pool = make_pool(_index(IMAGES), (1, 2), shot=1, query_rule="min_pixels")
+    assert dict(zip(pool.queries, pool.query_classes))[0] == (1,)
+    with pytest.raises(ValueError, match="query_rule"):
+        make_pool(_index(IMAGES), (1, 2), shot=1, query_rule="all")
+
+
+def test_episode_files_record_the_rule(tmp_path):
+    pool = make_pool(_index(IMAGES), (1, 2), shot=1)
+    eps = make_episodes(pool, benchmark="pascal", fold=0, shot=1, seed=0, count=40)
+    assert eps.query_rule == "any"
+    assert any(e.query == "JPEGImages/0.jpg" and e.class_id == 2 for e in eps)
+    path = eps.save(tmp_path / "eps.json")
+    blob = json.loads(path.read_text())
+    assert blob["query_rule"] == "any"
+    assert EpisodeList.load(path) == eps
+    # a file written before the rule was recorded loads as the rule that made it
+    legacy = make_episodes(make_pool(_index(IMAGES), (1, 2), shot=1, query_rule="min_pixels"),
+                           benchmark="pascal", fold=0, shot=1, seed=0, count=10)
+    old = legacy.save(tmp_path / "old.json")
+    blob = json.loads(old.read_text())
+    assert "query_rule" not in blob  # the legacy rule's payload (and fingerprint) are as before
+    blob["version"] = 1
+    old.write_text(json.dumps(blob))
+    loaded = EpisodeList.load(old)
+    assert loaded.query_rule == "min_pixels" and loaded == legacy
+    # the rule is part of the fingerprint
+    assert eps.fingerprint != EpisodeList(**{**eps.__dict__, "query_rule": "min_pixels"}).fingerprint
+
+
+def test_upstream_rule_draws_small_classes_uniformly():
+    pool = make_pool(_index(IMAGES), (1, 2), shot=1)
+    eps = make_episodes(pool, benchmark="pascal", fold=0, shot=1, seed=1, count=2000)
+    classes = np.array([e.class_id for e in eps if e.query == "JPEGImages/0.jpg"])
+    assert 0.4 < (classes == 2).mean() < 0.6
