@@ -175,6 +175,9 @@ def test_protocol_presets():
     assert PROTOCOLS["pfenet"].runs("pascal") == [(321, 5000)]
     assert PROTOCOLS["pfenet"].runs("coco") == [(321, 20000)]
     assert len(PROTOCOLS["bam"].runs("pascal")) == 5 and {n for _, n in PROTOCOLS["bam"].runs("coco")} == {1000}
+    # BAM's test.py: np.random.seed(123); seed_array = np.random.randint(0, 1000, 5)
+    assert [s for s, _ in PROTOCOLS["bam"].runs("pascal")] == [510, 365, 382, 322, 988]
+    assert list(np.random.RandomState(123).randint(0, 1000, 5)) == [510, 365, 382, 322, 988]
     assert PROTOCOLS["hsnet"].runs("pascal") == [(0, 1000)]
 
 
