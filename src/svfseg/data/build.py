@@ -83,7 +83,7 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
         raise DataError(f"{root}: expected a dataset root folder, found none")
     if min_pixels is None:
         min_pixels = default_min_pixels(root, benchmark)
-    index = load_class_index(root, split, num_classes(benchmark), workers=workers)
+    index = load_class_index(root, split, num_classes(benchmark), workers=workers, benchmark=benchmark)
     if split == "train":
         if episodes is not None:
             raise ValueError("episodes= fixes evaluation episodes; training episodes are drawn per epoch "
