@@ -130,7 +130,7 @@ class IoUAccumulator:
         }
 
 
-def _ratio(num, den) -> float:
+def _ratio(num: float | torch.Tensor, den: float | torch.Tensor) -> float:
     # An empty union (nothing predicted, nothing labelled) scores 0, as PFENet's and BAM's
     # intersection / (union + 1e-10) does, instead of raising a division by zero.
     return float(num) / float(den) if int(den) > 0 else 0.0

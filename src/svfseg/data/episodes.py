@@ -90,8 +90,9 @@ def make_pool(index: ClassIndex, classes: Sequence[int], *, shot: int, min_pixel
         r = index.records[i]
         if not any(r.counts.get(c, 0) >= min_pixels for c in classes):
             continue  # not in the list at all: no class passes the size rule here
+        # A class needs `shot` supports besides this image (which supports c when it counts for c).
         elig = tuple(c for c in classes if r.counts.get(c, 0) >= floor
-                     and len(members[c]) - (r.counts.get(c, 0) >= min_pixels) >= shot)
+                     and len(members[c]) - int(r.counts.get(c, 0) >= min_pixels) >= shot)
         if elig:
             queries.append(i)
             qclasses.append(elig)

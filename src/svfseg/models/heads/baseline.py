@@ -20,8 +20,9 @@ class ASPPBaseline(PrototypePriorModel):
 
     concat(query mid-level, tiled prototype, prior) -> 1x1 merge -> ASPP (image pooling, 1x1,
     3x3 at ``aspp_rates``) -> 1x1 res1 -> two 3x3 res2 (residual) -> classifier. No auxiliary
-    outputs. K shots: prototypes and priors are averaged (the authors' code sums them with
-    unit weights, which equals averaging only for 1-shot).
+    outputs. K shots: prototypes and priors are averaged by default; the authors' code sums them
+    with unit weights (``shot_reduce="sum"``) and never trains ``down_query``
+    (``train_down_query=False``), the values the baseline recipes set.
 
     Args:
         backbone: See :class:`~svfseg.models.fewshot.FewShotModel`.
