@@ -65,3 +65,38 @@ def test_upstream_rule_draws_small_classes_uniformly():
     eps = make_episodes(pool, benchmark="pascal", fold=0, shot=1, seed=1, count=2000)
     classes = np.array([e.class_id for e in eps if e.query == "JPEGImages/0.jpg"])
     assert 0.4 < (classes == 2).mean() < 0.6
+
+
+def test_hand_built_label_small_class_is_asked_about(tmp_path):
+    """End to end on label PNGs with the real 2,048-px rule: a 1,000-px class becomes a query class."""
+    from PIL import Image
+
+    from svfseg.data import build_dataset
+    from svfseg.data.io import write_label
+
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "SegmentationClassAug").mkdir()
+    lines = []
+
+    def add(name, blocks):
+        lbl = np.zeros((80, 80), np.uint8)
+        y = 0
+        for c, rows in blocks:  # full-width bands: `rows` x 80 px of class c
+            lbl[y:y + rows] = c
+            y += rows
+        Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(tmp_path / "JPEGImages" / f"{name}.jpg")
+        write_label(tmp_path / "SegmentationClassAug" / f"{name}.png", lbl)
+        lines.append(f"JPEGImages/{name}.jpg SegmentationClassAug/{name}.png\n")
+
+    add("q", [(1, 40), (2, 12)])  # class 1: 3,200 px; class 2: 960 px (< 2,048)
+    for c in range(1, 6):  # every fold-0 novel class in two images at 2,400 px
+        add(f"s{c}a", [(c, 30)])
+        add(f"s{c}b", [(c, 30)])
+    (tmp_path / "val.txt").write_text("".join(lines))
+    kw = dict(root=tmp_path, benchmark="pascal", fold=0, split="val", shot=1, num_episodes=200)
+    ds = build_dataset(**kw)
+    asked = {e.class_id for e in ds.episodes if e.query == "JPEGImages/q.jpg"}
+    assert asked == {1, 2}
+    assert all("JPEGImages/q.jpg" not in e.supports for e in ds.episodes if e.class_id == 2)
+    legacy = build_dataset(query_rule="min_pixels", **kw)
+    assert {e.class_id for e in legacy.episodes if e.query == "JPEGImages/q.jpg"} == {1}
