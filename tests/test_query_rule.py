@@ -67,15 +67,15 @@ def test_upstream_rule_draws_small_classes_uniformly():
     assert 0.4 < (classes == 2).mean() < 0.6
 
 
-def test_hand_built_label_small_class_is_asked_about(tmp_path):
-    """End to end on label PNGs with the real 2,048-px rule: a 1,000-px class becomes a query class."""
+def _hand_built_root(root):
+    """Pascal root, val split only: query q shows class 1 at 3,200 px and class 2 at 960 px (< 2,048);
+    every fold-0 novel class also fills two other images at 2,400 px."""
     from PIL import Image
 
-    from svfseg.data import build_dataset
     from svfseg.data.io import write_label
 
-    (tmp_path / "JPEGImages").mkdir()
-    (tmp_path / "SegmentationClassAug").mkdir()
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClassAug").mkdir()
     lines = []
 
     def add(name, blocks):
@@ -84,19 +84,41 @@ def test_hand_built_label_small_class_is_asked_about(tmp_path):
         for c, rows in blocks:  # full-width bands: `rows` x 80 px of class c
             lbl[y:y + rows] = c
             y += rows
-        Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(tmp_path / "JPEGImages" / f"{name}.jpg")
-        write_label(tmp_path / "SegmentationClassAug" / f"{name}.png", lbl)
+        Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        write_label(root / "SegmentationClassAug" / f"{name}.png", lbl)
         lines.append(f"JPEGImages/{name}.jpg SegmentationClassAug/{name}.png\n")
 
-    add("q", [(1, 40), (2, 12)])  # class 1: 3,200 px; class 2: 960 px (< 2,048)
-    for c in range(1, 6):  # every fold-0 novel class in two images at 2,400 px
+    add("q", [(1, 40), (2, 12)])
+    for c in range(1, 6):
         add(f"s{c}a", [(c, 30)])
         add(f"s{c}b", [(c, 30)])
-    (tmp_path / "val.txt").write_text("".join(lines))
-    kw = dict(root=tmp_path, benchmark="pascal", fold=0, split="val", shot=1, num_episodes=200)
+    (root / "val.txt").write_text("".join(lines))
+    return root
+
+
+def test_hand_built_label_small_class_is_asked_about(tmp_path):
+    """End to end on label PNGs with the real 2,048-px rule: a 960-px class becomes a query class."""
+    from svfseg.data import build_dataset
+
+    root = _hand_built_root(tmp_path)
+    kw = dict(root=root, benchmark="pascal", fold=0, split="val", shot=1, num_episodes=200)
     ds = build_dataset(**kw)
     asked = {e.class_id for e in ds.episodes if e.query == "JPEGImages/q.jpg"}
     assert asked == {1, 2}
     assert all("JPEGImages/q.jpg" not in e.supports for e in ds.episodes if e.class_id == 2)
     legacy = build_dataset(query_rule="min_pixels", **kw)
     assert {e.class_id for e in legacy.episodes if e.query == "JPEGImages/q.jpg"} == {1}
+
+
+def test_config_key_reaches_the_episodes(tmp_path):
+    from svfseg.config import ConfigError, load_config
+    from svfseg.engine.data import eval_dataset
+
+    root = _hand_built_root(tmp_path)
+    base = [f"data.root={root}", "data.benchmark=pascal"]
+    assert load_config(None, base).data.query_rule == "any"
+    assert eval_dataset(load_config(None, base), count=20).episodes.query_rule == "any"
+    ds = eval_dataset(load_config(None, base + ["data.query_rule=min_pixels"]), count=20)
+    assert ds.episodes.query_rule == "min_pixels" and ds.pool.query_rule == "min_pixels"
+    with pytest.raises(ConfigError, match="'data.query_rule' must be one of"):
+        load_config(None, ["data.query_rule=all"])
