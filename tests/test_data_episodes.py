@@ -87,8 +87,14 @@ def test_val_episodes_deterministic_and_valid(root):
     for ep in a.episodes:
         assert ep.class_id in (6, 7, 8, 9, 10)
         assert ep.query not in ep.supports and len(set(ep.supports)) == 2
-        for s in ep.supports + (ep.query,):
+        for s in ep.supports:
             assert idx.records[pos[s]].counts.get(ep.class_id, 0) >= MIN_PX
+        # upstream rule (default): the query may be about a class of any size it shows
+        assert idx.records[pos[ep.query]].counts.get(ep.class_id, 0) > 0
+    # the 3x3 (9 px) second class of the val images is asked about too
+    assert any(idx.records[pos[ep.query]].counts[ep.class_id] < MIN_PX for ep in a.episodes)
+    legacy = build_dataset(seed=5, query_rule="min_pixels", **kw)
+    assert all(idx.records[pos[ep.query]].counts[ep.class_id] >= MIN_PX for ep in legacy.episodes)
     # longer lists extend shorter ones
     short = build_dataset(seed=5, **{**kw, "num_episodes": 10})
     assert short.episodes.episodes == a.episodes.episodes[:10]
@@ -169,6 +175,9 @@ def test_protocol_presets():
     assert PROTOCOLS["pfenet"].runs("pascal") == [(321, 5000)]
     assert PROTOCOLS["pfenet"].runs("coco") == [(321, 20000)]
     assert len(PROTOCOLS["bam"].runs("pascal")) == 5 and {n for _, n in PROTOCOLS["bam"].runs("coco")} == {1000}
+    # BAM's test.py: np.random.seed(123); seed_array = np.random.randint(0, 1000, 5)
+    assert [s for s, _ in PROTOCOLS["bam"].runs("pascal")] == [510, 365, 382, 322, 988]
+    assert list(np.random.RandomState(123).randint(0, 1000, 5)) == [510, 365, 382, 322, 988]
     assert PROTOCOLS["hsnet"].runs("pascal") == [(0, 1000)]
 
 

@@ -1,6 +1,8 @@
 """`svfseg prepare` on tiny VOC/SBD/COCO trees in their real formats, and the --check pass."""
 import argparse
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -93,6 +95,18 @@ def test_prepare_pascal(tmp_path, caplog):
     aug = prepare_pascal(voc, sbd, tmp_path / "aug", sbd_val=True, copy_images=True, workers=1)
     assert "JPEGImages/2008_00g.jpg" in [a for a, _ in read_list(aug / "train.txt")]
     assert not (aug / "JPEGImages").is_symlink() and len(list((aug / "JPEGImages").iterdir())) == 7
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o755), (0o002, 0o775), (0o077, 0o700)])
+def test_prepared_root_mode_follows_the_umask(tmp_path, umask, mode):
+    voc, sbd, _ = make_voc_sbd(tmp_path)
+    before = os.umask(umask)
+    try:
+        out = prepare_pascal(voc, sbd, tmp_path / "pascal", workers=1)
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(out.stat().st_mode) == mode  # not mkdtemp's 0700: a shared root stays readable
+    assert stat.S_IMODE((out / "SegmentationClassAug").stat().st_mode) == mode
 
 
 def test_prepare_pascal_given_lists_and_atomicity(tmp_path):
@@ -231,6 +245,11 @@ def test_check_reports_every_problem(tmp_path):
         load_class_index(root, "train", 20)
     (root / "train.txt").write_text("\n".join((root / "train.txt").read_text().splitlines()[:-1]) + "\n")
     with pytest.raises(DataError, match=r"problem\(s\)[\s\S]*range.png[\s\S]*rgb.png"):
+        load_class_index(root, "train", 20)
+    # the hint is a command that runs: `svfseg prepare` needs its benchmark argument
+    with pytest.raises(DataError, match=f"run `svfseg prepare pascal --check {root}` for the full list"):
+        load_class_index(root, "train", 20, benchmark="pascal")
+    with pytest.raises(DataError, match=r"svfseg prepare \{pascal,coco,synthetic\} --check"):
         load_class_index(root, "train", 20)
 
 

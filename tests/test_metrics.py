@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from svfseg.metrics import IoUAccumulator, episode_counts, summarize_runs
+from svfseg.metrics import ConfusionMatrix, IoUAccumulator, episode_counts, summarize_runs
 
 
 def t(rows):
@@ -52,6 +52,22 @@ def test_missing_class_is_nan_and_excluded_from_miou():
     r = acc.compute()
     assert math.isnan(r["per_class"][4]) and r["missing_classes"] == [4]
     assert r["miou"] == 1.0
+
+
+def test_empty_union_counts_zero_as_pfenet():
+    # PFENet's test.py: iou = intersection / (union + 1e-10), so an empty union scores 0, not 1.
+    acc = IoUAccumulator(class_ids=(1, 2))
+    acc.update(t([[0, 0]]), t([[0, 255]]), 1)  # class 1: nothing predicted, nothing labelled
+    acc.update(t([[1]]), t([[1]]), 2)
+    r = acc.compute()
+    assert r["per_class"] == {1: 0.0, 2: 1.0} and r["miou"] == 0.5
+    only_bg = IoUAccumulator(class_ids=(1,))
+    only_bg.update(t([[0, 0]]), t([[0, 0]]), 1)
+    r = only_bg.compute()
+    assert (r["fg_iou"], r["bg_iou"], r["fb_iou"]) == (0.0, 1.0, 0.5)
+    cm = ConfusionMatrix(2)
+    cm.update(t([[0, 0]]), t([[0, 0]]))
+    assert cm.compute()["fb_iou"] == 0.5  # the empty foreground union counts 0 here too
 
 
 def test_unknown_class_and_shape_mismatch_raise():

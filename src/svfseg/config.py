@@ -32,6 +32,7 @@ class DataConfig:
     root: str = "data/pascal"          # prepared Pascal-layout root (`svfseg prepare ...`)
     protocol: str = "dagger"           # training pool: dagger (drop images with novel classes) | pfenet
     convention: str = "interleaved"    # COCO fold convention: interleaved | consecutive
+    query_rule: str = "any"            # query classes: any (any size, as PFENet/BAM) | min_pixels (>= 2,048 px)
     train_crop: int = 473
     train_scale: tuple[float, float] = (0.9, 1.1)
     test_size: int = 473               # longer side of the test image (473 Pascal, 641 COCO)
@@ -218,6 +219,7 @@ _CHOICES = {
     "data.benchmark": ("pascal", "coco", "synthetic"),
     "data.protocol": ("dagger", "pfenet"),
     "data.convention": ("interleaved", "consecutive"),
+    "data.query_rule": ("any", "min_pixels"),
     "model.regime": REGIMES,
     "svf.mode": _SVF_MODES,
     "svf.decay_to": ("pretrained", "zero"),

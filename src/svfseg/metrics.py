@@ -108,12 +108,13 @@ class IoUAccumulator:
         Returns:
             dict with ``miou`` (mean IoU over classes that had at least one episode),
             ``fb_iou`` (mean of foreground and background IoU, each from sums over all episodes),
-            ``per_class`` {class_id: IoU or NaN when the class had no episode}, ``episodes``
+            ``per_class`` {class_id: IoU or NaN when the class had no episode; 0 when its union
+            stayed empty, as PFENet counts it}, ``episodes``
             (total), ``episodes_per_class`` and ``missing_classes``. Scores are fractions in [0, 1].
         """
         per_class = {}
         for c, i, u, e in zip(self.class_ids, self.inter.tolist(), self.union.tolist(), self.episodes.tolist()):
-            per_class[c] = (i / u if u > 0 else 1.0) if e > 0 else math.nan
+            per_class[c] = _ratio(i, u) if e > 0 else math.nan
         seen = [v for v in per_class.values() if not math.isnan(v)]
         fg = _ratio(self.fb[0], self.fb[1])
         bg = _ratio(self.fb[2], self.fb[3])
@@ -129,9 +130,10 @@ class IoUAccumulator:
         }
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-    # An empty union (nothing predicted, nothing labelled) is a perfect score, not a division by 0.
-    return float(num) / float(den) if int(den) > 0 else 1.0
+def _ratio(num: float | torch.Tensor, den: float | torch.Tensor) -> float:
+    # An empty union (nothing predicted, nothing labelled) scores 0, as PFENet's and BAM's
+    # intersection / (union + 1e-10) does, instead of raising a division by zero.
+    return float(num) / float(den) if int(den) > 0 else 0.0
 
 
 def summarize_runs(values: Iterable[float]) -> dict:
@@ -194,8 +196,8 @@ class ConfusionMatrix:
         bg_inter, bg_union = float(m[0, 0]), float(m[0].sum() + m[:, 0].sum() - m[0, 0])
         fg_inter = float(m[1:, 1:].sum())
         fg_union = float(m.sum() - m[0, 0])
-        bg = bg_inter / bg_union if bg_union else 1.0
-        fgi = fg_inter / fg_union if fg_union else 1.0
+        bg = _ratio(bg_inter, bg_union)
+        fgi = _ratio(fg_inter, fg_union)
         total = float(m.sum())
         return {
             "miou": sum(fg) / len(fg) if fg else math.nan,

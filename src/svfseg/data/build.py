@@ -43,7 +43,7 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
                   protocol: str = "dagger", convention: str = "interleaved", train_crop: int = 473,
                   train_scale: Sequence[float] = (0.9, 1.1), test_size: int = 473,
                   episodes: EpisodeList | str | os.PathLike | None = None, num_episodes: int = 1000,
-                  min_pixels: int | None = None, workers: int | None = None) -> Dataset:
+                  min_pixels: int | None = None, query_rule: str = "any", workers: int | None = None) -> Dataset:
     """Build an episodic dataset on a Pascal-layout root.
 
     Args:
@@ -62,6 +62,9 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
             None makes ``num_episodes`` episodes from ``seed``.
         num_episodes: val episode count when ``episodes`` is None.
         min_pixels: small-object threshold; None: :func:`default_min_pixels`.
+        query_rule: which classes a query may be asked about: "any" (every fold class it shows,
+            of any size: PFENet/BAM) or "min_pixels" (only classes passing the size rule).
+            Supports always pass the size rule. A loaded episode file keeps its own rule.
         workers: processes for a first-time class-index scan.
 
     Returns:
@@ -80,17 +83,17 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
         raise DataError(f"{root}: expected a dataset root folder, found none")
     if min_pixels is None:
         min_pixels = default_min_pixels(root, benchmark)
-    index = load_class_index(root, split, num_classes(benchmark), workers=workers)
+    index = load_class_index(root, split, num_classes(benchmark), workers=workers, benchmark=benchmark)
     if split == "train":
         if episodes is not None:
             raise ValueError("episodes= fixes evaluation episodes; training episodes are drawn per epoch "
                              "from (seed, epoch, index): pass it with split='val'")
-        pool = make_pool(index, sp.base, shot=shot, min_pixels=min_pixels,
+        pool = make_pool(index, sp.base, shot=shot, min_pixels=min_pixels, query_rule=query_rule,
                          exclude_any=sp.novel if protocol == "dagger" else ())
         log.info("%s fold %d train pool (%s): %d query images", benchmark, fold, protocol, len(pool))
         tr = TrainTransform(crop=train_crop, scale=(float(train_scale[0]), float(train_scale[1])))
         return TrainEpisodes(pool, shot=shot, seed=seed, transform=tr)
-    pool = make_pool(index, sp.novel, shot=shot, min_pixels=min_pixels)
+    pool = make_pool(index, sp.novel, shot=shot, min_pixels=min_pixels, query_rule=query_rule)
     if episodes is None:
         episodes = make_episodes(pool, benchmark=benchmark, fold=fold, shot=shot, seed=seed,
                                  count=num_episodes, convention=convention)
@@ -100,5 +103,8 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
     got = {k: getattr(episodes, k) for k in want}
     if got != want:
         raise DataError(f"episode list made for {got}, but the dataset asked for {want}")
+    if episodes.query_rule != query_rule:
+        log.warning("episode list made with query_rule=%r, dataset asked for %r: the list's episodes are used "
+                    "as they are", episodes.query_rule, query_rule)
     log.info("%s fold %d val: %d episodes over %d query images", benchmark, fold, len(episodes), len(pool))
     return EvalEpisodes(pool, episodes, transform=TestTransform(size=test_size))

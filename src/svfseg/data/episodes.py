@@ -15,13 +15,18 @@ from svfseg.data.io import DataError
 
 __all__ = [
     "EpisodePool", "make_pool", "sample_episode", "Episode", "EpisodeList", "make_episodes",
-    "EvalProtocol", "PROTOCOLS", "TRAIN_PROTOCOLS", "DEFAULT_MIN_PIXELS",
+    "EvalProtocol", "PROTOCOLS", "TRAIN_PROTOCOLS", "DEFAULT_MIN_PIXELS", "QUERY_RULES", "BAM_SEEDS",
 ]
 
 # Small-object rule: a class counts for an image only if it covers >= 2*32*32 pixels (Pascal/COCO).
 DEFAULT_MIN_PIXELS = 2048
 TRAIN_PROTOCOLS = ("dagger", "pfenet")
-EPISODES_VERSION = 1
+# Which classes a query image may be asked about. "any": every pool class present in it, of any
+# size (PFENet/BAM/SVF: the size rule only decides list membership and supports). "min_pixels":
+# only classes that pass the size rule (svfseg before issue 11; files without the field used it).
+QUERY_RULES = ("any", "min_pixels")
+LEGACY_QUERY_RULE = "min_pixels"
+EPISODES_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -37,24 +42,30 @@ class EpisodePool:
     query_classes: tuple[tuple[int, ...], ...]
     class_images: dict[int, np.ndarray]
     min_pixels: int
+    query_rule: str = "any"
 
     def __len__(self) -> int:
         return len(self.queries)
 
 
 def make_pool(index: ClassIndex, classes: Sequence[int], *, shot: int, min_pixels: int = DEFAULT_MIN_PIXELS,
-              exclude_any: Sequence[int] = ()) -> EpisodePool:
+              exclude_any: Sequence[int] = (), query_rule: str = "any") -> EpisodePool:
     """Filter an index into an episode pool.
 
     An image is dropped if it holds any pixel of a class in ``exclude_any`` (the † protocol drops
     training images that show a novel class). Class ``c`` counts for an image when it covers
     ``>= min_pixels`` pixels; support images of ``c`` are the kept images where it counts, so a
-    support mask always has foreground. A query's eligible classes are those that count for it
-    and have at least ``shot`` other support images.
+    support mask always has foreground. Query images are the kept images where some class counts.
+    A query's eligible classes are, with ``query_rule="any"`` (upstream's rule), all classes of
+    ``classes`` present in it at any size, and with ``"min_pixels"`` only those that count for it;
+    either way a class needs at least ``shot`` support images other than the query.
 
     Raises:
+        ValueError: unknown ``query_rule``.
         DataError: a class of ``classes`` has fewer than ``shot + 1`` images after filtering.
     """
+    if query_rule not in QUERY_RULES:
+        raise ValueError(f"query_rule must be one of {QUERY_RULES}, got {query_rule!r}")
     classes = tuple(sorted(classes))
     excl = set(exclude_any)
     members: dict[int, list[int]] = {c: [] for c in classes}
@@ -73,14 +84,19 @@ def make_pool(index: ClassIndex, classes: Sequence[int], *, shot: int, min_pixel
             f"{', images with classes ' + str(sorted(excl)) + ' dropped' if excl else ''}) "
             f"{shot}-shot episodes need >= {shot + 1} images per class; found class:count {short}")
     class_images = {c: np.asarray(v, dtype=np.int64) for c, v in members.items()}
+    floor = min_pixels if query_rule == "min_pixels" else 1
     queries, qclasses = [], []
     for i in kept:
         r = index.records[i]
-        elig = tuple(c for c in classes if r.counts.get(c, 0) >= min_pixels)
+        if not any(r.counts.get(c, 0) >= min_pixels for c in classes):
+            continue  # not in the list at all: no class passes the size rule here
+        # A class needs `shot` supports besides this image (which supports c when it counts for c).
+        elig = tuple(c for c in classes if r.counts.get(c, 0) >= floor
+                     and len(members[c]) - int(r.counts.get(c, 0) >= min_pixels) >= shot)
         if elig:
             queries.append(i)
             qclasses.append(elig)
-    return EpisodePool(index, classes, tuple(queries), tuple(qclasses), class_images, min_pixels)
+    return EpisodePool(index, classes, tuple(queries), tuple(qclasses), class_images, min_pixels, query_rule)
 
 
 def sample_episode(pool: EpisodePool, query_pos: int, shot: int,
@@ -113,7 +129,11 @@ class Episode:
 
 @dataclass(frozen=True)
 class EpisodeList:
-    """A fixed, ordered list of episodes plus the parameters and data fingerprint that made it."""
+    """A fixed, ordered list of episodes plus the parameters and data fingerprint that made it.
+
+    ``query_rule`` names the query-class rule of the pool (see :func:`make_pool`); files written
+    before it was recorded load as ``"min_pixels"``, the rule that made them.
+    """
 
     benchmark: str
     split: str
@@ -124,6 +144,7 @@ class EpisodeList:
     min_pixels: int
     dataset_fingerprint: str
     episodes: tuple[Episode, ...] = field(repr=False)
+    query_rule: str = LEGACY_QUERY_RULE
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -134,6 +155,10 @@ class EpisodeList:
     def _payload(self) -> dict:
         d = asdict(self)
         d["episodes"] = [[e.query, e.class_id, list(e.supports)] for e in self.episodes]
+        if self.query_rule == LEGACY_QUERY_RULE:
+            # Lists made before the field existed used this rule: leaving it out keeps their
+            # fingerprints (and so their saved files) valid.
+            del d["query_rule"]
         return d
 
     @property
@@ -164,7 +189,8 @@ class EpisodeList:
             blob = json.loads(path.read_text())
             eps = tuple(Episode(str(q), int(c), tuple(str(s) for s in sup)) for q, c, sup in blob["episodes"])
             out = cls(blob["benchmark"], blob["split"], int(blob["fold"]), int(blob["shot"]), int(blob["seed"]),
-                      blob["convention"], int(blob["min_pixels"]), blob["dataset_fingerprint"], eps)
+                      blob["convention"], int(blob["min_pixels"]), blob["dataset_fingerprint"], eps,
+                      str(blob.get("query_rule", LEGACY_QUERY_RULE)))
             stored = blob["fingerprint"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: expected an svfseg episode list (JSON), could not read it: {e}") from None
@@ -207,7 +233,7 @@ def make_episodes(pool: EpisodePool, *, benchmark: str, fold: int, shot: int, se
             if len(eps) == count:
                 break
     return EpisodeList(benchmark, pool.index.split, fold, shot, seed, convention, pool.min_pixels,
-                       pool.index.fingerprint, tuple(eps))
+                       pool.index.fingerprint, tuple(eps), pool.query_rule)
 
 
 @dataclass(frozen=True)
@@ -224,11 +250,16 @@ class EvalProtocol:
         return [(s, self.counts[benchmark]) for s in self.seeds]
 
 
+#: BAM's five test seeds: its test.py seeds numpy with 123 and draws ``randint(0, 1000, 5)``.
+BAM_SEEDS = (510, 365, 382, 322, 988)
+
 # PFENet: one run, seed 321, 5,000 (Pascal) / 20,000 (COCO) episodes.
-# BAM: 1,000 episodes for each of 5 seeds (BAM draws them at run time; we fix 0..4 so runs are
-#      repeatable; seed 0 coincides with the HSNet list). HSNet: 1,000 episodes, seed 0.
+# BAM: 1,000 episodes for each of BAM's 5 seeds. The seed values are BAM's, but its episodes come
+#      from Python's `random` inside its dataset, so the same seed gives other episodes here: the
+#      protocol (count, seeds, best/mean) matches, the exact episode lists cannot.
+# HSNet: 1,000 episodes, seed 0.
 PROTOCOLS: dict[str, EvalProtocol] = {
     "pfenet": EvalProtocol((321,), {"pascal": 5000, "coco": 20000, "synthetic": 5000}),
-    "bam": EvalProtocol((0, 1, 2, 3, 4), {"pascal": 1000, "coco": 1000, "synthetic": 1000}),
+    "bam": EvalProtocol(BAM_SEEDS, {"pascal": 1000, "coco": 1000, "synthetic": 1000}),
     "hsnet": EvalProtocol((0,), {"pascal": 1000, "coco": 1000, "synthetic": 1000}),
 }

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from svfseg.data.io import IGNORE, DataError, image_size, list_path, read_label, read_list
 
-__all__ = ["ImageRecord", "ClassIndex", "load_class_index", "build_class_index", "CACHE_DIR"]
+__all__ = ["ImageRecord", "ClassIndex", "load_class_index", "build_class_index", "check_command", "CACHE_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -141,19 +141,26 @@ def build_class_index(root, split: str, num_classes: int, *, workers: int | None
     return index, problems
 
 
-def _raise_problems(problems: list[str], where: Path) -> None:
+def check_command(root, benchmark: str | None = None) -> str:
+    """The ``svfseg prepare`` command line that checks ``root`` (the benchmark argument is required)."""
+    return f"svfseg prepare {benchmark or '{pascal,coco,synthetic}'} --check {root}"
+
+
+def _raise_problems(problems: list[str], where: Path, root: Path, benchmark: str | None) -> None:
     shown = "\n  ".join(problems[:_MAX_REPORTED])
     more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
     raise DataError(f"{where}: {len(problems)} problem(s) in the dataset "
-                    f"(run `svfseg prepare --check` for the full list):\n  {shown}{more}")
+                    f"(run `{check_command(root, benchmark)}` for the full list):\n  {shown}{more}")
 
 
 def load_class_index(root, split: str, num_classes: int, *, workers: int | None = None,
-                     progress: bool = True, cache: bool = True) -> ClassIndex:
+                     progress: bool = True, cache: bool = True, benchmark: str | None = None) -> ClassIndex:
     """The class index of a split, from ``root/.svfseg_cache`` when still valid, else scanned and cached.
 
     Validity is checked with a stamp of the list file and the size/mtime of every label, so a
     second start on COCO (82k masks) costs a few seconds of ``stat`` calls.
+
+    ``benchmark`` only names the benchmark in the ``svfseg prepare ... --check`` hint of an error.
 
     Raises:
         DataError: listing every missing/unreadable file, size mismatch and out-of-range label found.
@@ -177,7 +184,7 @@ def load_class_index(root, split: str, num_classes: int, *, workers: int | None 
             log.warning("%s: unreadable cached class index (%s); rebuilding", cache_file, e)
     index, problems = build_class_index(root, split, num_classes, workers=workers, progress=progress)
     if problems:
-        _raise_problems(problems, lf)
+        _raise_problems(problems, lf, root, benchmark)
     if cache:
         blob = {"version": INDEX_VERSION, "stamp": stamp, "fingerprint": index.fingerprint,
                 "num_classes": num_classes,

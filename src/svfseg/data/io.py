@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -114,6 +114,22 @@ def write_list(path: str | os.PathLike, pairs: list[tuple[str, str]]) -> None:
     Path(path).write_text("".join(f"{a} {b}\n" for a, b in pairs))
 
 
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """Create a fresh, uniquely named folder in ``parent`` with the umask's mode.
+
+    ``tempfile.mkdtemp`` would make it 0700, and the rename would leave a shared dataset root
+    unreadable to the group and others whatever the user's umask says.
+    """
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)  # mode 0o777 & ~umask, like any folder the user makes
+            return path
+        except FileExistsError:
+            continue
+    raise DataError(f"{parent}: expected to create a temporary folder {prefix}*, found 100 names taken")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; rename it to ``target`` only on success.
@@ -126,7 +142,7 @@ def atomic_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterator[
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not replace:
         raise DataError(f"{target}: output folder already exists (choose another --out or remove it)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _new_dir(target.parent, f".{target.name}.tmp-")
     try:
         yield tmp
         old = None

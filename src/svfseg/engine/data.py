@@ -38,7 +38,7 @@ def train_dataset(cfg: ExperimentConfig) -> Dataset:
     d = cfg.data
     return build_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, split="train", shot=cfg.shot,
                          seed=cfg.seed, protocol=d.protocol, convention=d.convention, train_crop=d.train_crop,
-                         train_scale=d.train_scale, test_size=d.test_size)
+                         train_scale=d.train_scale, test_size=d.test_size, query_rule=d.query_rule)
 
 
 def eval_dataset(cfg: ExperimentConfig, *, fold: Optional[int] = None, seed: int = 0, count: int = 1000,
@@ -50,7 +50,8 @@ def eval_dataset(cfg: ExperimentConfig, *, fold: Optional[int] = None, seed: int
     d = cfg.data
     return build_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold if fold is None else fold,
                          split="val", shot=cfg.shot if shot is None else shot, seed=seed, protocol=d.protocol,
-                         convention=d.convention, test_size=d.test_size, episodes=episodes, num_episodes=count)
+                         convention=d.convention, test_size=d.test_size, episodes=episodes, num_episodes=count,
+                         query_rule=d.query_rule)
 
 
 def _check_root(cfg: ExperimentConfig) -> None:

@@ -169,6 +169,8 @@ class BAM(ASPPMetaLearner):
             _load_strict(backbone, backbone_state, "bam: the stage-1 backbone weights")
         base_backbone = copy.deepcopy(backbone)
         super().__init__(backbone, **kwargs)
+        if self.shot_reduce != "mean":
+            raise ValueError(f"bam: shot_reduce={self.shot_reduce!r} does not apply (BAM weights its shots by psi)")
         if gram_stage not in self.feature_stages:
             raise ValueError(f"bam: gram_stage must be one of the stages read {list(self.feature_stages)}, "
                              f"got {gram_stage!r}")
@@ -328,7 +330,12 @@ class BAM(ASPPMetaLearner):
         """Meta logits (B, 2, h, w), the weighted psi (B,) and the shot weights (B, K)."""
         query, prototypes, priors, size = self.shot_inputs(feats)
         priors = resize(priors, size)
-        psi_shots = gram_discrepancy(feats.query[self.gram_stage], feats.support[self.gram_stage])
+        # BAM takes the Gram matrices after bringing each image's mid stages to its feature_stage
+        # size (a no-op unless that stage is coarser than gram_stage: VGG at layer3's stride 16).
+        sup = feats.support[self.gram_stage]
+        sup_size = feats.support[self.feature_stage].shape[-2:]
+        sup = resize(sup.flatten(0, 1), sup_size).unflatten(0, sup.shape[:2])
+        psi_shots = gram_discrepancy(resize(feats.query[self.gram_stage], size), sup)
         weights = self.shot_weights(psi_shots)
         prototype = (weights[:, :, None, None, None] * prototypes).sum(1)
         prior = (weights[:, :, None, None] * priors).sum(1, keepdim=True)

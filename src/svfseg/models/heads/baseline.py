@@ -51,9 +51,10 @@ class ASPPMetaLearner(PrototypePriorModel):
 class ASPPBaseline(ASPPMetaLearner):
     """ASPP few-shot baseline of the SVF paper (the authors' ``train_aspp`` model).
 
-    The :class:`ASPPMetaLearner` on the shot-averaged prototype and prior; no auxiliary
-    outputs. K shots: prototypes and priors are averaged (the authors' code sums them with
-    unit weights, which equals averaging only for 1-shot).
+    The :class:`ASPPMetaLearner` on the combined prototype and prior; no auxiliary outputs.
+    K shots: prototypes and priors are averaged by default; the authors' code sums them with
+    unit weights (``shot_reduce="sum"``) and never trains ``down_query``
+    (``train_down_query=False``), the values the baseline recipes set.
     """
 
     model_name = "baseline"

@@ -11,6 +11,9 @@ from torch import nn
 from svfseg.models.blocks import masked_average_pool, prior_mask, resize
 from svfseg.models.fewshot import EpisodeFeatures, FewShotModel
 
+#: How a head combines its K shots' prototypes and priors.
+SHOT_REDUCE = ("mean", "sum")
+
 
 def reduce_block(in_channels: int, out_channels: int, dropout: float) -> nn.Sequential:
     """1x1 conv (no bias) -> ReLU -> Dropout2d: PFENet's mid-level reduction."""
@@ -52,7 +55,7 @@ class PrototypePriorModel(FewShotModel):
     with stride 16 there is upsampled to layer2's size), then reduced to ``reduce_dim``
     channels by separate query / support 1x1 convs. The prototype is the masked average of
     the reduced support features; the prior comes from ``prior_stage``. K shots: prototypes
-    and priors are averaged.
+    and priors are averaged (``shot_reduce="mean"``) or summed (``"sum"``).
 
     Args:
         backbone: See :class:`FewShotModel`.
@@ -61,6 +64,10 @@ class PrototypePriorModel(FewShotModel):
         prior_stage: Stage whose features give the prior mask.
         feature_stage: Stage whose resolution the head works at; None = finest mid stage.
         reduce_dropout: Dropout2d after the mid-level reduction.
+        train_down_query: False freezes the query reduction at its initial weights (the SVF
+            authors' baseline leaves ``down_query`` out of its optimiser).
+        shot_reduce: How K shots' prototypes and priors combine: "mean" (PFENet) or "sum"
+            (the SVF authors' baseline: unit weights; equal to "mean" for 1-shot).
         **kwargs: Passed to :class:`FewShotModel` (backbone_mode, svf_policy, ...).
     """
 
@@ -73,8 +80,12 @@ class PrototypePriorModel(FewShotModel):
         prior_stage: str = "layer4",
         feature_stage: str | None = None,
         reduce_dropout: float = 0.5,
+        train_down_query: bool = True,
+        shot_reduce: str = "mean",
         **kwargs: Any,
     ) -> None:
+        if shot_reduce not in SHOT_REDUCE:
+            raise ValueError(f"shot_reduce: expected one of {list(SHOT_REDUCE)}, got {shot_reduce!r}")
         self.mid_stages = tuple(mid_stages)
         self.prior_stage = prior_stage
         self.feature_stages = tuple(dict.fromkeys((*self.mid_stages, prior_stage)))
@@ -93,6 +104,10 @@ class PrototypePriorModel(FewShotModel):
         mid_channels = sum(self.backbone.stage_channels[s] for s in self.mid_stages)
         self.down_query = reduce_block(mid_channels, self.reduce_dim, reduce_dropout)
         self.down_supp = reduce_block(mid_channels, self.reduce_dim, reduce_dropout)
+        self.train_down_query = bool(train_down_query)
+        self.shot_reduce = shot_reduce
+        if not self.train_down_query:
+            self.down_query.requires_grad_(False)
 
     def head_config(self) -> dict[str, Any]:
         return {
@@ -100,6 +115,8 @@ class PrototypePriorModel(FewShotModel):
             "mid_stages": list(self.mid_stages),
             "prior_stage": self.prior_stage,
             "feature_stage": self.feature_stage,
+            "train_down_query": self.train_down_query,
+            "shot_reduce": self.shot_reduce,
         }
 
     def head_size(self, feats: EpisodeFeatures) -> tuple[int, int]:
@@ -137,9 +154,12 @@ class PrototypePriorModel(FewShotModel):
         Returns:
             ``(query_mid (B, D, h, w), prototype (B, D, 1, 1), prior (B, 1, h, w),
             shot_priors (B, K, hp, wp))`` with (h, w) the head size; prototypes and priors
-            are averaged over the K shots.
+            are combined over the K shots by ``shot_reduce``.
         """
         query_mid, prototypes, shot_priors, size = self.shot_inputs(feats)
-        prototype = prototypes.mean(dim=1)
-        prior = resize(shot_priors.mean(dim=1, keepdim=True), size)
+        if self.shot_reduce == "sum":
+            prototype, prior = prototypes.sum(dim=1), shot_priors.sum(dim=1, keepdim=True)
+        else:
+            prototype, prior = prototypes.mean(dim=1), shot_priors.mean(dim=1, keepdim=True)
+        prior = resize(prior, size)
         return query_mid, prototype, prior, shot_priors

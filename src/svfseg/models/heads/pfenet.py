@@ -15,15 +15,21 @@ from svfseg.models.heads.common import PrototypePriorModel, classifier, conv_rel
 from svfseg.models.registry import register_model
 
 #: PFENet's Pascal scales (60, 30, 15, 8 at a 60 x 60 feature map) as fractions of the map.
+#: On COCO's 81 x 81 map they give 81/40/20/10, as PFENet's COCO scales (1, 0.5, 0.25, 0.125) do.
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 0.5, 0.25, 8 / 60)
+#: The SVF authors' code fixes these absolute sizes for every dataset (COCO included).
+SVF_AUTHORS_SCALES: tuple[int, ...] = (60, 30, 15, 8)
+
+# Guards the truncation against 60 * (8 / 60) landing a hair under 8 in floating point.
+_EPS = 1e-6
 
 
 def scale_size(scale: float, size: Sequence[int]) -> tuple[int, int]:
     """Pooled size of one FEM scale.
 
     Args:
-        scale: A fraction of the feature size if <= 1 (rounded half up, at least 1), else an
-            absolute size in pixels (PFENet's convention).
+        scale: A fraction of the feature size if <= 1 (truncated as PFENet's ``int(h * scale)``,
+            at least 1), else an absolute size in pixels (PFENet's convention).
         size: Feature map size (h, w).
 
     Returns:
@@ -31,7 +37,7 @@ def scale_size(scale: float, size: Sequence[int]) -> tuple[int, int]:
     """
     if scale > 1:
         return int(scale), int(scale)
-    return max(1, int(size[0] * scale + 0.5)), max(1, int(size[1] * scale + 0.5))
+    return max(1, int(size[0] * scale + _EPS)), max(1, int(size[1] * scale + _EPS))
 
 
 @register_model("pfenet")
