@@ -170,6 +170,11 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     stop_after_steps: Optional[int] = None  # behave as if interrupted (Ctrl-C) after N steps; for tests
+    # BAM's schedule options (its COCO recipes): validate also in the middle of every epoch but the
+    # first when the run has at most this many epochs (0 = never), and stop once the best
+    # validation score is this many epochs old (0 = never).
+    half_epoch_val_max_epochs: int = 0
+    early_stop_epochs: int = 0
 
 
 @dataclass
@@ -182,6 +187,10 @@ class EvalConfig:
     seeds: Optional[list[int]] = None  # override the protocol's seeds
     batch_size: int = 1
     save_vis: int = 0
+    # PFENet/BAM's test-time geometry: sides floored to multiples of 8, raw-zero (black) padding,
+    # the whole square output upsampled (align_corners) to the label's longer-side square.
+    # Default: mean-colour padding, the valid region cropped and resized to the label size.
+    upstream_padding: bool = False
 
 
 @dataclass

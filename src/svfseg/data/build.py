@@ -43,7 +43,8 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
                   protocol: str = "dagger", convention: str = "interleaved", train_crop: int = 473,
                   train_scale: Sequence[float] = (0.9, 1.1), test_size: int = 473,
                   episodes: EpisodeList | str | os.PathLike | None = None, num_episodes: int = 1000,
-                  min_pixels: int | None = None, query_rule: str = "any", workers: int | None = None) -> Dataset:
+                  min_pixels: int | None = None, query_rule: str = "any", workers: int | None = None,
+                  upstream_padding: bool = False) -> Dataset:
     """Build an episodic dataset on a Pascal-layout root.
 
     Args:
@@ -66,6 +67,7 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
             of any size: PFENet/BAM) or "min_pixels" (only classes passing the size rule).
             Supports always pass the size rule. A loaded episode file keeps its own rule.
         workers: processes for a first-time class-index scan.
+        upstream_padding: val only: PFENet/BAM's test geometry (see ``TestTransform.upstream``).
 
     Returns:
         TrainEpisodes (``len`` = query pool size, ``set_epoch``) or EvalEpisodes (``len`` = episodes,
@@ -107,4 +109,4 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
         log.warning("episode list made with query_rule=%r, dataset asked for %r: the list's episodes are used "
                     "as they are", episodes.query_rule, query_rule)
     log.info("%s fold %d val: %d episodes over %d query images", benchmark, fold, len(episodes), len(pool))
-    return EvalEpisodes(pool, episodes, transform=TestTransform(size=test_size))
+    return EvalEpisodes(pool, episodes, transform=TestTransform(size=test_size, upstream=upstream_padding))

@@ -147,13 +147,25 @@ class TestTransform:
     """
 
     size: int = 473
+    #: PFENet/BAM's geometry: both sides floored to a multiple of 8 after the resize, and the
+    #: padding is a raw 0 pixel (black after normalisation) instead of the mean colour.
+    upstream: bool = False
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """uint8 RGB + uint8 label -> (image (3,S,S), label (S,S), (h, w) valid extent)."""
         if image.shape[:2] != label.shape:
             raise ValueError(f"image {image.shape[:2]} and label {label.shape} sizes differ")
-        img, lbl = resize_longer(normalize(image), label, self.size)
+        if self.upstream:
+            h, w = label.shape
+            s = self.size / max(h, w)
+            nh, nw = (max(8, int(round(v * s)) // 8 * 8) for v in (h, w))
+            img, lbl = _resize(normalize(image), label, nh, nw)  # one resize, as upstream
+        else:
+            img, lbl = resize_longer(normalize(image), label, self.size)
         valid = (int(lbl.shape[0]), int(lbl.shape[1]))
         img, lbl = _pad_to(img, lbl, self.size, self.size, centred=False)
+        if self.upstream:
+            img[valid[0]:, :] = _SHIFT
+            img[:, valid[1]:] = _SHIFT
         c_img, c_lbl = to_chw(img, lbl)
         return c_img, c_lbl, valid

@@ -51,7 +51,7 @@ def eval_dataset(cfg: ExperimentConfig, *, fold: Optional[int] = None, seed: int
     return build_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold if fold is None else fold,
                          split="val", shot=cfg.shot if shot is None else shot, seed=seed, protocol=d.protocol,
                          convention=d.convention, test_size=d.test_size, episodes=episodes, num_episodes=count,
-                         query_rule=d.query_rule)
+                         query_rule=d.query_rule, upstream_padding=cfg.eval.upstream_padding)
 
 
 def _check_root(cfg: ExperimentConfig) -> None:

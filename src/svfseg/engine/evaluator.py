@@ -95,18 +95,29 @@ def at_label_size(maps: torch.Tensor, valid_hw: Sequence[int], size: Sequence[in
 
 
 def predictions_at_original_size(logits: torch.Tensor, valid_hw: torch.Tensor,
-                                 orig_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+                                 orig_sizes: Sequence[tuple[int, int]], *, upstream: bool = False) -> list[torch.Tensor]:
     """Arg-max predictions scored where the labels live.
 
     Each item's logits are cropped to the un-padded extent of the resized image
-    (``valid_hw``), resized bilinearly to the original label size, then arg-maxed.
+    (``valid_hw``), resized bilinearly to the original label size, then arg-maxed. With
+    ``upstream`` (PFENet/BAM's scoring, ``eval.upstream_padding``) the whole square output is
+    upsampled with ``align_corners=True`` to the square of the label's longer side and the
+    label's top-left extent is kept, as if the label were padded to that square with 255.
 
     Args:
         logits: (B, C, H, W) logits at the padded test size.
         valid_hw: (B, 2) un-padded (h, w) inside the padded image.
         orig_sizes: original (H0, W0) per item.
+        upstream: PFENet/BAM's geometry instead of crop-then-resize.
 
     Returns:
         B long tensors (H0, W0).
     """
+    if upstream:
+        out = []
+        for b, (h0, w0) in enumerate(orig_sizes):
+            side = max(int(h0), int(w0))
+            square = F.interpolate(logits[b:b + 1].float(), size=(side, side), mode="bilinear", align_corners=True)
+            out.append(square[0, :, :int(h0), :int(w0)].argmax(0))
+        return out
     return [at_label_size(logits[b:b + 1], valid_hw[b], size)[0].argmax(0) for b, size in enumerate(orig_sizes)]

@@ -241,7 +241,10 @@ def fit(
         return values
 
     t_start = time.perf_counter()
-    status = "finished"
+    status, early_stop = "finished", False
+    # BAM's extra validation half-way through each epoch but the first, on short schedules.
+    half_val = bool(val is not None and tc.val_every and tc.half_epoch_val_max_epochs
+                    and tc.epochs <= tc.half_epoch_val_max_epochs)
     bar = progress_bar(total, desc=task.train_desc, enabled=tc.progress and info.is_main, unit="step",
                        initial=step, leave=True)
     window = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "t": time.perf_counter()}
@@ -249,6 +252,11 @@ def fit(
         with StopRequest() as stop:
             while step < total:
                 epoch, first = divmod(step, spe)
+                if first == 0 and _best_is_stale(best, epoch, spe, tc.early_stop_epochs):
+                    logger.info("early stop before epoch %d: the best validation score (step %d) is %d or more "
+                                "epochs old (train.early_stop_epochs)", epoch, best["step"], tc.early_stop_epochs)
+                    early_stop = True
+                    break
                 if hasattr(train_set, "set_epoch"):
                     train_set.set_epoch(epoch)
                 sampler.set_epoch(epoch, first)
@@ -271,6 +279,8 @@ def fit(
                         bar.update(1)
                     if step % tc.log_every == 0 or step == total:
                         _flush(window, step, epoch, lr, runlog, bar, t_start)
+                    if half_val and epoch > 0 and step % spe == round(spe / 2) + 1:
+                        validate_and_select()
                     if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step % spe:
                         save_last("running")
                 if status == "interrupted":
@@ -278,6 +288,8 @@ def fit(
                 if tc.val_every and ((step // spe) % tc.val_every == 0 or step == total):
                     validate_and_select()
                 save_last("running" if step < total else "finished")
+        if early_stop:
+            save_last("finished")
         if status == "interrupted":
             save_last("interrupted")
             logger.warning("stopped at step %d/%d; continue with `svfseg train --resume %s`", step, total, run_dir)
@@ -293,11 +305,19 @@ def fit(
             plot_curves(run_dir)
     seconds = time.perf_counter() - t_start
     if info.is_main:
-        out = {"task": task.name, "model": cfg.model.name, "status": status, "step": step, "total_steps": total, "seconds": seconds,
+        out = {"task": task.name, "model": cfg.model.name, "status": status, "early_stop": early_stop,
+               "step": step, "total_steps": total, "seconds": seconds,
                "best": best, "history": history}
         (run_dir / "train_summary.json").write_text(json.dumps(out, indent=1, default=str))
     return FitResult(status, step, total, run_dir, last_path, best_path if best_path.exists() else None, best,
                      seconds, history)
+
+
+def _best_is_stale(best: Optional[dict], epoch: int, spe: int, patience: int) -> bool:
+    """BAM's early stop: at the start of ``epoch``, the best score was reached ``patience`` or more epochs ago."""
+    if not patience or best is None:
+        return False
+    return epoch - math.ceil(best["step"] / spe) >= patience
 
 
 def _flush(window: dict, step: int, epoch: int, lr: float, runlog: Optional[RunLogger], bar, t0: float) -> None:

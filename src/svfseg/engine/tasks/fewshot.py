@@ -46,6 +46,7 @@ def evaluate(
     desc: str = "eval",
     vis_dir: Optional[Path] = None,
     num_vis: int = 0,
+    upstream_padding: bool = False,
 ) -> dict:
     """Score a few-shot model on fixed episodes.
 
@@ -66,6 +67,8 @@ def evaluate(
         desc: bar label.
         vis_dir: where to write overlay PNGs of the first ``num_vis`` episodes.
         num_vis: number of overlays.
+        upstream_padding: score with PFENet/BAM's geometry (the dataset must have been built
+            with it too: ``eval.upstream_padding``).
 
     Returns:
         :meth:`IoUAccumulator.compute` plus ``seconds`` and ``episode_fingerprint``.
@@ -76,7 +79,8 @@ def evaluate(
     def on_batch(net: nn.Module, batch: dict, indices: Sequence[int]) -> None:
         logits = forward_episode(net, batch, device)
         labels = batch["query_label_orig"]
-        preds = predictions_at_original_size(logits, batch["query_valid_hw"], [tuple(x.shape) for x in labels])
+        preds = predictions_at_original_size(logits, batch["query_valid_hw"], [tuple(x.shape) for x in labels],
+                                             upstream=upstream_padding)
         for b, (pred, gt) in enumerate(zip(preds, labels)):
             acc.update(pred.cpu(), gt, int(batch["class_id"][b]))
             if vis_dir is not None and indices[b] < num_vis:
@@ -168,7 +172,7 @@ class FewShotTask(Task):
     def validate(self, model, val, cfg, info) -> ValResult:
         r = evaluate(model, val.dataset, class_ids=val.class_ids, device=info.device, info=info, amp=cfg.train.amp,
                      batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
-                     desc=f"val ({val.on})")
+                     desc=f"val ({val.on})", upstream_padding=cfg.eval.upstream_padding)
         return ValResult(
             row={"on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"], "episodes": r["episodes"]},
             best={"on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"],
@@ -225,7 +229,7 @@ def score_checkpoint(
         r = evaluate(model, ds, class_ids=classes, device=info.device, info=info, amp=cfg.train.amp,
                      batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
                      desc=f"test {name}", vis_dir=out_dir / "vis" if save_vis and i == 0 else None,
-                     num_vis=save_vis)
+                     num_vis=save_vis, upstream_padding=cfg.eval.upstream_padding)
         r.update(seed=ds.episodes.seed, episode_count=len(ds))
         logger.info("%s: mIoU %.2f  FB-IoU %.2f  (%d episodes, fingerprint %s)", name, 100 * r["miou"],
                     100 * r["fb_iou"], r["episodes"], r["episode_fingerprint"])
