@@ -244,7 +244,7 @@ Next, on real data (GPU recommended):
   svfseg prepare pascal --voc VOCdevkit/VOC2012 --sbd SBD --out data/pascal
   svfseg train --config configs/pascal/pfenet_resnet50.yaml fold=0 model.weights=pretrained/resnet50_v2.pth
   svfseg test --checkpoint runs/pascal_pfenet_resnet50_deep_svf_fold0_1shot/best.pt --protocol bam
-  (the same with svf.enabled=false for the frozen baseline; COCO: svfseg prepare coco --coco COCO2014 --out
+  (the same with model.regime=frozen for the frozen baseline; COCO: svfseg prepare coco --coco COCO2014 --out
   data/coco and configs/coco/; several GPUs: torchrun --nproc_per_node 4 -m svfseg train ...)
   svfseg report runs/*
 """
