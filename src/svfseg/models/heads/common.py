@@ -68,7 +68,7 @@ class PrototypePriorModel(FewShotModel):
             authors' baseline leaves ``down_query`` out of its optimiser).
         shot_reduce: How K shots' prototypes and priors combine: "mean" (PFENet) or "sum"
             (the SVF authors' baseline: unit weights; equal to "mean" for 1-shot).
-        **kwargs: Passed to :class:`FewShotModel` (backbone_mode, svf_policy, ...).
+        **kwargs: Passed to :class:`FewShotModel` (regime, svf_policy, ...).
     """
 
     def __init__(
