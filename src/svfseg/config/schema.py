@@ -1,18 +1,12 @@
-"""Experiment configuration: typed dataclass defaults <- YAML recipe <- command-line dotlist."""
+"""The experiment config's schema: typed sections with their defaults, allowed values and cross-field checks."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import re
-import subprocess
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
-
-import yaml
+from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -238,9 +232,6 @@ _CHOICES = {
 }
 
 
-# ---------------------------------------------------------------- conversion
-
-
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict (tuples become lists) for YAML/JSON/checkpoints."""
     def conv(v):
@@ -252,105 +243,6 @@ def to_dict(cfg: Any) -> dict:
             return {k: conv(x) for k, x in v.items()}
         return v
     return conv(cfg)
-
-
-def from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
-    """Build a validated config from a (partial) nested dict over the defaults."""
-    cfg = ExperimentConfig()
-    _merge(cfg, _strip_regime_aliases(_combine({}, data, source, warn=False)), prefix="", source=source)
-    validate(cfg)
-    return cfg
-
-
-def _merge(obj: Any, data: Any, prefix: str, source: str) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, found {data!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(_unknown_key_message(prefix + str(key), names, prefix, source))
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _merge(current, value, prefix + key + ".", source)
-        elif isinstance(current, dict) and isinstance(value, dict):
-            # Mapping leaves (optim.lr_mult, model.head) are updated key by key, not replaced.
-            setattr(obj, key, {**current, **value})
-        else:
-            setattr(obj, key, _coerce(value, hints[key], prefix + key, source))
-
-
-def _unknown_key_message(full_key: str, names: Sequence[str], prefix: str, source: str) -> str:
-    leaf = full_key[len(prefix):]
-    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.5)
-    if not close:  # maybe it belongs to another section: search every dotted key
-        all_keys = _all_keys(ExperimentConfig())
-        close_full = difflib.get_close_matches(full_key, all_keys, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close_full[0]}'?" if close_full else ""
-    else:
-        hint = f"; did you mean '{prefix}{close[0]}'?"
-    return f"{source}: unknown config key '{full_key}'{hint} (valid keys here: {', '.join(prefix + n for n in names)})"
-
-
-def _all_keys(obj: Any, prefix: str = "") -> list[str]:
-    out = []
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        out += _all_keys(v, prefix + f.name + ".") if dataclasses.is_dataclass(v) else [prefix + f.name]
-    return out
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check/convert ``value`` to the annotated type ``tp``; errors name the key."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    bad = ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, found {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise bad
-            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -388,170 +280,3 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
-
-
-# ---------------------------------------------------------------- loading
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Read a recipe; ``_base_: other.yaml`` (or a list) is merged underneath, relative to the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
-    bases = data.pop("_base_", [])
-    merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        merged = _deep_update(merged, read_yaml(path.parent / base))
-    return _combine(merged, data, str(path))
-
-
-# ---------------------------------------------------------------- svfseg 0.1's regime keys
-#
-# svfseg 0.1 chose the backbone regime with two keys, ``svf.enabled`` (svf wins when true) and
-# ``model.backbone_mode`` (frozen | train). They still work, as deprecated aliases of
-# ``model.regime``. While config layers merge (recipe bases, the recipe, the command line, a
-# stored config) every layer is rewritten to carry all three keys consistently, so that a later
-# layer's old key combines with earlier ones exactly as it did in 0.1; the aliases are dropped
-# before the typed config is built.
-
-
-def _regime_pair(d: dict) -> tuple[bool, str]:
-    """(svf enabled, backbone mode) of a merged layer, in svfseg 0.1's terms."""
-    model, svf = d.get("model") or {}, d.get("svf") or {}
-    regime = model.get("regime", "svf")
-    enabled = svf.get("enabled", regime == "svf")
-    mode = model.get("backbone_mode", "train" if regime == "full" else "frozen")
-    return enabled, mode
-
-
-def _combine(base: dict, new: dict, source: str, *, warn: bool = True) -> dict:
-    """``base`` updated with the layer ``new``, svfseg 0.1's regime keys translated (see above)."""
-    model = new.get("model") if isinstance(new.get("model"), dict) else {}
-    svf = new.get("svf") if isinstance(new.get("svf"), dict) else {}
-    old = [k for k, section in (("svf.enabled", svf), ("model.backbone_mode", model))
-           if k.split(".")[1] in section]
-    if "regime" in model:
-        if old:
-            raise ConfigError(f"{source}: 'model.regime' and the deprecated {' and '.join(repr(k) for k in old)} "
-                              f"are both set; keep only model.regime (frozen | svf | full)")
-        if model["regime"] not in REGIMES:
-            raise ConfigError(f"{source}: config key 'model.regime' must be one of {list(REGIMES)}, "
-                              f"found {model['regime']!r}")
-        enabled, mode = model["regime"] == "svf", "train" if model["regime"] == "full" else "frozen"
-    elif old:
-        enabled, mode = _regime_pair(base)
-        if "enabled" in svf:
-            enabled = svf["enabled"]
-            if not isinstance(enabled, bool):
-                raise ConfigError(f"{source}: 'svf.enabled' expects bool, found {enabled!r}")
-        if "backbone_mode" in model:
-            mode = model["backbone_mode"]
-            if mode not in ("frozen", "train"):
-                raise ConfigError(f"{source}: config key 'model.backbone_mode' must be one of ['frozen', 'train'], "
-                                  f"found {mode!r}")
-        regime = "svf" if enabled else ("full" if mode == "train" else "frozen")
-        if warn:
-            logger.warning("%s: %s deprecated; use model.regime=%s (frozen | svf | full)", source,
-                           " and ".join(old) + (" is" if len(old) == 1 else " are"), regime)
-    else:
-        return _deep_update(base, new)
-    regime = "svf" if enabled else ("full" if mode == "train" else "frozen")
-    new = {**new, "model": {**model, "regime": regime, "backbone_mode": mode}, "svf": {**svf, "enabled": enabled}}
-    return _deep_update(base, new)
-
-
-def _strip_regime_aliases(merged: dict) -> dict:
-    """``merged`` without the alias keys (``model.regime`` carries the regime)."""
-    out = dict(merged)
-    for section, key in (("model", "backbone_mode"), ("svf", "enabled")):
-        if isinstance(out.get(section), dict) and key in out[section]:
-            out[section] = {k: v for k, v in out[section].items() if k != key}
-    return out
-
-
-def _deep_update(base: dict, new: dict) -> dict:
-    out = dict(base)
-    for k, v in new.items():
-        # Section mappings merge key by key; a leaf dict such as optim.lr_mult merges too.
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_dotlist(items: Sequence[str]) -> dict:
-    """``["fold=1", "optim.lr=0.005", "svf.stages=[layer3,layer4]"]`` -> nested dict (YAML values)."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"command-line override '{item}' must look like key=value (e.g. fold=1)")
-        key, raw = item.split("=", 1)
-        key = key.strip().lstrip("-")
-        if not key:
-            raise ConfigError(f"command-line override '{item}' has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"command-line override '{item}': cannot parse value: {e}") from e
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"command-line override '{item}' conflicts with an earlier override of '{p}'")
-        node[parts[-1]] = value
-    return out
-
-
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Defaults <- YAML recipe (``path``) <- dotlist overrides.
-
-    Args:
-        path: a recipe YAML file, or None for the defaults only.
-        overrides: ``key=value`` strings (dotted keys, YAML values).
-
-    Returns:
-        The validated config.
-
-    Raises:
-        ConfigError: unknown key (with the closest valid one), wrong type or value.
-    """
-    merged = read_yaml(path) if path is not None else {}
-    if overrides:
-        merged = _combine(merged, parse_dotlist(overrides), "command line")
-    cfg = ExperimentConfig()
-    _merge(cfg, _strip_regime_aliases(merged), prefix="", source=str(path) if path is not None else "command line")
-    validate(cfg)
-    return cfg
-
-
-def config_with_overrides(data: dict, overrides: Sequence[str] = (), source: str = "<dict>") -> ExperimentConfig:
-    """Defaults <- ``data`` (e.g. the config stored in a checkpoint) <- dotlist overrides."""
-    merged = _combine({}, data, source, warn=False)
-    if overrides:
-        merged = _combine(merged, parse_dotlist(overrides), "command line")
-    cfg = ExperimentConfig()
-    _merge(cfg, _strip_regime_aliases(merged), prefix="", source=source)
-    validate(cfg)
-    return cfg
-
-
-def dump_yaml(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML text."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def git_commit(cwd: Optional[str | Path] = None) -> Optional[str]:
-    """The current git commit of the source tree (with ``-dirty``), or None outside git."""
-    cwd = Path(cwd) if cwd else Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
