@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from io import BytesIO
 from pathlib import Path
@@ -56,7 +57,8 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "svfseg", "serve", "--checkpoint", str(ckpts["svf"]),
-                                 str(ckpts["frozen"]), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+                                 str(ckpts["frozen"]), "--port", str(port), "--max-upload-mb", "1"],
+                                stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_for_server(proc, url, log, WAIT)
@@ -154,3 +156,21 @@ def test_empty_mask_shows_the_error_and_server_keeps_serving(server, browser, in
     with urllib.request.urlopen(server["url"], timeout=10) as r:
         assert r.status == 200
     assert server["proc"].poll() is None
+
+
+def _post_file(url, name, data):
+    boundary = "svfsegboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_uploads_over_the_limit_are_refused(server):
+    upload = server["url"] + "gradio_api/upload"
+    assert _post_file(upload, "small.png", b"x" * 1000) == 200
+    assert _post_file(upload, "big.png", b"x" * (1024 * 1024 + 1)) == 413  # the server ran with --max-upload-mb 1

@@ -50,7 +50,8 @@ def resolve_checkpoints(given: Optional[list[Path]]) -> list[Path]:
         return list(given)
     first = DEFAULT_CHECKPOINTS[0]
     if not first.is_file():
-        raise FileNotFoundError(f"no --checkpoint given and the demo's {first} does not exist (looked in {Path.cwd()}); "
+        raise FileNotFoundError(f"no --checkpoint given and the demo's {first} does not exist (looked in "
+                                f"{Path.cwd()}); "
                                 f"run `make demo` (or `svfseg demo`) to train one, or `svfseg train --config "
                                 f"RECIPE.yaml` and pass --checkpoint runs/RUN/best.pt")
     return [p for p in DEFAULT_CHECKPOINTS if p.is_file()]
