@@ -142,8 +142,6 @@ def test_segment_in_the_browser_equals_predict(server, browser, inputs, tmp_path
     np.testing.assert_array_equal(served, expected)
     assert 0.05 < (expected == 255).mean() < 0.95  # a real mask, not all one class
     assert browser.find_elements(By.CSS_SELECTOR, '#zip a[download="svfseg_results.zip"]')
-    if os.environ.get("SVFSEG_SERVE_SCREENSHOT"):  # how docs/serve.png was taken (with a trained checkpoint)
-        browser.save_screenshot(os.environ["SVFSEG_SERVE_SCREENSHOT"])
 
 
 def test_empty_mask_shows_the_error_and_server_keeps_serving(server, browser, inputs):
@@ -174,3 +172,19 @@ def test_uploads_over_the_limit_are_refused(server):
     upload = server["url"] + "gradio_api/upload"
     assert _post_file(upload, "small.png", b"x" * 1000) == 200
     assert _post_file(upload, "big.png", b"x" * (1024 * 1024 + 1)) == 413  # the server ran with --max-upload-mb 1
+
+
+def test_painted_mask_is_used(server, browser, inputs):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server["url"])
+    _upload(browser, "support-image-1", inputs["support"])
+    _upload(browser, "queries", inputs["query"])
+    assert "support 1: no mask" in _run_and_wait(browser, "Error")
+    # the editor shows the support image once it has loaded; a stroke across its centre paints the mask
+    canvas = next(c for c in browser.find_elements(By.CSS_SELECTOR, "#support-editor-1 canvas") if c.is_displayed())
+    ActionChains(browser).move_to_element_with_offset(canvas, -10, -5).click_and_hold().move_by_offset(10, 5) \
+        .move_by_offset(10, 5).release().perform()
+    status = _run_and_wait(browser, "Done")
+    assert "1-shot" in status

@@ -127,12 +127,12 @@ def build_app(cache: ModelCache, checkpoints: Sequence[str], work_dir: Path, *, 
         with gr.Row():
             with gr.Column():
                 title_a = gr.Markdown(elem_id="title-a")
-                gallery_a = gr.Gallery(label="Overlay and mask per query", columns=4, height=260, format="png",
+                gallery_a = gr.Gallery(label="Overlay and mask per query", columns=4, format="png",
                                        elem_id="gallery-a")
                 files_a = gr.File(label="Download: masks and overlays", file_count="multiple", elem_id="files-a")
             with gr.Column(visible=False) as col_b:
                 title_b = gr.Markdown(elem_id="title-b")
-                gallery_b = gr.Gallery(label="Overlay and mask per query", columns=4, height=260, format="png",
+                gallery_b = gr.Gallery(label="Overlay and mask per query", columns=4, format="png",
                                        elem_id="gallery-b")
                 files_b = gr.File(label="Download: masks and overlays", file_count="multiple", elem_id="files-b")
         zip_file = gr.File(label="Download everything (zip)", file_count="multiple", elem_id="zip")
