@@ -80,6 +80,9 @@ def build_app(cache: ModelCache, checkpoints: Sequence[str], work_dir: Path, *, 
         cks = [ck_a] + ([ck_b] if ck_b and ck_b != NO_COMPARE else [])
         req, status = None, ""
         try:
+            unknown = [c for c in cks if c not in choices]
+            if unknown:  # only the checkpoints the server was started with are ever loaded
+                raise ServeError(f"unknown checkpoint {unknown[0]!r}; choose one of {', '.join(choices)}")
             _prune(results_root, KEEP_REQUESTS - 1)
             out = Path(tempfile.mkdtemp(prefix="request-", dir=results_root))
             req = run_request(cache, cks, slots, list(queries or []), list(gts or []), out, size=size)

@@ -103,9 +103,14 @@ def run_serve_cli(args: argparse.Namespace) -> int:
 
         app = build_app(ModelCache(args.device), [str(c) for c in checkpoints], work_dir, size=args.size)
         app.queue(default_concurrency_limit=1)
-        app.launch(server_name=args.host, server_port=args.port, auth=auth,
-                   max_file_size=int(args.max_upload_mb * 1024 * 1024), prevent_thread_lock=True, quiet=True,
-                   show_error=False, footer_links=[])
+        try:
+            app.launch(server_name=args.host, server_port=args.port, auth=auth,
+                       max_file_size=int(args.max_upload_mb * 1024 * 1024), prevent_thread_lock=True, quiet=True,
+                       show_error=False, footer_links=[])
+        except OSError as e:  # e.g. the port is taken
+            print(f"svfseg serve: error: cannot serve on {args.host}:{args.port} (pick another with --port): "
+                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            return 1
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"svfseg serve: http://{host}:{args.port} with {', '.join(map(str, checkpoints))}\n"
               f"uploads and results in {work_dir} (removed on exit); Ctrl-C to stop", flush=True)
