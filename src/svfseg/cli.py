@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="fold the singular values back: a plain model for deployment")
     m.add_argument("--checkpoint", type=Path, required=True)
     m.add_argument("--out", type=Path, required=True)
+
+    sv = sub.add_parser("serve", help="local web app: segment your own images in the browser (svfseg[serve])")
+    from svfseg.serve.cli import add_serve_arguments
+
+    add_serve_arguments(sv)
     return p
 
 
@@ -187,6 +192,12 @@ def cmd_prepare(args) -> int:
     return run_prepare(args)
 
 
+def cmd_serve(args) -> int:
+    from svfseg.serve.cli import run_serve_cli
+
+    return run_serve_cli(args)
+
+
 def cmd_demo(args) -> int:
     from svfseg.demo import run_demo_cli
 
@@ -199,7 +210,7 @@ class UsageError(ValueError):
 
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "report": cmd_report,
-            "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo}
+            "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo, "serve": cmd_serve}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -42,22 +42,43 @@ def read_binary_mask(path: str | os.PathLike, expect_hw: Optional[tuple[int, int
     Raises:
         PredictInputError: unreadable, wrong size, or no foreground pixel.
     """
+    return binary_mask(read_mask_array(path), str(path), expect_hw)
+
+
+def read_mask_array(path: str | os.PathLike) -> np.ndarray:
+    """A mask file's values as int64 (H, W): palette and greyscale as stored, colour as luminance."""
     path = Path(path)
     if not path.is_file():
         raise PredictInputError(f"{path}: no such mask file")
     try:
         with Image.open(path) as im:
-            arr = np.array(im if im.mode in ("L", "P", "1", "I", "I;16") else im.convert("L")).astype(np.int64)
+            return np.array(im if im.mode in ("L", "P", "1", "I", "I;16") else im.convert("L")).astype(np.int64)
     except OSError as e:
         raise PredictInputError(f"{path}: cannot read it as a mask image ({e})") from None
+
+
+def binary_mask(arr: np.ndarray, where: str, expect_hw: Optional[tuple[int, int]] = None, *,
+                allow_empty: bool = False) -> np.ndarray:
+    """A mask array (0/1 or 0..255, greyscale or channels) as uint8 {0, 1}, checked.
+
+    Args:
+        arr: (H, W) or (H, W, C) integer array.
+        where: what to name in errors (a file path, "support 2").
+        expect_hw: the image's (H, W); the mask must have the same size.
+        allow_empty: accept a mask without foreground (a ground truth may show no object).
+
+    Raises:
+        PredictInputError: wrong size, or no foreground pixel unless ``allow_empty``.
+    """
+    arr = np.asarray(arr).astype(np.int64)
     if arr.ndim == 3:
         arr = arr.max(axis=2)
-    fg = arr == 1 if arr.max() <= 1 else arr >= 128
+    fg = arr == 1 if arr.max(initial=0) <= 1 else arr >= 128
     if expect_hw is not None and tuple(fg.shape) != tuple(expect_hw):
-        raise PredictInputError(f"{path}: mask is {fg.shape[0]}x{fg.shape[1]} but its support image is "
+        raise PredictInputError(f"{where}: mask is {fg.shape[0]}x{fg.shape[1]} but its support image is "
                                 f"{expect_hw[0]}x{expect_hw[1]}")
-    if not fg.any():
-        raise PredictInputError(f"{path}: the support mask has no foreground pixel (expected 1 or 255 where "
+    if not allow_empty and not fg.any():
+        raise PredictInputError(f"{where}: the support mask has no foreground pixel (expected 1 or 255 where "
                                 f"the object is)")
     return fg.astype(np.uint8)
 
@@ -67,6 +88,31 @@ def _prepare(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tens
 
     img, lbl, valid = TestTransform(size=size)(image, mask)
     return torch.from_numpy(np.asarray(img)), torch.from_numpy(np.asarray(lbl)).long(), valid
+
+
+def support_tensors(sup_rgb: Sequence[np.ndarray], sup_mask: Sequence[np.ndarray], size: int,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """K support images and masks as the model's (1, K, 3, S, S) and (1, K, S, S) inputs."""
+    prepared = [_prepare(r, m, size) for r, m in zip(sup_rgb, sup_mask)]
+    s_img = torch.stack([p[0] for p in prepared])[None].to(device)
+    s_mask = torch.stack([p[1] for p in prepared])[None].to(device)
+    return s_img, s_mask
+
+
+def segment_query(model: torch.nn.Module, rgb: np.ndarray, s_img: torch.Tensor, s_mask: torch.Tensor, size: int,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """One query's binary prediction at its own size, (H, W) int64 in {0, 1}; call under no_grad."""
+    from svfseg.engine.evaluator import predictions_at_original_size
+
+    q_img, _, valid = _prepare(rgb, np.zeros(rgb.shape[:2], np.uint8), size)
+    logits = model(q_img[None].to(device), s_img, s_mask)
+    return predictions_at_original_size(logits, torch.tensor([valid]), [rgb.shape[:2]])[0].cpu().numpy()
+
+
+def save_mask_png(pred: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a {0, 1} prediction as the 0/255 greyscale PNG that ``predict`` writes."""
+    Image.fromarray((pred * 255).astype(np.uint8), mode="L").save(path)
+    return Path(path)
 
 
 @torch.no_grad()
@@ -92,7 +138,6 @@ def predict(
     Returns:
         One dict per query: ``query``, ``mask``, ``overlay`` paths and ``foreground_fraction``.
     """
-    from svfseg.engine.evaluator import predictions_at_original_size
     from svfseg.engine.model import load_for_inference
     from svfseg.engine.vis import episode_panel
 
@@ -109,19 +154,14 @@ def predict(
     q_rgb = [read_rgb(q) for q in queries]
     model, cfg, _ = load_for_inference(checkpoint, device=device)
     size = size or cfg.data.test_size
-    prepared = [_prepare(r, m, size) for r, m in zip(sup_rgb, sup_mask)]
-    s_img = torch.stack([p[0] for p in prepared])[None].to(device)
-    s_mask = torch.stack([p[1] for p in prepared])[None].to(device)
+    s_img, s_mask = support_tensors(sup_rgb, sup_mask, size, device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for path, rgb in zip(queries, q_rgb):
-        q_img, _, valid = _prepare(rgb, np.zeros(rgb.shape[:2], np.uint8), size)
-        logits = model(q_img[None].to(device), s_img, s_mask)
-        pred = predictions_at_original_size(logits, torch.tensor([valid]), [rgb.shape[:2]])[0].cpu().numpy()
+        pred = segment_query(model, rgb, s_img, s_mask, size, device)
         stem = Path(path).stem
-        mask_path = out_dir / f"{stem}_mask.png"
-        Image.fromarray((pred * 255).astype(np.uint8), mode="L").save(mask_path)
+        mask_path = save_mask_png(pred, out_dir / f"{stem}_mask.png")
         overlay_path = out_dir / f"{stem}_overlay.png"
         Image.fromarray(episode_panel(sup_rgb, sup_mask, rgb, pred.astype(np.uint8))).save(overlay_path)
         results.append({"query": str(path), "mask": str(mask_path), "overlay": str(overlay_path),

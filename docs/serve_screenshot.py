@@ -1,0 +1,72 @@
+"""Re-make docs/serve.png: drive a running `svfseg serve` in headless Chromium and screenshot the result.
+
+    svfseg serve --checkpoint runs/demo/svf/best.pt runs/demo/frozen/best.pt &
+    python docs/serve_screenshot.py --support S.jpg S_mask.png --query Q1.jpg Q2.jpg \
+        --gt Q1_mask.png Q2_mask.png --compare runs/demo/frozen/best.pt --out docs/serve.png
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+
+def _upload(driver, elem_id: str, paths: list[Path]) -> None:
+    driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]").send_keys(
+        "\n".join(str(p.resolve()) for p in paths))
+    WebDriverWait(driver, 60).until(lambda d: all(
+        d.find_elements(By.CSS_SELECTOR, f'#{elem_id} td.filename[aria-label="{p.name}"]') for p in paths))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:7860/")
+    p.add_argument("--support", nargs=2, type=Path, required=True, metavar=("IMAGE", "MASK"))
+    p.add_argument("--query", nargs="+", type=Path, required=True)
+    p.add_argument("--gt", nargs="*", type=Path, default=[])
+    p.add_argument("--compare", help="the second checkpoint, as listed in the page")
+    p.add_argument("--out", type=Path, default=Path("docs/serve.png"))
+    p.add_argument("--width", type=int, default=1280)
+    args = p.parse_args()
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={args.width},1000"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    try:
+        driver.get(args.url)
+        WebDriverWait(driver, 60).until(ec.element_to_be_clickable((By.ID, "run")))
+        _upload(driver, "support-image-1", [args.support[0]])
+        _upload(driver, "support-mask-1", [args.support[1]])
+        _upload(driver, "queries", args.query)
+        if args.gt:
+            _upload(driver, "ground-truth", args.gt)
+        if args.compare:
+            box = driver.find_element(By.CSS_SELECTOR, "#compare input")
+            box.click()
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(args.compare)
+            box.send_keys(Keys.ENTER)
+        driver.find_element(By.ID, "run").click()
+        WebDriverWait(driver, 300).until(lambda d: "Done" in d.find_element(By.ID, "status").text
+                                         or "Error" in d.find_element(By.ID, "status").text)
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(args.width, height + 40)
+        driver.execute_script("window.scrollTo(0, 0)")
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+            "return [...document.images].every(i => i.complete)"))
+        driver.save_screenshot(str(args.out))
+        print(driver.find_element(By.ID, "status").text)
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()

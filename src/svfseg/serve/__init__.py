@@ -1,0 +1,1 @@
+"""`svfseg serve`: a local web app that segments your own images from a few annotated supports."""
