@@ -107,7 +107,7 @@ def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentCon
 
 
 def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
-    quiet = {"resume", "train.stop_after_steps", "train.progress"}
+    quiet = {"resume", "train.stop_after_steps", "train.progress", "threads"}
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         key = prefix + k
