@@ -1,4 +1,4 @@
-"""A user's own dataset end to end: folders of images + masks -> prepare custom -> train, episodes, test, predict, report."""
+"""A user's own dataset end to end: images + masks folders -> prepare custom -> train, episodes, test, predict, report."""
 import json
 import stat
 from pathlib import Path

@@ -36,7 +36,7 @@ class DataConfig:
     train_crop: int = 473
     train_scale: tuple[float, float] = (0.9, 1.1)
     test_size: int = 473               # longer side of the test image (473 Pascal, 641 COCO)
-    min_pixels: Optional[int] = None   # small-object rule (px at label size); None: 2,048 pascal/coco, else 0.9% of the image
+    min_pixels: Optional[int] = None   # small-object rule, px at label size (None: 2,048 pascal/coco, else 0.9%)
     workers: int = 4                   # DataLoader worker processes (0 = load in the main process)
 
 

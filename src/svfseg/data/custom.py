@@ -1,4 +1,4 @@
-"""`svfseg prepare custom`: plain folders of images and class-id masks -> a custom root (layout, lists, dataset.yaml)."""
+"""`svfseg prepare custom`: folders of images and class-id masks -> a custom root (layout, lists, dataset.yaml)."""
 from __future__ import annotations
 
 import logging

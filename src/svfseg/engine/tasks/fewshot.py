@@ -289,7 +289,8 @@ def results_markdown(out: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in out["runs"]:
-        lines.append(f"| episode seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` | {format_pct(r['miou'])} "
+        lines.append(f"| episode seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` "
+                     f"| {format_pct(r['miou'])} "
                      f"| {format_pct(r['fb_iou'])} |")
     if len(out["runs"]) > 1:
         lines.append(f"| **mean ± std** | | | **{format_pct(s['miou']['mean'])} ± {format_pct(s['miou']['std'])}** "
