@@ -19,16 +19,20 @@ def test_paper_table_layout_and_numbers():
     lines = report_table(entries).splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:3] == ["benchmark", "backbone", "method"]
-    assert header[3:9] == ["1-shot f0", "1-shot f1", "1-shot f2", "1-shot f3", "1-shot mean", "paper"]
-    assert header[9:15] == ["5-shot f0", "5-shot f1", "5-shot f2", "5-shot f3", "5-shot mean", "paper"]
+    assert header[3:10] == ["1-shot f0", "1-shot f1", "1-shot f2", "1-shot f3", "1-shot mean", "1-shot FB-IoU",
+                            "paper"]
+    assert header[10:17] == ["5-shot f0", "5-shot f1", "5-shot f2", "5-shot f3", "5-shot mean", "5-shot FB-IoU",
+                             "paper"]
+    assert header[17] == "seeds"
     rows = {tuple(c.strip() for c in l.strip("|").split("|"))[2]: [c.strip() for c in l.strip("|").split("|")]
             for l in lines[2:] if l.startswith("| pascal")}
     pf = rows["PFENet + SVF"]
     assert pf[1] == "resnet50"
-    assert pf[3:9] == ["60.00 / 69.27", "61.00 / 73.55", "62.00 / 67.49", "63.00 / 62.30", "61.50", "68.15"]
-    assert pf[9:15] == ["70.00", "72.00", "–", "–", "(2/4 folds)", "71.82"]
+    assert pf[3:10] == ["60.00 / 69.27", "61.00 / 73.55", "62.00 / 67.49", "63.00 / 62.30", "61.50", "–",
+                        "68.15"]
+    assert pf[10:18] == ["70.00", "72.00", "–", "–", "(2/4 folds)", "(2/4 folds)", "71.82", "1"]
     base = rows["baseline"]
-    assert base[1] == "vgg16" and base[7:9] == ["50.00", "60.15"]
+    assert base[1] == "vgg16" and (base[7], base[9]) == ("50.00", "60.15")
 
 
 def test_paper_lookup():
@@ -48,6 +52,19 @@ def test_report_cli_reads_results_files(tmp_path, capsys):
     out = tmp_path / "table.md"
     assert main(["report", *[str(tmp_path / f"run{f}") for f in range(4)], "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| coco | resnet50 | baseline + SVF | 40.00 | 41.00 | 42.00 | 43.00 | 41.50 | 43.72 |" in text
+    assert "| coco | resnet50 | baseline + SVF | 40.00 | 41.00 | 42.00 | 43.00 | 41.50 | – | 43.72 |" in text
     assert out.read_text().strip() == text.strip()
     assert main(["report", str(tmp_path / "missing")]) == 1
+
+
+def test_training_seeds_are_averaged_with_std_and_fb_iou():
+    def e(fold, seed, miou, fb):
+        return {**entry(fold, 1, miou), "train_seed": seed, "fb_iou": fb, "file": f"s{seed}f{fold}"}
+
+    entries = [e(f, s, 60.0 + 2 * s, 70.0 + s) for f in range(4) for s in (1, 2)]
+    cells = [c.strip() for c in report_table(entries).splitlines()[2].strip("|").split("|")]
+    assert cells[3] == "63.00 ± 1.00 / 69.27"  # 62 and 64 over the two seeds
+    assert cells[7:10] == ["63.00 ± 1.00", "71.50 ± 0.50", "68.15"] and cells[-1] == "2"
+    # The same training seed tested twice is one result (the later file), not a second seed.
+    cells = [c.strip() for c in report_table(entries + [e(0, 1, 10.0, 20.0)]).splitlines()[2].strip("|").split("|")]
+    assert cells[3].startswith("37.00 ± 27.00") and cells[-1] == "2"

@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 
 from svfseg.data import DataError, load_class_index
 from svfseg.data.check import check_dataset
+from svfseg.data.index import index_cache_file
 from svfseg.data.io import read_label, read_list, write_label
 from svfseg.data.prepare import add_prepare_arguments, prepare_coco, prepare_pascal, run_prepare
 
@@ -89,7 +90,8 @@ def test_prepare_pascal(tmp_path, caplog):
     assert (out / "JPEGImages").is_symlink() and (out / "JPEGImages" / "2008_00e.jpg").is_file()
     assert "standard list has 1449" in caplog.text  # count warning
     idx = load_class_index(out, "train", 20)
-    assert idx.records[0].counts == {1: 600} and (out / ".svfseg_cache" / "index-train.json").is_file()
+    assert idx.records[0].counts == {1: 600} and index_cache_file(out, "train").is_file()
+    assert not (out / ".svfseg_cache").exists()  # caches live in $SVFSEG_CACHE, not in the data
     problems = check_dataset(out, "pascal", min_pixels=1, workers=1)
     assert problems and all("episodes need" in p for p in problems)  # only the tiny size's empty classes
     aug = prepare_pascal(voc, sbd, tmp_path / "aug", sbd_val=True, copy_images=True, workers=1)
@@ -249,7 +251,7 @@ def test_check_reports_every_problem(tmp_path):
     # the hint is a command that runs: `svfseg prepare` needs its benchmark argument
     with pytest.raises(DataError, match=f"run `svfseg prepare pascal --check {root}` for the full list"):
         load_class_index(root, "train", 20, benchmark="pascal")
-    with pytest.raises(DataError, match=r"svfseg prepare \{pascal,coco,synthetic\} --check"):
+    with pytest.raises(DataError, match=r"svfseg prepare \{pascal,coco,synthetic,custom\} --check"):
         load_class_index(root, "train", 20)
 
 
@@ -267,5 +269,5 @@ def test_cli_entry(tmp_path, capsys):
     syn = tmp_path / "syn"
     args = ["synthetic", "--out", str(syn), "--n-train", "40", "--n-val", "40", "--size", "64", "--workers", "1"]
     assert run_prepare(parser.parse_args(args)) == 0
-    assert (syn / ".svfseg_cache" / "index-val.json").is_file()
+    assert index_cache_file(syn, "val").is_file() and not (syn / ".svfseg_cache").exists()
     assert run_prepare(parser.parse_args(["synthetic", "--check", str(syn), "--workers", "1"])) in (0, 1)

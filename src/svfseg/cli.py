@@ -1,4 +1,4 @@
-"""Command-line entry point: `svfseg demo|prepare|train|test|predict|report|merge`."""
+"""Command-line entry point: `svfseg demo|prepare|train|test|episodes|predict|report|merge`."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +16,12 @@ logger = logging.getLogger("svfseg")
 EXAMPLES = """examples:
   svfseg demo                                   # the whole pipeline on synthetic-5i, CPU, no download
   svfseg prepare pascal --voc VOC2012 --sbd SBD --out data/pascal
+  svfseg prepare custom --images my/images --masks my/masks --class-names names.txt --out data/mine
   svfseg train --config configs/pascal/pfenet_resnet50.yaml fold=1 shot=5 model.regime=frozen
   torchrun --nproc_per_node 4 -m svfseg train --config configs/coco/pfenet_resnet50.yaml
   svfseg train --resume runs/pascal_pfenet_resnet50_deep_svf_fold1_5shot
   svfseg test --checkpoint runs/RUN/best.pt --protocol bam --save-vis 10
+  svfseg episodes --config configs/pascal/pfenet_resnet50.yaml fold=1 --count 1000 --seed 0 --out f1.json
   svfseg predict --checkpoint runs/RUN/best.pt --support cat.jpg cat.png --query q1.jpg --out preds
   svfseg report runs/*
   svfseg merge --checkpoint runs/RUN/best.pt --out model_merged.pt
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", type=Path, help="recipe YAML (see configs/)")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run folder from its last.pt")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. fold=1 optim.lr=0.005")
+    _add_threads(t)
 
     te = sub.add_parser("test", help="evaluate a checkpoint on fixed episodes (JSON + Markdown)")
     te.add_argument("--checkpoint", type=Path, required=True, help="best.pt / last.pt / merged export")
@@ -85,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "predict both")
     te.add_argument("--tau", type=float, default=0.9, help="generalized setting: novel-class threshold (default 0.9)")
     te.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shot=5 data.root=...")
+    _add_threads(te)
+
+    ep = sub.add_parser("episodes", help="write a fixed evaluation episode file (for `svfseg test --episodes`)")
+    ep.add_argument("--config", type=Path, required=True, help="recipe YAML (data.root, fold, shot, ...)")
+    ep.add_argument("--count", type=int, default=1000, help="number of episodes (default 1000)")
+    ep.add_argument("--seed", type=int, default=0, help="episode seed (default 0)")
+    ep.add_argument("--out", type=Path, required=True, help="episode file to write (JSON)")
+    ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. fold=1 shot=5")
+    _add_threads(ep)
 
     pd = sub.add_parser("predict", help="segment your own images from annotated supports")
     pd.add_argument("--checkpoint", type=Path, required=True, help="checkpoint or merged export")
@@ -94,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", type=Path, required=True, help="output folder")
     pd.add_argument("--size", type=int, help="test size (default: the checkpoint's data.test_size)")
     pd.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    _add_threads(pd)
 
     r = sub.add_parser("report", help="gather fold results into the paper's table, paper numbers beside")
     r.add_argument("runs", nargs="+", type=Path, help="run folders or results.json files")
@@ -110,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: config key `threads`, else one per core); on a machine "
+                             "shared with other jobs use cores / jobs, e.g. 1 on 2 cores with 2 jobs")
+
+
+def _apply_threads(args, cfg=None) -> None:
+    from svfseg.engine.runtime import set_threads
+
+    if args.threads is not None and cfg is not None:
+        cfg.threads = args.threads  # recorded in the run's config.yaml
+    set_threads(args.threads if args.threads is not None else (cfg.threads if cfg is not None else None))
+
+
 def cmd_train(args) -> int:
     from svfseg.config import load_config
     from svfseg.engine.run import resume_config, train_run
@@ -122,6 +149,7 @@ def cmd_train(args) -> int:
         run_dir = None
     else:
         raise UsageError("train: --config RECIPE.yaml (or --resume RUN_DIR) is required")
+    _apply_threads(args, cfg)
     with _tqdm_safe_logging():
         res = train_run(cfg, run_dir=run_dir, argv=sys.argv)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -145,6 +173,7 @@ def cmd_test(args) -> int:
         cfg = load_config(args.config, args.overrides)
     elif args.overrides:
         cfg = config_with_overrides(ckpt.load(args.checkpoint)["config"], args.overrides, str(args.checkpoint))
+    _apply_threads(args, cfg)
     options = TestOptions(protocol=args.protocol, episodes=args.episodes, save_vis=args.save_vis, out_dir=args.out,
                           tau=args.tau)
     info = init_distributed(cfg.device if cfg else "auto")
@@ -161,8 +190,27 @@ def cmd_test(args) -> int:
     return 0
 
 
+def cmd_episodes(args) -> int:
+    from svfseg.config import load_config
+    from svfseg.engine.data import episode_summary, write_episode_file
+
+    if args.count < 1:
+        raise UsageError(f"episodes: --count must be >= 1, found {args.count}")
+    cfg = load_config(args.config, args.overrides)
+    _apply_threads(args, cfg)
+    eps = write_episode_file(cfg, args.out, seed=args.seed, count=args.count)
+    print(f"wrote {args.out}: {len(eps)} episodes, {eps.benchmark} fold {eps.fold} {eps.shot}-shot, "
+          f"episode seed {eps.seed}, min_pixels {eps.min_pixels}, query rule {eps.query_rule}\n"
+          f"classes (episodes): {episode_summary(cfg, eps)}\n"
+          f"fingerprint {eps.fingerprint} (dataset {eps.dataset_fingerprint})\n"
+          f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from svfseg.predict import predict
+
+    _apply_threads(args)
 
     results = predict(args.checkpoint, [tuple(s) for s in args.support], args.query, args.out, size=args.size,
                       device=args.device)
@@ -211,7 +259,8 @@ class UsageError(ValueError):
 
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "report": cmd_report,
-            "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo, "serve": cmd_serve}
+            "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo, "serve": cmd_serve,
+            "episodes": cmd_episodes}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from svfseg.paper_results import paper_backbone, paper_result
+from svfseg.tables import DASH, SeedStats, format_stats, group_by_seed, markdown_table, seed_stats
 
 logger = logging.getLogger(__name__)
 
@@ -29,57 +29,90 @@ def find_results(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_entries(files: Sequence[Path]) -> list[dict]:
-    """One entry per results file: setting keys plus the mean mIoU (%) over its seeds."""
+    """One entry per results file: setting keys, the training seed, and the mean mIoU / FB-IoU (%) over its
+    test seeds. Files written before the training seed was recorded are told apart by their run folder."""
     entries = []
     for f in files:
         try:
             r = json.loads(Path(f).read_text())
+            fb = (r["summary"].get("fb_iou") or {}).get("mean")
+            seed = r.get("train_seed")
             entries.append({"benchmark": r["benchmark"], "backbone": r["backbone"], "model": r["model"],
                             "regime": r["regime"], "shot": int(r["shot"]), "fold": int(r["fold"]),
                             "miou": 100 * r["summary"]["miou"]["mean"], "file": str(f),
-                            "protocol": r.get("protocol")})
-        except (OSError, ValueError, KeyError, TypeError) as e:
+                            "fb_iou": None if fb is None else 100 * fb, "protocol": r.get("protocol"),
+                            "train_seed": seed if seed is not None else f"run {Path(r.get('checkpoint', f)).parent}",
+                            "num_folds": int(r.get("num_folds", 4))})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"report: {f} is not an `svfseg test` results.json ({e})") from None
     return entries
 
 
-def _cell(v: Optional[float]) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+def _seed_count(per_fold: dict) -> str:
+    counts = sorted({len(seeds) for seeds in per_fold.values()})
+    return DASH if not counts else (str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}")
+
+
+def _fold_mean(per_fold: dict, folds: int, field: str) -> Optional[SeedStats]:
+    """Mean over the folds of each fold's seed mean; the ± is the std over the seeds present in every fold."""
+    if len(per_fold) != folds:
+        return None
+    means = [seed_stats(e.get(field) for e in per_fold[f].values()) for f in range(folds)]
+    if any(m is None for m in means):
+        return None
+    mean = sum(m.mean for m in means) / folds
+    common = set.intersection(*(set(per_fold[f]) for f in range(folds)))
+    per_seed = seed_stats(sum(per_fold[f][s].get(field) for f in range(folds)) / folds
+                          for s in sorted(common, key=str)
+                          if all(per_fold[f][s].get(field) is not None for f in range(folds)))
+    if per_seed is None or per_seed.n < 2:
+        return SeedStats(mean, 0.0, 1, (mean,))
+    return SeedStats(mean, per_seed.std, per_seed.n, per_seed.values)
 
 
 def report_table(entries: Sequence[dict], folds: int = 4) -> str:
     """Markdown table: one row per (benchmark, backbone, method, regime); per shot the folds, their
-    mean (only when every fold is present) and the paper's mean; a fold cell shows ``ours / paper``
-    where the paper reports that fold."""
+    mean (only when every fold is present), the FB-IoU mean and the paper's mean; a fold cell shows
+    ``ours / paper`` where the paper reports that fold. Each of our cells is the mean over training
+    seeds, ``± std`` when there are several; the last column counts the seeds per fold."""
+    folds = max([folds, *(e.get("num_folds", 4) for e in entries)])
+    grouped = group_by_seed(entries, key=lambda e: (e["benchmark"], paper_backbone(e["backbone"]), e["model"],
+                                                    e["regime"], e["shot"], e["fold"]),
+                            seed=lambda e: e.get("train_seed", e["file"]))
     groups: dict[tuple, dict] = {}
-    for e in entries:
-        key = (e["benchmark"], paper_backbone(e["backbone"]), e["model"], e["regime"])
-        slot = groups.setdefault(key, {}).setdefault(e["shot"], {})
-        if e["fold"] in slot:
-            logger.warning("report: two results for %s %d-shot fold %d; using %s", key, e["shot"], e["fold"], e["file"])
-        slot[e["fold"]] = e["miou"]
+    for (bench, bb, model, regime, shot, fold), seeds in grouped.items():
+        groups.setdefault((bench, bb, model, regime), {}).setdefault(shot, {})[fold] = seeds
+    n_folds = {e["benchmark"]: e.get("num_folds", 4) for e in entries}
     shots = sorted({e["shot"] for e in entries} | {1, 5})
     head = ["benchmark", "backbone", "method"]
     for k in shots:
-        head += [f"{k}-shot f{f}" for f in range(folds)] + [f"{k}-shot mean", "paper"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        head += [f"{k}-shot f{f}" for f in range(folds)] + [f"{k}-shot mean", f"{k}-shot FB-IoU", "paper"]
+    head.append("seeds")
+    rows = []
     for (bench, bb, model, regime) in sorted(groups):
-        svf = regime == "svf"
+        svf, own = regime == "svf", n_folds.get(bench, 4)
         row = [bench, bb, METHOD_NAMES.get(model, model) + REGIME_SUFFIX.get(regime, f" ({regime})")]
+        all_folds: dict = {}
         for k in shots:
-            vals = groups[(bench, bb, model, regime)].get(k, {})
+            per_fold = groups[(bench, bb, model, regime)].get(k, {})
+            all_folds.update({(k, f): v for f, v in per_fold.items()})
             for f in range(folds):
-                ours = vals.get(f)
+                ours = seed_stats(e["miou"] for e in per_fold[f].values()) if f in per_fold else None
                 paper_f = paper_result(bench, bb, model, svf, k, fold=f) if regime in ("svf", "frozen") else None
-                row.append(_cell(ours) + (f" / {paper_f:.2f}" if paper_f is not None and ours is not None else ""))
-            mean = sum(vals.values()) / folds if len(vals) == folds else None
-            row.append(_cell(mean) if mean is not None else (f"({len(vals)}/{folds} folds)" if vals else "–"))
+                cell = "" if f >= own else format_stats(ours)
+                row.append(cell + (f" / {paper_f:.2f}" if paper_f is not None and ours is not None else ""))
+            mean, fb = _fold_mean(per_fold, own, "miou"), _fold_mean(per_fold, own, "fb_iou")
+            partial = f"({len(per_fold)}/{own} folds)" if per_fold and len(per_fold) < own else DASH
+            row.append(format_stats(mean) if mean is not None else partial)
+            row.append(format_stats(fb) if fb is not None else partial)
             paper = paper_result(bench, bb, model, svf, k) if regime in ("svf", "frozen") else None
-            row.append(_cell(paper))
-        lines.append("| " + " | ".join(row) + " |")
-    note = ("\nmIoU (%). Ours: mean over the test seeds of each run. Paper: Sun et al. (NeurIPS 2022), mean of "
-            "4 folds, † protocol; `ours / paper` where the paper reports the fold.\n")
-    return "\n".join(lines) + "\n" + note
+            row.append(format_stats(seed_stats([paper])))
+        row.append(_seed_count(all_folds))
+        rows.append(row)
+    note = ("\nmIoU and FB-IoU (%). Ours: mean over the test seeds of each run, then mean ± std over training "
+            "seeds (seeds: runs per fold). Paper: Sun et al. (NeurIPS 2022), mean of 4 folds, † protocol; "
+            "`ours / paper` where the paper reports the fold.\n")
+    return markdown_table(head, rows) + "\n" + note
 
 
 def report(paths: Sequence[str | Path], out: Optional[str | Path] = None) -> str:

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the benchmark lives and how episodes are made (see svfseg.data.build_dataset)."""
 
-    benchmark: str = "pascal"          # pascal | coco | synthetic
+    benchmark: str = "pascal"          # pascal | coco | synthetic | custom (classes, folds: root/dataset.yaml)
     root: str = "data/pascal"          # prepared Pascal-layout root (`svfseg prepare ...`)
     protocol: str = "dagger"           # training pool: dagger (drop images with novel classes) | pfenet
     convention: str = "interleaved"    # COCO fold convention: interleaved | consecutive
@@ -30,6 +30,7 @@ class DataConfig:
     train_crop: int = 473
     train_scale: tuple[float, float] = (0.9, 1.1)
     test_size: int = 473               # longer side of the test image (473 Pascal, 641 COCO)
+    min_pixels: Optional[int] = None   # small-object rule, px at label size (None: 2,048 pascal/coco, else 0.9%)
     workers: int = 4                   # DataLoader worker processes (0 = load in the main process)
 
 
@@ -198,6 +199,7 @@ class ExperimentConfig:
     seed: int = 321
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     resume: bool = False               # continue the run in run_dir() from its last.pt
+    threads: Optional[int] = None      # torch intra-op threads (None: torch's default, one per core); `--threads`
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     svf: SVFPolicy = field(default_factory=SVFPolicy)
@@ -219,7 +221,7 @@ class ExperimentConfig:
 
 
 _CHOICES = {
-    "data.benchmark": ("pascal", "coco", "synthetic"),
+    "data.benchmark": ("pascal", "coco", "synthetic", "custom"),
     "data.protocol": ("dagger", "pfenet"),
     "data.convention": ("interleaved", "consecutive"),
     "data.query_rule": ("any", "min_pixels"),
@@ -251,7 +253,8 @@ def validate(cfg: ExperimentConfig) -> None:
     for k, allowed in _CHOICES.items():
         if flat[k] not in allowed:
             raise ConfigError(f"config key '{k}' must be one of {list(allowed)}, found {flat[k]!r}")
-    if cfg.fold not in (0, 1, 2, 3):
+    if cfg.fold not in (0, 1, 2, 3) and not (cfg.data.benchmark == "custom" and cfg.fold >= 0):
+        # a custom benchmark's fold count is in its dataset.yaml: the data layer checks the upper bound
         raise ConfigError(f"config key 'fold' must be 0..3, found {cfg.fold}")
     if cfg.shot < 1:
         raise ConfigError(f"config key 'shot' must be >= 1, found {cfg.shot}")
@@ -262,6 +265,9 @@ def validate(cfg: ExperimentConfig) -> None:
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"config key '{k}' must be > 0, found {v}")
+    for k, v in {"data.min_pixels": cfg.data.min_pixels, "threads": cfg.threads}.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"config key '{k}' must be >= 1 (or null for the default), found {v}")
     lo, hi = cfg.data.train_scale
     if not 0 < lo <= hi:
         raise ConfigError(f"config key 'data.train_scale' must be (min, max) with 0 < min <= max, found {(lo, hi)}")

@@ -13,7 +13,8 @@ from svfseg.data.episodes import DEFAULT_MIN_PIXELS, TRAIN_PROTOCOLS, EpisodeLis
 from svfseg.data.index import load_class_index
 from svfseg.data.io import DataError
 from svfseg.data.episodic import EvalEpisodes, TrainEpisodes
-from svfseg.data.splits import class_split, num_classes
+from svfseg.data.meta import benchmark_meta, load_dataset_meta
+from svfseg.data.splits import CUSTOM, class_split, num_classes
 from svfseg.data.transforms import TestTransform, TrainTransform
 
 __all__ = ["build_dataset", "default_min_pixels"]
@@ -23,12 +24,37 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 
 
+def _median_label_side(root: Path, split: str = "train", limit: int = 200) -> int:
+    """Median longer side of (up to ``limit``) label images of a split, from their headers."""
+    from svfseg.data.io import image_size, list_path, read_list
+
+    pairs = read_list(list_path(root, split))
+    step = max(1, len(pairs) // limit)
+    sides = []
+    for _, lbl in pairs[::step]:
+        try:
+            sides.append(max(image_size(root / lbl)))
+        except OSError:
+            continue  # the index scan reports unreadable labels with their names
+    if not sides:
+        raise DataError(f"{root}: expected readable label images in the {split} list, found none")
+    return sorted(sides)[len(sides) // 2]
+
+
 def default_min_pixels(root, benchmark: str) -> int:
-    """Small-object threshold: 2,048 px for pascal/coco; for synthetic, 2,048 scaled by the area ratio
-    of the generated size to 473 px (the Pascal crop the rule was made for), read from the marker."""
+    """Small-object threshold: 2,048 px for pascal/coco (the protocols' rule); for the other benchmarks
+    the same fraction of the image (2,048 / 473^2, 0.9%), scaled by the area ratio of the image size
+    to 473 px. Synthetic reads the size from its marker; custom takes ``min_pixels`` or ``image_size``
+    from ``dataset.yaml``, else the median longer side of the training labels."""
+    from svfseg.data.synthetic import MARKER, scaled_min_pixels
+
+    if benchmark == CUSTOM:
+        meta = load_dataset_meta(root)
+        if meta.min_pixels is not None:
+            return meta.min_pixels
+        return scaled_min_pixels(meta.image_size or _median_label_side(Path(root)))
     if benchmark != "synthetic":
         return DEFAULT_MIN_PIXELS
-    from svfseg.data.synthetic import MARKER, scaled_min_pixels
 
     marker = Path(root) / MARKER
     try:
@@ -62,7 +88,7 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
         episodes: val only: an EpisodeList or a path to one (checked against this dataset);
             None makes ``num_episodes`` episodes from ``seed``.
         num_episodes: val episode count when ``episodes`` is None.
-        min_pixels: small-object threshold; None: :func:`default_min_pixels`.
+        min_pixels: small-object threshold (``data.min_pixels``); None: :func:`default_min_pixels`.
         query_rule: which classes a query may be asked about: "any" (every fold class it shows,
             of any size: PFENet/BAM) or "min_pixels" (only classes passing the size rule).
             Supports always pass the size rule. A loaded episode file keeps its own rule.
@@ -79,13 +105,16 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
         raise ValueError(f"protocol must be one of {TRAIN_PROTOCOLS}, got {protocol!r}")
     if not isinstance(shot, int) or shot < 1:
         raise ValueError(f"shot must be a positive int, got {shot!r}")
-    sp = class_split(benchmark, fold, convention)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: expected a dataset root folder, found none")
+    meta = benchmark_meta(benchmark, root)
+    sp = class_split(benchmark, fold, convention, meta)
+    source = "data.min_pixels"
     if min_pixels is None:
-        min_pixels = default_min_pixels(root, benchmark)
-    index = load_class_index(root, split, num_classes(benchmark), workers=workers, benchmark=benchmark)
+        min_pixels, source = default_min_pixels(root, benchmark), f"default for {benchmark}"
+    log.info("small-object rule: min_pixels=%d (%s)", min_pixels, source)
+    index = load_class_index(root, split, num_classes(benchmark, meta), workers=workers, benchmark=benchmark)
     if split == "train":
         if episodes is not None:
             raise ValueError("episodes= fixes evaluation episodes; training episodes are drawn per epoch "

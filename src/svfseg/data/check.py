@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from svfseg.data.index import _scan_one
 from svfseg.data.io import DataError
-from svfseg.data.splits import class_split, num_classes, num_folds
+from svfseg.data.splits import CustomClasses, class_split, num_classes, num_folds
 
 __all__ = ["check_dataset"]
 
@@ -48,10 +48,11 @@ def _check_one(args):
     return counts, problems
 
 
-def _empty_class_problems(benchmark: str, split: str, records, min_pixels: int, convention: str) -> list[str]:
+def _empty_class_problems(benchmark: str, split: str, records, min_pixels: int, convention: str,
+                          meta: CustomClasses | None = None) -> list[str]:
     out = []
-    for fold in range(num_folds(benchmark)):
-        sp = class_split(benchmark, fold, convention)
+    for fold in range(num_folds(benchmark, meta)):
+        sp = class_split(benchmark, fold, convention, meta)
         if split == "train":
             kept = [c for c in records if not any(k in sp.novel for k in c)]
             classes, what = sp.base, "base class in the † training pool"
@@ -60,8 +61,9 @@ def _empty_class_problems(benchmark: str, split: str, records, min_pixels: int, 
         for c in classes:
             n = sum(1 for cnt in kept if cnt.get(c, 0) >= min_pixels)
             if n < 2:
-                out.append(f"{split} fold {fold}: {what} {c} has {n} image(s) with >= {min_pixels} px; "
-                           f"episodes need at least 2")
+                name = f" ({meta.names[c - 1]})" if meta is not None else ""
+                out.append(f"{split} fold {fold}: {what} {c}{name} has {n} image(s) with >= {min_pixels} px "
+                           f"(data.min_pixels); episodes need at least 2")
     return out
 
 
@@ -71,14 +73,20 @@ def check_dataset(root, benchmark: str, *, convention: str = "interleaved", min_
 
     Checks: list files present and well formed; every image present and fully decodable (not
     truncated); every label present, single-channel, of its image's size, with values in
-    0..num_classes or 255; every class of every fold keeps >= 2 images after filtering.
+    0..num_classes or 255; every class of every fold keeps >= 2 images after filtering; for
+    ``benchmark="custom"``, a valid ``dataset.yaml``.
     """
     from svfseg.data.build import default_min_pixels
+    from svfseg.data.meta import benchmark_meta
 
     root = Path(root)
     if not root.is_dir():
         return [f"{root}: expected a dataset root folder, found none"]
-    n_cls = num_classes(benchmark)
+    try:
+        meta = benchmark_meta(benchmark, root)
+    except DataError as e:
+        return [str(e)]
+    n_cls = num_classes(benchmark, meta)
     if min_pixels is None:
         try:
             min_pixels = default_min_pixels(root, benchmark)
@@ -102,5 +110,5 @@ def check_dataset(root, benchmark: str, *, convention: str = "interleaved", min_
             results = [_check_one(j) for j in tqdm(jobs, **bar)]
         for _, probs in results:
             problems += probs
-        problems += _empty_class_problems(benchmark, split, [c for c, _ in results], min_pixels, convention)
+        problems += _empty_class_problems(benchmark, split, [c for c, _ in results], min_pixels, convention, meta)
     return problems

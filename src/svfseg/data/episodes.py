@@ -82,7 +82,8 @@ def make_pool(index: ClassIndex, classes: Sequence[int], *, shot: int, min_pixel
         raise DataError(
             f"{index.root} ({index.split}): after filtering (>= {min_pixels} px per class"
             f"{', images with classes ' + str(sorted(excl)) + ' dropped' if excl else ''}) "
-            f"{shot}-shot episodes need >= {shot + 1} images per class; found class:count {short}")
+            f"{shot}-shot episodes need >= {shot + 1} images per class; found class:count {short} "
+            f"(lower the size rule with data.min_pixels=N, now {min_pixels}, or add images of these classes)")
     class_images = {c: np.asarray(v, dtype=np.int64) for c, v in members.items()}
     floor = min_pixels if query_rule == "min_pixels" else 1
     queries, qclasses = [], []
@@ -258,8 +259,9 @@ BAM_SEEDS = (510, 365, 382, 322, 988)
 #      from Python's `random` inside its dataset, so the same seed gives other episodes here: the
 #      protocol (count, seeds, best/mean) matches, the exact episode lists cannot.
 # HSNet: 1,000 episodes, seed 0.
+# A custom dataset gets 1,000 episodes per seed under every protocol (its own size is unknown).
 PROTOCOLS: dict[str, EvalProtocol] = {
-    "pfenet": EvalProtocol((321,), {"pascal": 5000, "coco": 20000, "synthetic": 5000}),
-    "bam": EvalProtocol(BAM_SEEDS, {"pascal": 1000, "coco": 1000, "synthetic": 1000}),
-    "hsnet": EvalProtocol((0,), {"pascal": 1000, "coco": 1000, "synthetic": 1000}),
+    "pfenet": EvalProtocol((321,), {"pascal": 5000, "coco": 20000, "synthetic": 5000, "custom": 1000}),
+    "bam": EvalProtocol(BAM_SEEDS, {"pascal": 1000, "coco": 1000, "synthetic": 1000, "custom": 1000}),
+    "hsnet": EvalProtocol((0,), {"pascal": 1000, "coco": 1000, "synthetic": 1000, "custom": 1000}),
 }

@@ -39,7 +39,9 @@ def generalized_episodes(index: ClassIndex, *, benchmark: str, fold: int, shot: 
     from svfseg.data.build import default_min_pixels
     from svfseg.data.episodes import Episode, EpisodeList
 
-    sp = class_split(benchmark, fold, convention)
+    from svfseg.data.meta import benchmark_meta
+
+    sp = class_split(benchmark, fold, convention, benchmark_meta(benchmark, index.root))
     if min_pixels is None:
         min_pixels = default_min_pixels(index.root, benchmark)
     recs = index.records
@@ -123,9 +125,12 @@ def build_generalized_dataset(*, root: str | os.PathLike, benchmark: str, fold: 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: expected a dataset root folder, found none")
-    index = load_class_index(root, "val", num_classes(benchmark))
+    from svfseg.data.meta import benchmark_meta
+
+    meta = benchmark_meta(benchmark, root)
+    index = load_class_index(root, "val", num_classes(benchmark, meta))
     eps = generalized_episodes(index, benchmark=benchmark, fold=fold, shot=shot, seed=seed, convention=convention,
                                count=count)
     log.info("%s fold %d generalized: %d episodes", benchmark, fold, len(eps))
-    return GeneralizedEpisodes(index, eps, class_split(benchmark, fold, convention).base,
+    return GeneralizedEpisodes(index, eps, class_split(benchmark, fold, convention, meta).base,
                                transform=TestTransform(size=test_size))

@@ -1,4 +1,4 @@
-"""Per-image class index (pixel count of every class), built once per list file and cached."""
+"""Per-image class index (pixel count of every class), built once per list file and cached outside the data."""
 from __future__ import annotations
 
 import hashlib
@@ -14,12 +14,15 @@ from tqdm import tqdm
 
 from svfseg.data.io import IGNORE, DataError, image_size, list_path, read_label, read_list
 
-__all__ = ["ImageRecord", "ClassIndex", "load_class_index", "build_class_index", "check_command", "CACHE_DIR"]
+__all__ = ["ImageRecord", "ClassIndex", "load_class_index", "build_class_index", "check_command", "CACHE_DIR",
+           "cache_root", "index_cache_file"]
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+# svfseg <= 0.1 wrote caches into the dataset root; such caches are still read, never written.
 CACHE_DIR = ".svfseg_cache"
+CACHE_ENV = "SVFSEG_CACHE"
 _MAX_REPORTED = 20
 
 
@@ -143,7 +146,41 @@ def build_class_index(root, split: str, num_classes: int, *, workers: int | None
 
 def check_command(root, benchmark: str | None = None) -> str:
     """The ``svfseg prepare`` command line that checks ``root`` (the benchmark argument is required)."""
-    return f"svfseg prepare {benchmark or '{pascal,coco,synthetic}'} --check {root}"
+    return f"svfseg prepare {benchmark or '{pascal,coco,synthetic,custom}'} --check {root}"
+
+
+def cache_root() -> Path:
+    """The cache folder: ``$SVFSEG_CACHE``, default ``~/.cache/svfseg`` (never inside a dataset root)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "svfseg"
+
+
+def index_cache_file(root, split: str) -> Path:
+    """Where the class index of ``root``'s ``split`` is cached: one folder per resolved root path.
+
+    The file also holds the stamp of the list and labels it was built from, so a changed dataset
+    at the same path is rebuilt, and its content fingerprint, checked on every read.
+    """
+    resolved = str(Path(root).expanduser().resolve())
+    key = hashlib.sha256(resolved.encode()).hexdigest()[:16]
+    return cache_root() / "index" / f"{Path(resolved).name or 'root'}-{key}" / f"index-{split}.json"
+
+
+def _read_cache(cache_file: Path, stamp: str, root: Path, split: str, num_classes: int) -> ClassIndex | None:
+    if not cache_file.is_file():
+        return None
+    try:
+        blob = json.loads(cache_file.read_text())
+        if blob.get("stamp") == stamp and blob.get("version") == INDEX_VERSION:
+            records = tuple(ImageRecord(r[0], r[1], tuple(r[2]), {int(k): v for k, v in r[3].items()})
+                            for r in blob["records"])
+            fp = _content_fingerprint(num_classes, records)
+            if fp == blob.get("fingerprint"):
+                return ClassIndex(root, split, num_classes, records, fp)
+            log.warning("%s: cached class index fails its fingerprint; rebuilding", cache_file)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        log.warning("%s: unreadable cached class index (%s); rebuilding", cache_file, e)
+    return None
 
 
 def _raise_problems(problems: list[str], where: Path, root: Path, benchmark: str | None) -> None:
@@ -154,13 +191,18 @@ def _raise_problems(problems: list[str], where: Path, root: Path, benchmark: str
 
 
 def load_class_index(root, split: str, num_classes: int, *, workers: int | None = None,
-                     progress: bool = True, cache: bool = True, benchmark: str | None = None) -> ClassIndex:
-    """The class index of a split, from ``root/.svfseg_cache`` when still valid, else scanned and cached.
+                     progress: bool = True, cache: bool = True, benchmark: str | None = None,
+                     cache_as=None) -> ClassIndex:
+    """The class index of a split, from the cache when still valid, else scanned and cached.
 
-    Validity is checked with a stamp of the list file and the size/mtime of every label, so a
-    second start on COCO (82k masks) costs a few seconds of ``stat`` calls.
+    The cache lives in :func:`cache_root` (``$SVFSEG_CACHE``), keyed by the root's path, so a
+    read-only or shared dataset root works; a cache an older svfseg wrote in ``root/.svfseg_cache``
+    is still read. Validity is checked with a stamp of the list file and the size/mtime of every
+    label, so a second start on COCO (82k masks) costs a few seconds of ``stat`` calls.
 
     ``benchmark`` only names the benchmark in the ``svfseg prepare ... --check`` hint of an error.
+    ``cache_as``: key the cache by this path instead of ``root`` (preparation scans a temporary
+    folder that is then renamed to it).
 
     Raises:
         DataError: listing every missing/unreadable file, size mismatch and out-of-range label found.
@@ -169,19 +211,12 @@ def load_class_index(root, split: str, num_classes: int, *, workers: int | None 
     lf = list_path(root, split)
     pairs = read_list(lf)
     stamp = _source_stamp(lf, root, pairs, num_classes)
-    cache_file = root / CACHE_DIR / f"index-{split}.json"
-    if cache and cache_file.is_file():
-        try:
-            blob = json.loads(cache_file.read_text())
-            if blob.get("stamp") == stamp and blob.get("version") == INDEX_VERSION:
-                records = tuple(ImageRecord(r[0], r[1], tuple(r[2]), {int(k): v for k, v in r[3].items()})
-                                for r in blob["records"])
-                fp = _content_fingerprint(num_classes, records)
-                if fp == blob.get("fingerprint"):
-                    return ClassIndex(root, split, num_classes, records, fp)
-                log.warning("%s: cached class index fails its fingerprint; rebuilding", cache_file)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            log.warning("%s: unreadable cached class index (%s); rebuilding", cache_file, e)
+    cache_file = index_cache_file(cache_as if cache_as is not None else root, split)
+    if cache:
+        for f in (cache_file, root / CACHE_DIR / f"index-{split}.json"):
+            found = _read_cache(f, stamp, root, split, num_classes)
+            if found is not None:
+                return found
     index, problems = build_class_index(root, split, num_classes, workers=workers, progress=progress)
     if problems:
         _raise_problems(problems, lf, root, benchmark)
@@ -191,7 +226,7 @@ def load_class_index(root, split: str, num_classes: int, *, workers: int | None 
                 "records": [[r.image, r.label, list(r.hw), {str(k): v for k, v in r.counts.items()}]
                             for r in index.records]}
         try:
-            cache_file.parent.mkdir(exist_ok=True)
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(blob, separators=(",", ":")))
             os.replace(tmp, cache_file)

@@ -1,4 +1,4 @@
-"""`svfseg prepare`: VOC+SBD or COCO 2014 -> a Pascal-layout root (images, class-id PNGs, lists, class index).
+"""`svfseg prepare`: VOC+SBD, COCO 2014 or plain folders -> a Pascal-layout root (images, class-id PNGs, lists).
 
 Every output is first written to a temporary folder beside ``--out`` and renamed into place only
 when complete, so an interrupted or failed run leaves nothing half-written.
@@ -124,7 +124,7 @@ def prepare_pascal(voc, sbd, out, *, sbd_val: bool = False, train_list=None, val
         _place_images(voc / "JPEGImages", tmp / "JPEGImages", [f"{i}.jpg" for i in ids], copy_images)
         for split, lst in (("train", train), ("val", val)):
             write_list(tmp / f"{split}.txt", [(f"JPEGImages/{i}.jpg", f"{LABEL_DIR}/{i}.png") for i in lst])
-            load_class_index(tmp, split, num_classes("pascal"), workers=workers)
+            load_class_index(tmp, split, num_classes("pascal"), workers=workers, cache_as=out)
     log.info("wrote %s", out)
     return Path(out)
 
@@ -164,14 +164,15 @@ def prepare_coco(coco, out, *, copy_images: bool = False, workers: int | None = 
             write_list(tmp / f"{split}.txt", [(f"{folder}/{im['file_name']}",
                                                f"{LABEL_DIR}/{Path(im['file_name']).stem}.png") for im in images])
             _warn_count(f"{split} list", len(images), coco_src.KNOWN_COUNTS[split])
-            load_class_index(tmp, split, num_classes("coco"), workers=workers)
+            load_class_index(tmp, split, num_classes("coco"), workers=workers, cache_as=out)
     log.info("wrote %s", out)
     return Path(out)
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``svfseg prepare`` arguments to ``parser``."""
-    parser.add_argument("benchmark", choices=("pascal", "coco", "synthetic"), help="dataset to prepare or check")
+    parser.add_argument("benchmark", choices=("pascal", "coco", "synthetic", "custom"),
+                        help="dataset to prepare or check (custom: your own folders of images and masks)")
     parser.add_argument("--out", type=Path, help="output root (must not exist; written atomically)")
     parser.add_argument("--check", type=Path, metavar="ROOT",
                         help="validate an existing root instead and report every problem")
@@ -183,7 +184,13 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--coco", type=Path, help="coco: folder with train2014/, val2014/, annotations/")
     parser.add_argument("--copy-images", action="store_true", help="copy images instead of linking the folder")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: cores, at most 8)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    parser.add_argument("--images", type=Path, help="custom: folder of images")
+    parser.add_argument("--masks", type=Path,
+                        help="custom: folder of <image name>.png masks (0 background, 1..C classes, 255 ignore)")
+    parser.add_argument("--class-names", type=Path, help="custom: text file, one class name per line (id 1 first)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="custom: share of images in val.txt")
+    parser.add_argument("--folds", type=int, help="custom: fold count (consecutive class blocks; default min(4, C))")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic: generator seed; custom: train/val split seed")
     parser.add_argument("--size", type=int, default=160, help="synthetic: longer image side")
     parser.add_argument("--n-train", type=int, default=2000, help="synthetic: training images")
     parser.add_argument("--n-val", type=int, default=500, help="synthetic: validation images")
@@ -215,12 +222,21 @@ def run_prepare(args: argparse.Namespace) -> int:
                 log.error("prepare coco: --coco is required")
                 return 2
             prepare_coco(args.coco, args.out, copy_images=args.copy_images, workers=args.workers)
+        elif args.benchmark == "custom":
+            if args.images is None or args.masks is None:
+                log.error("prepare custom: --images DIR and --masks DIR are required")
+                return 2
+            from svfseg.data.custom import prepare_custom
+
+            prepare_custom(args.images, args.masks, args.out, class_names=args.class_names,
+                           val_fraction=args.val_fraction, folds=args.folds, seed=args.seed,
+                           copy_images=args.copy_images, workers=args.workers)
         else:
             from svfseg.data.synthetic import generate_synthetic
 
             generate_synthetic(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val, size=args.size,
                                workers=args.workers)
-            load_class_index(args.out, "train", num_classes("synthetic"), workers=args.workers)
+            load_class_index(args.out, "train", num_classes("synthetic"), workers=args.workers)  # warm the cache
             load_class_index(args.out, "val", num_classes("synthetic"), workers=args.workers)
     except DataError as e:
         log.error("%s", e)

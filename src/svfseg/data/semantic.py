@@ -157,8 +157,11 @@ def build_semantic_dataset(*, root: str | os.PathLike, benchmark: str, fold: int
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: expected a dataset root folder, found none")
-    sp = class_split(benchmark, fold, convention)
-    index = load_class_index(root, split, num_classes(benchmark), workers=workers)
+    from svfseg.data.meta import benchmark_meta
+
+    meta = benchmark_meta(benchmark, root)
+    sp = class_split(benchmark, fold, convention, meta)
+    index = load_class_index(root, split, num_classes(benchmark, meta), workers=workers)
     keep = None
     if split == "train" and protocol == "dagger":
         novel = set(sp.novel)

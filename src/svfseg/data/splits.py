@@ -1,9 +1,10 @@
-"""Class splits: benchmark + fold -> novel / base class ids (Pascal-5i, COCO-20i, synthetic-5i)."""
+"""Class splits: benchmark (+ a custom root's metadata) + fold -> novel / base class ids."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Split", "BENCHMARKS", "CONVENTIONS", "num_classes", "num_folds", "class_split", "class_names"]
+__all__ = ["Split", "CustomClasses", "BENCHMARKS", "CUSTOM", "CONVENTIONS", "num_classes", "num_folds",
+           "class_split", "class_names", "consecutive_folds"]
 
 PASCAL_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -34,6 +35,8 @@ SYNTHETIC_CLASSES = (
 )
 
 BENCHMARKS = {"pascal": PASCAL_CLASSES, "coco": COCO_CLASSES, "synthetic": SYNTHETIC_CLASSES}
+# A user's dataset: classes and folds come from the root's dataset.yaml (svfseg.data.meta).
+CUSTOM = "custom"
 CONVENTIONS = ("interleaved", "consecutive")
 
 
@@ -45,29 +48,61 @@ class Split:
     base: tuple[int, ...]
 
 
-def _check_benchmark(benchmark: str) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class CustomClasses:
+    """The classes and folds of a custom benchmark (what a root's ``dataset.yaml`` says).
+
+    Attributes:
+        names: class names; class id ``i`` is ``names[i - 1]`` (0 is background).
+        folds: the novel class ids of every fold; the base classes of a fold are all the others.
+    """
+
+    names: tuple[str, ...]
+    folds: tuple[tuple[int, ...], ...]
+
+
+def consecutive_folds(n_classes: int, n_folds: int) -> tuple[tuple[int, ...], ...]:
+    """Pascal-style folds: consecutive blocks of ids, sizes differing by at most one (earlier blocks larger)."""
+    if not 1 <= n_folds <= n_classes:
+        raise ValueError(f"folds must be in 1..{n_classes} (the number of classes), got {n_folds}")
+    size, extra = divmod(n_classes, n_folds)
+    out, start = [], 1
+    for f in range(n_folds):
+        n = size + (f < extra)
+        out.append(tuple(range(start, start + n)))
+        start += n
+    return tuple(out)
+
+
+def _check_benchmark(benchmark: str, meta: CustomClasses | None = None) -> tuple[str, ...]:
+    if benchmark == CUSTOM:
+        if meta is None:
+            raise ValueError("benchmark 'custom' takes its classes from the root's dataset.yaml: expected its "
+                             "metadata (svfseg.data.meta.benchmark_meta), found none")
+        return meta.names
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}: expected one of {sorted(BENCHMARKS)}")
+        raise ValueError(f"unknown benchmark {benchmark!r}: expected one of {sorted(BENCHMARKS) + [CUSTOM]}")
     return BENCHMARKS[benchmark]
 
 
-def num_classes(benchmark: str) -> int:
-    """Number of foreground classes (20 for pascal and synthetic, 80 for coco)."""
-    return len(_check_benchmark(benchmark))
+def num_classes(benchmark: str, meta: CustomClasses | None = None) -> int:
+    """Number of foreground classes (20 for pascal and synthetic, 80 for coco; custom: ``meta``)."""
+    return len(_check_benchmark(benchmark, meta))
 
 
-def num_folds(benchmark: str) -> int:
-    """Number of cross-validation folds (4 for every benchmark)."""
-    _check_benchmark(benchmark)
-    return 4
+def num_folds(benchmark: str, meta: CustomClasses | None = None) -> int:
+    """Number of cross-validation folds (4 for the built-in benchmarks; custom: ``meta``)."""
+    _check_benchmark(benchmark, meta)
+    return len(meta.folds) if benchmark == CUSTOM else 4
 
 
-def class_names(benchmark: str) -> tuple[str, ...]:
+def class_names(benchmark: str, meta: CustomClasses | None = None) -> tuple[str, ...]:
     """Class names indexed by ``class_id - 1``."""
-    return _check_benchmark(benchmark)
+    return _check_benchmark(benchmark, meta)
 
 
-def class_split(benchmark: str, fold: int, convention: str = "interleaved") -> Split:
+def class_split(benchmark: str, fold: int, convention: str = "interleaved",
+                meta: CustomClasses | None = None) -> Split:
     """Novel / base classes of a fold.
 
     Pascal-5i and synthetic-5i: fold i novel = 5i+1 .. 5i+5 (``convention`` is ignored).
@@ -75,18 +110,26 @@ def class_split(benchmark: str, fold: int, convention: str = "interleaved") -> S
     "consecutive": fold i novel = 20i+1 .. 20i+20.
 
     Args:
-        benchmark: "pascal", "coco" or "synthetic".
-        fold: 0..3.
+    Custom: the novel ids that ``meta.folds[fold]`` lists.
+
+    Args:
+        benchmark: "pascal", "coco", "synthetic" or "custom".
+        fold: 0..3 (custom: 0..len(meta.folds) - 1).
         convention: "interleaved" (default) or "consecutive"; only matters for coco.
+        meta: the classes and folds of a custom root; ignored for the built-in benchmarks.
 
     Returns:
         Split with sorted 1-based novel and base ids.
     """
-    n = num_classes(benchmark)
-    if not isinstance(fold, int) or not 0 <= fold < num_folds(benchmark):
-        raise ValueError(f"fold for {benchmark!r} must be an int in 0..3, got {fold!r}")
+    n = num_classes(benchmark, meta)
+    folds = num_folds(benchmark, meta)
+    if not isinstance(fold, int) or not 0 <= fold < folds:
+        raise ValueError(f"fold for {benchmark!r} must be an int in 0..{folds - 1}, got {fold!r}")
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown COCO fold convention {convention!r}: expected one of {CONVENTIONS}")
+    if benchmark == CUSTOM:
+        novel = tuple(sorted(meta.folds[fold]))
+        return Split(novel=novel, base=tuple(c for c in range(1, n + 1) if c not in novel))
     per_fold = n // 4
     if benchmark == "coco" and convention == "interleaved":
         novel = tuple(fold + 1 + 4 * k for k in range(per_fold))

@@ -38,7 +38,8 @@ def train_dataset(cfg: ExperimentConfig) -> Dataset:
     d = cfg.data
     return build_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, split="train", shot=cfg.shot,
                          seed=cfg.seed, protocol=d.protocol, convention=d.convention, train_crop=d.train_crop,
-                         train_scale=d.train_scale, test_size=d.test_size, query_rule=d.query_rule)
+                         train_scale=d.train_scale, test_size=d.test_size, query_rule=d.query_rule,
+                         min_pixels=d.min_pixels)
 
 
 def eval_dataset(cfg: ExperimentConfig, *, fold: Optional[int] = None, seed: int = 0, count: int = 1000,
@@ -51,7 +52,32 @@ def eval_dataset(cfg: ExperimentConfig, *, fold: Optional[int] = None, seed: int
     return build_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold if fold is None else fold,
                          split="val", shot=cfg.shot if shot is None else shot, seed=seed, protocol=d.protocol,
                          convention=d.convention, test_size=d.test_size, episodes=episodes, num_episodes=count,
-                         query_rule=d.query_rule, upstream_padding=cfg.eval.upstream_padding)
+                         query_rule=d.query_rule, min_pixels=d.min_pixels,
+                         upstream_padding=cfg.eval.upstream_padding)
+
+
+def write_episode_file(cfg: ExperimentConfig, out, *, seed: int = 0, count: int = 1000,
+                       fold: Optional[int] = None, shot: Optional[int] = None):
+    """Make fixed evaluation episodes for ``cfg`` (its val split, novel classes) and save them to ``out``.
+
+    The file is what ``svfseg test --episodes`` reads; it carries the dataset fingerprint, so it is
+    refused on other data.
+
+    Returns:
+        The saved :class:`~svfseg.data.episodes.EpisodeList`.
+    """
+    episodes = eval_dataset(cfg, fold=fold, seed=seed, count=count, shot=shot).episodes
+    episodes.save(out)
+    return episodes
+
+
+def episode_summary(cfg: ExperimentConfig, episodes) -> str:
+    """One line per class: how many of the episodes ask about it, with its name."""
+    from collections import Counter
+
+    names = class_names_of(cfg)
+    per = Counter(e.class_id for e in episodes.episodes)
+    return ", ".join(f"{c} {names[c - 1]}: {per[c]}" for c in sorted(per))
 
 
 def _check_root(cfg: ExperimentConfig) -> None:
@@ -62,21 +88,36 @@ def _check_root(cfg: ExperimentConfig) -> None:
         raise FileNotFoundError(f"data.root={cfg.data.root!r}: no such folder ({hint}, or set data.root=...)")
 
 
+def benchmark_classes(cfg: ExperimentConfig):
+    """The classes and folds of a custom benchmark (``data.root``'s dataset.yaml); None for the built-ins."""
+    from svfseg.data.meta import benchmark_meta
+
+    return benchmark_meta(cfg.data.benchmark, cfg.data.root)
+
+
+def class_names_of(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """Class names of the config's benchmark (custom: from the root's dataset.yaml), indexed by id - 1."""
+    from svfseg.data.splits import class_names
+
+    return class_names(cfg.data.benchmark, benchmark_classes(cfg))
+
+
 def novel_classes(cfg: ExperimentConfig, fold: Optional[int] = None) -> Sequence[int]:
     """Novel class ids of a fold (what mIoU averages over)."""
     from svfseg.data.splits import class_split
 
-    return class_split(cfg.data.benchmark, cfg.fold if fold is None else fold, cfg.data.convention).novel
+    return class_split(cfg.data.benchmark, cfg.fold if fold is None else fold, cfg.data.convention,
+                       benchmark_classes(cfg)).novel
 
 
-def heldout_base_fold(fold: int) -> int:
+def heldout_base_fold(fold: int, folds: int = 4) -> int:
     """The fold whose novel classes serve as held-out base-class episodes for ``fold``.
 
-    Every novel class of fold ``(fold + 1) % 4`` is a base class of ``fold``; its val-split
+    Every novel class of fold ``(fold + 1) % folds`` is a base class of ``fold``; its val-split
     episodes use images never seen in training, so checkpoint selection on them does not
     look at the test fold's classes.
     """
-    return (fold + 1) % 4
+    return (fold + 1) % folds
 
 
 def semantic_dataset(cfg: ExperimentConfig, split: str) -> Dataset:

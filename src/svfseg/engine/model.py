@@ -100,7 +100,10 @@ def describe(model: nn.Module, cfg: ExperimentConfig) -> dict[str, Any]:
     if isinstance(d.get("svf_policy"), dict):
         for key in ("lr_mult", "decay_to"):
             d["svf_policy"].pop(key, None)
-    d.update(benchmark=cfg.data.benchmark, fold=cfg.fold, num_benchmark_classes=num_classes(cfg.data.benchmark))
+    from svfseg.engine.data import benchmark_classes
+
+    d.update(benchmark=cfg.data.benchmark, fold=cfg.fold,
+             num_benchmark_classes=num_classes(cfg.data.benchmark, benchmark_classes(cfg)))
     return _plain(d)
 
 

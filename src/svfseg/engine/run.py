@@ -28,7 +28,7 @@ def write_run_metadata(run_dir: Path, cfg: ExperimentConfig, argv: Optional[Sequ
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     meta = {"svfseg_version": svfseg.__version__, "git_commit": git_commit(), "torch": torch.__version__,
             "python": platform.python_version(), "host": platform.node(),
-            "command": list(argv) if argv is not None else sys.argv,
+            "command": list(argv) if argv is not None else sys.argv, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -83,11 +83,12 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         if state is not None:
             _warn_config_changes(state["config"], to_dict(cfg))
         preflight(cfg)
+        # The data checks run before anything is written: a failed check leaves no run folder.
+        train_set = task.train_data(cfg)
+        val = task.selection_set(cfg, run_dir, info)
         if info.is_main:
             write_run_metadata(run_dir, cfg, argv)
         barrier(info)
-        train_set = task.train_data(cfg)
-        val = task.selection_set(cfg, run_dir, info)
         torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
         model = build_model(cfg, pretrained=state is None)
         return fit(cfg, model, train_set, task=task, run_dir=run_dir, describe=describe(model, cfg), val=val,
@@ -106,7 +107,7 @@ def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentCon
 
 
 def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
-    quiet = {"resume", "train.stop_after_steps", "train.progress"}
+    quiet = {"resume", "train.stop_after_steps", "train.progress", "threads"}
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         key = prefix + k

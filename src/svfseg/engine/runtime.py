@@ -48,3 +48,25 @@ def progress_bar(total: int, *, desc: str, enabled: bool, unit: str = "batch", i
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Apply the ``threads`` setting (None: keep torch's default) and log the count in use.
+
+    One intra-op thread per core is torch's default; on a machine shared with other jobs it
+    oversubscribes the cores and spin-waiting threads can make training several times slower,
+    so the count is always logged with the run.
+
+    Returns:
+        The intra-op thread count now in use.
+    """
+    import logging
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, found {threads}")
+        torch.set_num_threads(int(threads))
+    n = torch.get_num_threads()
+    logging.getLogger("svfseg").info("torch threads: %d (%s)", n,
+                                     "threads / --threads" if threads is not None else "torch default")
+    return n

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
-from svfseg.engine.data import eval_dataset, heldout_base_fold, novel_classes, train_dataset
+from svfseg.engine.data import (benchmark_classes, class_names_of, eval_dataset, heldout_base_fold, novel_classes,
+                                train_dataset)
 from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
 from svfseg.engine.model import MERGED_FORMAT, describe, load_for_inference
@@ -137,7 +138,12 @@ class FewShotTask(Task):
         if not cfg.train.val_every:
             return None
         on = "base_heldout" if cfg.train.select_on == "base_heldout" else "test_fold"
-        fold = heldout_base_fold(cfg.fold) if on == "base_heldout" else cfg.fold
+        if on == "base_heldout":
+            from svfseg.data.splits import num_folds
+
+            fold = heldout_base_fold(cfg.fold, num_folds(cfg.data.benchmark, benchmark_classes(cfg)))
+        else:
+            fold = cfg.fold
         path = (Path(cfg.train.val_episodes_file) if cfg.train.val_episodes_file
                 else run_dir / f"val_episodes_{on}.json")
         if not path.exists():
@@ -225,7 +231,7 @@ def score_checkpoint(
     results = []
     for i, (seed, count) in enumerate(runs):
         ds = eval_dataset(cfg, episodes=episodes) if episodes else eval_dataset(cfg, seed=seed, count=count)
-        name = f"seed {seed}" if seed is not None else Path(episodes).name
+        name = f"episode seed {seed}" if seed is not None else Path(episodes).name
         r = evaluate(model, ds, class_ids=classes, device=info.device, info=info, amp=cfg.train.amp,
                      batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
                      desc=f"test {name}", vis_dir=out_dir / "vis" if save_vis and i == 0 else None,
@@ -245,9 +251,9 @@ def score_checkpoint(
 
 
 def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: str, results: list[dict]) -> dict:
-    from svfseg.data.splits import class_names
+    from svfseg.data.splits import num_folds
 
-    names = class_names(cfg.data.benchmark)
+    names = class_names_of(cfg)
     classes = novel_classes(cfg)
     per_class_mean = {str(c): _mean([r["per_class"][c] for r in results]) for c in classes}
     runs = [{"seed": r["seed"], "episodes": r["episodes"], "episode_fingerprint": r["episode_fingerprint"],
@@ -256,6 +262,7 @@ def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: s
     return {
         "checkpoint": str(checkpoint), "step": state.get("step"),
         "benchmark": cfg.data.benchmark, "fold": cfg.fold, "shot": cfg.shot, "protocol": protocol,
+        "train_seed": cfg.seed, "num_folds": num_folds(cfg.data.benchmark, benchmark_classes(cfg)),
         "model": cfg.model.name, "backbone": cfg.model.backbone,
         "regime": cfg.model.regime,
         "merged": state.get("format") == MERGED_FORMAT, "describe": describe(model, cfg),
@@ -286,7 +293,8 @@ def results_markdown(out: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in out["runs"]:
-        lines.append(f"| seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` | {format_pct(r['miou'])} "
+        lines.append(f"| episode seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` "
+                     f"| {format_pct(r['miou'])} "
                      f"| {format_pct(r['fb_iou'])} |")
     if len(out["runs"]) > 1:
         lines.append(f"| **mean ± std** | | | **{format_pct(s['miou']['mean'])} ± {format_pct(s['miou']['std'])}** "

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
+from svfseg.engine.data import class_names_of
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import at_label_size, evaluation_loop
 from svfseg.engine.model import load_for_inference
@@ -56,7 +57,10 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
         raise TypeError(f"evaluate_generalized: {type(net).__name__} does not predict base and novel classes "
                         f"(needs forward_parts and generalized_prediction)")
     eps = dataset.episodes
-    novel = tuple(class_split(eps.benchmark, eps.fold, eps.convention).novel)
+    from svfseg.data.meta import benchmark_meta
+
+    novel = tuple(class_split(eps.benchmark, eps.fold, eps.convention,
+                              benchmark_meta(eps.benchmark, dataset.index.root)).novel)
     base = tuple(dataset.base_classes)
     nb = len(base)
     slot = {c: nb + 1 + i for i, c in enumerate(novel)}  # the novel label of an episode -> its class's slot
@@ -109,6 +113,7 @@ class GeneralizedTask(Task):
                                  workers=cfg.data.workers, progress=cfg.train.progress)
         out = {"checkpoint": str(checkpoint), "setting": "generalized", "benchmark": d.benchmark, "fold": cfg.fold,
                "shot": cfg.shot, "seed": seed, "episode_fingerprint": ds.episodes.fingerprint, **r,
+               "class_names": list(class_names_of(cfg)),
                "per_class": {str(k): v for k, v in r["per_class"].items()}}
         out_dir = Path(options.out_dir) if options.out_dir else Path(checkpoint).parent / f"test_generalized_{cfg.shot}shot"
         out["out_dir"] = str(out_dir)
@@ -122,9 +127,9 @@ class GeneralizedTask(Task):
     def markdown(self, r: dict) -> str:
         from svfseg.data.splits import class_names
 
-        names = class_names(r["benchmark"])
+        names = r.get("class_names") or class_names(r["benchmark"])
         lines = [f"# Generalized setting, {r['benchmark']} fold {r['fold']}, {r['shot']}-shot", "",
-                 f"{r['episodes']} episodes (seed {r['seed']}), tau {r['tau']}; base and novel classes scored "
+                 f"{r['episodes']} episodes (episode seed {r['seed']}), tau {r['tau']}; base and novel classes scored "
                  "together.", "", "| score | % |", "|---|---|",
                  f"| mIoU novel | {format_pct(r['miou_novel'])} |", f"| mIoU base | {format_pct(r['miou_base'])} |",
                  f"| mIoU total | {format_pct(r['miou_total'])} |", "", "| class | IoU % |", "|---|---|"]

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
 from svfseg.data.semantic import collate_semantic
-from svfseg.engine.data import semantic_dataset
+from svfseg.engine.data import class_names_of, semantic_dataset
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
 from svfseg.engine.model import load_for_inference
@@ -116,6 +116,7 @@ class SemanticTask(Task):
                               batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
                               desc="test (base classes)")
         out = {"checkpoint": str(checkpoint), "stage": cfg.model.name, "benchmark": cfg.data.benchmark,
+               "class_names": list(class_names_of(cfg)),
                "fold": cfg.fold, "base_classes": list(ds.base_classes), "step": state.get("step"), **r,
                "per_class": {str(k): v for k, v in r["per_class"].items()}}
         out_dir = Path(options.out_dir) if options.out_dir else Path(checkpoint).parent / "test_base"
@@ -129,7 +130,7 @@ class SemanticTask(Task):
     def markdown(self, r: dict) -> str:
         from svfseg.data.splits import class_names
 
-        names = class_names(r["benchmark"])
+        names = r.get("class_names") or class_names(r["benchmark"])
         lines = [f"# {r['stage']} (semantic segmentation of the base classes), {r['benchmark']} fold {r['fold']}", "",
                  f"{r['images']} val images, original label size; novel classes count as background.", "",
                  "| score | % |", "|---|---|",

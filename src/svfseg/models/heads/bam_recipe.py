@@ -17,7 +17,13 @@ CHECKPOINT_FIELDS = ("output_dir", "benchmark", "fold", "backbone")
 
 def base_classes(cfg: ExperimentConfig) -> tuple[int, ...]:
     """Benchmark ids of the base classes of ``cfg.fold`` (channel order of the base learner)."""
-    return tuple(class_split(cfg.data.benchmark, cfg.fold, cfg.data.convention).base)
+    return tuple(class_split(cfg.data.benchmark, cfg.fold, cfg.data.convention, _custom(cfg)).base)
+
+
+def _custom(cfg: ExperimentConfig):
+    from svfseg.data.meta import benchmark_meta  # custom roots: classes from dataset.yaml
+
+    return benchmark_meta(cfg.data.benchmark, cfg.data.root)
 
 
 def base_checkpoint_path(cfg: ExperimentConfig) -> Path:
@@ -77,8 +83,9 @@ def stage1_differences(stage1: dict, cfg: ExperimentConfig) -> list[str]:
     if (want_os or 8) != (have_os or 8):
         key = "model.backbone_kwargs.output_stride"
         expected[key], found[key] = want_os or 8, have_os or 8
-    if d.get("num_benchmark_classes") not in (None, num_classes(cfg.data.benchmark)):
-        expected["num_benchmark_classes"] = num_classes(cfg.data.benchmark)
+    n_cls = num_classes(cfg.data.benchmark, _custom(cfg))
+    if d.get("num_benchmark_classes") not in (None, n_cls):
+        expected["num_benchmark_classes"] = n_cls
         found["num_benchmark_classes"] = d.get("num_benchmark_classes")
     return [f"{k}: checkpoint has {found[k]!r}, this run needs {v!r}" for k, v in expected.items() if found[k] != v]
 
