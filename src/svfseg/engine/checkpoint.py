@@ -8,6 +8,7 @@ import pickle
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -145,7 +146,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, m
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # torch warns (without the file name) about pickle protocols of foreign files; the
+            # error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path}: expected an svfseg checkpoint (tensors and plain values), found a file "
                               f"holding other Python objects; svfseg reads only files it wrote") from None
