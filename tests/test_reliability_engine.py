@@ -23,10 +23,13 @@ from svfseg.engine.tasks.base import write_results
 from svfseg.engine.distributed import DistInfo
 from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
 
+# The holder loads runlock.py alone (stdlib only), so it starts in milliseconds, not torch's seconds.
 HOLD_LOCK = textwrap.dedent("""
-    import sys
-    from svfseg.engine.runlock import RunLock
-    with RunLock(sys.argv[1], "svfseg train"):
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("runlock", sys.argv[2])
+    runlock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runlock)
+    with runlock.RunLock(sys.argv[1], "svfseg train"):
         print("locked", flush=True)
         sys.stdin.read()
 """)
@@ -34,7 +37,9 @@ HOLD_LOCK = textwrap.dedent("""
 
 def hold_lock(folder):
     """A second process that takes the folder's lock and keeps it until killed."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdin=subprocess.PIPE,
+    import svfseg.engine.runlock as runlock
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder), runlock.__file__], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc

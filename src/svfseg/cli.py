@@ -122,7 +122,7 @@ def cmd_train(args) -> int:
     else:
         raise UsageError("train: --config RECIPE.yaml (or --resume RUN_DIR) is required")
     with _tqdm_safe_logging():
-        res = train_run(cfg, run_dir=run_dir, argv=sys.argv)
+        res = train_run(cfg, run_dir=run_dir, argv=getattr(args, "command_line", sys.argv))
     if int(os.environ.get("RANK", "0")) == 0:
         best = f"best mIoU {100 * res.best['miou']:.2f} at step {res.best['step']}" if res.best else "no validation"
         print(f"{res.status}: step {res.step}/{res.total_steps} in {res.seconds:.0f}s, {best}\n"
@@ -215,7 +215,9 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "repor
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (errors print one line, no traceback)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = ["svfseg", *argv]  # what meta.json records, also when main() is called in-process
     _setup_logging(args.verbose)
     from svfseg.config import ConfigError
     from svfseg.engine.checkpoint import CheckpointError, CheckpointMismatch
