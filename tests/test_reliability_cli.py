@@ -88,7 +88,7 @@ def test_truncated_jpeg_in_training_list_is_refused_with_its_path(data_root, tmp
     assert not (tmp_path / "cut" / "config.yaml").exists()
 
 
-def test_dataset_fingerprint_changes_when_pixels_swap(data_root, tmp_path):
+def test_dataset_fingerprint_changes_when_pixels_swap(data_root, tmp_path, caplog):
     root = tmp_path / "copy"
     shutil.copytree(data_root, root, ignore=shutil.ignore_patterns(".svfseg_cache"))
     before, problems = build_class_index(root, "val", 20, progress=False)
@@ -102,6 +102,15 @@ def test_dataset_fingerprint_changes_when_pixels_swap(data_root, tmp_path):
     after, _ = build_class_index(root, "val", 20, progress=False)
     assert [r.counts for r in after.records] == [r.counts for r in before.records]
     assert after.fingerprint != before.fingerprint
+    assert after.legacy_fingerprint == before.legacy_fingerprint  # what svfseg 0.1 saw: blind to the swap
+    from svfseg.data.episodes import Episode, EpisodeList
+
+    eps = lambda fp: EpisodeList("synthetic", "val", 0, 1, 0, "pfenet", 2048, fp, (Episode("a", 1, ("b",)),))  # noqa
+    with pytest.raises(DataError, match="the images or labels differ"):
+        eps(before.fingerprint).check_dataset(after.fingerprint, legacy=after.legacy_fingerprint)
+    with caplog.at_level("WARNING"):  # a list svfseg 0.1 wrote still loads, with a warning
+        eps(before.legacy_fingerprint).check_dataset(after.fingerprint, legacy=after.legacy_fingerprint)
+    assert "did not cover file contents" in caplog.text
 
 
 def test_failed_resume_leaves_config_and_meta_byte_identical(data_root, tmp_path, capsys):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,8 +219,17 @@ class EpisodeList:
             raise DataError(f"{where}: expected every episode's class in its query and supports, found {len(bad)} "
                             f"episode(s) without it: {'; '.join(bad[:3])}")
 
-    def check_dataset(self, dataset_fingerprint: str, where: str = "episode list") -> None:
-        """Raise DataError unless the episodes were made from a dataset with this fingerprint."""
+    def check_dataset(self, dataset_fingerprint: str, where: str = "episode list", *, legacy: str = "") -> None:
+        """Raise DataError unless the episodes were made from a dataset with this fingerprint.
+
+        ``legacy``: the same dataset's svfseg 0.1 fingerprint (no file contents in it), accepted
+        with a warning so episode files of that version keep working.
+        """
+        if legacy and self.dataset_fingerprint == legacy and dataset_fingerprint != legacy:
+            logging.getLogger(__name__).warning(
+                "%s: made by svfseg 0.1, whose dataset fingerprint did not cover file contents; names, sizes "
+                "and class pixel counts match this dataset", where)
+            return
         if dataset_fingerprint != self.dataset_fingerprint:
             raise DataError(
                 f"{where}: episodes were made from dataset {self.dataset_fingerprint} but this dataset's "

@@ -49,6 +49,8 @@ class ClassIndex:
     num_classes: int
     records: tuple[ImageRecord, ...]
     fingerprint: str
+    # What svfseg 0.1 computed (names, sizes, counts only): episode files it wrote still load.
+    legacy_fingerprint: str = ""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -58,12 +60,16 @@ class ClassIndex:
         return {r.image: i for i, r in enumerate(self.records)}
 
 
-def _content_fingerprint(num_classes: int, records) -> str:
-    """sha256 of what the index says (names, sizes, counts, file contents): equal on any machine holding the same data."""
-    h = hashlib.sha256(f"svfseg-index-v{INDEX_VERSION}:{num_classes}\n".encode())
+def _content_fingerprint(num_classes: int, records, *, version: int = INDEX_VERSION) -> str:
+    """sha256 of what the index says (names, sizes, counts, file contents): equal on any machine holding the same data.
+
+    ``version=1`` gives the fingerprint of svfseg 0.1, which left the file contents out.
+    """
+    h = hashlib.sha256(f"svfseg-index-v{version}:{num_classes}\n".encode())
     for r in records:
         counts = ",".join(f"{c}:{n}" for c, n in sorted(r.counts.items()))
-        h.update(f"{r.image} {r.label} {r.hw[0]}x{r.hw[1]} {counts} {r.digest}\n".encode())
+        digest = f" {r.digest}" if version >= 2 else ""
+        h.update(f"{r.image} {r.label} {r.hw[0]}x{r.hw[1]} {counts}{digest}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -163,7 +169,8 @@ def build_class_index(root, split: str, num_classes: int, *, workers: int | None
     for (a, b), (hw, counts, probs, digest) in zip(pairs, results):
         records.append(ImageRecord(a, b, hw, counts, digest))
         problems.extend(probs)
-    index = ClassIndex(root, split, num_classes, tuple(records), _content_fingerprint(num_classes, records))
+    index = ClassIndex(root, split, num_classes, tuple(records), _content_fingerprint(num_classes, records),
+                       _content_fingerprint(num_classes, records, version=1))
     return index, problems
 
 
@@ -204,7 +211,8 @@ def load_class_index(root, split: str, num_classes: int, *, workers: int | None 
                                 for r in blob["records"])
                 fp = _content_fingerprint(num_classes, records)
                 if fp == blob.get("fingerprint"):
-                    return ClassIndex(root, split, num_classes, records, fp)
+                    return ClassIndex(root, split, num_classes, records, fp,
+                                      _content_fingerprint(num_classes, records, version=1))
                 log.warning("%s: cached class index fails its fingerprint; rebuilding", cache_file)
         except (ValueError, KeyError, TypeError, IndexError) as e:
             log.warning("%s: unreadable cached class index (%s); rebuilding", cache_file, e)
