@@ -72,32 +72,38 @@ def check_resume_steps(state: Optional[dict], total: int, run_dir: Path) -> None
                          f"{total} steps in all (train.epochs x steps per epoch); raise train.epochs to continue")
 
 
-def load_resume_state(cfg: ExperimentConfig, run_dir: Path) -> Optional[dict]:
+def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = True) -> Optional[dict]:
     """The run folder's ``last.pt`` when ``cfg.resume`` is set; None for a fresh run.
+
+    A ``last.pt`` that is missing, truncated or not a training checkpoint falls back to
+    ``last.prev.pt`` (the one it replaced) with a warning; the damaged file is kept as
+    ``last.damaged.pt``.
 
     Args:
         cfg: Experiment config (``resume`` read).
         run_dir: The run folder.
+        is_main: This process may move a damaged ``last.pt`` aside (one process under DDP).
 
     Returns:
         The loaded checkpoint, or None.
 
     Raises:
-        FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt``.
+        FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt`` (nor ``last.prev.pt``).
+        CheckpointError: ``last.pt`` is damaged and there is no good ``last.prev.pt``.
         FileExistsError: A fresh run would overwrite a run folder that holds a ``last.pt``.
     """
     last = run_dir / "last.pt"
     if cfg.resume:
         if not last.exists() and not ckpt.previous_path(last).exists():
             raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
-        return _load_or_fall_back(last)
+        return _load_or_fall_back(last, is_main)
     if last.exists() or ckpt.previous_path(last).exists():
         raise FileExistsError(f"{run_dir} already holds a training run ({last}); continue it with "
                               f"`svfseg train --resume {run_dir}` or start another with name=<new name>")
     return None
 
 
-def _load_or_fall_back(last: Path) -> dict:
+def _load_or_fall_back(last: Path, is_main: bool) -> dict:
     """``last.pt``, or ``last.prev.pt`` with a warning when ``last.pt`` is missing, damaged or foreign."""
     prev = ckpt.previous_path(last)
     try:
@@ -108,7 +114,7 @@ def _load_or_fall_back(last: Path) -> dict:
         state = _training_checkpoint(prev)
         logger.warning("resume: %s; continuing from the previous checkpoint %s (step %s)", e, prev.name,
                        state.get("step"))
-        if last.exists():
+        if is_main and last.exists():
             # keep the damaged file for a look, out of the way of the next save's rotation
             os.replace(last, last.with_name(f"{last.stem}.damaged{last.suffix}"))
         return state
@@ -149,7 +155,7 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         with RunLock(run_dir, "svfseg train") if info.is_main else contextlib.nullcontext():
             if info.is_main:
                 ckpt.remove_stale_temporaries(run_dir)
-            state = load_resume_state(cfg, run_dir)
+            state = load_resume_state(cfg, run_dir, is_main=info.is_main)
             if state is not None:
                 _warn_config_changes(state["config"], to_dict(cfg))
             preflight(cfg)
