@@ -18,10 +18,10 @@ from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.loop import fit
 from svfseg.engine.run import load_resume_state
 from svfseg.engine.runlock import RunLock, RunLocked
-from svfseg.engine.tasks import FewShotTask, ValSet
+from svfseg.engine.tasks import FewShotTask
 from svfseg.engine.tasks.base import write_results
 from svfseg.engine.distributed import DistInfo
-from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
+from test_engine_toys import ToyFewShot, ToyTrain, toy_config
 
 # The holder loads runlock.py alone (stdlib only), so it starts in milliseconds, not torch's seconds.
 HOLD_LOCK = textwrap.dedent("""
@@ -163,7 +163,8 @@ def test_exploding_weights_with_finite_loss_never_replace_the_last_good_checkpoi
 
 
 def test_non_finite_optimiser_state_is_refused(tmp_path):
-    blob = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: {"momentum_buffer": torch.tensor([1e30 * 1e30])}}}}
+    momentum = torch.tensor([1e30 * 1e30])  # overflowed to inf in float32
+    blob = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: {"momentum_buffer": momentum}}}}
     with pytest.raises(ckpt.CheckpointError, match=r"optimizer.state\[0\].momentum_buffer"):
         ckpt.check_finite(blob, tmp_path / "last.pt")
 
