@@ -177,6 +177,23 @@ def test_predict_refuses_class_index_masks_and_bad_sizes(finished, tmp_path, cap
     assert "expected --size >= 32" in error_line(capsys, "predict")
 
 
+def test_soft_edged_mask_needs_an_explicit_threshold(tmp_path):
+    from svfseg.predict import PredictInputError, read_binary_mask
+
+    soft = np.zeros((20, 20), np.uint8)
+    soft[5:15, 5:15] = 255
+    soft[4, 5:15] = 100  # anti-aliased edge
+    soft[15, 5:15] = 180
+    Image.fromarray(soft).save(tmp_path / "soft.png")
+    with pytest.raises(PredictInputError, match=r"found values \[0, 100, 180, 255\]"):
+        read_binary_mask(tmp_path / "soft.png")
+    assert read_binary_mask(tmp_path / "soft.png", threshold=128).sum() == 110
+    both = np.zeros((20, 20), np.uint8)
+    both[2:6, 2:6], both[0, :] = 1, 255  # 1 = object, 255 = ignored border (VOC style)
+    Image.fromarray(both).save(tmp_path / "voc.png")
+    assert read_binary_mask(tmp_path / "voc.png").sum() == 16
+
+
 def test_merge_of_frozen_run_or_foreign_file(finished, tmp_path, capsys):
     assert main(["merge", "--checkpoint", str(finished / "best.pt"), "--out", str(tmp_path / "m.pt")]) == 0
     assert "nothing to merge" in capsys.readouterr().out and not (tmp_path / "m.pt").exists()

@@ -30,18 +30,20 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_binary_mask(path: str | os.PathLike, expect_hw: Optional[tuple[int, int]] = None, *,
-                     mask_class: Optional[int] = None) -> np.ndarray:
+                     mask_class: Optional[int] = None, threshold: Optional[int] = None) -> np.ndarray:
     """A support mask as uint8 {0, 1}.
 
     Accepted without options: values 0/1, 0/255, or 0/1/255 (1 the object, 255 an ignored
     border), as greyscale, palette or RGB. Any other value (a class-index PNG, an anti-aliased
     edge) is refused, since guessing which pixels are the object could silently pick a border;
-    ``mask_class=C`` takes the pixels equal to C instead.
+    ``mask_class=C`` takes the pixels equal to C instead; ``threshold=T`` the pixels >= T (a
+    drawn, anti-aliased 0..255 mask: T = 128).
 
     Args:
         path: mask file.
         expect_hw: the support image's (H, W); the mask must have the same size.
         mask_class: the value of the object's pixels in a multi-valued mask.
+        threshold: foreground is ``value >= threshold`` (for greyscale masks with soft edges).
 
     Raises:
         PredictInputError: unreadable, other values, wrong size, or no foreground pixel.
@@ -57,7 +59,11 @@ def read_binary_mask(path: str | os.PathLike, expect_hw: Optional[tuple[int, int
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     values = set(np.unique(arr).tolist())
-    if mask_class is not None:
+    if mask_class is not None and threshold is not None:
+        raise PredictInputError(f"{path}: give mask_class or threshold, not both")
+    if threshold is not None:
+        fg = arr >= threshold
+    elif mask_class is not None:
         fg = arr == mask_class
         if not fg.any():
             raise PredictInputError(f"{path}: expected pixels of --mask-class {mask_class}, found only values "
@@ -124,6 +130,7 @@ def predict(
     device: str = "cpu",
     overwrite: bool = False,
     mask_class: Optional[int] = None,
+    mask_threshold: Optional[int] = None,
 ) -> list[dict]:
     """Segment each query with the object the support masks show.
 
@@ -137,6 +144,7 @@ def predict(
         device: torch device.
         overwrite: replace output files that exist (otherwise they are an error, before any work).
         mask_class: the object's value in multi-valued support masks (see :func:`read_binary_mask`).
+        mask_threshold: foreground is ``value >= mask_threshold`` in greyscale support masks.
 
     Returns:
         One dict per query: ``query``, ``mask``, ``overlay`` paths, ``foreground_fraction`` and
@@ -164,7 +172,7 @@ def predict(
     for img_path, mask_path in supports:
         rgb = read_rgb(img_path)
         sup_rgb.append(rgb)
-        sup_mask.append(read_binary_mask(mask_path, rgb.shape[:2], mask_class=mask_class))
+        sup_mask.append(read_binary_mask(mask_path, rgb.shape[:2], mask_class=mask_class, threshold=mask_threshold))
     q_rgb = [read_rgb(q) for q in queries]
     model, cfg, _ = load_for_inference(checkpoint, device=device)
     size = size or cfg.data.test_size
