@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"svfseg {svfseg.__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error (also: SVFSEG_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     d = sub.add_parser("demo", help="synthetic-5i end to end: frozen vs SVF on EfficientNet-Lite0 (CPU, minutes)")
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--size", type=int, help="test size (default: the checkpoint's data.test_size)")
     pd.add_argument("--device", default="cpu", help="torch device (default cpu)")
     _add_threads(pd)
+    pd.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+    pd.add_argument("--mask-class", type=int, metavar="C",
+                    help="support masks are class-index PNGs: the object is the pixels of value C")
 
     r = sub.add_parser("report", help="gather fold results into the paper's table, paper numbers beside")
     r.add_argument("runs", nargs="+", type=Path, help="run folders or results.json files")
@@ -151,7 +156,7 @@ def cmd_train(args) -> int:
         raise UsageError("train: --config RECIPE.yaml (or --resume RUN_DIR) is required")
     _apply_threads(args, cfg)
     with _tqdm_safe_logging():
-        res = train_run(cfg, run_dir=run_dir, argv=sys.argv)
+        res = train_run(cfg, run_dir=run_dir, argv=getattr(args, "command_line", sys.argv))
     if int(os.environ.get("RANK", "0")) == 0:
         best = f"best mIoU {100 * res.best['miou']:.2f} at step {res.best['step']}" if res.best else "no validation"
         print(f"{res.status}: step {res.step}/{res.total_steps} in {res.seconds:.0f}s, {best}\n"
@@ -211,11 +216,12 @@ def cmd_predict(args) -> int:
     from svfseg.predict import predict
 
     _apply_threads(args)
-
     results = predict(args.checkpoint, [tuple(s) for s in args.support], args.query, args.out, size=args.size,
-                      device=args.device)
+                      device=args.device, overwrite=args.overwrite, mask_class=args.mask_class)
     for r in results:
-        print(f"{r['query']}: {r['mask']} ({100 * r['foreground_fraction']:.1f}% foreground), {r['overlay']}")
+        renamed = " (renamed: another query has the same file name)" if r.get("renamed") else ""
+        print(f"{r['query']}: {r['mask']} ({100 * r['foreground_fraction']:.1f}% foreground), {r['overlay']}"
+              f"{renamed}")
     return 0
 
 
@@ -227,8 +233,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from svfseg.engine.model import export_merged_checkpoint
+    from svfseg.engine.model import export_merged_checkpoint, nothing_to_merge
 
+    reason = nothing_to_merge(args.checkpoint)
+    if reason:
+        print(f"nothing to merge: {reason}")
+        return 0
     path = export_merged_checkpoint(args.checkpoint, args.out)
     print(f"merged model written to {path} ({path.stat().st_size / 1e6:.1f} MB); use it with "
           f"`svfseg test --checkpoint {path}` or `svfseg predict --checkpoint {path} ...`")
@@ -265,30 +275,43 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "repor
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (errors print one line, no traceback)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = ["svfseg", *argv]  # what meta.json records, also when main() is called in-process
     _setup_logging(args.verbose)
     from svfseg.config import ConfigError
-    from svfseg.engine.checkpoint import CheckpointMismatch
+    from svfseg.engine.checkpoint import CheckpointError, CheckpointMismatch
     from svfseg.engine.loop import NonFiniteLoss
+    from svfseg.engine.runlock import RunLocked
     from svfseg.predict import PredictInputError
 
-    # Anticipated failures print one line (use -v for the traceback); ValueError covers bad
-    # values found deeper down (e.g. a model or backbone name the registry does not know).
-    expected = (ConfigError, CheckpointMismatch, NonFiniteLoss, PredictInputError, UsageError,
-                FileNotFoundError, FileExistsError, ValueError)
+    # Anticipated failures print one line (--debug or SVFSEG_DEBUG=1 for the traceback);
+    # ValueError covers bad values found deeper down (e.g. a model name the registry does not
+    # know), OSError a folder that cannot be written, a full disk, a missing file.
+    expected = (ConfigError, CheckpointMismatch, CheckpointError, NonFiniteLoss, PredictInputError, UsageError,
+                RunLocked, ValueError, OSError)
     try:
         from svfseg.data.io import DataError
 
         expected = expected + (DataError,)
     except ImportError:  # pragma: no cover
         pass
+    debug = args.debug or os.environ.get("SVFSEG_DEBUG", "") not in ("", "0")
     try:
         return COMMANDS[args.command](args)
     except expected as e:
-        if args.verbose:
+        if debug:
             raise
-        print(f"svfseg {args.command}: error: {e}", file=sys.stderr)
+        print(f"svfseg {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, UsageError)) else 1
     except KeyboardInterrupt:
         print(f"svfseg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def error_line(e: BaseException) -> str:
+    """The message of an anticipated error; an OSError as ``<file>: <what went wrong>``."""
+    if isinstance(e, OSError) and type(e).__str__ is OSError.__str__ and e.strerror:
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+        return f"{where}: {e.strerror}" if where else e.strerror
+    return str(e)

@@ -29,20 +29,26 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise PredictInputError(f"{path}: cannot read it as an image ({e})") from None
 
 
-def read_binary_mask(path: str | os.PathLike, expect_hw: Optional[tuple[int, int]] = None) -> np.ndarray:
+def read_binary_mask(path: str | os.PathLike, expect_hw: Optional[tuple[int, int]] = None, *,
+                     mask_class: Optional[int] = None, threshold: Optional[int] = None) -> np.ndarray:
     """A support mask as uint8 {0, 1}.
 
-    Any binary PNG works: 0/1 or 0/255 (greyscale, palette or RGB; for 0..255 masks, >= 128 is
-    foreground, so anti-aliased edges are fine).
+    Accepted without options: values 0/1, 0/255, or 0/1/255 (1 the object, 255 an ignored
+    border), as greyscale, palette or RGB. Any other value (a class-index PNG, an anti-aliased
+    edge) is refused, since guessing which pixels are the object could silently pick a border;
+    ``mask_class=C`` takes the pixels equal to C instead; ``threshold=T`` the pixels >= T (a
+    drawn, anti-aliased 0..255 mask: T = 128).
 
     Args:
         path: mask file.
         expect_hw: the support image's (H, W); the mask must have the same size.
+        mask_class: the value of the object's pixels in a multi-valued mask.
+        threshold: foreground is ``value >= threshold`` (for greyscale masks with soft edges).
 
     Raises:
-        PredictInputError: unreadable, wrong size, or no foreground pixel.
+        PredictInputError: unreadable, other values, wrong size, or no foreground pixel.
     """
-    return binary_mask(read_mask_array(path), str(path), expect_hw)
+    return binary_mask(read_mask_array(path), str(path), expect_hw, mask_class=mask_class, threshold=threshold)
 
 
 def read_mask_array(path: str | os.PathLike) -> np.ndarray:
@@ -58,22 +64,41 @@ def read_mask_array(path: str | os.PathLike) -> np.ndarray:
 
 
 def binary_mask(arr: np.ndarray, where: str, expect_hw: Optional[tuple[int, int]] = None, *,
-                allow_empty: bool = False) -> np.ndarray:
-    """A mask array (0/1 or 0..255, greyscale or channels) as uint8 {0, 1}, checked.
+                allow_empty: bool = False, mask_class: Optional[int] = None,
+                threshold: Optional[int] = None) -> np.ndarray:
+    """A mask array (greyscale or channels) as uint8 {0, 1}, checked (the values as :func:`read_binary_mask`).
 
     Args:
         arr: (H, W) or (H, W, C) integer array.
         where: what to name in errors (a file path, "support 2").
         expect_hw: the image's (H, W); the mask must have the same size.
         allow_empty: accept a mask without foreground (a ground truth may show no object).
+        mask_class: the value of the object's pixels in a multi-valued mask.
+        threshold: foreground is ``value >= threshold``.
 
     Raises:
-        PredictInputError: wrong size, or no foreground pixel unless ``allow_empty``.
+        PredictInputError: other values, wrong size, or no foreground pixel unless ``allow_empty``.
     """
     arr = np.asarray(arr).astype(np.int64)
     if arr.ndim == 3:
         arr = arr.max(axis=2)
-    fg = arr == 1 if arr.max(initial=0) <= 1 else arr >= 128
+    values = set(np.unique(arr).tolist())
+    if mask_class is not None and threshold is not None:
+        raise PredictInputError(f"{where}: give mask_class or threshold, not both")
+    if threshold is not None:
+        fg = arr >= threshold
+    elif mask_class is not None:
+        fg = arr == mask_class
+        if not fg.any():
+            raise PredictInputError(f"{where}: expected pixels of --mask-class {mask_class}, found only values "
+                                    f"{sorted(values)[:12]}")
+    elif values <= {0, 1} or values <= {0, 1, 255}:
+        fg = arr == 1
+        if not fg.any() and 255 in values:
+            fg = arr == 255  # a 0/255 mask
+    else:
+        raise PredictInputError(f"{where}: expected a binary mask (values 0/1, 0/255 or 0/1/255), found values "
+                                f"{sorted(values)[:12]}; for a class-index PNG pick the object with --mask-class C")
     if expect_hw is not None and tuple(fg.shape) != tuple(expect_hw):
         raise PredictInputError(f"{where}: mask is {fg.shape[0]}x{fg.shape[1]} but its support image is "
                                 f"{expect_hw[0]}x{expect_hw[1]}")
@@ -81,6 +106,34 @@ def binary_mask(arr: np.ndarray, where: str, expect_hw: Optional[tuple[int, int]
         raise PredictInputError(f"{where}: the support mask has no foreground pixel (expected 1 or 255 where "
                                 f"the object is)")
     return fg.astype(np.uint8)
+
+
+MIN_SIZE = 32
+
+
+def output_names(queries: Sequence[str | os.PathLike]) -> list[str]:
+    """One output stem per query, unique: a repeated file stem gets its folder names in front.
+
+    ``a/q.jpg`` and ``b/q.jpg`` become ``a_q`` and ``b_q``; a unique stem stays as it is.
+    """
+    paths = [Path(q) for q in queries]
+    stems = [p.stem for p in paths]
+    names = []
+    for i, p in enumerate(paths):
+        name = p.stem
+        depth = 1
+        while stems.count(p.stem) > 1 and depth <= len(p.parent.parts):
+            name = "_".join([*p.parent.parts[-depth:], p.stem]).replace(os.sep, "_").lstrip("_") or p.stem
+            others = ["_".join([*o.parent.parts[-depth:], o.stem]).lstrip("_")
+                      for j, o in enumerate(paths) if j != i and o.stem == p.stem]
+            if name not in others:
+                break
+            depth += 1
+        names.append(name)
+    for i, n in enumerate(names):  # the same path given twice, or parents that never differ
+        if names.count(n) > 1:
+            names[i] = f"{n}_{names[:i].count(n) + 1}" if names[:i].count(n) else n
+    return names
 
 
 def _prepare(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -124,6 +177,9 @@ def predict(
     *,
     size: Optional[int] = None,
     device: str = "cpu",
+    overwrite: bool = False,
+    mask_class: Optional[int] = None,
+    mask_threshold: Optional[int] = None,
 ) -> list[dict]:
     """Segment each query with the object the support masks show.
 
@@ -131,12 +187,17 @@ def predict(
         checkpoint: a training checkpoint or a merged export (``svfseg merge``).
         supports: (image, mask) paths; their number is the shot K.
         queries: query image paths.
-        out_dir: where ``<query>_mask.png`` (0/255) and ``<query>_overlay.png`` go.
-        size: test size (longer side); default the checkpoint config's ``data.test_size``.
+        out_dir: where ``<query>_mask.png`` (0/255) and ``<query>_overlay.png`` go (queries
+            sharing a file stem get their folder names in front, see :func:`output_names`).
+        size: test size (longer side, >= 32); default the checkpoint config's ``data.test_size``.
         device: torch device.
+        overwrite: replace output files that exist (otherwise they are an error, before any work).
+        mask_class: the object's value in multi-valued support masks (see :func:`read_binary_mask`).
+        mask_threshold: foreground is ``value >= mask_threshold`` in greyscale support masks.
 
     Returns:
-        One dict per query: ``query``, ``mask``, ``overlay`` paths and ``foreground_fraction``.
+        One dict per query: ``query``, ``mask``, ``overlay`` paths, ``foreground_fraction`` and
+        ``renamed`` (True when the name was made unique).
     """
     from svfseg.engine.model import load_for_inference
     from svfseg.engine.vis import episode_panel
@@ -145,26 +206,32 @@ def predict(
         raise PredictInputError("predict: at least one --support IMAGE MASK pair is needed")
     if not queries:
         raise PredictInputError("predict: at least one --query image is needed")
+    if size is not None and size < MIN_SIZE:
+        raise PredictInputError(f"predict: expected --size >= {MIN_SIZE} (the longer side in pixels), found {size}")
+    out_dir = Path(out_dir)
+    names = output_names(queries)
+    outputs = [(out_dir / f"{n}_mask.png", out_dir / f"{n}_overlay.png") for n in names]
+    existing = [str(f) for pair in outputs for f in pair if f.exists()]
+    if existing and not overwrite:
+        raise PredictInputError(f"{existing[0]}: output file exists ({len(existing)} in all); choose another --out "
+                                f"or pass --overwrite")
     # Read every input first, so a bad file fails before the model is loaded.
     sup_rgb, sup_mask = [], []
     for img_path, mask_path in supports:
         rgb = read_rgb(img_path)
         sup_rgb.append(rgb)
-        sup_mask.append(read_binary_mask(mask_path, rgb.shape[:2]))
+        sup_mask.append(read_binary_mask(mask_path, rgb.shape[:2], mask_class=mask_class, threshold=mask_threshold))
     q_rgb = [read_rgb(q) for q in queries]
     model, cfg, _ = load_for_inference(checkpoint, device=device)
     size = size or cfg.data.test_size
     s_img, s_mask = support_tensors(sup_rgb, sup_mask, size, device)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for path, rgb in zip(queries, q_rgb):
+    for path, rgb, name, (mask_path, overlay_path) in zip(queries, q_rgb, names, outputs):
         pred = segment_query(model, rgb, s_img, s_mask, size, device)
-        stem = Path(path).stem
-        mask_path = save_mask_png(pred, out_dir / f"{stem}_mask.png")
-        overlay_path = out_dir / f"{stem}_overlay.png"
+        save_mask_png(pred, mask_path)
         Image.fromarray(episode_panel(sup_rgb, sup_mask, rgb, pred.astype(np.uint8))).save(overlay_path)
         results.append({"query": str(path), "mask": str(mask_path), "overlay": str(overlay_path),
-                        "foreground_fraction": float(pred.mean())})
+                        "foreground_fraction": float(pred.mean()), "renamed": name != Path(path).stem})
         logger.info("%s -> %s (%.1f%% foreground)", path, mask_path, 100 * pred.mean())
     return results

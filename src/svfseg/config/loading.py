@@ -117,13 +117,22 @@ def _type_name(tp: Any) -> str:
 # ---------------------------------------------------------------- loading
 
 
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error in one line: what the parser found and where (line:column, 1-based)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or "a syntax error"
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a recipe; ``_base_: other.yaml`` (or a list) is merged underneath, relative to the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: expected valid YAML, found {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     bases = data.pop("_base_", [])

@@ -129,7 +129,7 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
         episodes = make_episodes(pool, benchmark=benchmark, fold=fold, shot=shot, seed=seed,
                                  count=num_episodes, convention=convention)
     elif not isinstance(episodes, EpisodeList):
-        episodes = EpisodeList.load(episodes, dataset_fingerprint=index.fingerprint)
+        episodes = EpisodeList.load(episodes)  # the dataset check is EvalEpisodes' (legacy lists too)
     want = dict(benchmark=benchmark, split=split, fold=fold, shot=shot, convention=convention)
     got = {k: getattr(episodes, k) for k in want}
     if got != want:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -202,8 +203,34 @@ class EpisodeList:
             out.check_dataset(dataset_fingerprint, where=str(path))
         return out
 
-    def check_dataset(self, dataset_fingerprint: str, where: str = "episode list") -> None:
-        """Raise DataError unless the episodes were made from a dataset with this fingerprint."""
+    def check_classes_present(self, index: ClassIndex, where: str = "episode list") -> None:
+        """Raise DataError for episodes whose class has no pixel in the query or in a support.
+
+        Such an episode (an edited file, a list made from other labels) scores 100% IoU whatever
+        the model predicts, so it is refused rather than counted.
+        """
+        pos = index.position()
+        bad = []
+        for i, e in enumerate(self.episodes):
+            absent = [img for img in (e.query, *e.supports)
+                      if img in pos and index.records[pos[img]].counts.get(e.class_id, 0) == 0]
+            if absent:
+                bad.append(f"episode {i} (class {e.class_id}): no pixel of the class in {absent[:2]}")
+        if bad:
+            raise DataError(f"{where}: expected every episode's class in its query and supports, found {len(bad)} "
+                            f"episode(s) without it: {'; '.join(bad[:3])}")
+
+    def check_dataset(self, dataset_fingerprint: str, where: str = "episode list", *, legacy: str = "") -> None:
+        """Raise DataError unless the episodes were made from a dataset with this fingerprint.
+
+        ``legacy``: the same dataset's svfseg 0.1 fingerprint (no file contents in it), accepted
+        with a warning so episode files of that version keep working.
+        """
+        if legacy and self.dataset_fingerprint == legacy and dataset_fingerprint != legacy:
+            logging.getLogger(__name__).warning(
+                "%s: made by svfseg 0.1, whose dataset fingerprint did not cover file contents; names, sizes "
+                "and class pixel counts match this dataset", where)
+            return
         if dataset_fingerprint != self.dataset_fingerprint:
             raise DataError(
                 f"{where}: episodes were made from dataset {self.dataset_fingerprint} but this dataset's "

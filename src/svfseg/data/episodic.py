@@ -81,7 +81,8 @@ class EvalEpisodes(Dataset):
     """
 
     def __init__(self, pool: EpisodePool, episodes: EpisodeList, *, transform: TestTransform | None = None):
-        episodes.check_dataset(pool.index.fingerprint)
+        episodes.check_dataset(pool.index.fingerprint, legacy=pool.index.legacy_fingerprint)
+        episodes.check_classes_present(pool.index)
         self.pool = pool
         self.episodes = episodes
         self.transform = transform or TestTransform()

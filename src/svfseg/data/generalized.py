@@ -85,7 +85,7 @@ class GeneralizedEpisodes(Dataset):
 
     def __init__(self, index: ClassIndex, episodes, base_classes: Sequence[int], *,
                  transform: TestTransform | None = None):
-        episodes.check_dataset(index.fingerprint)
+        episodes.check_dataset(index.fingerprint, legacy=index.legacy_fingerprint)
         self.index, self.episodes, self.root = index, episodes, Path(index.root)
         self.base_classes = tuple(sorted(int(c) for c in base_classes))
         self.lut = base_label_lut(self.base_classes, index.num_classes)

@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from svfseg.data.io import IGNORE, DataError, image_size, list_path, read_label, read_list
+from svfseg.data.io import (IGNORE, DataError, file_head_and_tail, image_size, incomplete_image, list_path,
+                            read_label, read_list)
 
 __all__ = ["ImageRecord", "ClassIndex", "load_class_index", "build_class_index", "check_command", "CACHE_DIR",
            "cache_root", "index_cache_file"]
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: records carry a content digest of image + label
 # svfseg <= 0.1 wrote caches into the dataset root; such caches are still read, never written.
 CACHE_DIR = ".svfseg_cache"
 CACHE_ENV = "SVFSEG_CACHE"
@@ -28,12 +29,13 @@ _MAX_REPORTED = 20
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One list entry: image and label paths (relative to the root), size, and class pixel counts."""
+    """One list entry: image and label paths (relative to the root), size, class pixel counts, content digest."""
 
     image: str
     label: str
     hw: tuple[int, int]
     counts: dict[int, int]
+    digest: str = ""  # blake2b of the image and label bytes: any changed pixel changes the fingerprint
 
     @property
     def name(self) -> str:
@@ -50,6 +52,8 @@ class ClassIndex:
     num_classes: int
     records: tuple[ImageRecord, ...]
     fingerprint: str
+    # What svfseg 0.1 computed (names, sizes, counts only): episode files it wrote still load.
+    legacy_fingerprint: str = ""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -59,25 +63,38 @@ class ClassIndex:
         return {r.image: i for i, r in enumerate(self.records)}
 
 
-def _content_fingerprint(num_classes: int, records) -> str:
-    """sha256 of what the index says (names, sizes, counts): equal on any machine holding the same data."""
-    h = hashlib.sha256(f"svfseg-index-v{INDEX_VERSION}:{num_classes}\n".encode())
+def _content_fingerprint(num_classes: int, records, *, version: int = INDEX_VERSION) -> str:
+    """sha256 of what the index says (names, sizes, counts, file contents): equal on any machine holding the same data.
+
+    ``version=1`` gives the fingerprint of svfseg 0.1, which left the file contents out.
+    """
+    h = hashlib.sha256(f"svfseg-index-v{version}:{num_classes}\n".encode())
     for r in records:
         counts = ",".join(f"{c}:{n}" for c, n in sorted(r.counts.items()))
-        h.update(f"{r.image} {r.label} {r.hw[0]}x{r.hw[1]} {counts}\n".encode())
+        digest = f" {r.digest}" if version >= 2 else ""
+        h.update(f"{r.image} {r.label} {r.hw[0]}x{r.hw[1]} {counts}{digest}\n".encode())
     return h.hexdigest()[:16]
 
 
+def _digest(*blobs: bytes) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    for blob in blobs:
+        h.update(len(blob).to_bytes(8, "little"))
+        h.update(blob)
+    return h.hexdigest()
+
+
 def _source_stamp(list_file: Path, root: Path, pairs, num_classes: int) -> str:
-    """Cheap cache key: list bytes + size and mtime of every label file (a changed mask rebuilds)."""
+    """Cheap cache key: list bytes + size and mtime of every image and label file (a changed file rebuilds)."""
     h = hashlib.sha256(f"v{INDEX_VERSION}:{num_classes}\n".encode())
     h.update(list_file.read_bytes())
-    for _, lbl in pairs:
-        try:
-            st = os.stat(root / lbl)
-            h.update(f"{lbl}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{lbl}:missing\n".encode())
+    for img, lbl in pairs:
+        for rel in (img, lbl):
+            try:
+                st = os.stat(root / rel)
+                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{rel}:missing\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -103,6 +120,10 @@ def _scan_one(args) -> tuple[tuple[int, int], dict[int, int], list[str]]:
             if ihw != hw:
                 problems.append(f"{lbl_path}: expected the size of its image {img_path.name} "
                                 f"{ihw[0]}x{ihw[1]}, found {hw[0]}x{hw[1]}")
+            # the header reads fine on a cut-off file: its end must be there too (tail read, cheap)
+            cut = incomplete_image(file_head_and_tail(img_path))
+            if cut:
+                problems.append(f"{img_path}: expected a complete image, found {cut}")
         except OSError as e:
             problems.append(f"{img_path}: expected a readable image, found {e}")
     hist = np.bincount(label.ravel(), minlength=256)
@@ -111,6 +132,17 @@ def _scan_one(args) -> tuple[tuple[int, int], dict[int, int], list[str]]:
         problems.append(f"{lbl_path}: expected class ids 0..{num_classes} or {IGNORE}, found {bad[:10]}")
     counts = {int(c): int(hist[c]) for c in range(1, num_classes + 1) if hist[c] > 0}
     return hw, counts, problems
+
+
+def _scan_record(args) -> tuple[tuple[int, int], dict[int, int], list[str], str]:
+    """:func:`_scan_one` plus the content digest of the image and label files ("" when unreadable)."""
+    hw, counts, problems = _scan_one(args)
+    root, img_rel, lbl_rel, _ = args
+    try:
+        digest = _digest((Path(root) / img_rel).read_bytes(), (Path(root) / lbl_rel).read_bytes())
+    except OSError:
+        digest = ""  # already a problem in the list
+    return hw, counts, problems, digest
 
 
 def build_class_index(root, split: str, num_classes: int, *, workers: int | None = None,
@@ -133,14 +165,15 @@ def build_class_index(root, split: str, num_classes: int, *, workers: int | None
     bar = dict(total=len(jobs), desc=f"indexing {split} labels", unit="img", delay=2.0, disable=not progress)
     if workers > 1 and len(jobs) >= 512:
         with multiprocessing.get_context().Pool(workers) as pool:
-            results = list(tqdm(pool.imap(_scan_one, jobs, chunksize=64), **bar))
+            results = list(tqdm(pool.imap(_scan_record, jobs, chunksize=64), **bar))
     else:
-        results = [_scan_one(j) for j in tqdm(jobs, **bar)]
+        results = [_scan_record(j) for j in tqdm(jobs, **bar)]
     records, problems = [], []
-    for (a, b), (hw, counts, probs) in zip(pairs, results):
-        records.append(ImageRecord(a, b, hw, counts))
+    for (a, b), (hw, counts, probs, digest) in zip(pairs, results):
+        records.append(ImageRecord(a, b, hw, counts, digest))
         problems.extend(probs)
-    index = ClassIndex(root, split, num_classes, tuple(records), _content_fingerprint(num_classes, records))
+    index = ClassIndex(root, split, num_classes, tuple(records), _content_fingerprint(num_classes, records),
+                       _content_fingerprint(num_classes, records, version=1))
     return index, problems
 
 
@@ -172,11 +205,12 @@ def _read_cache(cache_file: Path, stamp: str, root: Path, split: str, num_classe
     try:
         blob = json.loads(cache_file.read_text())
         if blob.get("stamp") == stamp and blob.get("version") == INDEX_VERSION:
-            records = tuple(ImageRecord(r[0], r[1], tuple(r[2]), {int(k): v for k, v in r[3].items()})
+            records = tuple(ImageRecord(r[0], r[1], tuple(r[2]), {int(k): v for k, v in r[3].items()}, r[4])
                             for r in blob["records"])
             fp = _content_fingerprint(num_classes, records)
             if fp == blob.get("fingerprint"):
-                return ClassIndex(root, split, num_classes, records, fp)
+                return ClassIndex(root, split, num_classes, records, fp,
+                                  _content_fingerprint(num_classes, records, version=1))
             log.warning("%s: cached class index fails its fingerprint; rebuilding", cache_file)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         log.warning("%s: unreadable cached class index (%s); rebuilding", cache_file, e)
@@ -223,7 +257,7 @@ def load_class_index(root, split: str, num_classes: int, *, workers: int | None 
     if cache:
         blob = {"version": INDEX_VERSION, "stamp": stamp, "fingerprint": index.fingerprint,
                 "num_classes": num_classes,
-                "records": [[r.image, r.label, list(r.hw), {str(k): v for k, v in r.counts.items()}]
+                "records": [[r.image, r.label, list(r.hw), {str(k): v for k, v in r.counts.items()}, r.digest]
                             for r in index.records]}
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

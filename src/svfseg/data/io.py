@@ -14,7 +14,7 @@ from PIL import Image
 
 __all__ = [
     "DataError", "read_image", "read_label", "read_list", "write_list", "list_path", "atomic_dir",
-    "write_label", "image_size",
+    "write_label", "image_size", "incomplete_image", "file_head_and_tail",
 ]
 
 from svfseg.labels import IGNORE_LABEL as IGNORE  # noqa: E402,F401  (the data package reads it from here)
@@ -27,15 +27,54 @@ class DataError(ValueError):
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as RGB uint8 (H, W, 3).
 
+    A truncated JPEG or PNG is refused (libjpeg would decode it with a grey lower part and
+    only a warning that names no file).
+
     Raises:
-        DataError: the file is missing or cannot be decoded.
+        DataError: the file is missing, incomplete, or cannot be decoded.
     """
     path = Path(path)
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: expected an RGB image file, found no file") from None
+    except OSError as e:
+        raise DataError(f"{path}: expected an RGB image file, found an unreadable file ({e.strerror})") from None
+    problem = incomplete_image(data)
+    if problem:
+        raise DataError(f"{path}: expected a complete image, found {problem}")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        what = "missing" if not path.exists() else "not a readable image"
-        raise DataError(f"{path}: expected an RGB image file, found {what}")
+        raise DataError(f"{path}: expected an RGB image file, found not a readable image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+# A complete JPEG ends with its EOI marker (FF D9), a PNG with its IEND chunk. Scan data cannot
+# hold FF D9 (an FF there is followed by 00 or a restart marker), so finding EOI near the end is
+# enough; the tolerance allows padding some writers append after it.
+_JPEG_SOI, _JPEG_EOI, _PNG_SIG, _PNG_IEND = b"\xff\xd8", b"\xff\xd9", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+_TAIL = 1024
+
+
+def incomplete_image(data: bytes) -> str:
+    """Why ``data`` (a file's bytes, or its first bytes + its last ``1024``) is a cut-off JPEG/PNG; "" if not.
+
+    Other formats are not checked here (the decoder reports what it cannot read).
+    """
+    if data[:2] == _JPEG_SOI:
+        return "" if _JPEG_EOI in data[-_TAIL:] else "a truncated JPEG (no end-of-image marker)"
+    if data[:8] == _PNG_SIG:
+        return "" if _PNG_IEND in data[-_TAIL:] else "a truncated PNG (no IEND chunk)"
+    return ""
+
+
+def file_head_and_tail(path: str | os.PathLike) -> bytes:
+    """The first 8 and last 1024 bytes of a file: enough for :func:`incomplete_image`, cheap on any size."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - _TAIL, 0))
+        return head + f.read()
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:

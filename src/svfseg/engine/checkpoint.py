@@ -1,10 +1,14 @@
 """Checkpoints: atomic writes, RNG state capture/restore, compatibility checks on load."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import random
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -20,23 +24,76 @@ class CheckpointMismatch(ValueError):
     """A checkpoint was written for a different architecture, fold or class count."""
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+class CheckpointError(ValueError):
+    """A checkpoint file is truncated, corrupt, foreign, or holds non-finite numbers."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space, no permission); the previous file is intact."""
+
+
+# Headroom over the tensors' bytes: the zip container, pickled metadata, the filesystem's blocks.
+_SPACE_FACTOR, _SPACE_MARGIN = 1.1, 16 << 20
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested dict/list (what a checkpoint of ``obj`` mostly weighs)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Raise :class:`CheckpointWriteError` when ``path``'s filesystem has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise CheckpointWriteError(
+            errno.ENOSPC, f"cannot write checkpoint {path}: expected {needed / 1e6:.0f} MB free on its disk, "
+                          f"found {free / 1e6:.0f} MB; free some space and resume (the previous checkpoint is "
+                          f"kept)")
+
+
+def save_atomic(obj: Any, path: str | os.PathLike, *, keep_previous: bool = False, verify: bool = False) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
 
-    A crash mid-write leaves the previous file intact; readers never see a partial file.
+    A crash mid-write (or ENOSPC) leaves the previous file intact; readers never see a partial
+    file. The free space is checked first.
+
+    Args:
+        obj: what to save (tensors and plain Python).
+        path: final file.
+        keep_previous: first keep the file being replaced as ``<stem>.prev<suffix>`` (a fallback
+            for ``--resume`` should ``path`` be damaged later).
+        verify: read the written file back before it replaces ``path``.
+
+    Raises:
+        CheckpointWriteError: too little free space, or the write failed (e.g. ENOSPC).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path, int(tensor_bytes(obj) * _SPACE_FACTOR) + _SPACE_MARGIN)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise CheckpointWriteError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
+                                                f"checkpoint is kept") from e
+        if verify:
+            load(tmp, mmap=True)  # a file that does not read back must never replace a good one
         # mkstemp creates the file 0600; give it the mode a plain open() would have.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        if keep_previous and path.exists():
+            _keep_previous(path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,15 +101,88 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_atomic` (tensors and plain Python only)."""
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_atomic` keeps the file it replaced: ``last.pt`` -> ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _keep_previous(path: Path) -> None:
+    # A hard link keeps ``path`` in place all the time (no moment without a last.pt); the rename
+    # is the fallback where the filesystem has no links.
+    prev, link = previous_path(path), path.with_name(f".{path.name}.prev.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+        os.replace(link, prev)
+    except OSError:
+        link.unlink(missing_ok=True)
+        os.replace(path, prev)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files an earlier crash left in ``folder`` (call it holding the run lock)."""
+    removed = []
+    for f in Path(folder).glob(".*.tmp"):
+        if f.is_file() and ".pt." in f.name:
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an earlier crash in %s", len(removed), folder)
+    return removed
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
+    """Read a checkpoint written by :func:`save_atomic` (tensors and plain Python only).
+
+    ``mmap=True`` maps the tensors instead of reading them (a cheap check that the file is whole).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: truncated or corrupt, not a torch file, or holding other Python objects
+            (the message is one line and never suggests an unsafe loader).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+        with warnings.catch_warnings():
+            # torch warns (without the file name) about pickle protocols of foreign files; the
+            # error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: expected an svfseg checkpoint (tensors and plain values), found a file "
+                              f"holding other Python objects; svfseg reads only files it wrote") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, IndexError, EOFError, ... here
+        raise CheckpointError(f"{path}: expected an svfseg checkpoint (a complete torch zip file), found a "
+                              f"truncated or corrupt file ({_first_sentence(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected an svfseg checkpoint (a dict), found a {type(state).__name__}")
+    return state
+
+
+def _first_sentence(e: BaseException) -> str:
+    text = str(e).split("\n")[0].split(". ")[0].strip() or type(e).__name__
+    return text[:160]
+
+
+def check_finite(blob: Mapping, path: str | os.PathLike, step: Optional[int] = None) -> None:
+    """Refuse to save a state whose model or optimiser tensors hold NaN/inf (it would replace a sane file).
+
+    Raises:
+        CheckpointError: naming the first non-finite entries.
+    """
+    bad = [f"model.{k}" for k, v in blob.get("model", {}).items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    for i, st in (blob.get("optimizer") or {}).get("state", {}).items():
+        bad += [f"optimizer.state[{i}].{k}" for k, v in st.items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        at = f" at step {step}" if step is not None else ""
+        raise CheckpointError(f"{path}: not written: {len(bad)} tensor(s) hold NaN/inf{at} (e.g. {bad[:3]}) "
+                              f"although the loss was finite; the last good checkpoint is kept. Lower optim.lr "
+                              f"or set optim.grad_clip.")
 
 
 def peek(path: str | os.PathLike) -> dict:

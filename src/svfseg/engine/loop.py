@@ -200,7 +200,10 @@ def fit(
                         reference_decay=ref_decay.state_dict() if ref_decay is not None else None,
                         rng_per_rank=states, best=best, history=history, status=status,
                         data_position={"epoch": step // spe, "step_in_epoch": step % spe, "steps_per_epoch": spe})
-            ckpt.save_atomic(blob, last_path)
+            # NaN/inf weights with a finite loss must not replace the last sane checkpoint; the
+            # one replaced stays as last.prev.pt, the fallback of --resume.
+            ckpt.check_finite(blob, last_path, step)
+            ckpt.save_atomic(blob, last_path, keep_previous=True, verify=True)
         barrier(info)
 
     def validate_and_select() -> None:
@@ -219,7 +222,9 @@ def fit(
             best_metric = v.row["miou"]
             best = {"step": step, "epoch": step // spe, **v.best}
             if info.is_main:
-                ckpt.save_atomic({**model_blob(), "metrics": best}, best_path)
+                blob = {**model_blob(), "metrics": best}
+                ckpt.check_finite(blob, best_path, step)
+                ckpt.save_atomic(blob, best_path, verify=True)
 
     def train_step(batch: dict) -> list[float]:
         loss, stats = task.loss(model, batch, cfg, info, dtype)
@@ -295,7 +300,9 @@ def fit(
             logger.warning("stopped at step %d/%d; continue with `svfseg train --resume %s`", step, total, run_dir)
         elif val is None or tc.select_on == "last" or not best_path.exists():
             if info.is_main:
-                ckpt.save_atomic({**model_blob(), "metrics": history[-1] if history else None}, best_path)
+                blob = {**model_blob(), "metrics": history[-1] if history else None}
+                ckpt.check_finite(blob, best_path, step)
+                ckpt.save_atomic(blob, best_path, verify=True)
             barrier(info)
     finally:
         if bar is not None:

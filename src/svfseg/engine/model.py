@@ -123,7 +123,7 @@ def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     """
     from svfseg.models import export_merged
 
-    state = ckpt.load(checkpoint)
+    state = _svfseg_checkpoint(checkpoint)
     cfg = from_dict(state["config"], source=str(checkpoint))
     model = build_model(cfg, pretrained=False)
     ckpt.check_compatible(describe(model, cfg), state["describe"], checkpoint)
@@ -134,6 +134,27 @@ def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     blob = {"format": MERGED_FORMAT, "model": merged.state_dict(), "config": to_dict(plain_cfg),
             "describe": describe(merged, plain_cfg), "source": str(checkpoint), "step": state.get("step")}
     return ckpt.save_atomic(blob, out)
+
+
+def _svfseg_checkpoint(checkpoint: str | os.PathLike) -> dict:
+    state = ckpt.load(checkpoint)
+    missing = [k for k in ("model", "config", "describe") if k not in state]
+    if missing:
+        raise ckpt.CheckpointMismatch(f"{checkpoint}: expected an svfseg checkpoint (best.pt/last.pt or a merged "
+                                      f"export), found a file without {missing} (keys {sorted(state)[:8]})")
+    return state
+
+
+def nothing_to_merge(checkpoint: str | os.PathLike) -> Optional[str]:
+    """Why merging ``checkpoint`` would change nothing (no SVF layers in it), or None when it would."""
+    state = _svfseg_checkpoint(checkpoint)
+    if state.get("format") == MERGED_FORMAT:
+        return f"{checkpoint} is already a merged export"
+    regime = ckpt._upgrade_description(state["describe"]).get("regime")
+    if regime != "svf":
+        return (f"{checkpoint} was trained with model.regime={regime}: it has no singular values to fold back; "
+                f"use it as it is")
+    return None
 
 
 def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentConfig] = None,

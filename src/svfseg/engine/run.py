@@ -1,8 +1,11 @@
 """One training run from a config: run folder, the model's task and data, the model, the loop, resume."""
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -14,48 +17,116 @@ import svfseg
 from svfseg.config import ExperimentConfig, dump_yaml, git_commit, load_config, to_dict
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
-from svfseg.engine.loop import FitResult, fit
+from svfseg.engine.loop import FitResult, fit, steps_per_epoch
 from svfseg.engine.model import build_model, describe, preflight
+from svfseg.engine.runlock import RunLock
 from svfseg.engine.tasks import get_task
 from svfseg.models import model_recipe
 
 logger = logging.getLogger(__name__)
 
 
-def write_run_metadata(run_dir: Path, cfg: ExperimentConfig, argv: Optional[Sequence[str]] = None) -> None:
-    """``config.yaml`` (the resolved config) and ``meta.json`` (version, commit, command, torch)."""
+def write_run_metadata(run_dir: Path, cfg: ExperimentConfig, argv: Optional[Sequence[str]] = None,
+                       *, resumed: bool = False) -> None:
+    """``config.yaml`` (the resolved config) and ``meta.json`` (version, commit, command, torch).
+
+    ``meta.json`` keeps the first command under ``command`` and appends every start (fresh or
+    resumed) to ``history``; nothing earlier is overwritten.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    command = list(argv) if argv is not None else sys.argv
     meta = {"svfseg_version": svfseg.__version__, "git_commit": git_commit(), "torch": torch.__version__,
             "python": platform.python_version(), "host": platform.node(),
-            "command": list(argv) if argv is not None else sys.argv, "threads": torch.get_num_threads(),
+            "command": command, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    meta_path = run_dir / "meta.json"
+    old = _read_meta(meta_path) if resumed else {}
+    start = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "resume": resumed, "command": command, "host": meta["host"], "svfseg_version": meta["svfseg_version"],
+             "git_commit": meta["git_commit"]}
+    if old:
+        meta = {**meta, **{k: v for k, v in old.items() if k != "history"}}
+    meta["history"] = [*old.get("history", []), start]
+    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
 
 
-def load_resume_state(cfg: ExperimentConfig, run_dir: Path) -> Optional[dict]:
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    if "history" not in meta and "command" in meta:  # written before histories existed
+        meta["history"] = [{"resume": False, "command": meta["command"]}]
+    return meta
+
+
+def check_resume_steps(state: Optional[dict], total: int, run_dir: Path) -> None:
+    """Refuse a resume whose checkpoint is already past the run's (new) step count."""
+    if state is not None and state.get("step", 0) > total:
+        raise ValueError(f"--resume {run_dir}: the checkpoint is at step {state['step']}, but the config gives "
+                         f"{total} steps in all (train.epochs x steps per epoch); raise train.epochs to continue")
+
+
+def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = True) -> Optional[dict]:
     """The run folder's ``last.pt`` when ``cfg.resume`` is set; None for a fresh run.
+
+    A ``last.pt`` that is missing, truncated or not a training checkpoint falls back to
+    ``last.prev.pt`` (the one it replaced) with a warning; the damaged file is kept as
+    ``last.damaged.pt``.
 
     Args:
         cfg: Experiment config (``resume`` read).
         run_dir: The run folder.
+        is_main: This process may move a damaged ``last.pt`` aside (one process under DDP).
 
     Returns:
         The loaded checkpoint, or None.
 
     Raises:
-        FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt``.
+        FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt`` (nor ``last.prev.pt``).
+        CheckpointError: ``last.pt`` is damaged and there is no good ``last.prev.pt``.
         FileExistsError: A fresh run would overwrite a run folder that holds a ``last.pt``.
     """
     last = run_dir / "last.pt"
     if cfg.resume:
-        if not last.exists():
+        if not last.exists() and not ckpt.previous_path(last).exists():
             raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
-        return ckpt.load(last)
-    if last.exists():
+        return _load_or_fall_back(last, is_main)
+    if last.exists() or ckpt.previous_path(last).exists():
         raise FileExistsError(f"{run_dir} already holds a training run ({last}); continue it with "
                               f"`svfseg train --resume {run_dir}` or start another with name=<new name>")
     return None
+
+
+def _load_or_fall_back(last: Path, is_main: bool) -> dict:
+    """``last.pt``, or ``last.prev.pt`` with a warning when ``last.pt`` is missing, damaged or foreign."""
+    prev = ckpt.previous_path(last)
+    try:
+        return _training_checkpoint(last)
+    except (ckpt.CheckpointError, FileNotFoundError) as e:
+        if not prev.exists():
+            raise
+        state = _training_checkpoint(prev)
+        logger.warning("resume: %s; continuing from the previous checkpoint %s (step %s)", e, prev.name,
+                       state.get("step"))
+        if is_main and last.exists():
+            # keep the damaged file for a look, out of the way of the next save's rotation
+            os.replace(last, last.with_name(f"{last.stem}.damaged{last.suffix}"))
+        return state
+
+
+def _training_checkpoint(path: Path) -> dict:
+    state = ckpt.load(path)
+    missing = [k for k in ("model", "optimizer", "describe", "step", "rng_per_rank") if k not in state]
+    if missing:
+        raise ckpt.CheckpointError(f"{path}: expected a resumable svfseg training checkpoint, found one without "
+                                   f"{missing}")
+    return state
 
 
 def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Optional[Sequence[str]] = None,
@@ -79,20 +150,31 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
     try:
         run_dir = Path(run_dir or cfg.run_dir())
         task = get_task(model_recipe(cfg.model.name).task)
-        state = load_resume_state(cfg, run_dir)
-        if state is not None:
-            _warn_config_changes(state["config"], to_dict(cfg))
-        preflight(cfg)
-        # The data checks run before anything is written: a failed check leaves no run folder.
-        train_set = task.train_data(cfg)
-        val = task.selection_set(cfg, run_dir, info)
-        if info.is_main:
-            write_run_metadata(run_dir, cfg, argv)
-        barrier(info)
-        torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
-        model = build_model(cfg, pretrained=state is None)
-        return fit(cfg, model, train_set, task=task, run_dir=run_dir, describe=describe(model, cfg), val=val,
-                   info=info, resume_state=state)
+        # The lock comes first (a second process on this folder is refused), then every check:
+        # config.yaml and meta.json are written only once the run is known to start.
+        with RunLock(run_dir, "svfseg train") if info.is_main else contextlib.nullcontext():
+            if info.is_main:
+                ckpt.remove_stale_temporaries(run_dir)
+            state = load_resume_state(cfg, run_dir, is_main=info.is_main)
+            if state is not None:
+                _warn_config_changes(state["config"], to_dict(cfg))
+            preflight(cfg)
+            train_set = task.train_data(cfg)
+            check_resume_steps(state, cfg.train.epochs * steps_per_epoch(cfg, len(train_set)), run_dir)
+            val = task.selection_set(cfg, run_dir, info)
+            torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
+            model = build_model(cfg, pretrained=state is None)
+            desc = describe(model, cfg)
+            if state is not None:
+                ckpt.check_compatible(desc, state["describe"], run_dir / "last.pt")
+                ckpt.load_model_state(model, state["model"], run_dir / "last.pt")
+            if info.is_main:
+                write_run_metadata(run_dir, cfg, argv, resumed=state is not None)
+                logger.info("torch threads: %d (threads=%s; see the README on choosing it)", torch.get_num_threads(),
+                            cfg.threads)
+            barrier(info)
+            return fit(cfg, model, train_set, task=task, run_dir=run_dir, describe=desc, val=val,
+                       info=info, resume_state=state)
     finally:
         if own_group:
             cleanup(info)

@@ -55,7 +55,7 @@ def set_threads(threads: Optional[int]) -> int:
 
     One intra-op thread per core is torch's default; on a machine shared with other jobs it
     oversubscribes the cores and spin-waiting threads can make training several times slower,
-    so the count is always logged with the run.
+    so the count is recorded with every training run.
 
     Returns:
         The intra-op thread count now in use.
@@ -67,6 +67,8 @@ def set_threads(threads: Optional[int]) -> int:
             raise ValueError(f"threads must be >= 1, found {threads}")
         torch.set_num_threads(int(threads))
     n = torch.get_num_threads()
-    logging.getLogger("svfseg").info("torch threads: %d (%s)", n,
-                                     "threads / --threads" if threads is not None else "torch default")
+    # Debug level here: a training run records the count in meta.json and its log (engine.run);
+    # other commands keep stderr for their result or their one-line error.
+    logging.getLogger("svfseg").debug("torch threads: %d (%s)", n,
+                                      "threads / --threads" if threads is not None else "torch default")
     return n

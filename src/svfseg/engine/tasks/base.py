@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -102,5 +102,35 @@ def write_results(out_dir: Path, results: dict, markdown: str, info: DistInfo) -
     if not info.is_main:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    results, undefined = json_safe(results)
+    if undefined:
+        # NaN is not JSON; null says "no value" and the note says why there is none.
+        results = {**results, "null_values": f"{len(undefined)} value(s) are null because they are not defined "
+                                             f"(NaN: e.g. a class with no episode, or a mean over no values): "
+                                             f"{undefined[:10]}"}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str, allow_nan=False))
     (out_dir / "results.md").write_text(markdown)
+
+
+def json_safe(obj: Any, where: str = "") -> tuple[Any, list[str]]:
+    """``obj`` with every NaN/inf float (or 0-d tensor/array) replaced by None, and the keys replaced."""
+    import math
+
+    if isinstance(obj, dict):
+        out, bad = {}, []
+        for k, v in obj.items():
+            out[k], b = json_safe(v, f"{where}.{k}" if where else str(k))
+            bad += b
+        return out, bad
+    if isinstance(obj, (list, tuple)):
+        out, bad = [], []
+        for i, v in enumerate(obj):
+            o, b = json_safe(v, f"{where}[{i}]")
+            out.append(o)
+            bad += b
+        return out, bad
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [where]
+    return obj, []
