@@ -78,14 +78,15 @@ def forward_episode(model: nn.Module, batch: dict, device: torch.device, non_blo
 def describe(model: nn.Module, cfg: ExperimentConfig) -> dict[str, Any]:
     """What must match for a checkpoint to load: architecture, regime, benchmark, fold, class count.
 
-    Optimiser settings (e.g. the policy's lr multiplier) are left out: they do not change the
-    weights' meaning.
+    Optimiser settings (e.g. the policy's lr multiplier) and BN folding (an exact rewrite with
+    the same state-dict keys) are left out: they do not change the weights' meaning.
     """
     from svfseg.data.splits import num_classes
 
     d = copy.deepcopy(model.describe()) if hasattr(model, "describe") else {"name": type(model).__name__}
     if isinstance(d.get("svf_policy"), dict):
         d["svf_policy"].pop("lr_mult", None)
+        d["svf_policy"].pop("fold_bn", None)
     d.update(benchmark=cfg.data.benchmark, fold=cfg.fold, num_benchmark_classes=num_classes(cfg.data.benchmark))
     return _plain(d)
 

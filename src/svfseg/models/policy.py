@@ -14,7 +14,7 @@ from svfseg.svf import SVFConfig, apply_svf, singular_value_parameters, svf_laye
 
 logger = logging.getLogger(__name__)
 
-_MODES = ("auto", "reparam", "factorized")
+_MODES = ("auto", "reparam", "factorized", "tune")
 
 
 @dataclass
@@ -32,7 +32,11 @@ class SVFPolicy:
         train_bn: Also train the BatchNorm affine parameters inside ``stages`` (running
             statistics stay frozen: BN is always in eval mode).
         train_bias: Also train the conv biases of the decomposed layers.
-        mode: SVD layer forward, "auto" | "reparam" | "factorized" (see ``svfseg.svf``).
+        mode: SVD layer forward, "auto" | "reparam" | "factorized" | "tune" (see ``svfseg.svf``).
+        fold_bn: Fold each frozen BatchNorm after a decomposed conv into its SVD layer (exact:
+            same outputs and S gradients, less time and memory; state-dict keys unchanged).
+            None (default) means "whenever BN is frozen", i.e. ``not train_bn``; True with
+            ``train_bn`` is refused. Needs a backbone with ``conv_bn_pairs()``.
         lr_mult: Learning-rate multiplier for the singular values relative to the head (the
             authors train them at lr / 10). Reported by ``parameter_groups()``.
     """
@@ -44,6 +48,7 @@ class SVFPolicy:
     train_bias: bool = False
     mode: str = "auto"
     lr_mult: float = 0.1
+    fold_bn: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stages, str):
@@ -57,6 +62,15 @@ class SVFPolicy:
             raise ValueError(f"SVFPolicy.mode: expected one of {_MODES}, got {self.mode!r}")
         if self.skip_1x1 and self.skip_3x3:
             logger.warning("SVFPolicy: skip_1x1 and skip_3x3 both set; only other kernel sizes are decomposed")
+        if self.fold_bn is None:
+            self.fold_bn = not self.train_bn
+        if not isinstance(self.fold_bn, bool):
+            raise TypeError(f"SVFPolicy.fold_bn: expected a bool or None, got {self.fold_bn!r}")
+        if self.fold_bn and self.train_bn:
+            raise ValueError(
+                "SVFPolicy: fold_bn=True folds BatchNorm into the SVD layers, which needs frozen BN, "
+                "but train_bn=True trains it; set fold_bn=False (or svf.train_bn=false)"
+            )
         if not self.lr_mult > 0:
             raise ValueError(f"SVFPolicy.lr_mult: expected a positive number, got {self.lr_mult!r}")
 
@@ -66,14 +80,25 @@ class SVFPolicy:
         names = "|".join(re.escape(s) for s in self.stages)
         return rf"(?:{names})(?:\..+)?"
 
-    def svf_config(self) -> SVFConfig:
-        """Return the :class:`svfseg.svf.SVFConfig` this policy stands for."""
+    def svf_config(self, backbone: nn.Module | None = None) -> SVFConfig:
+        """Return the :class:`svfseg.svf.SVFConfig` this policy stands for.
+
+        Args:
+            backbone: With ``fold_bn``, the backbone whose ``conv_bn_pairs()`` are folded.
+        """
+        pairs = None
+        if self.fold_bn and backbone is not None:
+            if hasattr(backbone, "conv_bn_pairs"):
+                pairs = backbone.conv_bn_pairs()
+            else:  # not an svfseg Backbone: nothing is declared, so nothing is folded
+                logger.info("SVFPolicy.fold_bn: %s declares no conv_bn_pairs(); no BN folded", type(backbone).__name__)
         return SVFConfig(
             target_modules=self.target_regex,
             skip_1x1=self.skip_1x1,
             skip_3x3=self.skip_3x3,
             mode=self.mode,
             train_bias=self.train_bias,
+            fold_bn=pairs,
         )
 
     def apply_policy(self, backbone: nn.Module) -> nn.Module:
@@ -99,7 +124,7 @@ class SVFPolicy:
             )
         for p in backbone.parameters():
             p.requires_grad_(False)
-        apply_svf(backbone, self.svf_config())
+        apply_svf(backbone, self.svf_config(backbone))
         layers = list(svf_layers(backbone))
         if not layers:
             raise ValueError(
