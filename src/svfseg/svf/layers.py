@@ -136,43 +136,53 @@ def _v_input_grad(grad_z: torch.Tensor, x_shape: Sequence[int], v_weight: torch.
     )[0]  # fmt: skip
 
 
+def _scaled(U: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """U with its rows scaled (a folded BatchNorm's ``a``), or U itself."""
+    if scale is None:
+        return U
+    g, m, _ = U.shape
+    return U * scale.to(U.dtype).reshape(g, m, 1)
+
+
 class _Factorized(torch.autograd.Function):
     """y = U-projection(V-projection(x) * S) + bias, keeping only z = V-projection(x).
 
     Autograd would keep x for the V-conv (its input gradient needs only Vh), and z and z * S
     for the scaling; here S is folded into the small U weight, dL/dS is one reduction over
     z, the input gradient needs only the shapes, and no weight gradient is formed anywhere.
+    A folded BatchNorm's scale comes as ``scale`` (U's rows) and is applied again in the
+    backward, so U itself (a buffer) is what is kept, not a scaled copy per layer.
     """
 
     @staticmethod
-    def forward(ctx, x, S, U, v_weight, bias, geo):  # noqa: D102 - autograd.Function protocol
+    def forward(ctx, x, S, U, scale, v_weight, bias, geo):  # noqa: D102 - autograd.Function protocol
         z = _v_project(x, v_weight, geo)
-        ctx.save_for_backward(z, S, U, v_weight)
+        ctx.save_for_backward(z, S, U, scale, v_weight)
         ctx.geo = geo
         ctx.x_shape = tuple(x.shape)
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _project(z, U * S.to(U.dtype).unsqueeze(-2), bias, geo.spatial)
+        return _project(z, _scaled(U, scale) * S.to(U.dtype).unsqueeze(-2), bias, geo.spatial)
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102 - autograd.Function protocol
-        z, S, U, v_weight = ctx.saved_tensors
+        z, S, U, scale, v_weight = ctx.saved_tensors
         geo = ctx.geo
-        need_x, need_s, _, _, need_bias, _ = ctx.needs_input_grad
+        need_x, need_s, _, _, _, need_bias, _ = ctx.needs_input_grad
         grad_x = grad_s = grad_bias = None
         if need_x or need_s:
             # back through the U projection: U^T per group (autocast may hand a half grad)
-            grad_zs = _project(grad_y, U.mT.to(grad_y.dtype), None, geo.spatial)
+            grad_zs = _project(grad_y, _scaled(U, scale).mT.to(grad_y.dtype), None, geo.spatial)
             if need_s:
                 grad_s = _channel_sum(grad_zs * z.to(grad_zs.dtype), geo.spatial)
                 grad_s = grad_s.reshape(S.shape).to(S.dtype)
             if need_x:
-                scale = _channel_view(S.reshape(-1).to(grad_zs.dtype), grad_zs, geo.spatial)
-                grad_z = grad_zs.mul_(scale)
+                scale_s = _channel_view(S.reshape(-1).to(grad_zs.dtype), grad_zs, geo.spatial)
+                grad_z = grad_zs.mul_(scale_s)
                 grad_x = _v_input_grad(grad_z, ctx.x_shape, v_weight.to(grad_z.dtype), geo).to(ctx.x_dtype)
         if need_bias:
             grad_bias = _channel_sum(grad_y, geo.spatial).to(ctx.bias_dtype)
-        return grad_x, grad_s, None, None, grad_bias, None
+        return grad_x, grad_s, None, None, None, grad_bias, None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -427,14 +437,18 @@ class SVFLayer(nn.Module):
         """The factorized form on an already padded input."""
         if self._needs_graph():
             dtype = _autocast_dtype(x.device.type)
-            U, bias = self._factors()
-            v_weight = self._v_weight()
+            U, v_weight, bias = self.U, self._v_weight(), self.bias
+            affine = self._bn_affine()
+            scale = None
+            if affine is not None:
+                scale, shift = affine
+                bias = shift if bias is None else scale * bias + shift
             if dtype is not None:  # cast here so S stays float32 and autograd casts the grads back
                 x, U, v_weight = x.to(dtype), U.to(dtype), v_weight.to(dtype)
                 bias = None if bias is None else bias.to(dtype)
             elif x.dtype != U.dtype:
                 raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's {U.dtype}")
-            return _Factorized.apply(x, self.S, U, v_weight, bias, geo)
+            return _Factorized.apply(x, self.S, U, scale, v_weight, bias, geo)
         U, bias = self._factors()
         z = _v_project(x, self._v_weight(), geo)
         return _project(z, U * self.S.unsqueeze(-2), bias, geo.spatial)
