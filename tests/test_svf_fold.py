@@ -138,3 +138,17 @@ def test_fold_conv_bn_plain_export():
         torch.testing.assert_close(net(x), ref, rtol=1e-12, atol=1e-12)
     assert isinstance(net.b1, nn.Identity) and isinstance(net.b2, nn.Identity)
     assert type(net.bf) is nn.BatchNorm1d  # after a Linear: only convs are folded here
+
+
+def test_copies_keep_the_layer_bn_link(tmp_path):
+    model = apply_svf(make_net(), SVFConfig(fold_bn=Net.pairs))
+    path = tmp_path / "m.pt"
+    torch.save(model, path)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    for other in (copy.deepcopy(model), torch.load(path, weights_only=False)):
+        assert other.c2.folded_bn is other.b2 and other.b2 is not model.b2
+        with torch.no_grad():
+            before = other(x)
+            other.b2.running_mean.add_(1.0)  # the copy's own BN drives the copy's layer
+            assert not torch.allclose(other(x), before)
+            torch.testing.assert_close(model(x), model(x))
