@@ -58,7 +58,8 @@ class SVFSettings:
     skip_3x3: bool = False
     train_bn: bool = False             # also train BN affine params inside the stages (BN stays in eval mode)
     train_bias: bool = False           # also train the biases of the decomposed layers
-    mode: str = "auto"                 # auto | reparam | factorized
+    mode: str = "auto"                 # auto | reparam | factorized | tune
+    fold_bn: bool | None = None        # fold frozen BN into the SVD layers (None: whenever train_bn is off)
     decay_to: str = "pretrained"       # weight decay pulls S towards: pretrained | zero (the authors' code)
 
 
@@ -154,7 +155,7 @@ _CHOICES = {
     "data.protocol": ("dagger", "pfenet"),
     "data.convention": ("interleaved", "consecutive"),
     "model.backbone_mode": ("frozen", "train"),
-    "svf.mode": ("auto", "reparam", "factorized"),
+    "svf.mode": ("auto", "reparam", "factorized", "tune"),
     "svf.decay_to": ("pretrained", "zero"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.select_on": ("test_fold", "base_heldout", "last"),

@@ -34,7 +34,7 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     m, s = cfg.model, cfg.svf
     mode = "svf" if s.enabled else m.backbone_mode
     policy = SVFPolicy(stages=tuple(s.stages), skip_1x1=s.skip_1x1, skip_3x3=s.skip_3x3, train_bn=s.train_bn,
-                       train_bias=s.train_bias, mode=s.mode) if s.enabled else None
+                       train_bias=s.train_bias, mode=s.mode, fold_bn=s.fold_bn) if s.enabled else None
     weights = m.weights if pretrained else None
     if weights and weights != "imagenet" and not Path(weights).is_file():
         raise FileNotFoundError(f"model.weights={weights!r}: no such file (download the backbone weights the "
