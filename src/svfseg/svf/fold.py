@@ -33,7 +33,8 @@ def bn_scale_shift(bn: nn.Module, dtype: torch.dtype | None = None) -> tuple[tor
     return a, b
 
 
-def _trainable(bn: nn.Module) -> bool:
+def has_trainable_affine(bn: nn.Module) -> bool:
+    """Whether any of the BatchNorm's own parameters (gamma, beta) requires grad."""
     return any(p.requires_grad for p in bn.parameters(recurse=False))
 
 
@@ -123,7 +124,7 @@ def check_pairs(model: nn.Module, pairs: ConvBNPairs) -> list[tuple[str, str]]:
 
 def refuse_trainable(bn: nn.Module, name: str) -> None:
     """Raises when a BatchNorm to fold has trainable affine parameters."""
-    if _trainable(bn):
+    if has_trainable_affine(bn):
         raise ValueError(
             f"fold_bn: BatchNorm {name!r} has trainable affine parameters; folding needs a frozen "
             "BatchNorm (set svf.train_bn=false / drop it from trainable_modules, or fold_bn=false)"

@@ -11,7 +11,7 @@ from torch import nn
 
 from svfseg.svf.config import MODES
 from svfseg.svf.decompose import decompose_weight, rebuild_weight
-from svfseg.svf.fold import FoldedBatchNorm, bn_scale_shift, refuse_trainable
+from svfseg.svf.fold import FoldedBatchNorm, bn_scale_shift, has_trainable_affine, refuse_trainable
 from svfseg.svf.tune import TuneCache, time_forms
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -292,7 +292,7 @@ class SVFLayer(nn.Module):
         bn = self.folded_bn
         if bn is None:
             return None
-        if not torch.compiler.is_compiling() and _trainable_params(bn):
+        if not torch.compiler.is_compiling() and has_trainable_affine(bn):
             raise RuntimeError(
                 f"{type(self).__name__}: its folded BatchNorm has trainable affine parameters; "
                 "folding needs a frozen BatchNorm (train_bn=false) or fold_bn=false"
@@ -477,10 +477,6 @@ class SVFLayer(nn.Module):
             trained = self.bias is not None and self.bias.requires_grad
             bias = nn.Parameter(bias.detach().clone(), requires_grad=trained)
         return weight, bias
-
-
-def _trainable_params(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
 def _explicit_padding(
