@@ -107,6 +107,7 @@ def test_trainable_bn_is_refused():
     net = make_net()
     with pytest.raises(ValueError, match=r"BatchNorm 'b1' has trainable affine parameters.*train_bn=false"):
         apply_svf(net, SVFConfig(fold_bn=Net.pairs, trainable_modules=["b1"]))
+    assert not list(svf_layers(net))  # refused before anything was replaced
     model = apply_svf(make_net(), SVFConfig(fold_bn=Net.pairs))
     model.b1.weight.requires_grad_(True)  # unfrozen after the fact
     with pytest.raises(RuntimeError, match="folded BatchNorm has trainable affine parameters"):

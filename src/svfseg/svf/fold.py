@@ -122,13 +122,18 @@ def check_pairs(model: nn.Module, pairs: ConvBNPairs) -> list[tuple[str, str]]:
     return out
 
 
+def trainable_bn_error(name: str) -> ValueError:
+    """The error for a BatchNorm that is to be folded but trains."""
+    return ValueError(
+        f"fold_bn: BatchNorm {name!r} has trainable affine parameters; folding needs a frozen "
+        "BatchNorm (set svf.train_bn=false / drop it from trainable_modules, or fold_bn=false)"
+    )
+
+
 def refuse_trainable(bn: nn.Module, name: str) -> None:
     """Raises when a BatchNorm to fold has trainable affine parameters."""
     if has_trainable_affine(bn):
-        raise ValueError(
-            f"fold_bn: BatchNorm {name!r} has trainable affine parameters; folding needs a frozen "
-            "BatchNorm (set svf.train_bn=false / drop it from trainable_modules, or fold_bn=false)"
-        )
+        raise trainable_bn_error(name)
 
 
 @torch.no_grad()

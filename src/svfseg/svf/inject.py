@@ -13,7 +13,7 @@ from torch import nn
 
 from svfseg.svf.config import SVFConfig, selector_matches
 from svfseg.svf.decompose import check_exact
-from svfseg.svf.fold import FoldedBatchNorm, check_pairs, refuse_trainable
+from svfseg.svf.fold import FoldedBatchNorm, check_pairs, refuse_trainable, trainable_bn_error
 from svfseg.svf.layers import SUPPORTED_TYPES, SVFLayer, svf_layer_from
 from svfseg.svf.tune import TuneCache
 
@@ -139,6 +139,9 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None) -> nn.Module:
         logger.warning("apply_svf: %s has no supported layer to decompose", type(model).__name__)
 
     pairs = check_pairs(model, config.fold_bn or ())
+    for conv_name, bn_name in pairs:  # refuse before anything is replaced
+        if selector_matches(config.trainable_modules, bn_name):
+            raise trainable_bn_error(bn_name)
     replacements: dict[int, SVFLayer] = {}
     tune_cache = TuneCache()  # equal layers of this model are timed once (mode="tune")
     with _one_lapack_thread(any(m.weight.device.type == "cpu" for _, m in targets.values())):
@@ -155,13 +158,13 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None) -> nn.Module:
                 setattr(parent, child_name, replacements[id(child)])
 
     _set_trainable(model, config)
-    folded = _fold_pairs(model, pairs)
+    _fold_pairs(model, pairs)
     if logger.isEnabledFor(logging.INFO):
         logger.info("apply_svf: decomposed %d layer(s); %s", len(replacements), trainable_parameter_report(model))
     return model
 
 
-def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> int:
+def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
     """Folds each listed BN into its (now decomposed) conv; pairs with an undecomposed conv stay."""
     count = 0
     for conv_name, bn_name in pairs:
@@ -176,7 +179,6 @@ def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> int:
         count += 1
     if count:
         logger.info("apply_svf: folded %d frozen BatchNorm(s) into SVD layers", count)
-    return count
 
 
 def _set_trainable(model: nn.Module, config: SVFConfig) -> None:
