@@ -307,3 +307,38 @@ def test_factorized_training_without_input_grad_or_bias_grad():
         layer(_randn(2, 4, 5, 5)).square().sum().backward()
     torch.testing.assert_close(fac.S.grad, rep.S.grad, rtol=1e-4, atol=1e-5)
     assert fac.bias.grad is None
+
+
+def test_tune_times_both_forms_once_per_shape_and_caches_the_winner(monkeypatch):
+    import svfseg.svf.layers as layers_mod
+    from svfseg.svf import TuneCache
+
+    calls = []
+    fake = {"plan": "reparam", "seconds": {"reparam": 1.0, "factorized": 2.0}}
+    monkeypatch.setattr(layers_mod, "time_forms", lambda layer, x: calls.append(tuple(x.shape)) or fake)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    shared = TuneCache(capacity=2)
+    a, b = (SVFConv2d.from_conv(conv, mode="tune") for _ in range(2))
+    a.tune_cache = b.tune_cache = shared
+    x = torch.randn(2, 4, 8, 8)
+    assert a.choose_mode(x) == "reparam" and b.choose_mode(x) == "reparam"
+    assert calls == [(2, 4, 8, 8)]  # equal layers share one measurement
+    with torch.no_grad():
+        assert a.choose_mode(torch.randn(1, 4, 5, 5)) == "reparam"  # no graph: cached weight, no timing
+    assert len(calls) == 1
+    for size in (5, 6, 7):
+        a.choose_mode(torch.randn(1, 4, size, size))
+    assert len(shared) == 2  # bounded
+
+
+def test_tune_measures_real_forms_and_stays_exact():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    layer = SVFConv2d.from_conv(conv, mode="tune")
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    entry = layer.tune_cache.entries()[0]
+    assert entry["plan"] in ("reparam", "factorized") and set(entry["seconds"]) == {"reparam", "factorized"}
+    assert entry["plan"] == min(entry["seconds"], key=entry["seconds"].get)
+    assert layer.S.grad is None  # timing left no gradient behind
+    torch.testing.assert_close(y, conv(x), rtol=1e-10, atol=1e-10)

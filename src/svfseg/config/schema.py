@@ -47,7 +47,7 @@ class ModelConfig:
     head: dict = field(default_factory=dict)  # extra keyword arguments for the head
 
 
-_SVF_MODES = ("auto", "reparam", "factorized")
+_SVF_MODES = ("auto", "reparam", "factorized", "tune")
 
 
 @dataclass
@@ -67,7 +67,11 @@ class SVFPolicy:
         train_bn: Also train the BatchNorm affine parameters inside ``stages`` (running
             statistics stay frozen: BN is always in eval mode).
         train_bias: Also train the conv biases of the decomposed layers.
-        mode: SVD layer forward, "auto" | "reparam" | "factorized" (see ``svfseg.svf``).
+        mode: SVD layer forward, "auto" | "reparam" | "factorized" | "tune" (see ``svfseg.svf``).
+        fold_bn: Fold each frozen BatchNorm after a decomposed conv into its SVD layer (exact:
+            same outputs and S gradients, less time and memory; state-dict keys unchanged).
+            None (default) means "whenever BN is frozen", i.e. ``not train_bn``; True with
+            ``train_bn`` is refused. Needs a backbone with ``conv_bn_pairs()``.
         decay_to: What weight decay pulls the singular values towards: "pretrained" (their
             initial values) or "zero" (SGD's plain decay, as the authors' code). Read by the
             optimiser; the model ignores it.
@@ -79,6 +83,7 @@ class SVFPolicy:
     train_bn: bool = False
     train_bias: bool = False
     mode: str = "auto"
+    fold_bn: Optional[bool] = None
     decay_to: str = "pretrained"
 
     def __post_init__(self) -> None:
@@ -93,6 +98,11 @@ class SVFPolicy:
             raise ValueError(f"SVFPolicy.mode: expected one of {_SVF_MODES}, got {self.mode!r}")
         if self.skip_1x1 and self.skip_3x3:
             logger.warning("SVFPolicy: skip_1x1 and skip_3x3 both set; only other kernel sizes are decomposed")
+        if self.fold_bn is not None and not isinstance(self.fold_bn, bool):
+            raise TypeError(f"SVFPolicy.fold_bn: expected a bool or None, got {self.fold_bn!r}")
+        if self.fold_bn and self.train_bn:
+            raise ValueError("SVFPolicy: fold_bn=True folds BatchNorm into the SVD layers, which needs frozen BN, "
+                             "but train_bn=True trains it; set fold_bn=False (or svf.train_bn=false)")
 
     @property
     def target_regex(self) -> str:

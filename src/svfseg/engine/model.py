@@ -91,14 +91,15 @@ def _read_dependency(dep, *, lazy: bool) -> dict:
 def describe(model: nn.Module, cfg: ExperimentConfig) -> dict[str, Any]:
     """What must match for a checkpoint to load: architecture, regime, benchmark, fold, class count.
 
-    Optimiser settings (the policy's ``decay_to``; ``lr_mult`` in svfseg 0.1's policies) are
-    left out: they do not change the weights' meaning.
+    Optimiser settings (the policy's ``decay_to``; ``lr_mult`` in svfseg 0.1's policies) and BN
+    folding (an exact rewrite with the same state-dict keys) are left out: they do not change
+    the weights' meaning.
     """
     from svfseg.data.splits import num_classes
 
     d = copy.deepcopy(model.describe()) if hasattr(model, "describe") else {"name": type(model).__name__}
     if isinstance(d.get("svf_policy"), dict):
-        for key in ("lr_mult", "decay_to"):
+        for key in ("lr_mult", "decay_to", "fold_bn"):
             d["svf_policy"].pop(key, None)
     from svfseg.engine.data import benchmark_classes
 

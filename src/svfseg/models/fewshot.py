@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from torch import nn
 from svfseg.config import REGIMES, SVFPolicy
 from svfseg.models.blocks import foreground, resize
 from svfseg.models.outputs import FewShotOutput
+from svfseg.models.policy import folds_bn
 from svfseg.models.regimes import backbone_needs_graph, configure_backbone, resolve_regime, set_backbone_mode
 from svfseg.svf import singular_value_parameters
 
@@ -100,7 +102,11 @@ class FewShotModel(nn.Module):
         self.backbone = backbone
         self.backbone_name = backbone_name or getattr(backbone, "name", None) or type(backbone).__name__
         self.regime = regime
-        self.svf_policy = (svf_policy or SVFPolicy()) if regime == "svf" else None
+        # The policy as applied: BN folding resolved (None: fold whenever BN is frozen).
+        self.svf_policy = None
+        if regime == "svf":
+            policy = svf_policy or SVFPolicy()
+            self.svf_policy = dataclasses.replace(policy, fold_bn=folds_bn(policy))
         self.batch_backbone = bool(batch_backbone)
         self._configure_backbone()
 

@@ -11,17 +11,34 @@ from svfseg.svf import SVFConfig, apply_svf, singular_value_parameters, svf_laye
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SVFPolicy", "apply_policy", "svf_config"]
+__all__ = ["SVFPolicy", "apply_policy", "folds_bn", "svf_config"]
 
 
-def svf_config(policy: SVFPolicy) -> SVFConfig:
-    """The per-layer :class:`svfseg.svf.SVFConfig` that ``policy`` stands for."""
+def folds_bn(policy: SVFPolicy) -> bool:
+    """Whether ``policy`` folds frozen BN into its SVD layers (``fold_bn`` None: whenever BN is frozen)."""
+    return (not policy.train_bn) if policy.fold_bn is None else bool(policy.fold_bn)
+
+
+def svf_config(policy: SVFPolicy, backbone: nn.Module | None = None) -> SVFConfig:
+    """The per-layer :class:`svfseg.svf.SVFConfig` that ``policy`` stands for.
+
+    Args:
+        policy: What to decompose and train.
+        backbone: With BN folding, the backbone whose ``conv_bn_pairs()`` are folded.
+    """
+    pairs = None
+    if folds_bn(policy) and backbone is not None:
+        if hasattr(backbone, "conv_bn_pairs"):
+            pairs = backbone.conv_bn_pairs()
+        else:  # not an svfseg Backbone: nothing is declared, so nothing is folded
+            logger.info("SVFPolicy.fold_bn: %s declares no conv_bn_pairs(); no BN folded", type(backbone).__name__)
     return SVFConfig(
         target_modules=policy.target_regex,
         skip_1x1=policy.skip_1x1,
         skip_3x3=policy.skip_3x3,
         mode=policy.mode,
         train_bias=policy.train_bias,
+        fold_bn=pairs,
     )
 
 
@@ -30,8 +47,9 @@ def apply_policy(backbone: nn.Module, policy: SVFPolicy) -> nn.Module:
 
     Afterwards exactly these backbone parameters require grad: the singular values of the
     decomposed layers, plus BN affine parameters inside ``stages`` when ``train_bn`` and
-    conv biases when ``train_bias``. Keeping BN in eval mode is the caller's job (the
-    few-shot models do it in ``train()``).
+    conv biases when ``train_bias``. Frozen BN after a decomposed conv is folded into the SVD
+    layer when the policy says so (exact; same state-dict keys). Keeping BN in eval mode is
+    the caller's job (the few-shot models do it in ``train()``).
 
     Args:
         backbone: A module whose stages are child modules named as in ``policy.stages``.
@@ -49,7 +67,7 @@ def apply_policy(backbone: nn.Module, policy: SVFPolicy) -> nn.Module:
         )
     for p in backbone.parameters():
         p.requires_grad_(False)
-    apply_svf(backbone, svf_config(policy))
+    apply_svf(backbone, svf_config(policy, backbone))
     layers = list(svf_layers(backbone))
     if not layers:
         raise ValueError(

@@ -9,6 +9,7 @@ from svfseg.svf.decompose import (
     rebuild_weight,
     relative_error,
 )
+from svfseg.svf.fold import FoldedBatchNorm, bn_scale_shift, fold_conv_bn
 from svfseg.svf.inject import (
     apply_svf,
     is_svf_layer,
@@ -30,8 +31,10 @@ from svfseg.svf.layers import (
     estimate_costs,
     svf_layer_from,
 )
+from svfseg.svf.tune import TuneCache
 
 __all__ = [
+    "FoldedBatchNorm",
     "SVDFactors",
     "SVFConfig",
     "SVFConv1d",
@@ -39,10 +42,13 @@ __all__ = [
     "SVFConv3d",
     "SVFLayer",
     "SVFLinear",
+    "TuneCache",
     "apply_svf",
+    "bn_scale_shift",
     "check_exact",
     "decompose_weight",
     "estimate_costs",
+    "fold_conv_bn",
     "full_rank",
     "is_svf_layer",
     "load_svf",

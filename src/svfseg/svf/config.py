@@ -13,7 +13,7 @@ import torch
 
 ModuleSelector = Union[str, Sequence[str], None]
 
-MODES = ("auto", "reparam", "factorized")
+MODES = ("auto", "reparam", "factorized", "tune")
 _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -79,10 +79,16 @@ class SVFConfig:
         skip_1x1: do not decompose convolutions whose kernel is all ones (Linear unaffected).
         skip_3x3: do not decompose convolutions whose kernel is all threes.
         mode: "reparam" (rebuild W = U diag(S) Vh, then one conv), "factorized" (V-conv,
-            scale by S, 1x1 U-conv), or "auto" (per layer and input shape, the cheaper one).
+            scale by S, 1x1 U-conv), "auto" (per layer and input shape, the cheaper one by a
+            cost estimate) or "tune" (the faster one, timed on the first training call per
+            layer geometry and input shape, dtype and device).
         train_bias: biases of decomposed layers train too.
         svd_dtype: dtype the SVD is computed in (float64 or float32); factors are cast back
             to the weight's dtype.
+        fold_bn: (conv name, BatchNorm name) pairs whose frozen BatchNorm is folded into the
+            SVD layer (exact: same outputs, same gradients for S; the BN op and its saved
+            input disappear). The model declares them (e.g. ``backbone.conv_bn_pairs()``);
+            pairs whose conv is not decomposed are left alone. None folds nothing.
     """
 
     target_modules: ModuleSelector = field(default=None, metadata={"help": "layers to decompose"})
@@ -97,6 +103,9 @@ class SVFConfig:
     svd_dtype: torch.dtype = field(
         default=torch.float64, metadata={"help": "dtype of the SVD computation"}
     )
+    fold_bn: Sequence[Sequence[str]] | None = field(
+        default=None, metadata={"help": "(conv, batchnorm) name pairs to fold"}
+    )
 
     def __post_init__(self) -> None:
         self.target_modules = _check_selector("target_modules", self.target_modules)
@@ -107,6 +116,13 @@ class SVFConfig:
                 raise TypeError(f"SVFConfig.{flag}: expected a bool, found {getattr(self, flag)!r}")
         if self.mode not in MODES:
             raise ValueError(f"SVFConfig.mode: expected one of {MODES}, found {self.mode!r}")
+        if self.fold_bn is not None:
+            pairs = []
+            for pair in self.fold_bn:
+                if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(n, str) and n for n in pair):
+                    raise ValueError(f"SVFConfig.fold_bn: expected (conv name, batchnorm name) pairs, found {pair!r}")
+                pairs.append((pair[0], pair[1]))
+            self.fold_bn = tuple(pairs)
         if isinstance(self.svd_dtype, str):
             key = self.svd_dtype.removeprefix("torch.")
             if key not in _SVD_DTYPES:
@@ -129,7 +145,7 @@ class SVFConfig:
             if isinstance(value, torch.dtype):
                 value = str(value).removeprefix("torch.")
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
             out[f.name] = value
         return out
 

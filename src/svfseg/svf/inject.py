@@ -13,7 +13,9 @@ from torch import nn
 
 from svfseg.svf.config import SVFConfig, selector_matches
 from svfseg.svf.decompose import check_exact
+from svfseg.svf.fold import FoldedBatchNorm, check_pairs, refuse_trainable, trainable_bn_error
 from svfseg.svf.layers import SUPPORTED_TYPES, SVFLayer, svf_layer_from
+from svfseg.svf.tune import TuneCache
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +138,18 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None) -> nn.Module:
             )
         logger.warning("apply_svf: %s has no supported layer to decompose", type(model).__name__)
 
+    pairs = check_pairs(model, config.fold_bn or ())
+    for conv_name, bn_name in pairs:  # refuse before anything is replaced
+        if selector_matches(config.trainable_modules, bn_name):
+            raise trainable_bn_error(bn_name)
     replacements: dict[int, SVFLayer] = {}
+    tune_cache = TuneCache()  # equal layers of this model are timed once (mode="tune")
     with _one_lapack_thread(any(m.weight.device.type == "cpu" for _, m in targets.values())):
         for key, (name, module) in targets.items():
             layer = svf_layer_from(module, config.mode, config.svd_dtype)
             check_exact(module.weight, (layer.U, layer.S, layer.Vh), where=name)
             layer.svf_config = config
+            layer.tune_cache = tune_cache
             replacements[key] = layer
     # A module registered under several names (shared) is replaced everywhere by one layer.
     for parent in list(model.modules()):
@@ -150,9 +158,27 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None) -> nn.Module:
                 setattr(parent, child_name, replacements[id(child)])
 
     _set_trainable(model, config)
+    _fold_pairs(model, pairs)
     if logger.isEnabledFor(logging.INFO):
         logger.info("apply_svf: decomposed %d layer(s); %s", len(replacements), trainable_parameter_report(model))
     return model
+
+
+def _fold_pairs(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Folds each listed BN into its (now decomposed) conv; pairs with an undecomposed conv stay."""
+    count = 0
+    for conv_name, bn_name in pairs:
+        layer, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if not isinstance(layer, SVFLayer):
+            logger.debug("apply_svf: %s is not decomposed; %s is not folded", conv_name, bn_name)
+            continue
+        refuse_trainable(bn, bn_name)  # trainable_modules may have unfrozen it
+        folded = layer.fold_batchnorm(bn, bn_name)
+        parent_name, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, folded)
+        count += 1
+    if count:
+        logger.info("apply_svf: folded %d frozen BatchNorm(s) into SVD layers", count)
 
 
 def _set_trainable(model: nn.Module, config: SVFConfig) -> None:
@@ -188,26 +214,41 @@ def _set_trainable(model: nn.Module, config: SVFConfig) -> None:
             layer.bias.requires_grad_(config.train_bias)
 
 
-def merge_svf(model: nn.Module) -> nn.Module:
+def merge_svf(model: nn.Module, fold_bn: bool = False) -> nn.Module:
     """Folds every SVD layer back into the plain layer with W = U diag(S) Vh, in place.
 
-    The merged weight requires grad when S did; biases keep their flag. The resulting
-    state_dict has exactly the keys of the original architecture.
+    The merged weight requires grad when S did; biases keep their flag. By default folded
+    BatchNorms are restored (same module types as before `apply_svf`), so the state dict
+    has exactly the keys of the original architecture and loads strictly into it.
 
     Args:
         model: a model (or a bare SVD layer inside a container) after `apply_svf`.
+        fold_bn: keep folded BatchNorms folded instead: their conv gets the scaled weight and
+            a bias, the BN becomes nn.Identity (an inference export; keys change).
 
     Returns:
         The same model object.
     """
     if isinstance(model, SVFLayer):
         raise ValueError("merge_svf: the root module is an SVD layer; call layer.to_plain() instead")
-    plain: dict[int, nn.Module] = {id(layer): layer.to_plain() for _, layer in svf_layers(model)}
+    layers = list(svf_layers(model))
+    plain: dict[int, nn.Module] = {id(layer): layer.to_plain(fold_bn=fold_bn) for _, layer in layers}
+    bns: dict[int, nn.Module] = {}
+    for _, layer in layers:
+        bn = layer.folded_bn
+        if bn is not None:
+            bns[id(bn)] = nn.Identity() if fold_bn else bn.restore()
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in plain:
                 setattr(parent, child_name, plain[id(child)])
-    logger.info("merge_svf: merged %d layer(s)", len(plain))
+            elif child is not None and id(child) in bns:
+                setattr(parent, child_name, bns[id(child)])
+    stray = [name for name, m in model.named_modules() if isinstance(m, FoldedBatchNorm)]
+    if stray:
+        raise RuntimeError(f"merge_svf: folded BatchNorm(s) without their SVD layer: {stray[:3]}")
+    logger.info("merge_svf: merged %d layer(s), %s %d BatchNorm(s)", len(plain),
+                "kept folded" if fold_bn else "restored", len(bns))  # fmt: skip
     return model
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,8 @@ from torch import nn
 
 from svfseg.svf.config import MODES
 from svfseg.svf.decompose import decompose_weight, rebuild_weight
+from svfseg.svf.fold import FoldedBatchNorm, bn_scale_shift, has_trainable_affine, refuse_trainable
+from svfseg.svf.tune import TuneCache, time_forms
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_CLS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -105,40 +107,89 @@ def _channel_view(vec: torch.Tensor, like: torch.Tensor, spatial: int | None) ->
     return vec.reshape(shape)
 
 
-class _ScaleProject(torch.autograd.Function):
-    """y = U-projection(z * S) + bias, keeping only z for the backward.
+class _Geometry(NamedTuple):
+    """Static arguments of the V-projection: conv (``spatial`` dims) or linear (None)."""
 
-    Autograd on ``conv(z * S, U)`` would store both z and z * S and spend a forward pass on
-    the product; folding S into the small U weight and writing the backward by hand stores
-    one activation and gives dL/dS as a reduction, with no weight gradient anywhere.
+    spatial: int | None
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+
+def _v_project(x: torch.Tensor, v_weight: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    if geo.spatial is None:
+        return F.linear(x, v_weight)
+    return _CONV_FN[geo.spatial](x, v_weight, None, geo.stride, geo.padding, geo.dilation, geo.groups)
+
+
+def _v_input_grad(grad_z: torch.Tensor, x_shape: Sequence[int], v_weight: torch.Tensor, geo: _Geometry):
+    if geo.spatial is None:
+        return grad_z.matmul(v_weight)
+    # Only the input's shape is needed: convolution_backward reads no input values for the
+    # input gradient (what torch.nn.grad.conv2d_input does too).
+    like = grad_z.new_empty(1).expand(*x_shape)
+    zeros = [0] * geo.spatial
+    return torch.ops.aten.convolution_backward(
+        grad_z, like, v_weight, None, list(geo.stride), list(geo.padding), list(geo.dilation),
+        False, zeros, geo.groups, [True, False, False],
+    )[0]  # fmt: skip
+
+
+def _scaled(U: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """U with its rows scaled (a folded BatchNorm's ``a``), or U itself."""
+    if scale is None:
+        return U
+    g, m, _ = U.shape
+    return U * scale.to(U.dtype).reshape(g, m, 1)
+
+
+class _Factorized(torch.autograd.Function):
+    """y = U-projection(V-projection(x) * S) + bias, keeping only z = V-projection(x).
+
+    Autograd would keep x for the V-conv (its input gradient needs only Vh), and z and z * S
+    for the scaling; here S is folded into the small U weight, dL/dS is one reduction over
+    z, the input gradient needs only the shapes, and no weight gradient is formed anywhere.
+    A folded BatchNorm's scale comes as ``scale`` (U's rows) and is applied again in the
+    backward, so U itself (a buffer) is what is kept, not a scaled copy per layer.
     """
 
     @staticmethod
-    def forward(ctx, z, S, U, bias, spatial):  # noqa: D102 - autograd.Function protocol
-        ctx.save_for_backward(z, S, U)
-        ctx.spatial = spatial
+    def forward(ctx, x, S, U, scale, v_weight, bias, geo):  # noqa: D102 - autograd.Function protocol
+        z = _v_project(x, v_weight, geo)
+        ctx.save_for_backward(z, S, U, scale, v_weight)
+        ctx.geo = geo
+        ctx.x_shape = tuple(x.shape)
+        ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _project(z, U * S.unsqueeze(-2), bias, spatial)
+        return _project(z, _scaled(U, scale) * S.to(U.dtype).unsqueeze(-2), bias, geo.spatial)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):  # noqa: D102 - autograd.Function protocol
-        z, S, U = ctx.saved_tensors
-        spatial = ctx.spatial
-        need_z, need_s, _, need_bias, _ = ctx.needs_input_grad
-        grad_z = grad_s = grad_bias = None
-        if need_z or need_s:
+        z, S, U, scale, v_weight = ctx.saved_tensors
+        geo = ctx.geo
+        need_x, need_s, _, _, _, need_bias, _ = ctx.needs_input_grad
+        grad_x = grad_s = grad_bias = None
+        if need_x or need_s:
             # back through the U projection: U^T per group (autocast may hand a half grad)
-            grad_zs = _project(grad_y, U.mT.to(grad_y.dtype), None, spatial)
+            grad_zs = _project(grad_y, _scaled(U, scale).mT.to(grad_y.dtype), None, geo.spatial)
             if need_s:
-                grad_s = _channel_sum(grad_zs * z.to(grad_zs.dtype), spatial)
+                grad_s = _channel_sum(grad_zs * z.to(grad_zs.dtype), geo.spatial)
                 grad_s = grad_s.reshape(S.shape).to(S.dtype)
-            if need_z:
-                scale = _channel_view(S.reshape(-1).to(grad_zs.dtype), grad_zs, spatial)
-                grad_z = grad_zs.mul_(scale).to(z.dtype)
+            if need_x:
+                scale_s = _channel_view(S.reshape(-1).to(grad_zs.dtype), grad_zs, geo.spatial)
+                grad_z = grad_zs.mul_(scale_s)
+                grad_x = _v_input_grad(grad_z, ctx.x_shape, v_weight.to(grad_z.dtype), geo).to(ctx.x_dtype)
         if need_bias:
-            grad_bias = _channel_sum(grad_y, spatial).to(ctx.bias_dtype)
-        return grad_z, grad_s, None, grad_bias, None
+            grad_bias = _channel_sum(grad_y, geo.spatial).to(ctx.bias_dtype)
+        return grad_x, grad_s, None, None, None, grad_bias, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast compute dtype for the device, or None when autocast is off."""
+    if device_type not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 class SVFLayer(nn.Module):
@@ -149,6 +200,10 @@ class SVFLayer(nn.Module):
     inference_mode, or S frozen) the rebuilt weight is cached until S, U or Vh change
     (tracked through version counters and storage; edits through ``.data`` are not seen,
     call `clear_cache` after those).
+
+    A frozen BatchNorm after the layer can be folded in (`fold_batchnorm`): the layer then
+    computes ``a * (W x + bias) + b`` with the BN's ``a`` and ``b`` read on every call, and
+    the BN itself becomes a `FoldedBatchNorm` (identity, same state-dict keys).
     """
 
     def __init__(
@@ -175,8 +230,11 @@ class SVFLayer(nn.Module):
         self.register_parameter("bias", nn.Parameter(bias) if bias is not None else None)
         self.weight_shape = tuple(int(v) for v in weight_shape)
         self.mode = mode
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
         self._plans: dict[tuple, str] = {}
+        # A plain tuple, not a submodule: the BN stays registered where it was (its keys).
+        self._folded: tuple[FoldedBatchNorm, ...] = ()
+        self.tune_cache: TuneCache = TuneCache()
 
     # --- facts -----------------------------------------------------------------
     @property
@@ -188,9 +246,74 @@ class SVFLayer(nn.Module):
         return self.U.shape[2]
 
     @property
+    def folded_bn(self) -> FoldedBatchNorm | None:
+        """The BatchNorm folded into this layer, if any."""
+        return self._folded[0] if self._folded else None
+
+    @property
     def weight(self) -> torch.Tensor:
-        """The rebuilt weight (cached when no graph is needed, differentiable otherwise)."""
-        return self._rebuilt_weight()
+        """The weight the layer applies (BN scale included when folded; cached when no graph is needed)."""
+        return self._effective()[0]
+
+    # --- BatchNorm folding -------------------------------------------------------------
+    def fold_batchnorm(self, bn: nn.Module, name: str = "bn") -> FoldedBatchNorm:
+        """Folds a frozen BatchNorm that follows this layer; returns its identity stand-in.
+
+        The caller puts the returned module where ``bn`` was (`apply_svf` does).
+
+        Args:
+            bn: a BatchNorm with running statistics and no trainable affine parameter.
+            name: its qualified name, for error messages.
+
+        Returns:
+            The `FoldedBatchNorm` sharing ``bn``'s tensors.
+        """
+        if self._folded:
+            raise ValueError(f"fold_bn: {name!r}: this layer already has a folded BatchNorm")
+        refuse_trainable(bn, name)
+        folded = bn if isinstance(bn, FoldedBatchNorm) else FoldedBatchNorm(bn)
+        if folded.num_features != self.weight_shape[0]:
+            raise ValueError(
+                f"fold_bn: {name!r} has {folded.num_features} features, the layer "
+                f"{self.weight_shape[0]} outputs"
+            )
+        self._folded = (folded,)
+        self.clear_cache()
+        return folded
+
+    def unfold_batchnorm(self) -> FoldedBatchNorm | None:
+        """Detaches the folded BatchNorm (returned) so the layer computes W x + bias again."""
+        folded = self.folded_bn
+        self._folded = ()
+        self.clear_cache()
+        return folded
+
+    def _bn_affine(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        bn = self.folded_bn
+        if bn is None:
+            return None
+        if not torch.compiler.is_compiling() and has_trainable_affine(bn):
+            raise RuntimeError(
+                f"{type(self).__name__}: its folded BatchNorm has trainable affine parameters; "
+                "folding needs a frozen BatchNorm (train_bn=false) or fold_bn=false"
+            )
+        a, b = bn_scale_shift(bn, dtype)
+        return a.detach(), b.detach()
+
+    def _factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(U with the BN scale on its rows, bias with the BN folded in), in ``dtype`` if given."""
+        U, bias = self.U, self.bias
+        affine = self._bn_affine(dtype)
+        if dtype is not None:
+            U = U.to(dtype)
+        if affine is not None:
+            a, b = affine
+            g, m, _ = U.shape
+            U = U * a.to(U.dtype).reshape(g, m, 1)
+            bias = b if bias is None else a * bias + b
+        if bias is not None and dtype is not None:
+            bias = bias.to(dtype)
+        return U, bias
 
     # --- weight rebuild and cache -------------------------------------------------
     def clear_cache(self) -> None:
@@ -207,60 +330,93 @@ class SVFLayer(nn.Module):
         return torch.is_grad_enabled() and self.S.requires_grad
 
     def _cache_key(self) -> tuple:
-        S, U, Vh = self.S, self.U, self.Vh
-        return (
-            S.data_ptr(), _version(S), S.device, S.dtype,
-            U.data_ptr(), _version(U), Vh.data_ptr(), _version(Vh),
-            torch.is_inference_mode_enabled(),
-        )  # fmt: skip
+        tensors = [self.S, self.U, self.Vh]
+        if self.bias is not None:
+            tensors.append(self.bias)
+        bn = self.folded_bn
+        if bn is not None:
+            tensors += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+        key = [(t.data_ptr(), _version(t)) for t in tensors]
+        return (tuple(key), self.S.device, self.S.dtype, torch.is_inference_mode_enabled())
 
-    def _compute_weight(self, precise: bool = False) -> torch.Tensor:
-        """Rebuilds the weight; ``precise`` accumulates in a wider dtype (for cached/merged
+    def _compute(self, precise: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rebuilds (weight, bias); ``precise`` accumulates in a wider dtype (for cached/merged
         weights, built once: 5x smaller error, half the float32 entries bit-identical)."""
         # Autocast off: the conv casts the result itself, and a half-precision rebuild
         # would add error on top of that cast.
-        U, S, Vh = self.U, self.S, self.Vh
-        with torch.autocast(U.device.type, enabled=False):
+        with torch.autocast(self.U.device.type, enabled=False):
             if not precise:
-                return rebuild_weight(U, S, Vh, self.weight_shape)
-            wide = _accumulation_dtype(U.dtype, U.device)
-            weight = rebuild_weight(U.to(wide), S.to(wide), Vh.to(wide), self.weight_shape)
-            return weight.to(U.dtype)
+                U, bias = self._factors()
+                return rebuild_weight(U, self.S, self.Vh, self.weight_shape), bias
+            dtype = self.U.dtype
+            wide = _accumulation_dtype(dtype, self.U.device)
+            U, bias = self._factors(wide)
+            weight = rebuild_weight(U, self.S.to(wide), self.Vh.to(wide), self.weight_shape)
+            return weight.to(dtype), None if bias is None else bias.to(dtype)
 
-    def _rebuilt_weight(self) -> torch.Tensor:
+    def _effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._needs_graph():
-            return self._compute_weight()  # never cached: the graph to S must stay intact
+            return self._compute()  # never cached: the graph to S must stay intact
+        if torch.compiler.is_compiling():
+            return self._compute(precise=True)  # storage pointers are not traceable
         key = self._cache_key()
         if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+            return self._cache[1], self._cache[2]
         with torch.no_grad():
-            weight = self._compute_weight(precise=True)
-        self._cache = (key, weight)
-        return weight
+            weight, bias = self._compute(precise=True)
+        self._cache = (key, weight, bias)
+        return weight, bias
 
     # --- forward selection --------------------------------------------------------
     def _positions(self, x: torch.Tensor) -> int:
         raise NotImplementedError
 
+    def _estimate(self, x: torch.Tensor) -> str:
+        g, m, r = self.U.shape
+        costs = estimate_costs(
+            groups=g, out_per_group=m, in_per_group=self.Vh.shape[2], rank=r,
+            positions=self._positions(x), training=True, input_grad=x.requires_grad,
+        )  # fmt: skip
+        return min(costs, key=costs.get)
+
+    def _tune_key(self, x: torch.Tensor) -> tuple:
+        """What decides the faster form: the layer's geometry and the input's shape, dtype, device."""
+        return (
+            type(self).__name__, self.weight_shape, self.rank, self._geometry(), self.bias is not None,
+            self.folded_bn is not None, tuple(x.shape), x.dtype, str(x.device), x.requires_grad,
+            tuple(x.stride()), _autocast_dtype(x.device.type),
+        )  # fmt: skip
+
     def choose_mode(self, x: torch.Tensor) -> str:
-        """Returns the forward form used for input ``x`` ("reparam" or "factorized")."""
-        if self.mode != "auto":
+        """Returns the forward form used for input ``x`` ("reparam" or "factorized").
+
+        "auto" picks the cheaper form by a cost estimate; "tune" times both forms on the first
+        training call per (layer geometry, input shape, dtype, device) and keeps the faster
+        (shared by the layers of one `apply_svf` call). Without a graph to S both use the
+        cached rebuilt weight, exactly the plain layer's cost.
+        """
+        if self.mode in ("reparam", "factorized"):
             return self.mode
-        training = self._needs_graph()
-        if not training:
-            return "reparam"  # cached weight: exactly the plain layer's cost
-        key = (tuple(x.shape), x.device.type, x.requires_grad)
+        if not self._needs_graph():
+            return "reparam"
+        key = (tuple(x.shape), x.device.type, x.dtype, x.requires_grad)
         plan = self._plans.get(key)
-        if plan is None:
-            g, m, r = self.U.shape
-            costs = estimate_costs(
-                groups=g, out_per_group=m, in_per_group=self.Vh.shape[2], rank=r,
-                positions=self._positions(x), training=True, input_grad=x.requires_grad,
-            )  # fmt: skip
-            plan = min(costs, key=costs.get)
-            if len(self._plans) >= _MAX_PLANS:  # many input sizes (e.g. multi-scale): stay bounded
-                self._plans.clear()
-            self._plans[key] = plan
+        if plan is not None:
+            return plan
+        if torch.compiler.is_compiling():
+            return self._estimate(x)  # no timing or cache writes inside a traced graph
+        if self.mode == "tune":
+            tune_key = self._tune_key(x)
+            entry = self.tune_cache.get(tune_key)
+            if entry is None:
+                entry = time_forms(self, x)
+                self.tune_cache.put(tune_key, entry)
+            plan = entry["plan"]
+        else:
+            plan = self._estimate(x)
+        if len(self._plans) >= _MAX_PLANS:  # many input sizes (e.g. multi-scale): stay bounded
+            self._plans.clear()
+        self._plans[key] = plan
         return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,27 +424,58 @@ class SVFLayer(nn.Module):
             return self._forward_factorized(x)
         return self._forward_reparam(x)
 
+    def _geometry(self) -> _Geometry:
+        raise NotImplementedError
+
+    def _v_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
     def _forward_reparam(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
+    def _run_factorized(self, x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+        """The factorized form on an already padded input."""
+        if self._needs_graph():
+            dtype = _autocast_dtype(x.device.type)
+            U, v_weight, bias = self.U, self._v_weight(), self.bias
+            affine = self._bn_affine()
+            scale = None
+            if affine is not None:
+                scale, shift = affine
+                bias = shift if bias is None else scale * bias + shift
+            if dtype is not None:  # cast here so S stays float32 and autograd casts the grads back
+                x, U, v_weight = x.to(dtype), U.to(dtype), v_weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            elif x.dtype != U.dtype:
+                raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's {U.dtype}")
+            return _Factorized.apply(x, self.S, U, scale, v_weight, bias, geo)
+        U, bias = self._factors()
+        z = _v_project(x, self._v_weight(), geo)
+        return _project(z, U * self.S.unsqueeze(-2), bias, geo.spatial)
+
+    def to_plain(self, fold_bn: bool = False) -> nn.Module:
+        """Returns the equivalent plain layer.
+
+        Args:
+            fold_bn: with a folded BatchNorm, give the folded layer (weight scaled by ``a``,
+                bias ``a * bias + b``; the BN is then dropped); otherwise W = U diag(S) Vh and
+                the original bias, for the BN to be restored after it.
+        """
         raise NotImplementedError
 
-    def _scaled_u(self) -> torch.Tensor:
-        """U diag(S) for the no-graph factorized path (S folded into the U weight)."""
-        return self.U * self.S.unsqueeze(-2)
-
-    def to_plain(self) -> nn.Module:
-        """Returns the equivalent plain layer (weight = U diag(S) Vh)."""
-        raise NotImplementedError
-
-    def _plain_params(self) -> tuple[nn.Parameter, nn.Parameter | None]:
-        with torch.no_grad():
-            weight = self._compute_weight(precise=True).contiguous()
-        weight = nn.Parameter(weight, requires_grad=self.S.requires_grad)
-        bias = None
-        if self.bias is not None:
-            bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+    def _plain_params(self, fold_bn: bool) -> tuple[nn.Parameter, nn.Parameter | None]:
+        folded = None if fold_bn else self.unfold_batchnorm()
+        try:
+            with torch.no_grad():
+                weight, bias = self._compute(precise=True)
+        finally:
+            if folded is not None:
+                self._folded = (folded,)
+                self.clear_cache()
+        weight = nn.Parameter(weight.contiguous(), requires_grad=self.S.requires_grad)
+        if bias is not None:
+            trained = self.bias is not None and self.bias.requires_grad
+            bias = nn.Parameter(bias.detach().clone(), requires_grad=trained)
         return weight, bias
 
 
@@ -394,23 +581,29 @@ class _SVFConvNd(SVFLayer):
 
     def _forward_reparam(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = self._padded(x)
-        conv = _CONV_FN[self.dim]
-        return conv(
-            x, self._rebuilt_weight(), self.bias, self.stride, padding, self.dilation, self.groups
-        )
+        weight, bias = self._effective()
+        return _CONV_FN[self.dim](x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def _geometry(self) -> _Geometry:
+        """Conv geometry with integer padding (string or non-zero padding is applied by `_forward_factorized`)."""
+        before, after = self._pad[0::2][::-1], self._pad[1::2][::-1]
+        padding = tuple(before) if self.padding_mode == "zeros" and before == after else (0,) * self.dim
+        return _Geometry(self.dim, self.stride, padding, self.dilation, self.groups)
+
+    def _v_weight(self) -> torch.Tensor:
+        g, _, r = self.U.shape
+        return self.Vh.reshape(g * r, self.in_channels // g, *self.kernel_size)
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        x, padding = self._padded(x)
-        conv = _CONV_FN[self.dim]
-        g, _, r = self.U.shape
-        v_weight = self.Vh.reshape(g * r, self.in_channels // g, *self.kernel_size)
-        z = conv(x, v_weight, None, self.stride, padding, self.dilation, g)
-        if self._needs_graph():
-            return _ScaleProject.apply(z, self.S, self.U, self.bias, self.dim)
-        return _project(z, self._scaled_u(), self.bias, self.dim)
+        geo = self._geometry()
+        if any(self._pad) and not any(geo.padding):  # asymmetric "same" or reflect/replicate/circular
+            x = F.pad(x, self._pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        if x.ndim == self.dim + 1:  # unbatched input: the input-gradient kernel wants a batch dim
+            return self._run_factorized(x.unsqueeze(0), geo).squeeze(0)
+        return self._run_factorized(x, geo)
 
-    def to_plain(self) -> nn.Module:
-        weight, bias = self._plain_params()
+    def to_plain(self, fold_bn: bool = False) -> nn.Module:  # noqa: D102 - documented in SVFLayer
+        weight, bias = self._plain_params(fold_bn)
         conv = torch.nn.utils.skip_init(
             _CONV_CLS[self.dim], self.in_channels, self.out_channels, self.kernel_size,
             stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
@@ -490,16 +683,20 @@ class SVFLinear(SVFLayer):
         return math.prod(x.shape[:-1])
 
     def _forward_reparam(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._rebuilt_weight(), self.bias)
+        weight, bias = self._effective()
+        return F.linear(x, weight, bias)
+
+    def _geometry(self) -> _Geometry:
+        return _Geometry(None)
+
+    def _v_weight(self) -> torch.Tensor:
+        return self.Vh[0]
 
     def _forward_factorized(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.Vh[0])
-        if self._needs_graph():
-            return _ScaleProject.apply(z, self.S, self.U, self.bias, None)
-        return F.linear(z, self._scaled_u()[0], self.bias)
+        return self._run_factorized(x, self._geometry())
 
-    def to_plain(self) -> nn.Module:
-        weight, bias = self._plain_params()
+    def to_plain(self, fold_bn: bool = False) -> nn.Module:  # noqa: D102 - documented in SVFLayer
+        weight, bias = self._plain_params(fold_bn)
         linear = torch.nn.utils.skip_init(
             nn.Linear, self.in_features, self.out_features, bias=bias is not None,
             device=weight.device, dtype=weight.dtype,

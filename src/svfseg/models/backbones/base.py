@@ -11,6 +11,13 @@ from torch import nn
 STAGE_NAMES: tuple[str, ...] = ("layer0", "layer1", "layer2", "layer3", "layer4")
 
 
+def _exists(root: nn.Module, name: str) -> bool:
+    try:
+        return not isinstance(root.get_submodule(name), nn.Identity)
+    except AttributeError:
+        return False
+
+
 class Backbone(nn.Module):
     """A feature extractor made of five sequential stages, ``layer0`` .. ``layer4``.
 
@@ -91,6 +98,25 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the output of the last stage."""
         return self.forward_stages(x, (self.stage_names[-1],))[self.stage_names[-1]]
+
+    # -- conv -> BN pairs ---------------------------------------------------------------------
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """(conv name, BN name) for every conv whose output feeds only the BatchNorm after it.
+
+        Declared, not discovered: module order does not say where a tensor flows (a block
+        registers its shortcut after its last BN), and tracing the graph would tie the
+        backbones to what torch.fx can follow. Each block type lists its own pairs in a
+        ``conv_bn_pairs_local`` class attribute (names relative to the block); a test checks the declarations against the forward.
+        SVF folds the frozen BNs of decomposed convs (``SVFConfig.fold_bn``), and inference
+        exports fold the rest (``svfseg.svf.fold_conv_bn``).
+        """
+        pairs = []
+        for prefix, module in self.named_modules():
+            for conv, bn in getattr(type(module), "conv_bn_pairs_local", ()):
+                conv_q, bn_q = (f"{prefix}.{n}" if prefix else n for n in (conv, bn))
+                if _exists(self, conv_q) and _exists(self, bn_q):
+                    pairs.append((conv_q, bn_q))
+        return pairs
 
     # -- checkpoint naming -------------------------------------------------------------------
     def checkpoint_key(self, key: str) -> str:

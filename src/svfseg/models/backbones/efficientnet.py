@@ -129,6 +129,8 @@ class InputRange(nn.Module):
 class Stem(nn.Module):
     """Input range adaptation, then 3x3 stride-2 conv, BN, ReLU6."""
 
+    conv_bn_pairs_local = (("conv", "bn"),)
+
     def __init__(self, cout: int = _STEM_CHANNELS, input_norm: str = "imagenet") -> None:
         super().__init__()
         self.input_range = InputRange(input_norm)
@@ -147,6 +149,8 @@ class MBConvLite(nn.Module):
     ``bn1``, ``project_conv``/``bn2``). Drop-connect is not implemented (the backbone is used
     frozen or with SVF, where the original training regulariser does not apply).
     """
+
+    conv_bn_pairs_local = (("expand_conv", "bn0"), ("depthwise_conv", "bn1"), ("project_conv", "bn2"))
 
     def __init__(self, cin: int, cout: int, kernel_size: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
@@ -174,6 +178,8 @@ class MBConvLite(nn.Module):
 
 class ClassifierHead(nn.Module):
     """ImageNet head: 1x1 conv to 1280, BN, ReLU6, global average pool, dropout, linear."""
+
+    conv_bn_pairs_local = (("conv", "bn"),)
 
     def __init__(self, cin: int, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()

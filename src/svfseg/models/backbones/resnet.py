@@ -26,6 +26,7 @@ class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck: 1x1 -> 3x3 (carries stride and dilation) -> 1x1, plus shortcut."""
 
     expansion = 4
+    conv_bn_pairs_local = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("downsample.0", "downsample.1"))
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1) -> None:
         super().__init__()
@@ -96,6 +97,10 @@ class ResNet(Backbone):
     """
 
     ignored_checkpoint_keys = (r"fc\.(weight|bias)",)
+
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:  # noqa: D102 - see Backbone
+        stem = [(f"layer0.conv{i}", f"layer0.bn{i}") for i in (1, 2, 3) if hasattr(self.layer0, f"conv{i}")]
+        return stem + super().conv_bn_pairs()
 
     def __init__(self, depths: Sequence[int], *, deep_stem: bool = False, output_stride: int = 8):
         super().__init__()

@@ -52,6 +52,15 @@ class VGG16BN(Backbone):
         self._offsets = {name: lo for name, (lo, _) in zip(self.stage_names, _STAGE_RANGES)}
         self._init_weights()
 
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:  # noqa: D102 - see Backbone
+        pairs = []
+        for name in self.stage_names:
+            stage = getattr(self, name)
+            for j in range(len(stage) - 1):
+                if isinstance(stage[j], nn.Conv2d) and isinstance(stage[j + 1], nn.modules.batchnorm._BatchNorm):
+                    pairs.append((f"{name}.{j}", f"{name}.{j + 1}"))
+        return pairs
+
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -1,0 +1,91 @@
+"""BN folding in the few-shot models: declared conv->BN pairs, the policy default, exact export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from svfseg.models import SVFPolicy, create_model, export_merged
+from svfseg.models.policy import folds_bn
+from svfseg.models.backbones import create_backbone
+from svfseg.models.backbones.resnet import ResNet
+from svfseg.svf import FoldedBatchNorm, singular_value_parameters, svf_layers
+from test_models import episode
+
+
+@pytest.mark.parametrize("name", ["resnet50_deep", "resnet50", "vgg16_bn", "efficientnet_lite0"])
+def test_declared_pairs_are_the_forward_dataflow(name):
+    torch.manual_seed(0)
+    backbone = create_backbone(name).eval()
+    outputs, inputs, hooks = {}, {}, []
+    for mod_name, module in backbone.named_modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(lambda m, a, out, n=mod_name: outputs.__setitem__(n, out)))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            hooks.append(module.register_forward_pre_hook(lambda m, a, n=mod_name: inputs.__setitem__(n, a[0])))
+    with torch.no_grad():
+        backbone(torch.randn(1, 3, 33, 33))
+    for h in hooks:
+        h.remove()
+    pairs = backbone.conv_bn_pairs()
+    assert pairs and len({bn for _, bn in pairs}) == len(pairs)
+    for conv, bn in pairs:
+        assert inputs[bn] is outputs[conv], f"{bn} does not read {conv}'s output"
+    # every BN of the backbone sits after a declared conv
+    assert {bn for _, bn in pairs} == set(inputs)
+
+
+def small_resnet() -> ResNet:
+    torch.manual_seed(0)
+    backbone = ResNet((1, 1, 1, 1), deep_stem=True, output_stride=8)
+    with torch.no_grad():  # non-trivial statistics, or folding would be a no-op
+        for m in backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.bias.uniform_(-0.2, 0.2)
+    return backbone
+
+
+def test_policy_folds_by_default_and_stays_exact():
+    folded = create_model("baseline", backbone=small_resnet(), regime="svf")
+    plain = create_model("baseline", backbone=small_resnet(), regime="svf",
+                         svf_policy=SVFPolicy(fold_bn=False))
+    assert folded.svf_policy.fold_bn is True and folded.describe()["svf_policy"]["fold_bn"] is True
+    n_folded = sum(isinstance(m, FoldedBatchNorm) for m in folded.backbone.modules())
+    assert n_folded == sum(1 for _ in svf_layers(folded.backbone))  # every layer2-4 conv has its BN
+    assert not any(isinstance(m, FoldedBatchNorm) for m in plain.backbone.modules())
+    assert list(folded.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(folded.state_dict())  # same weights, same keys
+    ep = episode(b=1, k=1)
+    grads = []
+    for model in (folded, plain):
+        model.train().zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks in the head
+        out = model(*ep)
+        out.logits.sum().backward()
+        grads.append([p.grad for _, p in singular_value_parameters(model.backbone)])
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(*ep), plain(*ep), rtol=1e-4, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+    with torch.no_grad():
+        for _, s in singular_value_parameters(folded.backbone):
+            s.mul_(1 + 0.2 * torch.rand(s.shape))
+        expected = folded(*ep)
+        keep = export_merged(folded)
+        fused = export_merged(folded, fold_bn=True)
+        torch.testing.assert_close(keep(*ep), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused(*ep), expected, rtol=1e-4, atol=1e-4)
+    assert list(keep.state_dict()) == list(create_model("baseline", backbone=small_resnet()).state_dict())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.backbone.modules())
+
+
+def test_train_bn_turns_folding_off_and_refuses_it_explicitly():
+    assert folds_bn(SVFPolicy(train_bn=True)) is False
+    with pytest.raises(ValueError, match="fold_bn=True .* train_bn=True"):
+        SVFPolicy(train_bn=True, fold_bn=True)
+    assert folds_bn(SVFPolicy.from_dict({"stages": ["layer4"]})) is True  # old policy dicts
