@@ -39,9 +39,13 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     if weights and weights != "imagenet" and not Path(weights).is_file():
         raise FileNotFoundError(f"model.weights={weights!r}: no such file (download the backbone weights the "
                                 f"recipe names, or set model.weights=null to start from random weights)")
+    from svfseg.models.regimes import STAGED_REGIMES
+
     kwargs = {**recipe.model_kwargs(cfg), **(load_dependencies(cfg) if pretrained else {})}
+    if m.regime == "lora":
+        kwargs["lora"] = cfg.lora
     return create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
-                        svf_policy=cfg.svf if m.regime == "svf" else None,
+                        svf_policy=cfg.svf if m.regime in STAGED_REGIMES else None,
                         backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
 
 

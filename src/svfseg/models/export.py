@@ -7,6 +7,7 @@ import logging
 
 from torch import nn
 
+from svfseg.models.regimes import merge_backbone
 from svfseg.svf import merge_svf, svf_layers
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,14 @@ def export_merged(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if n_layers:
         merge_svf(merged.backbone)
         logger.info("merged %d SVF layers of %s", n_layers, merged.backbone_name)
+    n_lora = merge_backbone(merged.backbone)
+    if n_lora:
+        logger.info("merged %d LoRA layers of %s", n_lora, merged.backbone_name)
     if merged.regime == "full":
         logger.warning("export_merged: backbone was fully fine-tuned; exported with a frozen backbone")
     merged.regime = "frozen"
     merged.svf_policy = None
+    merged.lora = None
     for p in merged.backbone.parameters():
         p.requires_grad_(False)
     return merged.eval()
