@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(d)
 
+    c = sub.add_parser("compare", help="several backbone regimes x seeds on identical episodes, with 95% intervals")
+    from svfseg.compare import add_compare_arguments
+
+    add_compare_arguments(c)
+
     pr = sub.add_parser("prepare", help="build a Pascal-layout root from VOC/SBD or COCO (or check one)")
     from svfseg.data.prepare import add_prepare_arguments
 
@@ -194,12 +199,20 @@ def cmd_demo(args) -> int:
         return run_demo_cli(args)
 
 
+def cmd_compare(args) -> int:
+    from svfseg.compare import run_compare_cli
+
+    with _tqdm_safe_logging():
+        return run_compare_cli(args)
+
+
 class UsageError(ValueError):
     """Wrong command-line use."""
 
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "report": cmd_report,
-            "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo}
+            "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo,
+            "compare": cmd_compare}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
