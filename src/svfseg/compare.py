@@ -91,11 +91,12 @@ def test_episode_file(plan: ComparePlan, cfg) -> Path:
     return path
 
 
-def run_cell(cfg, episodes: Path) -> dict:
+def run_cell(cfg, episodes: Optional[Path]) -> dict:
     """Train (or skip / resume) one cell and score it on ``episodes``; its record for ``compare.json``.
 
-    A finished cell (``train_summary.json`` says finished and ``test/results.json`` exists) is
-    read back, not retrained; a cell with a ``last.pt`` but no finished summary is resumed.
+    A finished cell (``train_summary.json`` says finished) is not retrained, and not rescored
+    when ``test/results.json`` exists; a cell with a ``last.pt`` but no finished summary is
+    resumed. ``episodes`` None: train only (a sweep trial that was not chosen is never tested).
     """
     from svfseg.engine.run import train_run
     from svfseg.engine.tasks.fewshot import score_checkpoint
@@ -112,20 +113,23 @@ def run_cell(cfg, episodes: Path) -> dict:
         summary = json.loads(summary_path.read_text())
         if result.status != "finished":
             return {"run_dir": str(run_dir), "status": result.status}
-    if not results_path.exists() or not done:
-        score_checkpoint(run_dir / "best.pt", cfg, episodes=episodes, out_dir=run_dir / "test")
-    res = json.loads(results_path.read_text())
-    run = res["runs"][0]
     fp = summary.get("footprint") or {}
     steps = max(summary.get("step") or 0, 1)
-    return {"run_dir": str(run_dir), "status": "finished", "miou": run["miou"], "fb_iou": run["fb_iou"],
-            "episodes": run["episodes"], "episode_fingerprint": run["episode_fingerprint"],
-            "val_miou": (summary.get("best") or {}).get("miou"), "train_seconds": summary.get("seconds"),
-            "seconds_per_step": (summary.get("seconds") or 0) / steps,
-            "trainable": fp.get("trainable"), "adapter_bytes": (fp.get("adapter") or {}).get("bytes"),
-            "peak_memory_bytes": fp.get("peak_memory_bytes"), "movement": fp.get("movement"),
-            "movement_max_stage_mean": fp.get("movement_max_stage_mean"),
-            "gradient_scale_step1": fp.get("gradient_scale_step1")}
+    rec = {"run_dir": str(run_dir), "status": "finished",
+           "val_miou": (summary.get("best") or {}).get("miou"), "train_seconds": summary.get("seconds"),
+           "seconds_per_step": (summary.get("seconds") or 0) / steps,
+           "trainable": fp.get("trainable"), "adapter_bytes": (fp.get("adapter") or {}).get("bytes"),
+           "peak_memory_bytes": fp.get("peak_memory_bytes"), "movement": fp.get("movement"),
+           "movement_max_stage_mean": fp.get("movement_max_stage_mean"),
+           "gradient_scale_step1": fp.get("gradient_scale_step1")}
+    if episodes is None:
+        return rec
+    if not results_path.exists() or not done:
+        score_checkpoint(run_dir / "best.pt", cfg, episodes=episodes, out_dir=run_dir / "test")
+    run = json.loads(results_path.read_text())["runs"][0]
+    rec.update(miou=run["miou"], fb_iou=run["fb_iou"], episodes=run["episodes"],
+               episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"])
+    return rec
 
 
 def _trains_backbone(regime: str) -> bool:
@@ -148,26 +152,18 @@ def run_compare(plan: ComparePlan) -> dict:
                 grid = plan.backbone_lr if _trains_backbone(regime) and len(plan.backbone_lr) > 1 else [None]
                 chosen = grid[0]
                 if len(grid) > 1:
-                    # The sweep: first seed only, chosen on base-class validation episodes.
-                    trials = {}
+                    # The sweep: first seed only, chosen on base-class validation episodes; only the
+                    # chosen trial is then scored on the test episodes (and serves as that seed's cell).
+                    trials, moved = {}, {}
                     for mult in grid:
-                        cfg = cell_config(plan, fold, shot, regime, plan.seeds[0], mult)
-                        rec = run_cell(cfg, test_episode_file(plan, cfg))
-                        trials[mult] = rec.get("val_miou")
-                        if rec.get("status") == "finished":
-                            cells.append({"regime": regime, "seed": plan.seeds[0], "fold": fold, "shot": shot,
-                                          "lr_mult": mult, "sweep": True, **rec})
+                        rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None)
+                        trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
+                        moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
                     scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}
                     chosen = max(scored, key=scored.get) if scored else grid[0]
                     sweeps[f"{regime}/fold{fold}/{shot}shot"] = {"val_miou": {f"{m:g}": v for m, v in trials.items()},
-                                                                 "chosen": chosen}
+                                                                 "movement": moved, "chosen": chosen}
                 for seed in plan.seeds:
-                    if len(grid) > 1 and seed == plan.seeds[0]:
-                        for c in cells:
-                            if (c["regime"], c["seed"], c["fold"], c["shot"], c.get("lr_mult")) == \
-                                    (regime, seed, fold, shot, chosen):
-                                c["sweep"] = False
-                        continue
                     cfg = cell_config(plan, fold, shot, regime, seed, chosen)
                     rec = run_cell(cfg, test_episode_file(plan, cfg))
                     cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen,
