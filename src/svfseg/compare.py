@@ -98,6 +98,7 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
     when ``test/results.json`` exists; a cell with a ``last.pt`` but no finished summary is
     resumed. ``episodes`` None: train only (a sweep trial that was not chosen is never tested).
     """
+    from svfseg.engine.loop import NonFiniteLoss
     from svfseg.engine.run import train_run
     from svfseg.engine.tasks.fewshot import score_checkpoint
 
@@ -105,11 +106,21 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
     summary_path, results_path = run_dir / "train_summary.json", run_dir / "test" / "results.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     done = summary is not None and summary.get("status") == "finished"
+    diverged = run_dir / "diverged.txt"
+    if diverged.exists():
+        return {"run_dir": str(run_dir), "status": "diverged"}
     if not done:
         if (run_dir / "last.pt").exists():
             cfg.resume = True
             logger.info("compare: resuming %s", run_dir)
-        result = train_run(cfg, argv=["svfseg", "compare"])
+        try:
+            result = train_run(cfg, argv=["svfseg", "compare"])
+        except NonFiniteLoss as e:
+            # A diverged cell (e.g. the largest lr of a sweep) is a result, not a crash; the marker
+            # keeps a rerun from training it again.
+            logger.warning("compare: %s diverged: %s", run_dir, e)
+            diverged.write_text(f"{e}\n")
+            return {"run_dir": str(run_dir), "status": "diverged"}
         summary = json.loads(summary_path.read_text())
         if result.status != "finished":
             return {"run_dir": str(run_dir), "status": result.status}
@@ -178,7 +189,8 @@ def run_compare(plan: ComparePlan) -> dict:
 def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
     """Per regime: mean +- std over seeds (fold-averaged), paired interval to the reference, costs."""
     final = [c for c in cells if not c.get("sweep") and c.get("status") == "finished"]
-    incomplete = [c for c in cells if c.get("status") != "finished"]
+    incomplete = [c for c in cells if c.get("status") not in ("finished", "diverged")]
+    diverged = [c for c in cells if c.get("status") == "diverged"]
 
     def per_seed(regime: str, key: str) -> dict[int, float]:
         out = {}
@@ -218,7 +230,7 @@ def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
     return {"config": str(plan.config), "regimes": plan.regimes, "seeds": plan.seeds, "folds": plan.folds,
             "shots": plan.shots, "overrides": plan.overrides, "reference": plan.reference,
             "backbone_lr_grid": plan.backbone_lr, "interval": "paired t over seeds, 95%",
-            "sweeps": sweeps, "rows": rows, "cells": cells, "incomplete": incomplete}
+            "sweeps": sweeps, "rows": rows, "cells": cells, "incomplete": incomplete, "diverged": diverged}
 
 
 def _pct(v: Optional[float], signed: bool = False) -> str:
@@ -281,6 +293,9 @@ def compare_markdown(result: dict) -> str:
     for regime, r in result["rows"].items():
         if regime != ref:
             lines.append(verdict_sentence(regime, r, ref))
+    if result.get("diverged"):
+        lines += ["", f"{len(result['diverged'])} cell(s) diverged (non-finite loss): "
+                  + ", ".join(Path(c["run_dir"]).name for c in result["diverged"])]
     if result["incomplete"]:
         lines += ["", f"{len(result['incomplete'])} cell(s) did not finish; rerun the same command to resume them."]
     return "\n".join(lines) + "\n"
