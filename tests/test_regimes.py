@@ -145,3 +145,31 @@ def test_config_regimes_build_through_the_engine():
         assert model.regime == regime and model.svf_policy.stages == ("layer4",)
         trained = {n.split(".")[0] for n, p in model.backbone.named_parameters() if p.requires_grad}
         assert trained == {"layer4"}
+
+
+def test_footprint_movement_is_relative_per_stage_and_the_adapter_holds_only_what_trained(tmp_path):
+    from safetensors.torch import load_file
+
+    from svfseg.engine.footprint import ADAPTER_FILE, Footprint
+    from svfseg.svf import singular_value_parameters
+
+    model = _build("svf")
+    fp = Footprint(model, torch.device("cpu"))
+    (name, s), *_ = [(n, p) for n, p in singular_value_parameters(model.backbone) if n.startswith("layer3")]
+    with torch.no_grad():
+        s.view(-1)[0] *= 1.10  # one value of layer3 moves 10%, nothing else
+    move = fp.movement()
+    assert move["layer3"]["max"] == pytest.approx(0.10, rel=1e-4)
+    assert move["layer3"]["mean"] == pytest.approx(0.10 / sum(p.numel() for n, p in
+                                                   singular_value_parameters(model.backbone)
+                                                   if n.startswith("layer3")), rel=1e-4)
+    assert move["layer2"]["max"] == 0 and move["layer4"]["max"] == 0
+    out = fp.summary(tmp_path)
+    saved = load_file(str(tmp_path / ADAPTER_FILE))
+    assert set(saved) == {n for n, _ in singular_value_parameters(model.backbone)}
+    assert out["trainable"]["backbone"] == sum(t.numel() for t in saved.values())
+    # a full fine-tune writes no second copy of the backbone, but reports its size
+    full = _build("full")
+    out = Footprint(full, torch.device("cpu")).summary(tmp_path / "full")
+    assert out["adapter"]["file"] is None and out["adapter"]["bytes"] == 4 * sum(
+        p.numel() for p in full.backbone.parameters())

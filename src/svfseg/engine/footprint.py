@@ -54,16 +54,19 @@ class Footprint:
     Args:
         model: The few-shot model (unwrapped), before the first step.
         device: Where it trains (CUDA: peak memory from the allocator; else peak RSS).
+        start_step: The step it starts from (a resumed run measures movement from there).
     """
 
-    def __init__(self, model: nn.Module, device: torch.device):
+    def __init__(self, model: nn.Module, device: torch.device, start_step: int = 0):
         self.device = device
+        self.start_step = start_step
         groups = model.parameter_groups() if hasattr(model, "parameter_groups") else []
         self.counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
         svf_ids = {id(p) for g in groups if g["name"] == "svf" for p in g["params"]}
         backbone = getattr(model, "backbone", None)
-        self.params = {n: p for n, p in (backbone.named_parameters() if backbone is not None else [])
-                       if p.requires_grad}
+        named = list(backbone.named_parameters()) if backbone is not None else []
+        self.backbone_numel = sum(p.numel() for _, p in named)
+        self.params = {n: p for n, p in named if p.requires_grad}
         self.singular = {n for n, p in self.params.items() if id(p) in svf_ids}
         self.start = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
         self.gradient_scale: dict = {}
@@ -116,21 +119,26 @@ class Footprint:
         return peak_rss_bytes()
 
     def summary(self, run_dir: Path) -> dict:
-        """Write ``trained_backbone.safetensors`` (the trained backbone tensors, if any) and return the summary."""
+        """Write ``trained_backbone.safetensors`` (the trained backbone tensors, unless they are most of it); the summary."""
         adapter = None
         if self.params:
-            from safetensors.torch import save_file
+            n_bytes = sum(p.numel() * p.element_size() for p in self.params.values())
+            if sum(p.numel() for p in self.params.values()) * 2 > self.backbone_numel:
+                # Most of the backbone trained: the checkpoint is the artefact; no second copy.
+                adapter = {"file": None, "bytes": n_bytes}
+            else:
+                from safetensors.torch import save_file
 
-            path = Path(run_dir) / ADAPTER_FILE
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(path))
-            adapter = {"file": ADAPTER_FILE, "bytes": path.stat().st_size}
+                path = Path(run_dir) / ADAPTER_FILE
+                save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(path))
+                adapter = {"file": ADAPTER_FILE, "bytes": path.stat().st_size}
         move = self.movement()
         overall = None
         if move:
             overall = max(v["mean"] for v in move.values())
         return {"trainable": {**self.counts, "total": sum(self.counts.values()),
                               "backbone": sum(p.numel() for p in self.params.values())},
-                "adapter": adapter, "movement": move, "movement_max_stage_mean": overall,
+                "adapter": adapter, "movement": move, "movement_from_step": self.start_step, "movement_max_stage_mean": overall,
                 "gradient_scale_step1": self.gradient_scale,
                 "peak_memory_bytes": self.peak_memory_bytes(),
                 "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else

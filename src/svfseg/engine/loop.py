@@ -186,7 +186,7 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_trainable(run_dir, unwrap(model))
     # Movement is measured from the weights this process starts from (after a resume: from there).
-    footprint = Footprint(unwrap(model), device)
+    footprint = Footprint(unwrap(model), device, start_step=step)
     sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)
     runlog = RunLogger(run_dir, resume_step=step if resume_state is not None else None,
                        tensorboard=tc.tensorboard) if info.is_main else None
