@@ -156,6 +156,8 @@ def run_compare(plan: ComparePlan) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
+    for regime in plan.regimes:  # a typo in a regime or an override fails now, not hours in
+        cell_config(plan, plan.folds[0], plan.shots[0], regime, plan.seeds[0], None)
     cells, sweeps = [], {}
     for fold in plan.folds:
         for shot in plan.shots:
@@ -356,8 +358,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--config", required=True, help="recipe YAML")
     p.add_argument("--regimes", default="frozen,svf,full", help="comma-separated model.regime values")
     p.add_argument("--seeds", default="0,1", type=_ints, help="comma-separated training seeds")
-    p.add_argument("--folds", default=[0], type=int, nargs="+", help="folds (default 0)")
-    p.add_argument("--shots", default=[1], type=int, nargs="+", help="shots (default 1)")
+    p.add_argument("--folds", default=["0"], nargs="+", help="folds (default 0)")
+    p.add_argument("--shots", default=["1"], nargs="+", help="shots (default 1)")
     p.add_argument("--reference", default="frozen", help="regime the others are compared with")
     p.add_argument("--backbone-lr", default="1", type=_floats,
                    help="grid of lr multipliers for the trained backbone groups, chosen per regime on base-class "
@@ -371,8 +373,18 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def run_compare_cli(args: argparse.Namespace) -> int:
     """Entry point of `svfseg compare`: runs, then prints the Markdown."""
+    # `--folds 0 1 key=value` : argparse hands the overrides after a list option to that option.
+    overrides = list(args.overrides)
+    lists = {}
+    for name in ("folds", "shots"):
+        items = [x for x in getattr(args, name) if "=" not in x]
+        overrides += [x for x in getattr(args, name) if "=" in x]
+        try:
+            lists[name] = [int(x) for x in items]
+        except ValueError:
+            raise ValueError(f"--{name}: expected integers, got {items}") from None
     plan = ComparePlan(config=args.config, regimes=[r for r in args.regimes.split(",") if r], seeds=args.seeds,
-                       folds=args.folds, shots=args.shots, overrides=list(args.overrides), out=args.out,
+                       folds=lists["folds"], shots=lists["shots"], overrides=overrides, out=args.out,
                        reference=args.reference, backbone_lr=args.backbone_lr, test_episodes=args.test_episodes,
                        val_episodes=args.val_episodes)
     result = run_compare(plan)
