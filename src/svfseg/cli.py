@@ -1,4 +1,4 @@
-"""Command-line entry point: `svfseg demo|prepare|train|test|predict|report|merge`."""
+"""Command-line entry point: `svfseg demo|compare|prepare|train|test|predict|report|merge`."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ logger = logging.getLogger("svfseg")
 
 EXAMPLES = """examples:
   svfseg demo                                   # the whole pipeline on synthetic-5i, CPU, no download
+  svfseg compare --config C --regimes frozen,svf,full --seeds 0,1 --out runs/cmp   # regimes with 95% intervals
   svfseg prepare pascal --voc VOC2012 --sbd SBD --out data/pascal
   svfseg train --config configs/pascal/pfenet_resnet50.yaml fold=1 shot=5 model.regime=frozen
   torchrun --nproc_per_node 4 -m svfseg train --config configs/coco/pfenet_resnet50.yaml
