@@ -92,3 +92,26 @@ def test_compare_sweep_chooses_on_validation_and_reuses_the_chosen_cell(data_roo
     final = [c for c in res["cells"] if c["regime"] == "bn"]
     assert len(final) == 1 and final[0]["lr_mult"] == sweep["chosen"]
     assert res["rows"]["bn"]["trainable"]["backbone"] > 0
+
+
+def test_lora_trains_merges_and_the_merged_file_scores_the_same(data_root, tmp_path):
+    """model.regime=lora through the CLI: train, `svfseg merge`, and both score identically on one episode file."""
+    out = tmp_path / "runs"
+    args = ["--config", str(RECIPE), f"data.root={data_root}", f"output_dir={out}", "name=lora",
+            f"data.train_crop={SIZE}", f"data.test_size={SIZE}", "train.steps_per_epoch=2", "train.batch_size=2",
+            "train.progress=false", "model.regime=lora", "lora.r=2", "svf.stages=[layer4]", "optim.lr_mult.backbone=100"]
+    assert main(["train", *args]) == 0
+    run = out / "lora"
+    trainable = json.loads((run / "trainable.json").read_text())
+    assert trainable["regime"] == "lora" and trainable["backbone"] > 0
+    fp = json.loads((run / "train_summary.json").read_text())["footprint"]
+    assert fp["adapter"]["file"] and fp["movement"]["layer4"]["max"] > 0
+    assert main(["merge", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "merged.pt")]) == 0
+    scores = []
+    for ckpt, name in ((run / "best.pt", "a"), (tmp_path / "merged.pt", "b")):
+        assert main(["test", "--checkpoint", str(ckpt), "--out", str(tmp_path / name), "eval.num_episodes=4",
+                     "eval.seeds=[0]", f"data.root={data_root}"]) == 0
+        scores.append(json.loads((tmp_path / name / "results.json").read_text())["runs"][0])
+    assert scores[0]["episode_fingerprint"] == scores[1]["episode_fingerprint"]
+    assert scores[0]["miou"] == pytest.approx(scores[1]["miou"], abs=1e-6)
+    assert scores[0]["fb_iou"] == pytest.approx(scores[1]["fb_iou"], abs=1e-6)
