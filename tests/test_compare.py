@@ -99,7 +99,8 @@ def test_lora_trains_merges_and_the_merged_file_scores_the_same(data_root, tmp_p
     out = tmp_path / "runs"
     args = ["--config", str(RECIPE), f"data.root={data_root}", f"output_dir={out}", "name=lora",
             f"data.train_crop={SIZE}", f"data.test_size={SIZE}", "train.steps_per_epoch=2", "train.batch_size=2",
-            "train.progress=false", "model.regime=lora", "lora.r=2", "svf.stages=[layer4]", "optim.lr_mult.backbone=100"]
+            "train.progress=false", "model.regime=lora", "lora.r=2", "svf.stages=[layer4]",
+            "optim.lr_mult.backbone=100"]
     assert main(["train", *args]) == 0
     run = out / "lora"
     trainable = json.loads((run / "trainable.json").read_text())

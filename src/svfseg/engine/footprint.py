@@ -1,4 +1,4 @@
-"""What a run trained: trainable counts per group, peak memory, gradient scale at step 1, and how far the backbone moved.
+"""What a run trained: trainable counts, peak memory, step-1 gradient scale, how far the backbone moved.
 
 The movement diagnostic answers "did the backbone actually change?": singular values report
 ``|S - S0| / |S0|`` element by element (mean and max per stage); every other trained backbone
@@ -119,7 +119,7 @@ class Footprint:
         return peak_rss_bytes()
 
     def summary(self, run_dir: Path) -> dict:
-        """Write ``trained_backbone.safetensors`` (the trained backbone tensors, unless they are most of it); the summary."""
+        """The summary; writes ``trained_backbone.safetensors`` (the trained backbone tensors) unless most trained."""
         adapter = None
         if self.params:
             n_bytes = sum(p.numel() * p.element_size() for p in self.params.values())
@@ -138,7 +138,8 @@ class Footprint:
             overall = max(v["mean"] for v in move.values())
         return {"trainable": {**self.counts, "total": sum(self.counts.values()),
                               "backbone": sum(p.numel() for p in self.params.values())},
-                "adapter": adapter, "movement": move, "movement_from_step": self.start_step, "movement_max_stage_mean": overall,
+                "adapter": adapter, "movement": move, "movement_from_step": self.start_step,
+                "movement_max_stage_mean": overall,
                 "gradient_scale_step1": self.gradient_scale,
                 "peak_memory_bytes": self.peak_memory_bytes(),
                 "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else
