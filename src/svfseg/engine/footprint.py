@@ -37,15 +37,20 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> Optional[int]:
-    """Peak resident set size of this process since the last reset (``VmHWM``), else ``ru_maxrss``."""
+def _status_kb(key: str) -> Optional[int]:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """Peak resident set size of this process since the last reset (``VmHWM``), else ``ru_maxrss``."""
+    peak = _status_kb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Footprint:
@@ -73,6 +78,9 @@ class Footprint:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.rss_reset = reset_peak_rss()
+        # The process's resident size when training starts (model, data index, earlier runs' freed
+        # but unreturned memory): peak minus this is what the steps themselves added.
+        self.rss_at_start = _status_kb("VmRSS")
 
     @torch.no_grad()
     def observe_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -141,7 +149,7 @@ class Footprint:
                 "adapter": adapter, "movement": move, "movement_from_step": self.start_step,
                 "movement_max_stage_mean": overall,
                 "gradient_scale_step1": self.gradient_scale,
-                "peak_memory_bytes": self.peak_memory_bytes(),
+                "peak_memory_bytes": self.peak_memory_bytes(), "rss_at_start_bytes": self.rss_at_start,
                 "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else
                 ("peak_rss_since_fit" if self.rss_reset else "peak_rss_process")}
 
