@@ -8,7 +8,9 @@ is looked at only once, after training.
 The short-budget rule (``--backbone-lr``): the learning-rate multiplier of whatever a regime
 trains in the backbone (the ``svf`` and ``backbone`` parameter groups) is chosen per regime
 from a small grid on the base-class validation episodes of the first seed; the chosen value
-is then used for every seed. The same grid and the same choice rule apply to every regime.
+is then used for every seed. The same grid and the same choice rule apply to every regime. A
+tie goes to the earlier grid value (list the grid ascending: a tie keeps the smaller lr), and a
+diverged trial counts as failed.
 """
 from __future__ import annotations
 
