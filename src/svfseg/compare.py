@@ -27,6 +27,10 @@ from svfseg.stats import PairedInterval, mean_std, paired_t_interval
 logger = logging.getLogger(__name__)
 
 
+class CellInterrupted(RuntimeError):
+    """A cell stopped on Ctrl-C/SIGTERM: the compare stops too (a rerun resumes that cell)."""
+
+
 @dataclass
 class ComparePlan:
     """What one compare runs.
@@ -125,6 +129,8 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
             return {"run_dir": str(run_dir), "status": "diverged"}
         summary = json.loads(summary_path.read_text())
         if result.status != "finished":
+            if cfg.train.stop_after_steps is None:  # a signal, not the planned stop of a test
+                raise CellInterrupted(f"{run_dir} stopped at step {result.step}; rerun the same command to resume")
             return {"run_dir": str(run_dir), "status": result.status}
     fp = summary.get("footprint") or {}
     steps = max(summary.get("step") or 0, 1)
@@ -149,6 +155,29 @@ def _trains_backbone(regime: str) -> bool:
     return regime != "frozen"
 
 
+def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict) -> None:
+    """The sweep (if any) and then every seed of one regime at one (fold, shot); appends to ``cells``/``sweeps``."""
+    grid = plan.backbone_lr if _trains_backbone(regime) and len(plan.backbone_lr) > 1 else [None]
+    chosen = grid[0]
+    if len(grid) > 1:
+        # The sweep: first seed only, chosen on base-class validation episodes; only the chosen
+        # trial is then scored on the test episodes (and serves as that seed's cell).
+        trials, moved = {}, {}
+        for mult in grid:
+            rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None)
+            trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
+            moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
+        scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}
+        chosen = max(scored, key=scored.get) if scored else grid[0]
+        sweeps[f"{regime}/fold{fold}/{shot}shot"] = {"val_miou": {f"{m:g}": v for m, v in trials.items()},
+                                                     "movement": moved, "chosen": chosen}
+    for seed in plan.seeds:
+        cfg = cell_config(plan, fold, shot, regime, seed, chosen)
+        rec = run_cell(cfg, test_episode_file(plan, cfg))
+        cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen,
+                      "sweep": False, **rec})
+
+
 def run_compare(plan: ComparePlan) -> dict:
     """Run every cell of ``plan`` (skipping finished ones), then write compare.json/.md/.png.
 
@@ -161,29 +190,17 @@ def run_compare(plan: ComparePlan) -> dict:
     for regime in plan.regimes:  # a typo in a regime or an override fails now, not hours in
         cell_config(plan, plan.folds[0], plan.shots[0], regime, plan.seeds[0], None)
     cells, sweeps = [], {}
-    for fold in plan.folds:
-        for shot in plan.shots:
-            for regime in plan.regimes:
-                grid = plan.backbone_lr if _trains_backbone(regime) and len(plan.backbone_lr) > 1 else [None]
-                chosen = grid[0]
-                if len(grid) > 1:
-                    # The sweep: first seed only, chosen on base-class validation episodes; only the
-                    # chosen trial is then scored on the test episodes (and serves as that seed's cell).
-                    trials, moved = {}, {}
-                    for mult in grid:
-                        rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None)
-                        trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
-                        moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
-                    scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}
-                    chosen = max(scored, key=scored.get) if scored else grid[0]
-                    sweeps[f"{regime}/fold{fold}/{shot}shot"] = {"val_miou": {f"{m:g}": v for m, v in trials.items()},
-                                                                 "movement": moved, "chosen": chosen}
-                for seed in plan.seeds:
-                    cfg = cell_config(plan, fold, shot, regime, seed, chosen)
-                    rec = run_cell(cfg, test_episode_file(plan, cfg))
-                    cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen,
-                                  "sweep": False, **rec})
+    stopped = False
+    try:
+        for fold in plan.folds:
+            for shot in plan.shots:
+                for regime in plan.regimes:
+                    _run_regime(plan, fold, shot, regime, cells, sweeps)
+    except CellInterrupted as e:
+        logger.warning("compare: %s", e)
+        stopped = True
     result = summarize(plan, cells, sweeps)
+    result["stopped"] = stopped
     (plan.out / "compare.json").write_text(json.dumps(result, indent=1, default=str))
     (plan.out / "compare.md").write_text(compare_markdown(result))
     plot_compare(result, plan.out / "compare.png")
@@ -391,4 +408,4 @@ def run_compare_cli(args: argparse.Namespace) -> int:
                        val_episodes=args.val_episodes)
     result = run_compare(plan)
     print(compare_markdown(result))
-    return 0
+    return 130 if result.get("stopped") else 0
