@@ -184,11 +184,11 @@ def run_compare(plan: ComparePlan) -> dict:
     Returns:
         The ``compare.json`` content.
     """
-    plan.out.mkdir(parents=True, exist_ok=True)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for regime in plan.regimes:  # a typo in a regime or an override fails now, not hours in
         cell_config(plan, plan.folds[0], plan.shots[0], regime, plan.seeds[0], None)
+    plan.out.mkdir(parents=True, exist_ok=True)
     cells, sweeps = [], {}
     stopped = False
     try:
