@@ -1,4 +1,4 @@
-"""`svfseg demo --quick`: the whole pipeline end to end on tiny synthetic data."""
+"""`svfseg demo --quick`: the whole pipeline, as a compare of frozen / SVF / full, end to end on tiny synthetic data."""
 import json
 
 from svfseg.cli import main
@@ -9,18 +9,19 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--root", str(tmp_path / "data"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "demo_results.json").read_text())
-    assert set(res["rows"]) == {"frozen", "svf"}
-    fro, svf = res["rows"]["frozen"], res["rows"]["svf"]
-    # same fixed episodes for both
-    assert fro["episodes"] == svf["episodes"] == res["plan"]["eval_episodes"]
-    assert (out / "episodes.json").exists() and len(res["episode_fingerprint"]) == 16
-    # SVF trains the head plus the singular values; the S file is small
-    assert svf["trainable_params"] > fro["trainable_params"]
-    assert svf["s_checkpoint_bytes"] < 200_000 and fro["s_checkpoint_bytes"] is None
-    for r in (fro, svf):
-        assert 0.0 <= r["miou"] <= 1.0 and 0.0 <= r["fb_iou"] <= 1.0
-        assert len(list((out / r["run_dir"].split("/")[-1] / "vis").glob("*.png"))) == 2
-    assert "| frozen |" in printed and "| SVF |" in printed and "mIoU (%)" in printed
+    assert set(res["rows"]) == {"frozen", "svf", "full"}
+    cmp = json.loads((out / "compare.json").read_text())
+    # every cell on the same fixed test episodes
+    assert len({c["episode_fingerprint"] for c in cmp["cells"]}) == 1
+    assert {c["episodes"] for c in cmp["cells"]} == {res["plan"]["eval_episodes"]}
+    fro, svf, full = (res["rows"][r] for r in ("frozen", "svf", "full"))
+    assert fro["trainable"]["backbone"] == 0 < svf["trainable"]["backbone"] < full["trainable"]["backbone"]
+    assert svf["adapter_bytes"] < 200_000 < full["adapter_bytes"]
+    for r in (fro, svf, full):
+        assert 0.0 <= r["miou_mean"] <= 1.0 and r["seeds"] == 1
+    for f in ("compare.md", "compare.png", "svf/best.pt", "svf/singular_values.safetensors"):
+        assert (out / f).exists(), f
+    assert "| frozen |" in printed and "| svf |" in printed and "Verdicts" in printed
     assert "svfseg prepare pascal" in printed  # tells the user what to run next
     # a second run reuses the cached data and replaces its own previous outputs
     assert main(["demo", "--quick", "--root", str(tmp_path / "data"), "--out", str(out), "--steps", "1"]) == 0
@@ -28,17 +29,18 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
 
 
 def test_demo_trains_the_synthetic_recipes(tmp_path):
-    """The demo loads the recipe files; its FULL plan only restates their sizes."""
+    """The demo's cells are the recipe file plus the plan's sizes plus compare's cell keys."""
     from pathlib import Path
 
+    from svfseg.compare import cell_config
     from svfseg.config import load_config
-    from svfseg.demo import FULL, demo_config, recipe_path, run_overrides
+    from svfseg.demo import FULL, compare_plan, plan_overrides, recipe_path
 
     configs = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
     for head in ("pfenet", "baseline"):
         assert recipe_path(head).resolve() == (configs / f"{head}_efficientnet_lite0.yaml").resolve()
-        for regime in ("frozen", "svf"):
-            demo = demo_config(FULL, tmp_path / "d", tmp_path / "o", head, regime)
-            recipe = load_config(configs / f"{head}_efficientnet_lite0.yaml",
-                                 run_overrides(tmp_path / "d", tmp_path / "o", regime))
-            assert demo == recipe, (head, regime)
+        plan = compare_plan(FULL, tmp_path / "d", tmp_path / "o", head)
+        cfg = cell_config(plan, 0, 1, "svf", 1, 10.0)
+        recipe = load_config(configs / f"{head}_efficientnet_lite0.yaml", plan_overrides(FULL, tmp_path / "d"))
+        assert cfg.model == recipe.model and cfg.data == recipe.data and cfg.svf == recipe.svf
+        assert cfg.seed == 1 and cfg.optim.lr_mult["svf"] == 10.0 and cfg.train.select_on == "base_heldout"

@@ -1,4 +1,4 @@
-"""Command-line entry point: `svfseg demo|prepare|train|test|episodes|predict|report|merge`."""
+"""Command-line entry point: `svfseg demo|compare|prepare|train|test|episodes|predict|report|merge|serve`."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ logger = logging.getLogger("svfseg")
 
 EXAMPLES = """examples:
   svfseg demo                                   # the whole pipeline on synthetic-5i, CPU, no download
+  svfseg compare --config C --regimes frozen,svf,full --seeds 0,1 --out runs/cmp   # regimes with 95% intervals
   svfseg prepare pascal --voc VOC2012 --sbd SBD --out data/pascal
   svfseg prepare custom --images my/images --masks my/masks --class-names names.txt --out data/mine
   svfseg train --config configs/pascal/pfenet_resnet50.yaml fold=1 shot=5 model.regime=frozen
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     from svfseg.demo import add_demo_arguments
 
     add_demo_arguments(d)
+
+    c = sub.add_parser("compare", help="several backbone regimes x seeds on identical episodes, with 95% intervals")
+    from svfseg.compare import add_compare_arguments
+
+    add_compare_arguments(c)
 
     pr = sub.add_parser("prepare", help="build a Pascal-layout root from VOC/SBD or COCO (or check one)")
     from svfseg.data.prepare import add_prepare_arguments
@@ -264,13 +270,20 @@ def cmd_demo(args) -> int:
         return run_demo_cli(args)
 
 
+def cmd_compare(args) -> int:
+    from svfseg.compare import run_compare_cli
+
+    with _tqdm_safe_logging():
+        return run_compare_cli(args)
+
+
 class UsageError(ValueError):
     """Wrong command-line use."""
 
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "report": cmd_report,
             "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo, "serve": cmd_serve,
-            "episodes": cmd_episodes}
+            "episodes": cmd_episodes, "compare": cmd_compare}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

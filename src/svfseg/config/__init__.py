@@ -18,6 +18,7 @@ from svfseg.config.schema import (
     DataConfig,
     EvalConfig,
     ExperimentConfig,
+    LoRAConfig,
     ModelConfig,
     OptimConfig,
     SVFPolicy,
@@ -27,7 +28,7 @@ from svfseg.config.schema import (
 )
 
 __all__ = [
-    "REGIMES", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "ModelConfig", "OptimConfig",
+    "REGIMES", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "LoRAConfig", "ModelConfig", "OptimConfig",
     "SVFPolicy", "TrainConfig", "config_with_overrides", "dump_yaml", "from_dict", "git_commit", "load_config",
     "parse_dotlist", "read_yaml", "to_dict", "validate",
 ]

@@ -56,7 +56,8 @@ def combine_layers(base: dict, new: dict, source: str, *, warn: bool = True) -> 
                            " and ".join(old) + (" is" if len(old) == 1 else " are"), regime)
     else:
         return deep_update(base, new)
-    regime = "svf" if enabled else ("full" if mode == "train" else "frozen")
+    # An explicit model.regime wins: the aliases only span frozen | svf | full.
+    regime = model.get("regime") or ("svf" if enabled else ("full" if mode == "train" else "frozen"))
     new = {**new, "model": {**model, "regime": regime, "backbone_mode": mode}, "svf": {**svf, "enabled": enabled}}
     return deep_update(base, new)
 

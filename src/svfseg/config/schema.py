@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 #: How the backbone trains (``model.regime``): frozen (the FSS paradigm), svf (only the
 #: singular values of ``svf.stages``), full (every backbone weight; BN statistics stay frozen).
-REGIMES = ("frozen", "svf", "full")
+REGIMES = ("frozen", "svf", "full", "bitfit", "bn", "last_stage", "lora")
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key and where it came from."""
@@ -41,7 +41,7 @@ class ModelConfig:
     name: str = "pfenet"               # a registered model: baseline | pfenet | bam | bam_base | ...
     backbone: str = "resnet50_deep"
     weights: Optional[str] = None      # backbone weight file, or "imagenet" for efficientnet_lite0
-    regime: str = "svf"                # frozen | svf | full (REGIMES); the svf: section configures svf
+    regime: str = "svf"                # REGIMES; svf.stages are the stages svf/bitfit/bn/lora/last_stage train
     backbone_kwargs: dict = field(default_factory=dict)  # e.g. {output_stride: 8}
     base_checkpoint: Optional[str] = None  # BAM stage 2: the stage-1 best.pt ({fold}, {benchmark}, ... filled in)
     head: dict = field(default_factory=dict)  # extra keyword arguments for the head
@@ -132,6 +132,21 @@ class SVFPolicy:
 
 
 @dataclass
+class LoRAConfig:
+    """The ``lora:`` section (``model.regime=lora``): LoRA adapters (Hugging Face ``peft``) on the convs of ``svf.stages``.
+
+    Attributes:
+        r: Rank of each adapter.
+        alpha: Scaling numerator (the update is ``alpha / r * B @ A``).
+        dropout: Dropout on the adapter input while training.
+    """
+
+    r: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass
 class OptimConfig:
     """SGD + poly. Each parameter group runs at ``lr * lr_mult[group]``.
 
@@ -213,6 +228,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     svf: SVFPolicy = field(default_factory=SVFPolicy)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -288,6 +304,9 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.svf = SVFPolicy.from_dict(cfg.svf.to_dict())  # runs its checks; stages become a tuple
     except ValueError as e:
         raise ConfigError(f"config section 'svf': {e}") from None
+    if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"config section 'lora': expected r >= 1, alpha > 0, 0 <= dropout < 1, found "
+                          f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"config key 'optim.grad_clip' must be > 0 or null, found {cfg.optim.grad_clip}")
 

@@ -255,12 +255,12 @@ def check_compatible(expected: Mapping, found: Mapping, path: str | os.PathLike)
     Raises:
         CheckpointMismatch: when any key differs.
     """
-    diffs = describe_differences(expected, _upgrade_description(found))
+    diffs = describe_differences(expected, upgrade_description(found))
     if diffs:
         raise CheckpointMismatch(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(diffs))
 
 
-def _upgrade_description(d: Mapping) -> Mapping:
+def upgrade_description(d: Mapping) -> Mapping:
     """A description svfseg 0.1 wrote (``backbone_mode``, policies with ``lr_mult``) in today's terms."""
     if "backbone_mode" not in d:
         return d

@@ -25,6 +25,7 @@ from svfseg.data.samplers import EpochBatchSampler
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.data import make_loader
 from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier, resolve_device, sync_trainable_batchnorm
+from svfseg.engine.footprint import Footprint, write_trainable
 from svfseg.engine.optim import build_optimizer, poly_lr, set_lr
 from svfseg.engine.runlog import RunLogger, plot_curves
 from svfseg.engine.runtime import amp_dtype, progress_bar, unwrap
@@ -183,6 +184,9 @@ def fit(
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_trainable(run_dir, unwrap(model))
+    # Movement is measured from the weights this process starts from (after a resume: from there).
+    footprint = Footprint(unwrap(model), device, start_step=step)
     sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)
     runlog = RunLogger(run_dir, resume_step=step if resume_state is not None else None,
                        tensorboard=tc.tensorboard) if info.is_main else None
@@ -239,6 +243,8 @@ def fit(
             scaler.unscale_(optimizer)
         if ref_decay is not None:
             ref_decay.apply()
+        if not footprint.gradient_scale:
+            footprint.observe_gradients(optimizer)
         if oc.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], oc.grad_clip)
         scaler.step(optimizer)
@@ -314,7 +320,7 @@ def fit(
     if info.is_main:
         out = {"task": task.name, "model": cfg.model.name, "status": status, "early_stop": early_stop,
                "step": step, "total_steps": total, "seconds": seconds,
-               "best": best, "history": history}
+               "best": best, "history": history, "footprint": footprint.summary(run_dir)}
         (run_dir / "train_summary.json").write_text(json.dumps(out, indent=1, default=str))
     return FitResult(status, step, total, run_dir, last_path, best_path if best_path.exists() else None, best,
                      seconds, history)

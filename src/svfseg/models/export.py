@@ -7,6 +7,7 @@ import logging
 
 from torch import nn
 
+from svfseg.models.regimes import merge_backbone
 from svfseg.svf import fold_conv_bn, merge_svf, svf_layers
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ def export_merged(model: nn.Module, *, inplace: bool = False, fold_bn: bool = Fa
     if n_layers:
         merge_svf(merged.backbone, fold_bn=fold_bn)
         logger.info("merged %d SVF layers of %s", n_layers, merged.backbone_name)
+    n_lora = merge_backbone(merged.backbone)
+    if n_lora:
+        logger.info("merged %d LoRA layers of %s", n_lora, merged.backbone_name)
     if fold_bn:
         if not hasattr(merged.backbone, "conv_bn_pairs"):
             raise TypeError(f"export_merged(fold_bn=True): {type(merged.backbone).__name__} declares no conv_bn_pairs()")
@@ -47,6 +51,7 @@ def export_merged(model: nn.Module, *, inplace: bool = False, fold_bn: bool = Fa
         logger.warning("export_merged: backbone was fully fine-tuned; exported with a frozen backbone")
     merged.regime = "frozen"
     merged.svf_policy = None
+    merged.lora = None
     for p in merged.backbone.parameters():
         p.requires_grad_(False)
     return merged.eval()

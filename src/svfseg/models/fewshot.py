@@ -12,11 +12,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from svfseg.config import REGIMES, SVFPolicy
+from svfseg.config import REGIMES, LoRAConfig, SVFPolicy
 from svfseg.models.blocks import foreground, resize
 from svfseg.models.outputs import FewShotOutput
 from svfseg.models.policy import folds_bn
-from svfseg.models.regimes import backbone_needs_graph, configure_backbone, resolve_regime, set_backbone_mode
+from svfseg.models.regimes import (
+    STAGED_REGIMES,
+    backbone_needs_graph,
+    configure_backbone,
+    resolve_regime,
+    set_backbone_mode,
+)
 from svfseg.svf import singular_value_parameters
 
 logger = logging.getLogger(__name__)
@@ -63,7 +69,9 @@ class FewShotModel(nn.Module):
         regime: "frozen" (no backbone gradient; the backbone runs under no_grad), "svf"
             (only singular values of ``svf_policy``'s stages train) or "full" (full
             fine-tune). BatchNorm stays in eval mode in every regime.
-        svf_policy: Policy for "svf"; defaults to :class:`SVFPolicy` (the paper's).
+        svf_policy: Policy for "svf"; defaults to :class:`SVFPolicy` (the paper's). Its
+            ``stages`` are also the stages "bitfit", "bn", "last_stage" and "lora" train.
+        lora: LoRA settings for regime "lora" (default :class:`~svfseg.config.LoRAConfig`).
         backbone_name: Name recorded by :meth:`describe` (``create_model`` passes it).
         backbone_mode: Deprecated alias of ``regime`` ("train" = "full").
         batch_backbone: Run query and supports through the backbone as one batch when their
@@ -88,11 +96,14 @@ class FewShotModel(nn.Module):
         backbone_name: str | None = None,
         batch_backbone: bool = True,
         backbone_mode: str | None = None,
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
         regime = resolve_regime(regime, backbone_mode, where=type(self).__name__)
-        if svf_policy is not None and regime != "svf":
-            raise ValueError(f"svf_policy given but regime={regime!r}; use regime='svf'")
+        if svf_policy is not None and regime not in STAGED_REGIMES:
+            raise ValueError(f"svf_policy given but regime={regime!r}; it applies to {list(STAGED_REGIMES)}")
+        if lora is not None and regime != "lora":
+            raise ValueError(f"lora settings given but regime={regime!r}; use regime='lora'")
         for attr in ("stage_names", "stage_channels", "forward_stages"):
             if not hasattr(backbone, attr):
                 raise TypeError(f"backbone {type(backbone).__name__} has no `{attr}`; expected a Backbone")
@@ -102,11 +113,12 @@ class FewShotModel(nn.Module):
         self.backbone = backbone
         self.backbone_name = backbone_name or getattr(backbone, "name", None) or type(backbone).__name__
         self.regime = regime
-        # The policy as applied: BN folding resolved (None: fold whenever BN is frozen).
+        # The policy as applied (SVF: BN folding resolved; None means fold whenever BN is frozen).
         self.svf_policy = None
-        if regime == "svf":
+        if regime in STAGED_REGIMES:
             policy = svf_policy or SVFPolicy()
-            self.svf_policy = dataclasses.replace(policy, fold_bn=folds_bn(policy))
+            self.svf_policy = dataclasses.replace(policy, fold_bn=folds_bn(policy)) if regime == "svf" else policy
+        self.lora = (lora or LoRAConfig()) if regime == "lora" else None
         self.batch_backbone = bool(batch_backbone)
         self._configure_backbone()
 
@@ -118,7 +130,7 @@ class FewShotModel(nn.Module):
         return stages
 
     def _configure_backbone(self) -> None:
-        configure_backbone(self.backbone, self.regime, self.svf_policy)
+        configure_backbone(self.backbone, self.regime, self.svf_policy, self.lora)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> FewShotModel:
@@ -164,6 +176,7 @@ class FewShotModel(nn.Module):
             "backbone_strides": dict(getattr(self.backbone, "stage_strides", {})),
             "regime": self.regime,
             "svf_policy": self.svf_policy.to_dict() if self.svf_policy is not None else None,
+            **({"lora": dataclasses.asdict(self.lora)} if self.lora is not None else {}),
             "num_classes": self.num_classes,
             "shot_independent": True,
             "head": self.head_config(),

@@ -79,9 +79,11 @@ def create_model(
             ``Backbone`` instance (then ``weights`` and ``backbone_kwargs`` must be unset).
         weights: Backbone weight file (or "imagenet" where the backbone supports it); None
             leaves the backbone randomly initialised.
-        regime: "frozen" | "svf" | "full" (the paper's three regimes); the model's default when
+        regime: "frozen" | "svf" | "full" (the paper's three regimes) or a peer of SVF, "bitfit" |
+            "bn" | "last_stage" | "lora" (``svfseg.config.REGIMES``); the model's default when
             None ("frozen" for the few-shot models).
-        svf_policy: :class:`SVFPolicy` or its dict form; only with regime="svf"
+        svf_policy: :class:`SVFPolicy` or its dict form; only with regime="svf" or a peer (whose
+            stages are the policy's ``stages``)
             (default there: the paper's policy, layer2-4).
         backbone_kwargs: Extra arguments for ``create_backbone`` (e.g. output_stride=8).
         backbone_mode: Deprecated alias of ``regime`` (svfseg 0.1: "frozen" | "svf" | "train").

@@ -1,0 +1,411 @@
+"""`svfseg compare`: several backbone regimes x seeds x folds x shots on identical episodes, with paired intervals.
+
+Every cell (regime, seed, fold, shot) is an ordinary run folder under ``OUT/runs``; all cells of
+a (fold, shot) are scored on one saved test episode file, and select/validate on one saved
+file of base-class validation episodes (``train.select_on=base_heldout``), so the test fold
+is looked at only once, after training.
+
+The short-budget rule (``--backbone-lr``): the learning-rate multiplier of whatever a regime
+trains in the backbone (the ``svf`` and ``backbone`` parameter groups) is chosen per regime
+from a small grid on the base-class validation episodes of the first seed; the chosen value
+is then used for every seed. The same grid and the same choice rule apply to every regime. A
+tie goes to the earlier grid value (list the grid ascending: a tie keeps the smaller lr), and a
+diverged trial counts as failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from svfseg.stats import PairedInterval, mean_std, paired_t_interval
+
+logger = logging.getLogger(__name__)
+
+
+class CellInterrupted(RuntimeError):
+    """A cell stopped on Ctrl-C/SIGTERM: the compare stops too (a rerun resumes that cell)."""
+
+
+@dataclass
+class ComparePlan:
+    """What one compare runs.
+
+    Attributes:
+        config: Recipe file.
+        regimes: Regimes to train (``model.regime`` values).
+        seeds: Training seeds (the pairs of the intervals).
+        folds: Folds.
+        shots: Shots.
+        overrides: ``key=value`` overrides applied to every cell.
+        out: Output folder.
+        reference: Regime every other is compared with.
+        backbone_lr: Grid of lr multipliers for the backbone-side groups (one value: no sweep).
+        test_episodes: Size of the test episode file per (fold, shot) (None: the protocol's first run).
+        val_episodes: Size of the base-class validation episode file.
+    """
+
+    config: str
+    regimes: list[str]
+    seeds: list[int]
+    folds: list[int] = field(default_factory=lambda: [0])
+    shots: list[int] = field(default_factory=lambda: [1])
+    overrides: list[str] = field(default_factory=list)
+    out: Path = Path("runs/compare")
+    reference: str = "frozen"
+    backbone_lr: list[float] = field(default_factory=lambda: [1.0])
+    test_episodes: Optional[int] = None
+    val_episodes: int = 200
+
+
+def lr_overrides(mult: Optional[float]) -> list[str]:
+    """The backbone-side lr multiplier as overrides (None: the recipe's)."""
+    return [] if mult is None else [f"optim.lr_mult.svf={mult}", f"optim.lr_mult.backbone={mult}"]
+
+
+def _cell_name(regime: str, mult: Optional[float], seed: int) -> str:
+    return f"{regime}" + (f"_lrx{mult:g}" if mult is not None else "") + f"_seed{seed}"
+
+
+def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int, mult: Optional[float]):
+    """The config of one cell: recipe, the plan's overrides, then the cell's own keys."""
+    from svfseg.config import load_config
+
+    eps = plan.out / "episodes"
+    return load_config(plan.config, [
+        *plan.overrides, f"fold={fold}", f"shot={shot}", f"seed={seed}", f"model.regime={regime}",
+        f"output_dir={plan.out / 'runs' / f'fold{fold}_{shot}shot'}", f"name={_cell_name(regime, mult, seed)}",
+        "train.select_on=base_heldout", "train.val_every=1", f"train.val_episodes={plan.val_episodes}",
+        f"train.val_episodes_file={eps / f'val_base_fold{fold}_{shot}shot.json'}", *lr_overrides(mult)])
+
+
+def test_episode_file(plan: ComparePlan, cfg) -> Path:
+    """The one test episode file of ``cfg``'s (fold, shot), made on first use."""
+    from svfseg.engine.data import eval_dataset
+    from svfseg.engine.tasks.fewshot import protocol_runs
+
+    path = plan.out / "episodes" / f"test_fold{cfg.fold}_{cfg.shot}shot.json"
+    if not path.exists():
+        seed, count = protocol_runs(cfg, cfg.eval.protocol)[0]
+        ds = eval_dataset(cfg, seed=seed, count=plan.test_episodes or count)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.episodes.save(path)
+    return path
+
+
+def run_cell(cfg, episodes: Optional[Path]) -> dict:
+    """Train (or skip / resume) one cell and score it on ``episodes``; its record for ``compare.json``.
+
+    A finished cell (``train_summary.json`` says finished) is not retrained, and not rescored
+    when ``test/results.json`` exists; a cell with a ``last.pt`` but no finished summary is
+    resumed. ``episodes`` None: train only (a sweep trial that was not chosen is never tested).
+    """
+    from svfseg.engine.loop import NonFiniteLoss
+    from svfseg.engine.run import train_run
+    from svfseg.engine.tasks.fewshot import score_checkpoint
+
+    run_dir = cfg.run_dir()
+    summary_path, results_path = run_dir / "train_summary.json", run_dir / "test" / "results.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    done = summary is not None and summary.get("status") == "finished"
+    diverged = run_dir / "diverged.txt"
+    if diverged.exists():
+        return {"run_dir": str(run_dir), "status": "diverged"}
+    if not done:
+        if (run_dir / "last.pt").exists():
+            cfg.resume = True
+            logger.info("compare: resuming %s", run_dir)
+        try:
+            result = train_run(cfg, argv=["svfseg", "compare"])
+        except NonFiniteLoss as e:
+            # A diverged cell (e.g. the largest lr of a sweep) is a result, not a crash; the marker
+            # keeps a rerun from training it again.
+            logger.warning("compare: %s diverged: %s", run_dir, e)
+            diverged.write_text(f"{e}\n")
+            return {"run_dir": str(run_dir), "status": "diverged"}
+        summary = json.loads(summary_path.read_text())
+        if result.status != "finished":
+            if cfg.train.stop_after_steps is None:  # a signal, not the planned stop of a test
+                raise CellInterrupted(f"{run_dir} stopped at step {result.step}; rerun the same command to resume")
+            return {"run_dir": str(run_dir), "status": result.status}
+    fp = summary.get("footprint") or {}
+    steps = max(summary.get("step") or 0, 1)
+    rec = {"run_dir": str(run_dir), "status": "finished",
+           "val_miou": (summary.get("best") or {}).get("miou"), "train_seconds": summary.get("seconds"),
+           "seconds_per_step": (summary.get("seconds") or 0) / steps,
+           "trainable": fp.get("trainable"), "adapter_bytes": (fp.get("adapter") or {}).get("bytes"),
+           "peak_memory_bytes": fp.get("peak_memory_bytes"), "movement": fp.get("movement"),
+           "movement_max_stage_mean": fp.get("movement_max_stage_mean"),
+           "gradient_scale_step1": fp.get("gradient_scale_step1")}
+    if episodes is None:
+        return rec
+    if not results_path.exists() or not done:
+        score_checkpoint(run_dir / "best.pt", cfg, episodes=episodes, out_dir=run_dir / "test")
+    run = json.loads(results_path.read_text())["runs"][0]
+    rec.update(miou=run["miou"], fb_iou=run["fb_iou"], episodes=run["episodes"],
+               episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"])
+    return rec
+
+
+def _trains_backbone(regime: str) -> bool:
+    return regime != "frozen"
+
+
+def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict) -> None:
+    """The sweep (if any) and then every seed of one regime at one (fold, shot); appends to ``cells``/``sweeps``."""
+    grid = plan.backbone_lr if _trains_backbone(regime) and len(plan.backbone_lr) > 1 else [None]
+    chosen = grid[0]
+    if len(grid) > 1:
+        # The sweep: first seed only, chosen on base-class validation episodes; only the chosen
+        # trial is then scored on the test episodes (and serves as that seed's cell).
+        trials, moved = {}, {}
+        for mult in grid:
+            rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None)
+            trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
+            moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
+        scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}
+        chosen = max(scored, key=scored.get) if scored else grid[0]
+        sweeps[f"{regime}/fold{fold}/{shot}shot"] = {"val_miou": {f"{m:g}": v for m, v in trials.items()},
+                                                     "movement": moved, "chosen": chosen}
+    for seed in plan.seeds:
+        cfg = cell_config(plan, fold, shot, regime, seed, chosen)
+        rec = run_cell(cfg, test_episode_file(plan, cfg))
+        cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen,
+                      "sweep": False, **rec})
+
+
+def run_compare(plan: ComparePlan) -> dict:
+    """Run every cell of ``plan`` (skipping finished ones), then write compare.json/.md/.png.
+
+    Returns:
+        The ``compare.json`` content.
+    """
+    if plan.reference not in plan.regimes:
+        raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
+    for regime in plan.regimes:  # a typo in a regime or an override fails now, not hours in
+        cell_config(plan, plan.folds[0], plan.shots[0], regime, plan.seeds[0], None)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    cells, sweeps = [], {}
+    stopped = False
+    try:
+        for fold in plan.folds:
+            for shot in plan.shots:
+                for regime in plan.regimes:
+                    _run_regime(plan, fold, shot, regime, cells, sweeps)
+    except CellInterrupted as e:
+        logger.warning("compare: %s", e)
+        stopped = True
+    result = summarize(plan, cells, sweeps)
+    result["stopped"] = stopped
+    (plan.out / "compare.json").write_text(json.dumps(result, indent=1, default=str))
+    (plan.out / "compare.md").write_text(compare_markdown(result))
+    plot_compare(result, plan.out / "compare.png")
+    return result
+
+
+def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
+    """Per regime: mean +- std over seeds (fold-averaged), paired interval to the reference, costs."""
+    final = [c for c in cells if not c.get("sweep") and c.get("status") == "finished"]
+    incomplete = [c for c in cells if c.get("status") not in ("finished", "diverged")]
+    diverged = [c for c in cells if c.get("status") == "diverged"]
+
+    def per_seed(regime: str, key: str) -> dict[int, float]:
+        out = {}
+        for seed in plan.seeds:
+            vals = [c[key] for c in final if c["regime"] == regime and c["seed"] == seed]
+            if len(vals) == len(plan.folds) * len(plan.shots):
+                out[seed] = sum(vals) / len(vals)
+        return out
+
+    ref = per_seed(plan.reference, "miou")
+    rows = {}
+    for regime in plan.regimes:
+        mine = [c for c in final if c["regime"] == regime]
+        if not mine:
+            continue
+        miou, fb = per_seed(regime, "miou"), per_seed(regime, "fb_iou")
+        seeds = [s for s in plan.seeds if s in miou and s in ref]
+        interval: Optional[PairedInterval] = None
+        if regime != plan.reference and seeds:
+            interval = paired_t_interval([miou[s] for s in seeds], [ref[s] for s in seeds])
+        m, sd = mean_std(list(miou.values())) if miou else (math.nan, math.nan)
+        fm, fsd = mean_std(list(fb.values())) if fb else (math.nan, math.nan)
+        one = mine[0]
+        moves = [c["movement_max_stage_mean"] for c in mine if c.get("movement_max_stage_mean") is not None]
+        rows[regime] = {
+            "miou_mean": m, "miou_std": sd, "fb_iou_mean": fm, "fb_iou_std": fsd,
+            "per_seed_miou": {str(k): v for k, v in miou.items()}, "seeds": len(miou),
+            "diff_to_reference": None if interval is None else interval.__dict__,
+            "verdict": None if interval is None else interval.verdict(),
+            "trainable": one.get("trainable"), "adapter_bytes": one.get("adapter_bytes"),
+            "train_seconds_mean": mean_std([c["train_seconds"] for c in mine])[0],
+            "seconds_per_step": mean_std([c["seconds_per_step"] for c in mine])[0],
+            "peak_memory_bytes": max((c["peak_memory_bytes"] or 0) for c in mine) or None,
+            "movement_max_stage_mean": (sum(moves) / len(moves)) if moves else None,
+            "lr_mult": one.get("lr_mult"),
+        }
+    return {"config": str(plan.config), "regimes": plan.regimes, "seeds": plan.seeds, "folds": plan.folds,
+            "shots": plan.shots, "overrides": plan.overrides, "reference": plan.reference,
+            "backbone_lr_grid": plan.backbone_lr, "interval": "paired t over seeds, 95%",
+            "sweeps": sweeps, "rows": rows, "cells": cells, "incomplete": incomplete, "diverged": diverged}
+
+
+def _pct(v: Optional[float], signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
+
+
+def _size(n: Optional[int]) -> str:
+    if not n:
+        return "–"
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
+
+
+def verdict_sentence(regime: str, row: dict, reference: str) -> str:
+    """One sentence: does ``regime`` beat the reference beyond the 95% interval?"""
+    d = row["diff_to_reference"]
+    if d is None:
+        return f"- **{regime}**: no interval (needs at least two seeds)."
+    span = f"{_pct(d['mean'], True)} mIoU points, 95% CI [{_pct(d['low'], True)}, {_pct(d['high'], True)}]" \
+        if d["low"] is not None else f"{_pct(d['mean'], True)} mIoU points from one seed, no interval"
+    text = {"better": f"beats {reference} beyond the interval",
+            "worse": f"is worse than {reference} beyond the interval",
+            "within": f"does not differ from {reference} beyond the interval (the difference is within noise)",
+            "unknown": f"cannot be compared with {reference} from one seed"}[row["verdict"]]
+    return f"- **{regime}** {text}: {span} over {d['n']} seed(s)."
+
+
+def compare_markdown(result: dict) -> str:
+    """The Markdown of ``compare.json``: the table, then one verdict sentence per regime."""
+    ref = result["reference"]
+    lines = [f"# compare: {', '.join(result['regimes'])} (reference {ref})", "",
+             f"`{result['config']}`, folds {result['folds']}, shots {result['shots']}, seeds {result['seeds']}; "
+             f"every cell scored on the same test episodes per (fold, shot). Interval: {result['interval']} "
+             f"(paired by seed; fold/shot-averaged first).", "",
+             f"| regime | mIoU (%) mean ± std | FB-IoU (%) | Δ mIoU vs {ref} [95% CI] | trainable (backbone) "
+             f"| adapter file | backbone lr x | train s/step | peak mem | SV/weight movement |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for regime, r in result["rows"].items():
+        d = r["diff_to_reference"]
+        diff = "–" if d is None else (f"{_pct(d['mean'], True)} [{_pct(d['low'], True)}, {_pct(d['high'], True)}]"
+                                      if d["low"] is not None else f"{_pct(d['mean'], True)} [–]")
+        tr = r["trainable"] or {}
+        move = "–" if r["movement_max_stage_mean"] is None else f"{100 * r['movement_max_stage_mean']:.2f}%"
+        lr = "–" if r["lr_mult"] is None else f"{r['lr_mult']:g}"
+        mem = "–" if not r["peak_memory_bytes"] else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
+        lines.append(f"| {regime} | {_pct(r['miou_mean'])} ± {_pct(r['miou_std'])} | {_pct(r['fb_iou_mean'])} "
+                     f"| {diff} | {tr.get('total', 0):,} ({tr.get('backbone', 0):,}) | {_size(r['adapter_bytes'])} "
+                     f"| {lr} | {r['seconds_per_step']:.2f} "
+                     f"| {mem} | {move} |")
+    lines += ["", "Movement: the most-moved stage's mean relative change of what trained (singular values: "
+              "|S-S0|/|S0| per value; other tensors ||p-p0||/||p0||).", ""]
+    if result["sweeps"]:
+        lines.append("Backbone lr multiplier chosen on base-class validation episodes (first seed):")
+        for k, v in result["sweeps"].items():
+            lines.append(f"- {k}: val mIoU " + ", ".join(f"x{m}: {_pct(s)}" for m, s in v["val_miou"].items())
+                         + f" -> x{v['chosen']:g}")
+        lines.append("")
+    lines.append("Verdicts:")
+    for regime, r in result["rows"].items():
+        if regime != ref:
+            lines.append(verdict_sentence(regime, r, ref))
+    if result.get("diverged"):
+        lines += ["", f"{len(result['diverged'])} cell(s) diverged (non-finite loss): "
+                  + ", ".join(Path(c["run_dir"]).name for c in result["diverged"])]
+    if result["incomplete"]:
+        lines += ["", f"{len(result['incomplete'])} cell(s) did not finish; rerun the same command to resume them."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(result: dict, out: Path) -> Optional[Path]:
+    """compare.png: mIoU per regime (seeds as dots, mean with its t-interval) and one seed's training loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scipy.stats import t as student_t
+
+    from svfseg.engine.runlog import read_csv
+
+    rows = result["rows"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (regime, r) in enumerate(rows.items()):
+        vals = [100 * v for v in r["per_seed_miou"].values()]
+        ax.scatter([i] * len(vals), vals, color="0.6", s=12, zorder=2)
+        half = 0.0
+        if len(vals) > 1:
+            half = float(student_t.ppf(0.975, len(vals) - 1)) * 100 * r["miou_std"] / math.sqrt(len(vals))
+        ax.errorbar([i], [100 * r["miou_mean"]], yerr=[half], fmt="o", capsize=5, zorder=3)
+    ax.set_xticks(range(len(rows)), list(rows))
+    ax.set_ylabel("test mIoU (%)")
+    ax.set_title("mIoU per regime (95% t-interval of the mean over seeds)")
+    first = result["seeds"][0]
+    for c in result["cells"]:
+        if c.get("sweep") or c.get("seed") != first or c.get("status") != "finished":
+            continue
+        log = read_csv(Path(c["run_dir"]) / "train_log.csv")
+        if log:
+            bx.plot([int(x["step"]) for x in log], [float(x["loss"]) for x in log],
+                    label=f"{c['regime']} f{c['fold']} {c['shot']}s")
+    bx.set_xlabel("step")
+    bx.set_ylabel("training loss")
+    bx.set_title(f"training curves, seed {first}")
+    if bx.lines:
+        bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of `svfseg compare`."""
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("--regimes", default="frozen,svf,full", help="comma-separated model.regime values")
+    p.add_argument("--seeds", default="0,1", type=_ints, help="comma-separated training seeds")
+    p.add_argument("--folds", default=["0"], nargs="+", help="folds (default 0)")
+    p.add_argument("--shots", default=["1"], nargs="+", help="shots (default 1)")
+    p.add_argument("--reference", default="frozen", help="regime the others are compared with")
+    p.add_argument("--backbone-lr", default="1", type=_floats,
+                   help="grid of lr multipliers for the trained backbone groups, chosen per regime on base-class "
+                        "validation episodes (e.g. 1,10,100; one value = no sweep)")
+    p.add_argument("--test-episodes", type=int, default=None, help="test episodes per (fold, shot)")
+    p.add_argument("--val-episodes", type=int, default=200, help="base-class validation episodes per (fold, shot)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every cell")
+    return p
+
+
+def run_compare_cli(args: argparse.Namespace) -> int:
+    """Entry point of `svfseg compare`: runs, then prints the Markdown."""
+    # `--folds 0 1 key=value` : argparse hands the overrides after a list option to that option.
+    overrides = list(args.overrides)
+    lists = {}
+    for name in ("folds", "shots"):
+        items = [x for x in getattr(args, name) if "=" not in x]
+        overrides += [x for x in getattr(args, name) if "=" in x]
+        try:
+            lists[name] = [int(x) for x in items]
+        except ValueError:
+            raise ValueError(f"--{name}: expected integers, got {items}") from None
+    plan = ComparePlan(config=args.config, regimes=[r for r in args.regimes.split(",") if r], seeds=args.seeds,
+                       folds=lists["folds"], shots=lists["shots"], overrides=overrides, out=args.out,
+                       reference=args.reference, backbone_lr=args.backbone_lr, test_episodes=args.test_episodes,
+                       val_episodes=args.val_episodes)
+    result = run_compare(plan)
+    print(compare_markdown(result))
+    return 130 if result.get("stopped") else 0

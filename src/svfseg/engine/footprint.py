@@ -1,0 +1,165 @@
+"""What a run trained: trainable counts, peak memory, step-1 gradient scale, how far the backbone moved.
+
+The movement diagnostic answers "did the backbone actually change?": singular values report
+``|S - S0| / |S0|`` element by element (mean and max per stage); every other trained backbone
+tensor its relative change ``||p - p0|| / ||p0||`` (mean and max over the tensors of a stage;
+element-wise ratios of near-zero biases would be meaningless). The gradient scale at the first
+step (``lr x |g| / |p|``, the relative change one plain SGD step makes) says why something
+barely moves in a short budget.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILE = "trained_backbone.safetensors"
+
+
+def _stage(name: str) -> str:
+    return name.split(".")[0]
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak resident set size (Linux ``clear_refs``); False where that is unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kb(key: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """Peak resident set size of this process since the last reset (``VmHWM``), else ``ru_maxrss``."""
+    peak = _status_kb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Footprint:
+    """Snapshot of a model's trainable backbone tensors at the start of a run, compared at its end.
+
+    Args:
+        model: The few-shot model (unwrapped), before the first step.
+        device: Where it trains (CUDA: peak memory from the allocator; else peak RSS).
+        start_step: The step it starts from (a resumed run measures movement from there).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, start_step: int = 0):
+        self.device = device
+        self.start_step = start_step
+        groups = model.parameter_groups() if hasattr(model, "parameter_groups") else []
+        self.counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
+        svf_ids = {id(p) for g in groups if g["name"] == "svf" for p in g["params"]}
+        backbone = getattr(model, "backbone", None)
+        named = list(backbone.named_parameters()) if backbone is not None else []
+        self.backbone_numel = sum(p.numel() for _, p in named)
+        self.params = {n: p for n, p in named if p.requires_grad}
+        self.singular = {n for n, p in self.params.items() if id(p) in svf_ids}
+        self.start = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        self.gradient_scale: dict = {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.rss_reset = reset_peak_rss()
+        # The process's resident size when training starts (model, data index, earlier runs' freed
+        # but unreturned memory): peak minus this is what the steps themselves added.
+        self.rss_at_start = _status_kb("VmRSS")
+
+    @torch.no_grad()
+    def observe_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Record, per stage, mean ``|g|``, mean ``|p|`` and ``lr x |g| / |p|`` of the trained backbone tensors."""
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        acc: dict = defaultdict(lambda: [0.0, 0.0, 0, 0.0])
+        for n, p in self.params.items():
+            if p.grad is None:
+                continue
+            a = acc[_stage(n)]
+            a[0] += float(p.grad.abs().sum())
+            a[1] += float(p.detach().abs().sum())
+            a[2] += p.numel()
+            a[3] = lr_of.get(id(p), 0.0)
+        self.gradient_scale = {s: {"mean_abs_grad": g / n, "mean_abs_value": v / n, "lr": lr,
+                                   "relative_step": lr * g / max(v, 1e-12)}
+                               for s, (g, v, n, lr) in acc.items() if n}
+
+    @torch.no_grad()
+    def movement(self) -> dict:
+        """Per stage ``{"kind", "mean", "max", "tensors"}`` of how far the trained backbone moved."""
+        per: dict = defaultdict(list)
+        kinds: dict = {}
+        for n, p in self.params.items():
+            now, old = p.detach().float().cpu(), self.start[n].float()
+            if n in self.singular:
+                rel = (now - old).abs() / old.abs().clamp_min(1e-12)
+                per[_stage(n)].append((rel.sum().item(), rel.numel(), rel.max().item()))
+                kinds[_stage(n)] = "elementwise |S-S0|/|S0|"
+            else:
+                r = ((now - old).norm() / old.norm().clamp_min(1e-12)).item()
+                per[_stage(n)].append((r, 1, r))
+                kinds.setdefault(_stage(n), "tensor ||p-p0||/||p0||")
+        out = {}
+        for s, rows in per.items():
+            total, count = sum(r[0] for r in rows), sum(r[1] for r in rows)
+            out[s] = {"kind": kinds[s], "mean": total / count, "max": max(r[2] for r in rows), "tensors": len(rows)}
+        return out
+
+    def peak_memory_bytes(self) -> Optional[int]:
+        """Peak memory while training: CUDA allocator peak, else the process's peak RSS."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return peak_rss_bytes()
+
+    def summary(self, run_dir: Path) -> dict:
+        """The summary; writes ``trained_backbone.safetensors`` (the trained backbone tensors) unless most trained."""
+        adapter = None
+        if self.params:
+            n_bytes = sum(p.numel() * p.element_size() for p in self.params.values())
+            if sum(p.numel() for p in self.params.values()) * 2 > self.backbone_numel:
+                # Most of the backbone trained: the checkpoint is the artefact; no second copy.
+                adapter = {"file": None, "bytes": n_bytes}
+            else:
+                from safetensors.torch import save_file
+
+                path = Path(run_dir) / ADAPTER_FILE
+                save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(path))
+                adapter = {"file": ADAPTER_FILE, "bytes": path.stat().st_size}
+        move = self.movement()
+        overall = None
+        if move:
+            overall = max(v["mean"] for v in move.values())
+        return {"trainable": {**self.counts, "total": sum(self.counts.values()),
+                              "backbone": sum(p.numel() for p in self.params.values())},
+                "adapter": adapter, "movement": move, "movement_from_step": self.start_step,
+                "movement_max_stage_mean": overall,
+                "gradient_scale_step1": self.gradient_scale,
+                "peak_memory_bytes": self.peak_memory_bytes(), "rss_at_start_bytes": self.rss_at_start,
+                "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else
+                ("peak_rss_since_fit" if self.rss_reset else "peak_rss_process")}
+
+
+def write_trainable(run_dir: Path, model: nn.Module) -> dict:
+    """``trainable.json``: trainable parameters per group of ``model`` (written when a run starts)."""
+    groups = model.parameter_groups() if hasattr(model, "parameter_groups") else []
+    counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
+    counts["total"] = sum(counts.values())
+    counts["regime"] = getattr(model, "regime", None)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "trainable.json").write_text(json.dumps(counts, indent=1))
+    return counts
