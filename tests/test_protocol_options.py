@@ -70,3 +70,17 @@ def test_early_stop_once_the_best_score_is_old(tmp_path):
     summary = json.loads((tmp_path / "stop" / "train_summary.json").read_text())
     assert summary["early_stop"] is True
     assert _run(tmp_path, "nostop", "train.epochs=5").step == 20
+
+
+def test_a_description_written_before_the_head_options_still_fits():
+    from svfseg.engine.checkpoint import CheckpointMismatch, check_compatible
+
+    now = {"name": "pfenet", "regime": "svf",
+           "head": {"reduce_dim": 256, "train_down_query": True, "shot_reduce": "mean"}}
+    old = {"name": "pfenet", "backbone_mode": "svf", "head": {"reduce_dim": 256}}  # svfseg 0.1
+    check_compatible(now, old, "old.pt")
+    other = {**now, "head": {**now["head"], "shot_reduce": "sum"}}
+    import pytest
+
+    with pytest.raises(CheckpointMismatch, match="shot_reduce"):
+        check_compatible(other, old, "old.pt")
