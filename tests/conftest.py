@@ -20,3 +20,18 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: Image side of the tiny synthetic-5i the CLI tests share.
+TINY_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A tiny synthetic-5i root (120 train + 60 val images at TINY_SIZE px) made through the CLI."""
+    from svfseg.cli import main
+
+    root = tmp_path_factory.mktemp("syn") / "synthetic-5i"
+    assert main(["prepare", "synthetic", "--out", str(root), "--n-train", "120", "--n-val", "60",
+                 "--size", str(TINY_SIZE), "--workers", "1"]) == 0
+    return root

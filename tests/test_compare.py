@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_SIZE
 from svfseg.cli import main
 from svfseg.stats import paired_t_interval
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pfenet_efficientnet_lite0.yaml"
-SIZE = 64
+SIZE = TINY_SIZE  # the side of the shared `data_root` (conftest)
 
 
 def test_paired_t_interval_on_a_hand_made_example():
@@ -26,13 +27,6 @@ def test_paired_t_interval_on_a_hand_made_example():
     with pytest.raises(ValueError, match="equally long"):
         paired_t_interval([1.0], [1.0, 2.0])
 
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn") / "synthetic-5i"
-    assert main(["prepare", "synthetic", "--out", str(root), "--n-train", "120", "--n-val", "60",
-                 "--size", str(SIZE), "--workers", "1"]) == 0
-    return root
 
 
 def _args(root, out, *extra):

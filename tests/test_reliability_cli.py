@@ -11,21 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TINY_SIZE
 from svfseg.cli import main
 from svfseg.data.index import build_class_index
 from svfseg.data.io import DataError, read_image, read_list
 from test_reliability_engine import hold_lock
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pfenet_efficientnet_lite0.yaml"
-SIZE = 64
+SIZE = TINY_SIZE  # the side of the shared `data_root` (conftest)
 
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn") / "synthetic-5i"
-    assert main(["prepare", "synthetic", "--out", str(root), "--n-train", "120", "--n-val", "60",
-                 "--size", str(SIZE), "--workers", "1"]) == 0
-    return root
 
 
 def tiny(root, out, name, *extra):
