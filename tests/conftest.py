@@ -35,3 +35,13 @@ def data_root(tmp_path_factory):
     assert main(["prepare", "synthetic", "--out", str(root), "--n-train", "120", "--n-val", "60",
                  "--size", str(TINY_SIZE), "--workers", "1"]) == 0
     return root
+
+
+def tiny_run_args(root, out, name, *extra):
+    """`svfseg train` arguments of a 2-epoch x 2-step run of the demo recipe on the shared `data_root`."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pfenet_efficientnet_lite0.yaml"
+    return ["--config", str(recipe), f"data.root={root}", f"output_dir={out}", f"name={name}",
+            f"data.train_crop={TINY_SIZE}", f"data.test_size={TINY_SIZE}", "train.epochs=2",
+            "train.steps_per_epoch=2", "train.batch_size=2", "train.progress=false", *extra]

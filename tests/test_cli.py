@@ -7,21 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_SIZE
+from conftest import tiny_run_args
 from svfseg.cli import main
-
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pfenet_efficientnet_lite0.yaml"
-SIZE = TINY_SIZE  # the side of the shared `data_root` (conftest)
 
 
 
 def tiny(root, out, name, *extra):
     # SVF on layer2 only: the cheapest stage to decompose, still trains through the backbone.
-    return ["--config", str(RECIPE), f"data.root={root}", f"output_dir={out}", f"name={name}",
-            f"data.train_crop={SIZE}", f"data.test_size={SIZE}", "train.epochs=2", "train.steps_per_epoch=2",
-            "train.batch_size=2", "train.val_episodes=4", "train.progress=false", "train.log_every=1",
-            "train.val_every=1", "train.select_on=test_fold",
-            "svf.stages=[layer2]", *extra]
+    return tiny_run_args(root, out, name, "train.val_episodes=4", "train.log_every=1", "train.val_every=1",
+                         "train.select_on=test_fold", "svf.stages=[layer2]", *extra)
 
 
 @pytest.fixture(scope="module")

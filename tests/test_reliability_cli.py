@@ -11,23 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_SIZE
+from conftest import tiny_run_args
 from svfseg.cli import main
 from svfseg.data.index import build_class_index
 from svfseg.data.io import DataError, read_image, read_list
 from test_reliability_engine import hold_lock
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pfenet_efficientnet_lite0.yaml"
-SIZE = TINY_SIZE  # the side of the shared `data_root` (conftest)
-
 
 
 def tiny(root, out, name, *extra):
     # frozen backbone, no validation: the cheapest run that writes every file of a run folder
-    return ["--config", str(RECIPE), f"data.root={root}", f"output_dir={out}", f"name={name}",
-            f"data.train_crop={SIZE}", f"data.test_size={SIZE}", "train.epochs=2", "train.steps_per_epoch=2",
-            "train.batch_size=2", "train.progress=false", "train.tensorboard=false", "train.val_every=0",
-            "model.regime=frozen", *extra]
+    return tiny_run_args(root, out, name, "train.tensorboard=false", "train.val_every=0", "model.regime=frozen",
+                         *extra)
 
 
 @pytest.fixture(scope="module")
