@@ -1,6 +1,5 @@
 """CLI smoke tests on tiny synthetic data: prepare, train, resume, test, merge, predict, report, errors."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
