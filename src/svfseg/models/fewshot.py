@@ -174,6 +174,9 @@ class FewShotModel(nn.Module):
             "name": self.model_name,
             "backbone": self.backbone_name,
             "backbone_strides": dict(getattr(self.backbone, "stage_strides", {})),
+            # only when not the default, so descriptions written before the option still match
+            **({"backbone_dilation_style": self.backbone.dilation_style}
+               if getattr(self.backbone, "dilation_style", "pspnet") != "pspnet" else {}),
             "regime": self.regime,
             "svf_policy": self.svf_policy.to_dict() if self.svf_policy is not None else None,
             **({"lora": dataclasses.asdict(self.lora)} if self.lora is not None else {}),
