@@ -78,3 +78,59 @@ def test_compare_markdown_prints_the_fold_layout_beside_the_interval_table():
                seeds=[0, 1], interval="paired t over seeds, 95%", sweeps={}, incomplete=[], diverged=[])
     md = compare_markdown(res)
     assert md.index("Δ mIoU vs frozen") < md.index("| 1-shot | fold 0 |") < md.index("| 5-shot | fold 0 |")
+
+
+def _hand_count(conv: "nn.Conv2d", factors) -> int:
+    """Trainable values of one decomposed conv, by hand: per group r = min(m, n); S g*r, U g*m*r, V g*r*n."""
+    g = conv.groups
+    m, n = conv.out_channels // g, conv.in_channels // g * conv.kernel_size[0] * conv.kernel_size[1]
+    r = min(m, n)
+    return sum({"S": g * r, "U": g * m * r, "V": g * r * n}[f] for f in factors)
+
+
+def test_compare_varies_svf_train_counts_match_a_hand_count_and_merged_equals_unmerged(data_root, tmp_path):
+    import json
+
+    import torch
+    from torch import nn
+
+    from conftest import TINY_SIZE
+    from svfseg.cli import main
+    from svfseg.engine.model import load_for_inference
+    from svfseg.models.backbones import create_backbone
+    from svfseg.models.export import export_merged
+    from test_compare import RECIPE
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(RECIPE), "--regimes", "frozen,svf", "--seeds", "0", "--out", str(out),
+                 "--vary", "svf:svf.train=[S]|[U,S]|[S,V]", "--test-episodes", "4", "--val-episodes", "4",
+                 f"data.root={data_root}", f"data.train_crop={TINY_SIZE}", f"data.test_size={TINY_SIZE}",
+                 "train.steps_per_epoch=2", "train.batch_size=2", "train.progress=false",
+                 "svf.stages=[layer2]"]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    labels = ["frozen", "svf[svf.train=[S]]", "svf[svf.train=[U,S]]", "svf[svf.train=[S,V]]"]
+    assert list(res["rows"]) == labels and not res["incomplete"]
+    plain = create_backbone("efficientnet_lite0")
+    convs = [m for m in plain.layer2.modules() if type(m) is nn.Conv2d]
+    md = (out / "compare.md").read_text()
+    sizes = {}
+    for label, factors in zip(labels[1:], (("S",), ("U", "S"), ("S", "V"))):
+        row = res["rows"][label]
+        hand = sum(_hand_count(c, factors) for c in convs)
+        assert row["trainable"]["backbone"] == hand and row["trainable"]["svf"] == hand, label
+        sizes[label] = row["adapter_bytes"]
+        assert f"| {label} |" in md and f"({hand:,})" in md
+        cell = next(c for c in res["cells"] if c["regime"] == label)
+        model, _, _ = load_for_inference(f"{cell['run_dir']}/best.pt")
+        model = model.double()             # merge in float64: the comparison is then float64-exact
+        merged = export_merged(model)
+        torch.manual_seed(0)
+        q, s = torch.randn(1, 3, TINY_SIZE, TINY_SIZE), torch.randn(1, 1, 3, TINY_SIZE, TINY_SIZE)
+        mask = (torch.rand(1, 1, TINY_SIZE, TINY_SIZE) > 0.5).long()
+        args = (q.double(), s.double(), mask)
+        with torch.no_grad():
+            a, b = model.eval()(*args), merged.eval()(*args)
+        a, b = (getattr(a, "logits", a), getattr(b, "logits", b))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    s_only, with_u, with_v = (sizes[k] for k in labels[1:])
+    assert s_only < with_u and s_only < with_v  # the trained factors are in the adapter file
