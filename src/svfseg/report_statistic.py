@@ -21,10 +21,13 @@ from typing import Optional
 MEAN_OVER_SEEDS = "mean over {n} test seed(s) ({protocol})"
 VAL_MAX = "max over {n} validations on the test fold (optimistic)"
 BEST_OF_SEEDS = "best of {n} test seeds (optimistic)"
+ONE_FILE = "one episode file (--episodes)"
 
 
 def own_statistic(results: dict) -> str:
     """The statistic of ``results.json``'s summary mean: the mean over its test runs."""
+    if results.get("protocol") == "file":
+        return ONE_FILE
     n = len(results.get("runs") or []) or 1
     return MEAN_OVER_SEEDS.format(n=n, protocol=results.get("protocol") or "?")
 
