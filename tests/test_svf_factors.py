@@ -26,6 +26,10 @@ def test_trained_factors_count_train_merge_exactly_and_are_saved(factors, tmp_pa
     net = apply_svf(_net(), SVFConfig(train_factors=factors))
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert trainable == sum(HAND[f] for f in factors)
+    from svfseg.svf import trainable_parameter_report
+
+    plain_total = sum(p.numel() for p in _net().parameters())  # "all params" is the plain model's count
+    assert trainable_parameter_report(net).startswith(f"trainable params: {trainable:,} || all params: {plain_total:,}")
     keys = set(net.state_dict())
     assert {"0.U", "0.S", "0.Vh", "2.U", "5.Vh"} <= keys  # the same keys whether U / Vh train or not
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)

@@ -432,8 +432,8 @@ def _plain_count(module: nn.Module) -> tuple[int, int]:
                 continue  # lazy modules: size unknown until their first forward
             if param.requires_grad:
                 trainable += param.numel()
-            if isinstance(sub, SVFLayer) and param is sub.S:
-                continue
+            if isinstance(sub, SVFLayer) and any(param is t for t in (sub.S, sub.U, sub.Vh)):
+                continue  # the factors stand for the plain weight, counted below
             total += param.numel()
         if isinstance(sub, SVFLayer):
             total += int(torch.Size(sub.weight_shape).numel())
