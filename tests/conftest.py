@@ -33,11 +33,15 @@ def _mkldnn_switch():
     # the CPU convolutions then take torch's own kernels, another operation order. Whether oneDNN is
     # used, and which of its kernels, depends on the CPU (AVX-512 on a Xeon, AVX2 on an EPYC); the
     # numeric tests must hold either way. Default: torch's own default (on).
+    # Only the `enabled` switch: `mkldnn.flags(enabled=False)` also resets oneDNN's TF32 and fp32
+    # precision settings (and warns that TF32 needs an Intel GPU).
     if os.environ.get("SVFSEG_TEST_MKLDNN", "1") != "0":
         yield
         return
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = before
 
 
 def assert_close_to_scale(actual, expected, rel, what=""):
