@@ -79,8 +79,8 @@ def test_resnet50_svf_regime_counts_parity_and_gradients():
     frozen = create_model("pfenet", backbone="resnet50_deep").eval()
     ep = episode(b=1, k=1, size=(33, 33))
     with torch.no_grad():
-        # float32 through ResNet-50 (float64 would take minutes): rounding relative to the logits' scale;
-        # the exactness claim is tested in both precisions on the tiny backbone below
+        # float32 through ResNet-50: rounding relative to the logits' scale; the exactness claim is
+        # tested in float64 too on the tiny backbone (test_untouched_singular_values_give_the_frozen_logits)
         assert_close_to_scale(model.eval()(*ep), frozen(*ep), 1e-4)
 
     # Gradients reach layer2-4 through the support branch alone, and never layer0/layer1.
