@@ -73,7 +73,7 @@ def test_compare_markdown_prints_the_fold_layout_beside_the_interval_table():
     res = _result()
     row = {"miou_mean": 0.5, "miou_std": 0.0, "fb_iou_mean": 0.6, "diff_to_reference": None, "trainable": {},
            "adapter_bytes": None, "seconds_per_step": 0.1, "peak_memory_bytes": None,
-           "movement_max_stage_mean": None, "lr_mult": None, "verdict": None}
+           "movement_max_stage_mean": None, "lr_mult": None, "verdict": None, "per_seed_miou": {"0": 0.5}}
     res.update(rows={"frozen": row, "svf": row}, regimes=["frozen", "svf"], reference="frozen", config="c.yaml",
                seeds=[0, 1], interval="paired t over seeds, 95%", sweeps={}, incomplete=[], diverged=[])
     md = compare_markdown(res)
