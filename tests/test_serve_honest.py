@@ -233,4 +233,10 @@ def test_brush_and_canvas_follow_the_image(tmp_path):
     bg = editor_background(str(tmp_path / "big.png"), 1024)
     assert bg.shape == (683, 1024, 3) and brush_radius(bg.shape) == 27
     assert brush_radius((48, 64)) == 2
+    from svfseg.serve.app import BRUSH_COLOUR, _editor_update
+
+    update = _editor_update(str(tmp_path / "big.png"), 25_000_000)
+    assert update["value"]["background"].shape == (683, 1024, 3)
+    assert update["brush"].default_size == 27 and update["brush"].default_color == BRUSH_COLOUR
+    assert 0 < BRUSH_COLOUR[1] < 1  # translucent
     assert editor_background(str(tmp_path / "missing.png"), 1024) is None

@@ -188,6 +188,12 @@ def build_app(cache: ModelCache, checkpoints: Sequence[str], work_dir: Path, *, 
                               file_types=["image"], elem_id="queries")
             gts = gr.File(label="Ground-truth masks (optional, named like the queries)", file_count="multiple",
                           file_types=["image"], elem_id="ground-truth")
+        ex = None
+        if examples:  # shown here, beside the inputs they fill; they segment once the outputs exist (below)
+            ex = gr.Examples([[str(e.support), str(e.support_mask), [str(e.query)], [str(e.ground_truth)]]
+                              for e in examples], [slot_images[0], slot_masks[0], queries, gts],
+                             example_labels=[e.label for e in examples], label="Examples from the training data "
+                             "(one click fills the inputs and segments)", elem_id="examples")
         with gr.Row():
             run = gr.Button("Segment", variant="primary", elem_id="run")
             clear = gr.Button("Clear", elem_id="clear")
@@ -220,10 +226,6 @@ def build_app(cache: ModelCache, checkpoints: Sequence[str], work_dir: Path, *, 
             return [values[c] for c in cleared]
 
         clear.click(on_clear, None, cleared, queue=False)
-        if examples:
-            ex = gr.Examples([[str(e.support), str(e.support_mask), [str(e.query)], [str(e.ground_truth)]]
-                              for e in examples], [slot_images[0], slot_masks[0], queries, gts],
-                             example_labels=[e.label for e in examples], label="Examples from the training data "
-                             "(one click fills the inputs and segments)", elem_id="examples")
+        if ex is not None:
             ex.load_input_event.then(on_run, run_inputs, outputs, concurrency_limit=1, concurrency_id="segment")
     return app
