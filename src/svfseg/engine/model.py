@@ -44,9 +44,14 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     kwargs = {**recipe.model_kwargs(cfg), **(load_dependencies(cfg) if pretrained else {})}
     if m.regime == "lora":
         kwargs["lora"] = cfg.lora
-    return create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
-                        svf_policy=cfg.svf if m.regime in STAGED_REGIMES else None,
-                        backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+    model = create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
+                         svf_policy=cfg.svf if m.regime in STAGED_REGIMES else None,
+                         backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+    if pretrained and m.init_head:
+        from svfseg.engine.warmstart import load_head
+
+        logger.info("warm start: %d head tensors from %s", load_head(model, m.init_head), m.init_head)
+    return model
 
 
 def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
@@ -77,6 +82,10 @@ def preflight(cfg: ExperimentConfig) -> None:
 
     for dep in model_recipe(cfg.model.name).dependencies(cfg):
         _read_dependency(dep, lazy=True)
+    if cfg.model.init_head:
+        from svfseg.engine.warmstart import check_head_file
+
+        check_head_file(cfg.model.init_head)
 
 
 def _read_dependency(dep, *, lazy: bool) -> dict:
