@@ -63,8 +63,9 @@ class Client:
 
     def upload(self, path: Path) -> dict:
         b = uuid.uuid4().hex
-        body = (f"--{b}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
-                "Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{b}--\r\n".encode()
+        head = (f"--{b}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode()
+        body = head + path.read_bytes() + f"\r\n--{b}--\r\n".encode()
         req = urllib.request.Request(self.base + "gradio_api/upload", data=body,
                                      headers={"Content-Type": f"multipart/form-data; boundary={b}"})
         with self.opener.open(req, timeout=30) as r:

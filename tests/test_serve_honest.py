@@ -70,7 +70,8 @@ def test_record_from_source_json_results_json_or_nothing(ckpts, tmp_path):
     # a SOURCE.json with a percentage where a fraction belongs is named, not shown as 4100%
     (tmp_path / "demo" / "svf" / "SOURCE.json").write_text(json.dumps(demo_record("svf", 41)))
     rec = checkpoint_record(demo)
-    assert rec.test_miou is None and "SOURCE.json: expected test_miou a fraction between 0 and 1, found 41" in rec.problem
+    assert rec.test_miou is None
+    assert "SOURCE.json: expected test_miou a fraction between 0 and 1, found 41" in rec.problem
 
 
 def test_no_foreground_notice_names_the_recorded_score(ckpts, inputs, cache, tmp_path):
@@ -147,12 +148,14 @@ def test_class_index_mask_with_a_picked_class_equals_its_binary_mask(ckpts, inpu
     labels[fg] = 7
     labels[:6, :6] = 3  # another object in the same mask
     Image.fromarray(labels).save(tmp_path / "classes.png")
-    assert mask_class_choices(str(tmp_path / "classes.png")) == [("3 (1% of the image)", 3), ("7 (14% of the image)", 7)]
+    assert mask_class_choices(str(tmp_path / "classes.png")) == [("3 (1% of the image)", 3),
+                                                                  ("7 (14% of the image)", 7)]
     assert mask_class_choices(str(inputs["mask"])) == []  # binary: no picker
     sup, q = str(inputs["support"]), [str(inputs["query"])]
     with pytest.raises(ServeError, match=r"support 1 mask \(classes.png\): a class-index mask \(classes 3, 7\); pick "
                                          r"the object's class in the 'object class' box"):
-        run_request(cache, [str(ckpts["svf"])], [SupportSlot(sup, str(tmp_path / "classes.png"))], q, [], tmp_path / "a")
+        run_request(cache, [str(ckpts["svf"])], [SupportSlot(sup, str(tmp_path / "classes.png"))], q, [],
+                    tmp_path / "a")
     picked = run_request(cache, [str(ckpts["svf"])], [SupportSlot(sup, str(tmp_path / "classes.png"), mask_class=7)],
                          q, [], tmp_path / "b")
     binary = run_request(cache, [str(ckpts["svf"])], _slots(inputs), q, [], tmp_path / "c")
@@ -182,7 +185,8 @@ def test_ground_truth_pairs_by_name_only_and_names_the_unmatched(ckpts, inputs, 
     with pytest.raises(ServeError, match=r"ground truth elsewhere.png: no query named 'elsewhere' \(name each like "
                                          r"its query: one of query"):
         run_request(cache, [str(ckpts["svf"])], _slots(inputs), [str(inputs["query"])], [str(wrong)], tmp_path / "a")
-    with pytest.raises(ServeError, match=r"elsewhere.png: no query named 'elsewhere'; ground truth support.png: no query"):
+    with pytest.raises(ServeError, match=r"elsewhere.png: no query named 'elsewhere'; ground truth support.png: "
+                                         r"no query"):
         run_request(cache, [str(ckpts["svf"])], _slots(inputs), [str(inputs["query"])],
                     [str(wrong), str(inputs["support"])], tmp_path / "b")
     shutil.copy(inputs["gt"], tmp_path / "query.png")
@@ -240,3 +244,17 @@ def test_brush_and_canvas_follow_the_image(tmp_path):
     assert update["brush"].default_size == 27 and update["brush"].default_color == BRUSH_COLOUR
     assert 0 < BRUSH_COLOUR[1] < 1  # translucent
     assert editor_background(str(tmp_path / "missing.png"), 1024) is None
+
+
+def test_reads_the_source_json_the_demo_writes(ckpts, tmp_path):
+    """The contract with `svfseg demo`: its own writer's SOURCE.json is what the page shows."""
+    from svfseg.demo import _stable_checkpoint
+
+    result = {"seeds": [0], "cells": [{"regime": r, "seed": 0, "status": "finished", "run_dir": str(ckpts[r].parent),
+                                       "miou": m, "fb_iou": 0.55, "episodes": 1000, "fold": 0, "shot": 1}
+                                      for r, m in (("svf", 0.412), ("frozen", 0.398))]}
+    for regime, score in (("svf", "41.2%"), ("frozen", "39.8%")):
+        rec = checkpoint_record(_stable_checkpoint(result, tmp_path / "demo", regime, Path("data/synthetic-5i")))
+        assert rec.score_text == f"test mIoU {score} (FB-IoU 55.0%, 1000 episodes)" and rec.problem is None
+        assert rec.regime == regime and rec.cell == str(ckpts[regime].parent)
+        assert rec.data_text == "synthetic fold 0, 1-shot (data/synthetic-5i)"

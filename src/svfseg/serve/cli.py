@@ -39,7 +39,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help=f"ask for a user name and password in the browser; the password comes from "
                              f"${PASSWORD_ENV} or --password-file (USER:PASS also works, visible in ps); failed "
                              f"logins wait 0.5 s, doubling to 8 s")
-    parser.add_argument("--password-file", type=Path, metavar="FILE", help="file whose first line is the --auth password")
+    parser.add_argument("--password-file", type=Path, metavar="FILE",
+                        help="file whose first line is the --auth password")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, MB (default 20)")
     parser.add_argument("--max-pixels", type=_positive_float, default=DEFAULT_MAX_PIXELS / 1e6, metavar="MP",
                         help=f"largest image accepted, megapixels (default {DEFAULT_MAX_PIXELS / 1e6:g}); larger "
