@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(d)
 
-    c = sub.add_parser("compare", help="several backbone regimes x seeds on identical episodes, with 95% intervals")
+    c = sub.add_parser("compare", help="several backbone regimes x seeds on identical episodes, with 95%% intervals")
     from svfseg.compare import add_compare_arguments
 
     add_compare_arguments(c)
