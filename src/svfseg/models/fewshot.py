@@ -148,8 +148,9 @@ class FewShotModel(nn.Module):
 
         Returns:
             Non-empty groups among ``{"name": "svf" | "backbone" | "head", "params": [...]}``:
-            "svf" holds the trained SVD factors (singular values; U / Vh with ``svf.train``), "backbone" any other trainable backbone parameter
-            (full fine-tune, or BN/bias under an SVF policy), "head" the rest. Only parameters
+            "svf" holds the trained SVD factors (the singular values; U / Vh too with ``svf.train``),
+            "backbone" any other trainable backbone parameter (full fine-tune, or BN/bias under an
+            SVF policy), "head" the rest. Only parameters
             with ``requires_grad`` appear. The optimiser sets each group's lr from
             ``optim.lr_mult[name]``.
         """

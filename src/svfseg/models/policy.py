@@ -47,8 +47,8 @@ def apply_policy(backbone: nn.Module, policy: SVFPolicy) -> nn.Module:
     """Decompose the policy's stages of ``backbone`` in place and set what trains.
 
     Afterwards exactly these backbone parameters require grad: the factors of the decomposed
-    layers named in ``policy.train`` (the singular values by default), plus BN affine parameters inside ``stages`` when ``train_bn`` and
-    conv biases when ``train_bias``. Frozen BN after a decomposed conv is folded into the SVD
+    layers named in ``policy.train`` (the singular values by default), plus BN affine
+    parameters inside ``stages`` when ``train_bn`` and conv biases when ``train_bias``. Frozen BN after a decomposed conv is folded into the SVD
     layer when the policy says so (exact; same state-dict keys). Keeping BN in eval mode is
     the caller's job (the few-shot models do it in ``train()``).
 
