@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train a few-shot model (torchrun for several GPUs)")
     t.add_argument("--config", type=Path, help="recipe YAML (see configs/)")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run folder from its last.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds an earlier run (its files are deleted)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. fold=1 optim.lr=0.005")
     _add_threads(t)
 
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="fold the singular values back: a plain model for deployment")
     m.add_argument("--checkpoint", type=Path, required=True)
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never a file of the run)")
 
     sv = sub.add_parser("serve", help="local web app: segment your own images in the browser (svfseg[serve])")
     from svfseg.serve.cli import add_serve_arguments
@@ -162,7 +165,8 @@ def cmd_train(args) -> int:
         raise UsageError("train: --config RECIPE.yaml (or --resume RUN_DIR) is required")
     _apply_threads(args, cfg)
     with _tqdm_safe_logging():
-        res = train_run(cfg, run_dir=run_dir, argv=getattr(args, "command_line", sys.argv))
+        res = train_run(cfg, run_dir=run_dir, argv=getattr(args, "command_line", sys.argv),
+                        overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         best = f"best mIoU {100 * res.best['miou']:.2f} at step {res.best['step']}" if res.best else "no validation"
         print(f"{res.status}: step {res.step}/{res.total_steps} in {res.seconds:.0f}s, {best}\n"
@@ -239,8 +243,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from svfseg.engine.model import export_merged_checkpoint, nothing_to_merge
+    from svfseg.engine.model import check_merge_out, export_merged_checkpoint, nothing_to_merge
 
+    check_merge_out(args.checkpoint, args.out, overwrite=args.overwrite)
     reason = nothing_to_merge(args.checkpoint)
     if reason:
         print(f"nothing to merge: {reason}")

@@ -120,7 +120,9 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
             cfg.resume = True
             logger.info("compare: resuming %s", run_dir)
         try:
-            result = train_run(cfg, argv=["svfseg", "compare"])
+            # without a last.pt, whatever the cell folder holds is from an attempt that never
+            # checkpointed: start it afresh
+            result = train_run(cfg, argv=["svfseg", "compare"], overwrite=not cfg.resume)
         except NonFiniteLoss as e:
             # A diverged cell (e.g. the largest lr of a sweep) is a result, not a crash; the marker
             # keeps a rerun from training it again.

@@ -86,6 +86,8 @@ def _read_dependency(dep, *, lazy: bool) -> dict:
     state = ckpt.peek(dep.path) if lazy else ckpt.load(dep.path)
     if not isinstance(state, dict) or "model" not in state or "describe" not in state:
         raise ckpt.CheckpointMismatch(f"{dep.path}: not an svfseg training checkpoint (no model/describe entries)")
+    if not lazy:
+        ckpt.check_finite_weights(state["model"], dep.path)
     diffs = dep.check(state)
     if diffs:
         raise ckpt.CheckpointMismatch(f"{dep.what} {dep.path} does not fit this run:\n  " + "\n  ".join(diffs))
@@ -141,12 +143,31 @@ def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     return ckpt.save_atomic(blob, out)
 
 
+def check_merge_out(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse a ``merge --out`` that would replace a file: any file without ``overwrite``, a file of the run never.
+
+    Raises:
+        FileExistsError: ``out`` is the checkpoint, a file of its run folder (``last.pt``, ...) or,
+            without ``overwrite``, any existing file.
+    """
+    from svfseg.engine.runfiles import is_run_file
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    same = out.exists() and checkpoint.exists() and os.path.samefile(out, checkpoint)
+    if same or (out.resolve().parent == checkpoint.resolve().parent and is_run_file(out)):
+        raise FileExistsError(f"merge: --out {out} belongs to the run being merged (its resumable state or its "
+                              f"results); write the merged model elsewhere, e.g. {out.parent / 'merged.pt'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"merge: --out {out} exists; choose another file or pass --overwrite")
+
+
 def _svfseg_checkpoint(checkpoint: str | os.PathLike) -> dict:
     state = ckpt.load(checkpoint)
     missing = [k for k in ("model", "config", "describe") if k not in state]
     if missing:
         raise ckpt.CheckpointMismatch(f"{checkpoint}: expected an svfseg checkpoint (best.pt/last.pt or a merged "
                                       f"export), found a file without {missing} (keys {sorted(state)[:8]})")
+    ckpt.check_finite_weights(state["model"], checkpoint)
     return state
 
 
@@ -182,6 +203,7 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
     if "model" not in state or "config" not in state:
         raise ckpt.CheckpointMismatch(f"{checkpoint}: not an svfseg checkpoint (no model/config entries; "
                                       f"found keys {sorted(state)[:8]})")
+    ckpt.check_finite_weights(state["model"], checkpoint)
     own_cfg = from_dict(state["config"], source=str(checkpoint))
     if cfg is None:
         cfg = own_cfg
