@@ -158,3 +158,38 @@ def test_test_predict_and_merge_refuse_a_checkpoint_with_nan_weights(runs, tmp_p
         line = error_line(capsys, argv[0])
         assert "NaN/inf" in line and key in line and "best.pt" in line, line
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "pred").exists()
+
+
+# ---------------------------------------------------------------- item 3: compare reruns with other settings
+
+
+def _compare(root, out, *extra):
+    from test_compare import RECIPE
+
+    options = [x for x in extra if x.startswith("--") or x.isdigit()]
+    return ["compare", "--config", str(RECIPE), "--regimes", "frozen", "--seeds", "0", "--out", str(out),
+            "--val-episodes", "4", *options, f"data.root={root}", f"data.train_crop={TINY_SIZE}",
+            f"data.test_size={TINY_SIZE}", "train.batch_size=2", "train.progress=false", "train.epochs=1",
+            *[x for x in extra if x not in options]]
+
+
+def test_compare_rerun_with_other_settings_is_refused_or_forced(data_root, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    cell = out / "runs" / "fold0_1shot" / "frozen_seed0"
+    assert main(_compare(data_root, out, "--test-episodes", "4", "train.steps_per_epoch=2")) == 0
+    # other steps: refused, naming the key; nothing of the cell changes
+    summary = (cell / "train_summary.json").read_bytes()
+    assert main(_compare(data_root, out, "--test-episodes", "4", "train.steps_per_epoch=3")) == 1
+    line = error_line(capsys, "compare")
+    assert "train.steps_per_epoch: was 2, now 3" in line and "--force" in line
+    assert (cell / "train_summary.json").read_bytes() == summary
+    # other test episodes: refused too
+    assert main(_compare(data_root, out, "--test-episodes", "6", "train.steps_per_epoch=2")) == 1
+    assert "--test-episodes 6" in error_line(capsys, "compare")
+    # --force: the cell is retrained with the new steps and scored on the new episodes
+    assert main(_compare(data_root, out, "--test-episodes", "6", "train.steps_per_epoch=3", "--force")) == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert res["cells"][0]["episodes"] == 6
+    assert json.loads((cell / "train_summary.json").read_text())["step"] == 3
+    # the same settings again: skipped, no refusal
+    assert main(_compare(data_root, out, "--test-episodes", "6", "train.steps_per_epoch=3")) == 0
