@@ -193,3 +193,193 @@ def test_compare_rerun_with_other_settings_is_refused_or_forced(data_root, tmp_p
     assert json.loads((cell / "train_summary.json").read_text())["step"] == 3
     # the same settings again: skipped, no refusal
     assert main(_compare(data_root, out, "--test-episodes", "6", "train.steps_per_epoch=3")) == 0
+
+
+# ---------------------------------------------------------------- item 12: tracebacks that were still shown
+
+
+class _Payload:
+    def __reduce__(self):  # what a malicious pickle does: call a function on load
+        return (print, ("payload ran",))
+
+
+def _weight_files(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(4, 4)}, good)
+    payload, cut, noise, other = (tmp_path / n for n in ("payload.pt", "cut.pt", "noise.pt", "other.pt"))
+    torch.save({"w": _Payload()}, payload)
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    torch.save({"conv.weight": torch.ones(3, 3, 1, 1)}, other)  # another network's state dict
+    return payload, cut, noise, other
+
+
+def test_bad_model_weights_files_are_one_line_naming_the_file(data_root, tmp_path, capsys):
+    for f in _weight_files(tmp_path):
+        assert main(["train", *tiny(data_root, tmp_path, f"w_{f.stem}", f"model.weights={f}")]) == 1, f
+        err = capsys.readouterr().err
+        assert "weights_only" not in err and "payload ran" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert "Traceback" not in err and last.startswith("svfseg train: error: ") and str(f) in last, err
+        assert not (tmp_path / f"w_{f.stem}" / "config.yaml").exists()
+
+
+def test_unknown_head_and_backbone_keys_are_one_line_naming_the_key(data_root, tmp_path, capsys):
+    for key in ("model.head.no_such_option", "model.backbone_kwargs.no_such_option"):
+        assert main(["train", *tiny(data_root, tmp_path, "k", f"{key}=1")]) == 2
+        assert key in error_line(capsys, "train")
+        assert not (tmp_path / "k").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_unusable_devices_are_one_line(data_root, runs, tmp_path, capsys):
+    for device in ("cuda", "foo"):
+        assert main(["train", *tiny(data_root, tmp_path, "d", f"device={device}")]) in (1, 2)
+        assert "device" in error_line(capsys, "train")
+        assert not (tmp_path / "d" / "config.yaml").exists()
+    img, mask = _support(tmp_path)
+    for device in ("cuda", "foo"):
+        assert main(["predict", "--checkpoint", str(runs / "frozen" / "best.pt"), "--support", str(img), str(mask),
+                     "--query", str(img), "--out", str(tmp_path / "p"), "--device", device]) in (1, 2)
+        assert "--device" in error_line(capsys, "predict")
+
+
+def _support(tmp_path, size=40):
+    img = tmp_path / "q.png"
+    Image.fromarray(np.full((size, size, 3), 120, np.uint8)).save(img)
+    mask = tmp_path / "m.png"
+    m = np.zeros((size, size), np.uint8)
+    m[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
+    Image.fromarray(m).save(mask)
+    return img, mask
+
+
+def _edited_episodes(run, tmp_path, edit):
+    import dataclasses
+
+    from svfseg.data.episodes import EpisodeList
+
+    eps = tmp_path / "eps.json"
+    if not eps.exists():
+        assert main(["episodes", "--config", str(run / "config.yaml"), "--count", "3", "--out", str(eps)]) == 0
+    good = EpisodeList.load(eps)
+    out = tmp_path / f"edited{len(list(tmp_path.glob('edited*')))}.json"
+    dataclasses.replace(good, episodes=edit(good.episodes)).save(out)  # a fingerprint that fits the edit
+    return out
+
+
+def test_episode_files_with_a_base_class_too_many_supports_or_none_are_refused(data_root, runs, tmp_path, capsys):
+    import dataclasses
+
+    from svfseg.data.splits import class_split
+
+    run = runs / "frozen"
+    base = class_split("synthetic", 0).base[0]
+    cases = {
+        "base class": lambda eps: (dataclasses.replace(eps[0], class_id=base), *eps[1:]),
+        "supports": lambda eps: (dataclasses.replace(eps[0], supports=eps[0].supports * 2), *eps[1:]),
+        "no episodes": lambda eps: (),  # item 13: an empty file scored "n/a" with rc 0
+    }
+    for what, edit in cases.items():
+        f = _edited_episodes(run, tmp_path, edit)
+        assert main(["test", "--checkpoint", str(run / "best.pt"), "--episodes", str(f)]) == 1, what
+        line = error_line(capsys, "test")
+        assert str(f) in line and what in line, line
+
+
+def test_predict_refuses_a_huge_image_and_a_huge_size_in_one_line(runs, tmp_path, capsys):
+    img, mask = _support(tmp_path)
+    # a JPEG whose header says 16000 x 12000 (192 MP): the frame header's size fields patched
+    small = tmp_path / "small.jpg"
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(small, quality=90)
+    data = bytearray(small.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5: sof + 9] = (12000).to_bytes(2, "big") + (16000).to_bytes(2, "big")
+    huge = tmp_path / "huge.jpg"
+    huge.write_bytes(bytes(data))
+    ck = str(runs / "frozen" / "best.pt")
+    assert main(["predict", "--checkpoint", ck, "--support", str(img), str(mask), "--query", str(huge),
+                 "--out", str(tmp_path / "p")]) == 1
+    line = error_line(capsys, "predict")
+    assert str(huge) in line and "megapixels" in line, line
+    assert main(["predict", "--checkpoint", ck, "--support", str(img), str(mask), "--query", str(img),
+                 "--out", str(tmp_path / "p"), "--size", "100000"]) == 1
+    assert "--size" in error_line(capsys, "predict")
+
+
+def test_compare_seeds_empty_or_repeated_are_one_line(data_root, tmp_path, capsys):
+    for seeds, what in ((",", "at least one"), ("0,0", "repeats")):  # item 12 and item 13
+        assert main(_compare(data_root, tmp_path / "cmp", "--test-episodes", "4")[:5] + ["--seeds", seeds]
+                    + _compare(data_root, tmp_path / "cmp", "--test-episodes", "4")[7:]) in (1, 2)
+        assert "--seeds" in (line := error_line(capsys, "compare")) and what in line, line
+        assert not (tmp_path / "cmp" / "runs").exists()
+
+
+# ---------------------------------------------------------------- item 13: silently accepted options
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr_mult.hed=10", "optim.lr_mult.hed"),
+    ("train.steps_per_epoch=0", "train.steps_per_epoch"),
+    ("optim.lr=.nan", "optim.lr"),
+    ("model.regime=lora", "svf.train_bn"),  # with svf.train_bn=true below: lora ignores it
+])
+def test_config_values_that_were_ignored_are_refused(data_root, tmp_path, capsys, override, key):
+    extra = ["svf.train_bn=true"] if key == "svf.train_bn" else []
+    assert main(["train", *tiny(data_root, tmp_path, "c", override, *extra)]) == 2
+    assert key in error_line(capsys, "train")
+    assert not (tmp_path / "c").exists()
+
+
+def test_options_that_exclude_each_other_are_refused(data_root, runs, tmp_path, capsys):
+    run = _copy(runs / "frozen", tmp_path)
+    assert main(["train", "--resume", str(run), "--config", str(run / "config.yaml")]) == 2
+    assert "--resume" in (line := error_line(capsys, "train")) and "--config" in line
+    assert main(["test", "--checkpoint", str(run / "best.pt"), "--protocol", "bam", "--episodes", "x.json"]) == 2
+    assert "--protocol" in (line := error_line(capsys, "test")) and "--episodes" in line
+
+
+def test_overlapping_folds_in_dataset_yaml_are_refused(tmp_path):
+    from svfseg.data.io import DataError
+    from svfseg.data.meta import parse_dataset_meta
+
+    with pytest.raises(DataError, match=r"folds\[1\].*class 2 .*folds\[0\]"):
+        parse_dataset_meta({"classes": ["a", "b", "c", "d"], "folds": [[1, 2], [2, 3]]}, tmp_path / "dataset.yaml")
+
+
+# ---------------------------------------------------------------- item 14
+
+
+@pytest.mark.parametrize("override, key", [
+    ("name=../../x", "name"), ("name=/tmp/x", "name"),
+    ("optim.momentum=-0.5", "optim.momentum"), ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("seed=-1", "seed"), ("data.workers=-1", "data.workers"), ("data.train_crop=1", "data.train_crop"),
+])
+def test_values_torch_or_numpy_refuse_leave_no_run_folder(data_root, tmp_path, capsys, override, key):
+    out = tmp_path / "a" / "b"
+    assert main(["train", *tiny(data_root, out, "v", override)]) == 2
+    assert f"'{key}'" in error_line(capsys, "train")
+    assert not (out / "v").exists() and not (tmp_path / "x").exists() and not out.exists()
+
+
+def test_episodes_out_is_not_replaced_without_overwrite(runs, tmp_path, capsys):
+    out = tmp_path / "eps.json"
+    out.write_text("mine")
+    cfg = str(runs / "frozen" / "config.yaml")
+    assert main(["episodes", "--config", cfg, "--count", "2", "--out", str(out)]) == 2
+    assert "--overwrite" in error_line(capsys, "episodes") and out.read_text() == "mine"
+    assert main(["episodes", "--config", cfg, "--count", "2", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["episodes"]
+
+
+def test_the_first_log_row_after_a_resume_averages_the_whole_window(data_root, tmp_path):
+    from svfseg.engine.runlog import read_csv
+
+    args = ("train.epochs=2", "train.log_every=2")
+    assert main(["train", *tiny(data_root, tmp_path, "whole", *args)]) == 0
+    assert main(["train", *tiny(data_root, tmp_path, "cut", *args, "train.stop_after_steps=1")]) == 130
+    assert main(["train", "--resume", str(tmp_path / "cut"), "train.stop_after_steps=null"]) == 0
+    whole, cut = read_csv(tmp_path / "whole" / "train_log.csv"), read_csv(tmp_path / "cut" / "train_log.csv")
+    assert [r["step"] for r in cut] == [r["step"] for r in whole] == ["2", "4"]
+    for a, b in zip(whole, cut):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6), (a, b)

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--count", type=int, default=1000, help="number of episodes (default 1000)")
     ep.add_argument("--seed", type=int, default=0, help="episode seed (default 0)")
     ep.add_argument("--out", type=Path, required=True, help="episode file to write (JSON)")
+    ep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. fold=1 shot=5")
     _add_threads(ep)
 
@@ -155,6 +156,9 @@ def cmd_train(args) -> int:
     from svfseg.config import load_config
     from svfseg.engine.run import resume_config, train_run
 
+    if args.resume is not None and args.config is not None:
+        raise UsageError("train: --resume continues a run with its own config.yaml; --config would be ignored: "
+                         "give one of them (change keys of a resumed run with KEY=VALUE overrides)")
     if args.resume is not None:
         cfg = resume_config(args.resume, args.overrides)
         run_dir = args.resume
@@ -183,6 +187,8 @@ def cmd_test(args) -> int:
     from svfseg.engine.tasks import TestOptions
     from svfseg.engine.testing import score_with_task
 
+    if args.protocol is not None and args.episodes is not None:
+        raise UsageError("test: --protocol makes episodes from its seeds, --episodes reads a file of them; give one")
     cfg = None
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
@@ -211,6 +217,9 @@ def cmd_episodes(args) -> int:
 
     if args.count < 1:
         raise UsageError(f"episodes: --count must be >= 1, found {args.count}")
+    if args.out.exists() and not args.overwrite:
+        raise UsageError(f"episodes: --out {args.out} exists (runs may have been scored on it); choose another "
+                         f"file or pass --overwrite")
     cfg = load_config(args.config, args.overrides)
     _apply_threads(args, cfg)
     eps = write_episode_file(cfg, args.out, seed=args.seed, count=args.count)

@@ -299,12 +299,24 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
                       "sweep": False, **rec})
 
 
+def check_plan_lists(plan: ComparePlan) -> None:
+    """Refuse empty or repeated seeds, regimes, folds and shots (a repeated seed is no second pair)."""
+    for option, values in (("--seeds", plan.seeds), ("--regimes", plan.regimes), ("--folds", plan.folds),
+                           ("--shots", plan.shots)):
+        if not values:
+            raise ValueError(f"compare: {option}: expected at least one value, found none")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"compare: {option}: expected distinct values, found {values} (repeats {repeated})")
+
+
 def run_compare(plan: ComparePlan) -> dict:
     """Run every cell of ``plan`` (skipping finished ones), then write compare.json/.md/.png.
 
     Returns:
         The ``compare.json`` content.
     """
+    check_plan_lists(plan)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for regime in plan.regimes:  # a typo in a regime or an override fails now, not hours in

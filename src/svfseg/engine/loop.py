@@ -201,6 +201,7 @@ def fit(
         if info.is_main:
             blob = model_blob()
             blob.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), total_steps=total,
+                        log_window=_window_state(window),
                         reference_decay=ref_decay.state_dict() if ref_decay is not None else None,
                         rng_per_rank=states, best=best, history=history, status=status,
                         data_position={"epoch": step // spe, "step_in_epoch": step % spe, "steps_per_epoch": spe})
@@ -259,6 +260,11 @@ def fit(
     bar = progress_bar(total, desc=task.train_desc, enabled=tc.progress and info.is_main, unit="step",
                        initial=step, leave=True)
     window = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "t": time.perf_counter()}
+    if resume_state is not None and resume_state.get("log_window"):
+        # the steps since the last CSV row before the stop count in the first row after the resume
+        saved = resume_state["log_window"]
+        window.update({k: saved[k] for k in ("loss", "main", "aux", "n")},
+                      t=time.perf_counter() - saved.get("seconds", 0.0))
     try:
         with StopRequest() as stop:
             while step < total:
@@ -324,6 +330,12 @@ def fit(
         (run_dir / "train_summary.json").write_text(json.dumps(out, indent=1, default=str))
     return FitResult(status, step, total, run_dir, last_path, best_path if best_path.exists() else None, best,
                      seconds, history)
+
+
+def _window_state(window: dict) -> dict:
+    """The partial CSV-row window as plain numbers (sums, step count, seconds so far), for ``last.pt``."""
+    return {"loss": window["loss"], "main": window["main"], "aux": window["aux"], "n": window["n"],
+            "seconds": time.perf_counter() - window["t"]}
 
 
 def _best_is_stale(best: Optional[dict], epoch: int, spe: int, patience: int) -> bool:

@@ -44,9 +44,30 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     kwargs = {**recipe.model_kwargs(cfg), **(load_dependencies(cfg) if pretrained else {})}
     if m.regime == "lora":
         kwargs["lora"] = cfg.lora
-    return create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
-                        svf_policy=cfg.svf if m.regime in STAGED_REGIMES else None,
-                        backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+    try:
+        return create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
+                            svf_policy=cfg.svf if m.regime in STAGED_REGIMES else None,
+                            backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+    except TypeError as e:
+        raise _unknown_option(e, cfg) from None
+
+
+def _unknown_option(e: TypeError, cfg: ExperimentConfig) -> Exception:
+    """A constructor's "unexpected keyword argument 'k'" as the config key it came from."""
+    import re
+
+    from svfseg.config import ConfigError
+
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+    if not found:
+        return e
+    key = found.group(1)
+    m = cfg.model
+    where = ("model.head" if key in m.head else "model.backbone_kwargs" if key in m.backbone_kwargs else None)
+    if where is None:
+        return e
+    what = f"head of model.name={m.name}" if where == "model.head" else f"backbone {m.backbone}"
+    return ConfigError(f"config key '{where}.{key}' is not an option of the {what} ({e})")
 
 
 def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
