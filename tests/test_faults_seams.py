@@ -383,3 +383,35 @@ def test_the_first_log_row_after_a_resume_averages_the_whole_window(data_root, t
     assert [r["step"] for r in cut] == [r["step"] for r in whole] == ["2", "4"]
     for a, b in zip(whole, cut):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6), (a, b)
+
+
+# ---------------------------------------------------------------- item 9: late failures
+
+
+def test_test_out_that_cannot_be_written_fails_before_scoring(runs, tmp_path, capsys, monkeypatch):
+    from svfseg.engine.tasks import fewshot
+
+    run = runs / "frozen"
+    eps = tmp_path / "eps.json"
+    assert main(["episodes", "--config", str(run / "config.yaml"), "--count", "2", "--out", str(eps)]) == 0
+    scored = []
+    monkeypatch.setattr(fewshot, "evaluate", lambda *a, **k: scored.append(1) or pytest.fail("scored"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # root ignores permission bits: a file where the folder should be is unwritable
+    assert main(["test", "--checkpoint", str(run / "best.pt"), "--episodes", str(eps),
+                 "--out", str(blocker / "results")]) == 1
+    assert "test --out" in error_line(capsys, "test") and not scored
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_the_first_step(data_root, tmp_path, capsys,
+                                                                                monkeypatch):
+    import collections
+
+    from svfseg.engine import outdir
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(outdir.shutil, "disk_usage", lambda p: usage(10 << 20, 9 << 20, 1 << 20))
+    assert main(["train", *tiny(data_root, tmp_path, "small")]) == 1
+    line = error_line(capsys, "train")
+    assert "MB free" in line and "start again" in line, line
+    assert not (tmp_path / "small" / "config.yaml").exists() and not (tmp_path / "small" / "train_log.csv").exists()

@@ -185,6 +185,7 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
                 ckpt.check_compatible(desc, state["describe"], run_dir / "last.pt")
                 ckpt.load_model_state(model, state["model"], run_dir / "last.pt")
             if info.is_main:
+                check_room_for_checkpoints(run_dir, model)
                 if overwrite:
                     removed = clear_run(run_dir)
                     if removed:
@@ -199,6 +200,31 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
     finally:
         if own_group:
             cleanup(info)
+
+
+def check_room_for_checkpoints(run_dir: Path, model: torch.nn.Module) -> None:
+    """Refuse to start when the run folder cannot be written or its disk cannot take ``last.pt`` + ``best.pt``.
+
+    Otherwise the first epoch would train and only its checkpoint find out (and a fresh run
+    would have nothing to resume).
+
+    Raises:
+        OSError: the folder is not writable, or too little space (ENOSPC), with the sizes.
+    """
+    import errno
+
+    from svfseg.engine.outdir import check_output_folder, free_bytes
+
+    check_output_folder(run_dir, "the run folder")
+    weights = ckpt.tensor_bytes(model.state_dict())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # last.pt: weights + optimiser state (a momentum buffer per trained tensor); best.pt: weights
+    needed = int((2 * weights + trained) * 1.1) + (32 << 20)
+    free = free_bytes(run_dir)
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{run_dir}: expected about {needed / 1e6:.0f} MB free for last.pt and best.pt "
+                                    f"before training, found {free / 1e6:.0f} MB; free some space (or set "
+                                    f"output_dir=...) and start again")
 
 
 def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
