@@ -415,3 +415,27 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_the_first_step(d
     line = error_line(capsys, "train")
     assert "MB free" in line and "start again" in line, line
     assert not (tmp_path / "small" / "config.yaml").exists() and not (tmp_path / "small" / "train_log.csv").exists()
+
+
+# ---------------------------------------------------------------- item 4: footprint across a resume
+
+
+def test_footprint_and_seconds_cover_every_segment_of_a_resumed_run(data_root, tmp_path):
+    args = ("model.regime=svf", "svf.stages=[layer2]", "train.epochs=2")
+    assert main(["train", *tiny(data_root, tmp_path, "whole", *args)]) == 0
+    assert main(["train", *tiny(data_root, tmp_path, "cut", *args, "train.stop_after_steps=1")]) == 130
+    first = json.loads((tmp_path / "cut" / "train_summary.json").read_text())
+    assert main(["train", "--resume", str(tmp_path / "cut"), "train.stop_after_steps=null"]) == 0
+    whole = json.loads((tmp_path / "whole" / "train_summary.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "train_summary.json").read_text())
+    # movement against the run's initial weights: what the uninterrupted run reports
+    assert cut["footprint"]["movement_from_step"] == 0
+    for stage, m in whole["footprint"]["movement"].items():
+        assert cut["footprint"]["movement"][stage]["mean"] == pytest.approx(m["mean"], rel=1e-5), stage
+    for stage, g in whole["footprint"]["gradient_scale_step1"].items():
+        assert cut["footprint"]["gradient_scale_step1"][stage] == pytest.approx(g), stage
+    # seconds and peak memory: both segments
+    earlier = cut["seconds"] - cut["segment_seconds"]  # the first segment up to its checkpoint
+    assert 0 < earlier <= first["seconds"], (earlier, first["seconds"])
+    assert cut["footprint"]["peak_memory_bytes"] >= first["footprint"]["peak_memory_bytes"]
+    assert cut["footprint"]["segments"] == 2
