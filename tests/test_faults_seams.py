@@ -439,3 +439,130 @@ def test_footprint_and_seconds_cover_every_segment_of_a_resumed_run(data_root, t
     assert 0 < earlier <= first["seconds"], (earlier, first["seconds"])
     assert cut["footprint"]["peak_memory_bytes"] >= first["footprint"]["peak_memory_bytes"]
     assert cut["footprint"]["segments"] == 2
+
+
+# ---------------------------------------------------------------- item 6: one image reader, one EXIF rule
+
+
+def _with_orientation(arr, path, orientation):
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif)
+    return path
+
+
+def test_every_reader_applies_exif_orientation_to_images_never_to_masks(tmp_path):
+    from PIL import ImageOps
+
+    from svfseg.data.io import image_size, read_image, read_label
+    from svfseg.predict import read_rgb
+
+    arr = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    for o in range(1, 9):
+        p = _with_orientation(arr, tmp_path / f"o{o}.png", o)
+        with Image.open(p) as im:
+            shown = np.array(ImageOps.exif_transpose(im).convert("RGB"))
+        assert np.array_equal(read_image(p), shown), o
+        assert np.array_equal(read_rgb(p), shown), o  # predict (and serve) read as training does
+        assert image_size(p) == shown.shape[:2], o  # prepare / --check sizes
+    label = _with_orientation(np.eye(20, 30, dtype=np.uint8), tmp_path / "label.png", 6)
+    assert read_label(label).shape == (20, 30)  # masks never rotate
+
+
+def test_prepare_check_reports_rotated_images_and_the_size_they_are_read_at(data_root, tmp_path, caplog):
+    from svfseg.data.io import read_label, read_list, write_label
+
+    root = shutil.copytree(data_root, tmp_path / "copy")
+    pairs = read_list(root / "train.txt")
+    # a square photo with a rotation tag: read rotated, reported, no problem
+    img0, lbl0 = root / pairs[0][0], root / pairs[0][1]
+    rgb0 = np.array(Image.open(img0).convert("RGB"))
+    side = min(rgb0.shape[:2])
+    _with_orientation(rgb0[:side, :side], img0.with_suffix(".png"), 8)
+    img0.with_suffix(".png").replace(img0)  # the name stays (the content is a PNG; readers go by content)
+    write_label(lbl0, read_label(lbl0)[:side, :side])
+    # a non-square one whose label was drawn on the stored pixels: refused here, as train refuses it
+    img1, lbl1 = root / pairs[1][0], root / pairs[1][1]
+    rgb1 = np.array(Image.open(img1).convert("RGB"))
+    h, w = rgb1.shape[:2]
+    assert h != w
+    _with_orientation(rgb1, img1.with_suffix(".png"), 6)
+    img1.with_suffix(".png").replace(img1)
+    caplog.set_level("INFO")
+    assert main(["prepare", "synthetic", "--check", str(root), "--workers", "1"]) == 1
+    text = caplog.text
+    assert "2 image(s) carry an EXIF rotation" in text
+    assert f"{lbl1}: expected the size of its image {img1.name} {w}x{h}, found {h}x{w}" in text
+    assert "3 problem(s)" not in text and f"{lbl0}:" not in text
+    assert pairs[0][0] in text.split("EXIF rotation, e.g.")[1].splitlines()[0]  # the square one is named
+
+
+# ---------------------------------------------------------------- item 8: 16-bit and palette images
+
+
+def test_16_bit_and_palette_images_are_read_with_their_values(runs, tmp_path):
+    from svfseg.predict import read_rgb
+
+    g16 = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (40, 1))
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = read_rgb(tmp_path / "g16.png")
+    assert rgb.shape == (40, 40, 3) and np.abs(rgb[..., 0].astype(float) - g16 / 257).max() <= 1  # not all white
+    pal = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8), (40, 1)), mode="L").convert("P")
+    pal.save(tmp_path / "pal.png")
+    assert np.array_equal(read_rgb(tmp_path / "pal.png"), np.array(pal.convert("RGB")))
+    img, mask = _support(tmp_path)
+    assert main(["predict", "--checkpoint", str(runs / "frozen" / "best.pt"), "--support", str(img), str(mask),
+                 "--query", str(tmp_path / "g16.png"), "--out", str(tmp_path / "p")]) == 0
+
+
+# ---------------------------------------------------------------- item 11: damaged but complete files
+
+
+def test_check_finds_a_zeroed_block_in_a_complete_jpeg(data_root, tmp_path, caplog):
+    import cv2
+
+    from svfseg.data.io import read_list
+
+    root = shutil.copytree(data_root, tmp_path / "copy")
+    rel = read_list(root / "train.txt")[0][0]
+    # a photo-sized JPEG (a 64 px one has too little data for the decoder to notice), a third zeroed
+    rgb = cv2.resize(np.array(Image.open(root / rel).convert("RGB")), (256, 256))
+    rgb = (rgb.astype(int) + np.random.default_rng(0).integers(0, 40, rgb.shape)).clip(0, 255).astype(np.uint8)
+    ok, jpg = cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    data = bytearray(jpg.tobytes())
+    n = len(data)
+    data[n // 3: 2 * n // 3] = bytes(2 * n // 3 - n // 3)
+    (root / rel).write_bytes(bytes(data))
+    label = root / read_list(root / "train.txt")[0][1]
+    Image.fromarray(cv2.resize(np.array(Image.open(label)), (256, 256), interpolation=cv2.INTER_NEAREST)).save(label)
+    caplog.set_level("INFO")
+    assert main(["prepare", "synthetic", "--check", str(root), "--workers", "1"]) == 1
+    assert f"{root / rel}: expected a decodable image, found damaged data" in caplog.text
+
+
+def test_the_class_index_cache_sees_a_content_change_that_keeps_size_and_mtime(data_root, tmp_path):
+    import os
+
+    from svfseg.data.episodes import EpisodeList
+    from svfseg.data.index import load_class_index
+    from svfseg.data.io import DataError, read_list
+
+    from svfseg.data.splits import num_classes
+
+    root = shutil.copytree(data_root, tmp_path / "copy")
+    n = num_classes("synthetic")
+    before = load_class_index(root, "val", n, progress=False)
+    img = root / read_list(root / "val.txt")[0][0]
+    st = img.stat()
+    data = bytearray(img.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size
+    img.write_bytes(bytes(data))
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    after = load_class_index(root, "val", n, progress=False)
+    assert after.fingerprint != before.fingerprint
+    old = EpisodeList(benchmark="synthetic", split="val", fold=0, shot=1, seed=0, convention="interleaved",
+                      min_pixels=1, dataset_fingerprint=before.fingerprint, episodes=())
+    with pytest.raises(DataError):
+        old.check_dataset(after.fingerprint, where="an episode file made before the change")

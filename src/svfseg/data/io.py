@@ -15,7 +15,7 @@ from PIL import Image
 __all__ = [
     "DataError", "read_image", "read_label", "read_list", "write_list", "list_path", "atomic_dir",
     "write_label", "image_size", "incomplete_image", "file_head_and_tail", "exif_orientation", "apply_orientation",
-    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_PIXELS", "decoder_complaints",
 ]
 
 from svfseg.labels import IGNORE_LABEL as IGNORE  # noqa: E402,F401  (the data package reads it from here)
@@ -109,6 +109,32 @@ def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
     elif orientation == 4:
         img = img[::-1]
     return img
+
+
+def decoder_complaints(path: str | os.PathLike) -> str:
+    """What libjpeg/libpng say while fully decoding ``path`` ("" when nothing): damage inside a complete file.
+
+    A JPEG whose middle was zeroed still decodes (grey or smeared blocks); only the decoder's
+    warnings ("Corrupt JPEG data: premature end of data segment"), which it writes to the C
+    stderr, tell. They are captured here by pointing file descriptor 2 at a temporary file for
+    the decode, so call this where nothing else writes to stderr meanwhile (``prepare --check``).
+    """
+    import tempfile
+
+    data = Path(path).read_bytes()
+    with tempfile.TemporaryFile() as err:
+        saved = os.dup(2)
+        try:
+            os.dup2(err.fileno(), 2)
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        said = " ".join(line.strip() for line in err.read().decode(errors="replace").splitlines() if line.strip())
+    if img is None:
+        return said or "not a readable image"
+    return said
 
 
 def exif_orientation(path: str | os.PathLike) -> int:
