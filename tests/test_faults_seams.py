@@ -566,3 +566,33 @@ def test_the_class_index_cache_sees_a_content_change_that_keeps_size_and_mtime(d
                       min_pixels=1, dataset_fingerprint=before.fingerprint, episodes=())
     with pytest.raises(DataError):
         old.check_dataset(after.fingerprint, where="an episode file made before the change")
+
+
+# ---------------------------------------------------------------- item 10: report groups by cell
+
+
+def _result(tmp_path, name, seed, *, steps=100, root="data/a", data_fp="d1", count=1000):
+    run = tmp_path / name
+    (run / "test").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"seed: {seed}\nname: {name}\ndata:\n  root: {root}\n"
+                                     f"train:\n  epochs: 1\n  steps_per_epoch: {steps}\n")
+    (run / "test" / "results.json").write_text(json.dumps({
+        "checkpoint": str(run / "best.pt"), "benchmark": "pascal", "backbone": "resnet50_deep", "model": "pfenet",
+        "regime": "svf", "shot": 1, "fold": 0, "protocol": "hsnet", "train_seed": seed,
+        "runs": [{"episodes": count, "dataset_fingerprint": data_fp}],
+        "summary": {"miou": {"mean": 0.5 + 0.1 * seed}}}))
+    return run
+
+
+def test_report_never_averages_unrelated_runs_as_seeds(tmp_path, capsys):
+    same = [_result(tmp_path, f"s{s}", s) for s in (0, 1)]  # two seeds of one cell: averaged
+    budget = _result(tmp_path, "longer", 2, steps=400)  # another budget
+    data = _result(tmp_path, "otherdata", 3, root="data/b", data_fp="d2")  # another data root
+    episodes = _result(tmp_path, "fewer", 4, count=300)  # another episode set
+    assert main(["report", *map(str, [*same, budget, data, episodes])]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| pascal")]
+    assert len(rows) == 4, text
+    assert "| PFENet + SVF [a] | 55.00 ± 5.00 / 69.27 |" in text  # the two seeds of one cell
+    assert "train.steps_per_epoch 100 vs 400" in text
+    assert "dataset fingerprint d1 vs d2" in text and "episodes 1000 vs 300" in text
