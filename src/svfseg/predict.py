@@ -210,9 +210,11 @@ def predict(
         raise PredictInputError("predict: at least one --support IMAGE MASK pair is needed")
     if not queries:
         raise PredictInputError("predict: at least one --query image is needed")
-    if size is not None and not MIN_SIZE <= size <= MAX_SIZE:
-        raise PredictInputError(f"predict: expected --size in {MIN_SIZE}..{MAX_SIZE} (the longer side in pixels), "
-                                f"found {size}")
+    if size is not None and size < MIN_SIZE:
+        raise PredictInputError(f"predict: expected --size >= {MIN_SIZE} (the longer side in pixels), found {size}")
+    if size is not None and size > MAX_SIZE:
+        raise PredictInputError(f"predict: expected --size <= {MAX_SIZE} (the longer side in pixels; the model's "
+                                f"memory grows with its square), found {size}")
     from svfseg.engine.distributed import resolve_device
 
     try:
