@@ -28,7 +28,8 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     try:
         return read_image(path)
     except DataError as e:
-        raise PredictInputError(str(e)) from None
+        why = str(e).removeprefix(f"{path}: ")
+        raise PredictInputError(f"{path}: cannot read it as an image ({why})") from None
 
 
 def read_binary_mask(path: str | os.PathLike, expect_hw: Optional[tuple[int, int]] = None, *,
