@@ -48,6 +48,9 @@ class ComparePlan:
         backbone_lr: Grid of lr multipliers for the backbone-side groups (one value: no sweep).
         test_episodes: Size of the test episode file per (fold, shot) (None: the protocol's first run).
         val_episodes: Size of the base-class validation episode file.
+        warm_start: Steps of a shared head warm start per (fold, shot) (0: none): the head is
+            trained once with the frozen backbone, then every cell starts from it (``model.init_head``).
+        threads: torch CPU threads of every cell (None: torch's default).
         force: Retrain (rescore) the cells an earlier compare into ``out`` made with other settings
             (otherwise refused, naming the differing keys).
     """
@@ -63,6 +66,8 @@ class ComparePlan:
     backbone_lr: list[float] = field(default_factory=lambda: [1.0])
     test_episodes: Optional[int] = None
     val_episodes: int = 200
+    warm_start: int = 0
+    threads: Optional[int] = None
     force: bool = False
 
 
@@ -75,16 +80,56 @@ def _cell_name(regime: str, mult: Optional[float], seed: int) -> str:
     return f"{regime}" + (f"_lrx{mult:g}" if mult is not None else "") + f"_seed{seed}"
 
 
+#: Training seed of the shared warm start: outside the cells' seeds, so no cell replays its episodes.
+WARM_START_SEED = 10_000
+
+
+def _cell_dir(plan: ComparePlan, fold: int, shot: int) -> Path:
+    return plan.out / "runs" / f"fold{fold}_{shot}shot"
+
+
+def warm_start_checkpoint(plan: ComparePlan, fold: int, shot: int) -> Optional[Path]:
+    """The shared head every cell of (fold, shot) starts from, or None without a warm start."""
+    return _cell_dir(plan, fold, shot) / "warm_start" / "best.pt" if plan.warm_start else None
+
+
+def _common_overrides(plan: ComparePlan, fold: int, shot: int) -> list[str]:
+    return [*plan.overrides, f"fold={fold}", f"shot={shot}", f"output_dir={_cell_dir(plan, fold, shot)}",
+            *([f"threads={plan.threads}"] if plan.threads else [])]
+
+
 def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int, mult: Optional[float]):
     """The config of one cell: recipe, the plan's overrides, then the cell's own keys."""
     from svfseg.config import load_config
 
     eps = plan.out / "episodes"
+    warm = warm_start_checkpoint(plan, fold, shot)
     return load_config(plan.config, [
-        *plan.overrides, f"fold={fold}", f"shot={shot}", f"seed={seed}", f"model.regime={regime}",
-        f"output_dir={plan.out / 'runs' / f'fold{fold}_{shot}shot'}", f"name={_cell_name(regime, mult, seed)}",
+        *_common_overrides(plan, fold, shot), f"seed={seed}", f"model.regime={regime}",
+        f"name={_cell_name(regime, mult, seed)}",
         "train.select_on=base_heldout", "train.val_every=1", f"train.val_episodes={plan.val_episodes}",
-        f"train.val_episodes_file={eps / f'val_base_fold{fold}_{shot}shot.json'}", *lr_overrides(mult)])
+        f"train.val_episodes_file={eps / f'val_base_fold{fold}_{shot}shot.json'}", *lr_overrides(mult),
+        *([f"model.init_head={warm}"] if warm else [])])
+
+
+def warm_start_config(plan: ComparePlan, fold: int, shot: int):
+    """The shared warm start: the head trained ``plan.warm_start`` steps with the frozen backbone, last weights kept."""
+    from svfseg.config import load_config
+
+    return load_config(plan.config, [
+        *_common_overrides(plan, fold, shot), f"seed={WARM_START_SEED}", "model.regime=frozen", "name=warm_start",
+        "train.epochs=1", f"train.steps_per_epoch={plan.warm_start}", "train.val_every=0", "train.select_on=last"])
+
+
+def run_warm_start(plan: ComparePlan, fold: int, shot: int) -> dict:
+    """Train (or reuse) the warm start of (fold, shot); its record for ``compare.json``."""
+    cfg = warm_start_config(plan, fold, shot)
+    rec = run_cell(cfg, None, plan.force)
+    if rec.get("status") != "finished":
+        raise RuntimeError(f"compare: the warm start {cfg.run_dir()} did not finish ({rec.get('status')}); "
+                           f"rerun the same command to resume it")
+    return {"fold": fold, "shot": shot, "steps": plan.warm_start, "seed": WARM_START_SEED,
+            "checkpoint": str(warm_start_checkpoint(plan, fold, shot)), "train_seconds": rec.get("train_seconds")}
 
 
 def test_episode_file(plan: ComparePlan, cfg) -> Path:
@@ -128,6 +173,10 @@ def cell_settings(cfg, episodes: Optional[Path]) -> dict:
 
     flat = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in _QUIET_KEYS}
     out = {"config": json.loads(json.dumps(flat))}  # tuples as lists, as they read back
+    init_head = getattr(cfg.model, "init_head", None)
+    if init_head and (Path(init_head).parent / CELL_RECORD).exists():
+        # a cell started from a shared warm start is another cell when that head was made otherwise
+        out["init_head"] = json.loads((Path(init_head).parent / CELL_RECORD).read_text()).get("config")
     if episodes is not None:
         blob = json.loads(Path(episodes).read_text())
         out["test_episodes"] = {"fingerprint": blob.get("fingerprint"), "count": len(blob.get("episodes", []))}
@@ -152,6 +201,8 @@ def settings_differences(have: dict, want: dict) -> list[str]:
     a, b = have.get("config", {}), want.get("config", {})
     diffs = [f"{k}: was {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
              for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    if "init_head" in have and "init_head" in want and have["init_head"] != want["init_head"]:
+        diffs.append("the shared warm start (--warm-start) it started from")
     if "test_episodes" in have and "test_episodes" in want and have["test_episodes"] != want["test_episodes"]:
         diffs.append(f"test episodes: was {have['test_episodes']}, now {want['test_episodes']}")
     return diffs
@@ -187,8 +238,9 @@ def _check_cell_settings(cfg, episodes: Optional[Path], force: bool) -> Optional
         raise CellSettingsChanged(f"{run_dir}: made by an earlier compare with other settings ("
                                   + "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
                                   + "); rerun with --force to retrain such cells, or use another --out")
-    redo = "rescore" if not settings_differences({"config": have.get("config")}, {"config": want["config"]}) \
-        else "retrain"
+    retrain = settings_differences({k: v for k, v in have.items() if k != "test_episodes"},
+                                   {k: v for k, v in want.items() if k != "test_episodes"})
+    redo = "retrain" if retrain else "rescore"
     logger.warning("compare --force: %s was made with other settings (%s); %s", run_dir, "; ".join(diffs[:3]),
                    "retraining it" if redo == "retrain" else "scoring it again")
     return redo
@@ -321,12 +373,16 @@ def run_compare(plan: ComparePlan) -> dict:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for regime in plan.regimes:  # a typo in a regime or an override fails now, not hours in
         cell_config(plan, plan.folds[0], plan.shots[0], regime, plan.seeds[0], None)
+    if plan.warm_start < 0:
+        raise ValueError(f"--warm-start: expected a number of steps >= 0, found {plan.warm_start}")
     plan.out.mkdir(parents=True, exist_ok=True)
-    cells, sweeps = [], {}
+    cells, sweeps, warm = [], {}, []
     stopped = False
     try:
         for fold in plan.folds:
             for shot in plan.shots:
+                if plan.warm_start:
+                    warm.append(run_warm_start(plan, fold, shot))
                 for regime in plan.regimes:
                     _run_regime(plan, fold, shot, regime, cells, sweeps)
     except CellInterrupted as e:
@@ -334,6 +390,7 @@ def run_compare(plan: ComparePlan) -> dict:
         stopped = True
     result = summarize(plan, cells, sweeps)
     result["stopped"] = stopped
+    result["warm_start"] = warm
     (plan.out / "compare.json").write_text(json.dumps(result, indent=1, default=str))
     (plan.out / "compare.md").write_text(compare_markdown(result))
     plot_compare(result, plan.out / "compare.png")
@@ -404,7 +461,8 @@ def verdict_sentence(regime: str, row: dict, reference: str) -> str:
     d = row["diff_to_reference"]
     if d is None:
         return f"- **{regime}**: no interval (needs at least two seeds)."
-    span = f"{_pct(d['mean'], True)} mIoU points, 95% CI [{_pct(d['low'], True)}, {_pct(d['high'], True)}]" \
+    span = (f"{_pct(d['mean'], True)} mIoU points, 95% CI [{_pct(d['low'], True)}, {_pct(d['high'], True)}] "
+            f"(half-width {_pct((d['high'] - d['low']) / 2)})") \
         if d["low"] is not None else f"{_pct(d['mean'], True)} mIoU points from one seed, no interval"
     text = {"better": f"beats {reference} beyond the interval",
             "worse": f"is worse than {reference} beyond the interval",
@@ -419,10 +477,11 @@ def compare_markdown(result: dict) -> str:
     lines = [f"# compare: {', '.join(result['regimes'])} (reference {ref})", "",
              f"`{result['config']}`, folds {result['folds']}, shots {result['shots']}, seeds {result['seeds']}; "
              f"every cell scored on the same test episodes per (fold, shot). Interval: {result['interval']} "
-             f"(paired by seed; fold/shot-averaged first).", "",
-             f"| regime | mIoU (%) mean ± std | FB-IoU (%) | Δ mIoU vs {ref} [95% CI] | trainable (backbone) "
-             f"| adapter file | backbone lr x | train s/step | peak mem | SV/weight movement |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"(paired by seed; fold/shot-averaged first); std is the sample std over seeds (n-1).", "",
+             *_warm_start_lines(result),
+             f"| regime | mIoU (%) mean ± std | per-seed mIoU (%) | FB-IoU (%) | Δ mIoU vs {ref} [95% CI] "
+             f"| trainable (backbone) | adapter file | backbone lr x | train s/step | peak mem | SV/weight movement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for regime, r in result["rows"].items():
         d = r["diff_to_reference"]
         diff = "–" if d is None else (f"{_pct(d['mean'], True)} [{_pct(d['low'], True)}, {_pct(d['high'], True)}]"
@@ -431,7 +490,9 @@ def compare_markdown(result: dict) -> str:
         move = "–" if r["movement_max_stage_mean"] is None else f"{100 * r['movement_max_stage_mean']:.2f}%"
         lr = "–" if r["lr_mult"] is None else f"{r['lr_mult']:g}"
         mem = "–" if not r["peak_memory_bytes"] else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
-        lines.append(f"| {regime} | {_pct(r['miou_mean'])} ± {_pct(r['miou_std'])} | {_pct(r['fb_iou_mean'])} "
+        per_seed = ", ".join(f"{_pct(v)}" for v in r["per_seed_miou"].values()) or "–"
+        lines.append(f"| {regime} | {_pct(r['miou_mean'])} ± {_pct(r['miou_std'])} | {per_seed} "
+                     f"| {_pct(r['fb_iou_mean'])} "
                      f"| {diff} | {tr.get('total', 0):,} ({tr.get('backbone', 0):,}) | {_size(r['adapter_bytes'])} "
                      f"| {lr} | {r['seconds_per_step']:.2f} "
                      f"| {mem} | {move} |")
@@ -453,6 +514,17 @@ def compare_markdown(result: dict) -> str:
     if result["incomplete"]:
         lines += ["", f"{len(result['incomplete'])} cell(s) did not finish; rerun the same command to resume them."]
     return "\n".join(lines) + "\n"
+
+
+def _warm_start_lines(result: dict) -> list[str]:
+    """What compare.md says about a shared warm start (nothing without one)."""
+    warm = result.get("warm_start") or []
+    if not warm:
+        return []
+    w = warm[0]
+    return [f"Warm start: every cell started from one shared head, trained {w['steps']} steps with the frozen "
+            f"backbone (seed {w['seed']}, per fold and shot; linear probe then fine-tune, Kumar et al. 2022); each "
+            f"cell then trained its own steps from there, so the seeds vary only that fine-tuning.", ""]
 
 
 def plot_compare(result: dict, out: Path) -> Optional[Path]:
@@ -518,6 +590,10 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "validation episodes (e.g. 1,10,100; one value = no sweep)")
     p.add_argument("--test-episodes", type=int, default=None, help="test episodes per (fold, shot)")
     p.add_argument("--val-episodes", type=int, default=200, help="base-class validation episodes per (fold, shot)")
+    p.add_argument("--warm-start", type=int, default=0, metavar="STEPS",
+                   help="train the head STEPS steps with the frozen backbone once per (fold, shot), then start every "
+                        "cell (frozen included) from that head (default 0: no warm start)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads of every cell")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     p.add_argument("--force", action="store_true",
                    help="retrain (rescore) the cells an earlier compare into --out made with other settings")
@@ -540,7 +616,8 @@ def run_compare_cli(args: argparse.Namespace) -> int:
     plan = ComparePlan(config=args.config, regimes=[r for r in args.regimes.split(",") if r], seeds=args.seeds,
                        folds=lists["folds"], shots=lists["shots"], overrides=overrides, out=args.out,
                        reference=args.reference, backbone_lr=args.backbone_lr, test_episodes=args.test_episodes,
-                       val_episodes=args.val_episodes, force=args.force)
+                       val_episodes=args.val_episodes, warm_start=args.warm_start, threads=args.threads,
+                       force=args.force)
     result = run_compare(plan)
     print(compare_markdown(result))
     return 130 if result.get("stopped") else 0

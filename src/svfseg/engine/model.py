@@ -45,11 +45,16 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     if m.regime == "lora":
         kwargs["lora"] = cfg.lora
     try:
-        return create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
-                            svf_policy=cfg.svf if m.regime in STAGED_REGIMES else None,
-                            backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+        model = create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
+                             svf_policy=cfg.svf if m.regime in STAGED_REGIMES else None,
+                             backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
     except TypeError as e:
         raise _unknown_option(e, cfg) from None
+    if pretrained and m.init_head:
+        from svfseg.engine.warmstart import load_head
+
+        logger.info("warm start: %d head tensors from %s", load_head(model, m.init_head), m.init_head)
+    return model
 
 
 def _unknown_option(e: TypeError, cfg: ExperimentConfig) -> Exception:
@@ -98,6 +103,10 @@ def preflight(cfg: ExperimentConfig) -> None:
 
     for dep in model_recipe(cfg.model.name).dependencies(cfg):
         _read_dependency(dep, lazy=True)
+    if cfg.model.init_head:
+        from svfseg.engine.warmstart import check_head_file
+
+        check_head_file(cfg.model.init_head)
 
 
 def _read_dependency(dep, *, lazy: bool) -> dict:
