@@ -596,3 +596,14 @@ def test_report_never_averages_unrelated_runs_as_seeds(tmp_path, capsys):
     assert "| PFENet + SVF [a] | 55.00 ± 5.00 / 69.27 |" in text  # the two seeds of one cell
     assert "train.steps_per_epoch 100 vs 400" in text
     assert "dataset fingerprint d1 vs d2" in text and "episodes 1000 vs 300" in text
+
+
+def test_a_cell_recorded_before_a_new_config_key_existed_still_matches():
+    from svfseg.compare import cell_settings, settings_differences
+    from svfseg.config import load_config
+
+    want = cell_settings(load_config(None, ["name=x"]), None)
+    older = {"config": {k: v for k, v in want["config"].items() if k != "model.init_head"}}
+    assert settings_differences(older, want) == []
+    changed = {"config": {**older["config"], "train.epochs": 7}}
+    assert settings_differences(changed, want) == [f"train.epochs: was 7, now {want['config']['train.epochs']}"]

@@ -198,7 +198,12 @@ def _recorded_settings(run_dir: Path) -> Optional[dict]:
 
 def settings_differences(have: dict, want: dict) -> list[str]:
     """``key: was X, now Y`` for every setting that differs (test episodes only where both record them)."""
-    a, b = have.get("config", {}), want.get("config", {})
+    from svfseg.config import ExperimentConfig, to_dict
+
+    # a key an older svfseg did not write yet had its default value then
+    defaults = json.loads(json.dumps(_flat(to_dict(ExperimentConfig()))))
+    a = {**{k: v for k, v in defaults.items() if k in want.get("config", {})}, **have.get("config", {})}
+    b = want.get("config", {})
     diffs = [f"{k}: was {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
              for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
     if "init_head" in have and "init_head" in want and have["init_head"] != want["init_head"]:
