@@ -49,6 +49,8 @@ class ModelConfig:
 
 
 _SVF_MODES = ("auto", "reparam", "factorized", "tune")
+#: The SVD factors ``svf.train`` may name: W = U diag(S) Vh (V for Vh).
+SVF_FACTORS = ("U", "S", "V")
 
 
 @dataclass
@@ -76,6 +78,9 @@ class SVFPolicy:
         decay_to: What weight decay pulls the singular values towards: "pretrained" (their
             initial values) or "zero" (SGD's plain decay, as the authors' code). Read by the
             optimiser; the model ignores it.
+        train: Which SVD factors train, any non-empty subset of ``("U", "S", "V")``. ``("S",)``
+            is SVF (the default); the SVF paper's ablations also train U and/or V (the factor
+            matrices; the layers then run the rebuilt-weight form and still merge exactly).
     """
 
     stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
@@ -86,8 +91,16 @@ class SVFPolicy:
     mode: str = "auto"
     fold_bn: Optional[bool] = None
     decay_to: str = "pretrained"
+    train: tuple[str, ...] = ("S",)
 
     def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = (self.train,)
+        wrong = [f for f in self.train if f not in SVF_FACTORS]
+        if wrong or not self.train or len(set(self.train)) != len(tuple(self.train)):
+            raise ValueError(f"SVFPolicy.train: expected a non-empty subset of {list(SVF_FACTORS)} "
+                             f"(e.g. [S] or [U, S]), got {list(self.train)!r}")
+        self.train = tuple(f for f in SVF_FACTORS if f in self.train)
         if isinstance(self.stages, str):
             self.stages = (self.stages,)
         self.stages = tuple(self.stages)
@@ -115,6 +128,7 @@ class SVFPolicy:
         """Plain-dict form (for configs, checkpoints and ``describe()``)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["stages"] = list(self.stages)
+        d["train"] = list(self.train)
         return d
 
     @classmethod
@@ -204,7 +218,7 @@ class TrainConfig:
 class EvalConfig:
     """`svfseg test` defaults."""
 
-    protocol: str = "hsnet"            # pfenet | bam | hsnet (episode count and seeds)
+    protocol: str = "hsnet"            # pfenet | bam | hsnet | pfenet_permuted | bam_permuted (count, seeds, order)
     episodes: Optional[str] = None     # fixed episode file (overrides protocol)
     num_episodes: Optional[int] = None  # override the protocol's count
     seeds: Optional[list[int]] = None  # override the protocol's seeds
@@ -259,7 +273,8 @@ _CHOICES = {
     "svf.decay_to": ("pretrained", "zero"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.select_on": ("test_fold", "base_heldout", "last"),
-    "eval.protocol": ("pfenet", "bam", "hsnet"),
+    # the names of svfseg.data.episodes.PROTOCOLS (config/ imports nothing of svfseg; a test keeps them equal)
+    "eval.protocol": ("pfenet", "bam", "hsnet", "pfenet_permuted", "bam_permuted"),
 }
 
 

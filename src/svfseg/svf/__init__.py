@@ -21,6 +21,7 @@ from svfseg.svf.inject import (
     svf_layers,
     svf_state_dict,
     trainable_parameter_report,
+    trained_factor_parameters,
 )
 from svfseg.svf.layers import (
     SVFConv1d,
@@ -63,4 +64,5 @@ __all__ = [
     "svf_layers",
     "svf_state_dict",
     "trainable_parameter_report",
+    "trained_factor_parameters",
 ]

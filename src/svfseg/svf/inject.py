@@ -41,6 +41,46 @@ def singular_value_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parame
         yield _join(name, "S"), layer.S
 
 
+#: Attribute of each factor that may train (V stands for Vh).
+_FACTOR_ATTR = {"U": "U", "S": "S", "V": "Vh"}
+
+
+def _trained(layer: SVFLayer) -> tuple[str, ...]:
+    return tuple(getattr(layer, "trained_factors", ("S",)))
+
+
+def trained_factor_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Yields (qualified_parameter_name, tensor) for the factors each SVD layer trains (its S by default;
+    U and/or Vh with ``SVFConfig.train_factors``)."""
+    for name, layer in svf_layers(model):
+        for factor in _trained(layer):
+            yield _join(name, _FACTOR_ATTR[factor]), getattr(layer, _FACTOR_ATTR[factor])
+
+
+def set_trained_factors(layer: SVFLayer, factors) -> None:
+    """Make exactly ``factors`` (a subset of "U", "S", "V") of an SVD layer trainable.
+
+    A trained U / Vh becomes an ``nn.Parameter`` under the same name (so state-dict keys do not
+    change); an untrained one is a frozen buffer again. The layer then runs the rebuilt-weight
+    form whenever U or Vh trains, and remembers the set in ``layer.trained_factors``.
+    """
+    factors = tuple(factors)
+    for factor in ("U", "V"):
+        attr = _FACTOR_ATTR[factor]
+        tensor = getattr(layer, attr)
+        if factor in factors and not isinstance(tensor, nn.Parameter):
+            del layer._buffers[attr]
+            layer.register_parameter(attr, nn.Parameter(tensor.detach(), requires_grad=True))
+        elif factor not in factors and isinstance(tensor, nn.Parameter):
+            del layer._parameters[attr]
+            layer.register_buffer(attr, tensor.detach())
+        else:
+            tensor.requires_grad_(factor in factors)
+    layer.S.requires_grad_("S" in factors)
+    layer.trained_factors = factors
+    layer.clear_cache()
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -209,7 +249,7 @@ def _set_trainable(model: nn.Module, config: SVFConfig) -> None:
             )
     # SVD layers follow their own rule even inside a trainable container.
     for _, layer in svf_layers(model):
-        layer.S.requires_grad_(True)
+        set_trained_factors(layer, config.train_factors)
         if layer.bias is not None:
             layer.bias.requires_grad_(config.train_bias)
 
@@ -259,7 +299,8 @@ def _saved_bias(layer: SVFLayer) -> bool:
 
 
 def svf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Returns only what SVF trains: every layer's S, plus its bias when biases train.
+    """Returns only what SVF trains: every layer's S, its U / Vh when they train
+    (``SVFConfig.train_factors``), plus its bias when biases train.
 
     Args:
         model: a model after `apply_svf`.
@@ -270,6 +311,9 @@ def svf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, layer in svf_layers(model):
         state[_join(name, "S")] = layer.S.detach()
+        for factor in ("U", "V"):
+            if factor in _trained(layer):  # a trained factor is part of the adapter
+                state[_join(name, _FACTOR_ATTR[factor])] = getattr(layer, _FACTOR_ATTR[factor]).detach()
         if _saved_bias(layer):
             state[_join(name, "bias")] = layer.bias.detach()
     if not state:
@@ -309,7 +353,7 @@ def load_svf_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 
 def save_svf(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
-    """Writes the singular values (and trained biases) to a safetensors file.
+    """Writes the singular values (trained U / Vh and biases too) to a safetensors file.
 
     The file's metadata holds the format, the module names, the shapes and the SVF config as
     JSON strings, plus ``metadata``.
@@ -388,8 +432,8 @@ def _plain_count(module: nn.Module) -> tuple[int, int]:
                 continue  # lazy modules: size unknown until their first forward
             if param.requires_grad:
                 trainable += param.numel()
-            if isinstance(sub, SVFLayer) and param is sub.S:
-                continue
+            if isinstance(sub, SVFLayer) and any(param is t for t in (sub.S, sub.U, sub.Vh)):
+                continue  # the factors stand for the plain weight, counted below
             total += param.numel()
         if isinstance(sub, SVFLayer):
             total += int(torch.Size(sub.weight_shape).numel())
