@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -54,6 +55,8 @@ class ComparePlan:
         warm_start: Steps of a shared head warm start per (fold, shot) (0: none): the head is
             trained once with the frozen backbone, then every cell starts from it (``model.init_head``).
         threads: torch CPU threads of every cell (None: torch's default).
+        force: Retrain (rescore) the cells an earlier compare into ``out`` made with other settings
+            (otherwise refused, naming the differing keys).
     """
 
     config: str
@@ -70,6 +73,7 @@ class ComparePlan:
     arms: dict = field(default_factory=dict)
     warm_start: int = 0
     threads: Optional[int] = None
+    force: bool = False
 
 
 def lr_overrides(mult: Optional[float]) -> list[str]:
@@ -126,7 +130,7 @@ def warm_start_config(plan: ComparePlan, fold: int, shot: int):
 def run_warm_start(plan: ComparePlan, fold: int, shot: int) -> dict:
     """Train (or reuse) the warm start of (fold, shot); its record for ``compare.json``."""
     cfg = warm_start_config(plan, fold, shot)
-    rec = run_cell(cfg, None)
+    rec = run_cell(cfg, None, plan.force)
     if rec.get("status") != "finished":
         raise RuntimeError(f"compare: the warm start {cfg.run_dir()} did not finish ({rec.get('status')}); "
                            f"rerun the same command to resume it")
@@ -140,26 +144,141 @@ def test_episode_file(plan: ComparePlan, cfg) -> Path:
     from svfseg.engine.tasks.fewshot import protocol_runs
 
     path = plan.out / "episodes" / f"test_fold{cfg.fold}_{cfg.shot}shot.json"
+    seed, count = protocol_runs(cfg, cfg.eval.protocol)[0]
+    _check_episode_count(path, plan.test_episodes or count, "--test-episodes", plan.force)
     if not path.exists():
-        seed, count = protocol_runs(cfg, cfg.eval.protocol)[0]
         ds = eval_dataset(cfg, seed=seed, count=plan.test_episodes or count)
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.episodes.save(path)
     return path
 
 
-def run_cell(cfg, episodes: Optional[Path]) -> dict:
+class CellSettingsChanged(ValueError):
+    """A cell folder was made by an earlier compare with other settings (rerun with ``--force``)."""
+
+
+#: Config keys that do not change what a cell computes (how it is run, shown or interrupted).
+_QUIET_KEYS = ("resume", "threads", "device", "train.progress", "train.stop_after_steps", "train.tensorboard",
+               "train.log_every", "data.workers")
+CELL_RECORD = "compare_cell.json"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def cell_settings(cfg, episodes: Optional[Path]) -> dict:
+    """What made a cell: its config (flat keys, the quiet ones left out) and its test episode file."""
+    from svfseg.config import to_dict
+
+    flat = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in _QUIET_KEYS}
+    out = {"config": json.loads(json.dumps(flat))}  # tuples as lists, as they read back
+    init_head = getattr(cfg.model, "init_head", None)
+    if init_head and (Path(init_head).parent / CELL_RECORD).exists():
+        # a cell started from a shared warm start is another cell when that head was made otherwise
+        out["init_head"] = json.loads((Path(init_head).parent / CELL_RECORD).read_text()).get("config")
+    if episodes is not None:
+        blob = json.loads(Path(episodes).read_text())
+        out["test_episodes"] = {"fingerprint": blob.get("fingerprint"), "count": len(blob.get("episodes", []))}
+    return out
+
+
+def _recorded_settings(run_dir: Path) -> Optional[dict]:
+    """The settings a cell folder records (``compare_cell.json``; else its ``config.yaml``), None when new."""
+    import yaml
+
+    record = run_dir / CELL_RECORD
+    if record.exists():
+        return json.loads(record.read_text())
+    if (run_dir / "config.yaml").exists():  # a cell made before the record, or one still training
+        flat = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+        return {"config": json.loads(json.dumps({k: v for k, v in flat.items() if k not in _QUIET_KEYS}))}
+    return None
+
+
+def settings_differences(have: dict, want: dict) -> list[str]:
+    """``key: was X, now Y`` for every setting that differs (test episodes only where both record them)."""
+    from svfseg.config import ExperimentConfig, to_dict
+
+    # a key an older svfseg did not write yet had its default value then
+    defaults = json.loads(json.dumps(_flat(to_dict(ExperimentConfig()))))
+    a = {**{k: v for k, v in defaults.items() if k in want.get("config", {})}, **have.get("config", {})}
+    b = want.get("config", {})
+    diffs = [f"{k}: was {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
+             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    if "init_head" in have and "init_head" in want and have["init_head"] != want["init_head"]:
+        diffs.append("the shared warm start (--warm-start) it started from")
+    if "test_episodes" in have and "test_episodes" in want and have["test_episodes"] != want["test_episodes"]:
+        diffs.append(f"test episodes: was {have['test_episodes']}, now {want['test_episodes']}")
+    return diffs
+
+
+def _check_episode_count(path: Path, count: int, option: str, force: bool) -> None:
+    """Refuse (``force``: delete, to be remade) an episode file of ``out`` made with another count."""
+    if not path.exists():
+        return
+    have = len(json.loads(path.read_text()).get("episodes", []))
+    if have == count:
+        return
+    if not force:
+        raise CellSettingsChanged(f"{path}: holds {have} episodes from an earlier compare into this --out, "
+                                  f"this one asks {option} {count}; rerun with --force to remake it and redo the "
+                                  f"cells, or use another --out")
+    logger.warning("compare --force: %s held %d episodes, remaking it with %d", path, have, count)
+    path.unlink()
+
+
+def _check_cell_settings(cfg, episodes: Optional[Path], force: bool) -> Optional[str]:
+    """What ``force`` must redo in a cell made with other settings: "retrain", "rescore" (only the test
+    episodes differ) or None; without ``force`` any difference is refused."""
+    run_dir = cfg.run_dir()
+    have = _recorded_settings(run_dir)
+    if have is None:
+        return None
+    want = cell_settings(cfg, episodes)
+    diffs = settings_differences(have, want)
+    if not diffs:
+        return None
+    if not force:
+        raise CellSettingsChanged(f"{run_dir}: made by an earlier compare with other settings ("
+                                  + "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
+                                  + "); rerun with --force to retrain such cells, or use another --out")
+    retrain = settings_differences({k: v for k, v in have.items() if k != "test_episodes"},
+                                   {k: v for k, v in want.items() if k != "test_episodes"})
+    redo = "retrain" if retrain else "rescore"
+    logger.warning("compare --force: %s was made with other settings (%s); %s", run_dir, "; ".join(diffs[:3]),
+                   "retraining it" if redo == "retrain" else "scoring it again")
+    return redo
+
+
+def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
     """Train (or skip / resume) one cell and score it on ``episodes``; its record for ``compare.json``.
 
     A finished cell (``train_summary.json`` says finished) is not retrained, and not rescored
     when ``test/results.json`` exists; a cell with a ``last.pt`` but no finished summary is
     resumed. ``episodes`` None: train only (a sweep trial that was not chosen is never tested).
+    A cell folder made with other settings (config keys, test episodes; ``compare_cell.json``)
+    is refused with the differing keys, or with ``force`` cleared and retrained.
     """
     from svfseg.engine.loop import NonFiniteLoss
     from svfseg.engine.run import train_run
+    from svfseg.engine.runfiles import clear_run
     from svfseg.engine.tasks.fewshot import score_checkpoint
 
     run_dir = cfg.run_dir()
+    if force and cfg.train.val_episodes_file:
+        _check_episode_count(Path(cfg.train.val_episodes_file), cfg.train.val_episodes, "--val-episodes", True)
+    redo = _check_cell_settings(cfg, episodes, force)
+    if redo == "retrain":
+        clear_run(run_dir)
+    elif redo == "rescore":
+        shutil.rmtree(run_dir / "test", ignore_errors=True)
     summary_path, results_path = run_dir / "train_summary.json", run_dir / "test" / "results.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     done = summary is not None and summary.get("status") == "finished"
@@ -171,7 +290,9 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
             cfg.resume = True
             logger.info("compare: resuming %s", run_dir)
         try:
-            result = train_run(cfg, argv=["svfseg", "compare"])
+            # without a last.pt, whatever the cell folder holds is from an attempt that never
+            # checkpointed: start it afresh
+            result = train_run(cfg, argv=["svfseg", "compare"], overwrite=not cfg.resume)
         except NonFiniteLoss as e:
             # A diverged cell (e.g. the largest lr of a sweep) is a result, not a crash; the marker
             # keeps a rerun from training it again.
@@ -193,13 +314,25 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
            "movement_max_stage_mean": fp.get("movement_max_stage_mean"),
            "gradient_scale_step1": fp.get("gradient_scale_step1")}
     if episodes is None:
+        _write_cell_record(run_dir, cell_settings(cfg, None))
         return rec
     if not results_path.exists() or not done:
         score_checkpoint(run_dir / "best.pt", cfg, episodes=episodes, out_dir=run_dir / "test")
     run = json.loads(results_path.read_text())["runs"][0]
     rec.update(miou=run["miou"], fb_iou=run["fb_iou"], episodes=run["episodes"],
                episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"])
+    _write_cell_record(run_dir, cell_settings(cfg, episodes))
     return rec
+
+
+def _write_cell_record(run_dir: Path, settings: dict) -> None:
+    """``compare_cell.json``: the settings of a finished (and scored) cell, for the next rerun's check."""
+    old = json.loads((run_dir / CELL_RECORD).read_text()) if (run_dir / CELL_RECORD).exists() else {}
+    if "test_episodes" not in settings and "test_episodes" in old:
+        settings = {**settings, "test_episodes": old["test_episodes"]}  # a sweep trial chosen later keeps it
+    tmp = run_dir / f".{CELL_RECORD}.tmp"
+    tmp.write_text(json.dumps(settings, indent=1))
+    tmp.replace(run_dir / CELL_RECORD)
 
 
 def _trains_backbone(regime: str) -> bool:
@@ -215,7 +348,7 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
         # trial is then scored on the test episodes (and serves as that seed's cell).
         trials, moved = {}, {}
         for mult in grid:
-            rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None)
+            rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None, plan.force)
             trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
             moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
         scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}
@@ -224,9 +357,20 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
                                                      "movement": moved, "chosen": chosen}
     for seed in plan.seeds:
         cfg = cell_config(plan, fold, shot, regime, seed, chosen)
-        rec = run_cell(cfg, test_episode_file(plan, cfg))
+        rec = run_cell(cfg, test_episode_file(plan, cfg), plan.force)
         cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen,
                       "sweep": False, **rec})
+
+
+def check_plan_lists(plan: ComparePlan) -> None:
+    """Refuse empty or repeated seeds, regimes, folds and shots (a repeated seed is no second pair)."""
+    for option, values in (("--seeds", plan.seeds), ("--regimes", plan.regimes), ("--folds", plan.folds),
+                           ("--shots", plan.shots)):
+        if not values:
+            raise ValueError(f"compare: {option}: expected at least one value, found none")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"compare: {option}: expected distinct values, found {values} (repeats {repeated})")
 
 
 def run_compare(plan: ComparePlan) -> dict:
@@ -235,6 +379,7 @@ def run_compare(plan: ComparePlan) -> dict:
     Returns:
         The ``compare.json`` content.
     """
+    check_plan_lists(plan)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for regime in plan.regimes:  # a typo in a regime or an override fails now, not hours in
@@ -468,6 +613,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="extra rows: REGIME (default: every regime that trains the backbone, except the reference) "
                         "once per value of KEY, e.g. --vary 'svf:svf.train=[S]|[U,S]|[S,V]' or "
                         "--vary 'svf:svf.stages=[layer4]|[layer3,layer4]'; repeat for more keys (every combination)")
+    p.add_argument("--force", action="store_true",
+                   help="retrain (rescore) the cells an earlier compare into --out made with other settings")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every cell")
     return p
 
@@ -489,7 +636,7 @@ def run_compare_cli(args: argparse.Namespace) -> int:
                        folds=lists["folds"], shots=lists["shots"], overrides=overrides, out=args.out,
                        reference=args.reference, backbone_lr=args.backbone_lr, test_episodes=args.test_episodes,
                        val_episodes=args.val_episodes, warm_start=args.warm_start, threads=args.threads,
-                       arms={a.label: a for a in arms if a.overrides})
+                       arms={a.label: a for a in arms if a.overrides}, force=args.force)
     result = run_compare(plan)
     print(compare_markdown(result))
     return 130 if result.get("stopped") else 0
