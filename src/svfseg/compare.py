@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from svfseg.regimes import regime_spec
 from svfseg.stats import PairedInterval, mean_std, paired_t_interval
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
 
 
 def _trains_backbone(regime: str) -> bool:
-    return regime != "frozen"
+    return regime_spec(regime).backbone_grad
 
 
 def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict) -> None:
@@ -186,16 +187,16 @@ def run_compare(plan: ComparePlan) -> dict:
     """
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
-    for regime in plan.regimes:  # a typo in a regime or an override fails now, not hours in
-        cell_config(plan, plan.folds[0], plan.shots[0], regime, plan.seeds[0], None)
+    for name in plan.regimes:  # a typo in a regime or an override fails now, not hours in
+        cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None)
     plan.out.mkdir(parents=True, exist_ok=True)
     cells, sweeps = [], {}
     stopped = False
     try:
         for fold in plan.folds:
             for shot in plan.shots:
-                for regime in plan.regimes:
-                    _run_regime(plan, fold, shot, regime, cells, sweeps)
+                for name in plan.regimes:
+                    _run_regime(plan, fold, shot, name, cells, sweeps)
     except CellInterrupted as e:
         logger.warning("compare: %s", e)
         stopped = True
@@ -223,20 +224,20 @@ def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
 
     ref = per_seed(plan.reference, "miou")
     rows = {}
-    for regime in plan.regimes:
-        mine = [c for c in final if c["regime"] == regime]
+    for name in plan.regimes:
+        mine = [c for c in final if c["regime"] == name]
         if not mine:
             continue
-        miou, fb = per_seed(regime, "miou"), per_seed(regime, "fb_iou")
+        miou, fb = per_seed(name, "miou"), per_seed(name, "fb_iou")
         seeds = [s for s in plan.seeds if s in miou and s in ref]
         interval: Optional[PairedInterval] = None
-        if regime != plan.reference and seeds:
+        if name != plan.reference and seeds:
             interval = paired_t_interval([miou[s] for s in seeds], [ref[s] for s in seeds])
         m, sd = mean_std(list(miou.values())) if miou else (math.nan, math.nan)
         fm, fsd = mean_std(list(fb.values())) if fb else (math.nan, math.nan)
         one = mine[0]
         moves = [c["movement_max_stage_mean"] for c in mine if c.get("movement_max_stage_mean") is not None]
-        rows[regime] = {
+        rows[name] = {
             "miou_mean": m, "miou_std": sd, "fb_iou_mean": fm, "fb_iou_std": fsd,
             "per_seed_miou": {str(k): v for k, v in miou.items()}, "seeds": len(miou),
             "diff_to_reference": None if interval is None else interval.__dict__,

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_MARKER = "demo_results.json"
 REGIMES = ("frozen", "svf", "full")
+KEPT_REGIME = "svf"  # the regime whose first-seed checkpoint the demo keeps (serve, predict)
 # What a demo folder may hold (a killed demo is resumed, a finished one replaced; anything else is refused).
 _OWN = {DEMO_MARKER, "demo_results.md", "compare.json", "compare.md", "compare.png", "runs", "episodes", "svf"}
 
@@ -171,7 +172,7 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", pro
 def _stable_svf_checkpoint(result: dict, out: Path) -> Optional[Path]:
     """Copy the first seed's SVF ``best.pt`` to ``out/svf/best.pt`` and its singular values beside it."""
     first = result["seeds"][0]
-    cells = [c for c in result["cells"] if c["regime"] == "svf" and c["seed"] == first and c["status"] == "finished"]
+    cells = [c for c in result["cells"] if c["regime"] == KEPT_REGIME and c["seed"] == first and c["status"] == "finished"]
     if not cells:
         return None
     from svfseg.engine.model import load_for_inference
