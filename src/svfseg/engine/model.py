@@ -12,6 +12,7 @@ from torch import nn
 
 from svfseg.config import ExperimentConfig, from_dict, to_dict
 from svfseg.engine import checkpoint as ckpt
+from svfseg.engine.data import run_facts
 from svfseg.metrics import format_pct
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     from svfseg.regimes import regime_spec
 
     spec = regime_spec(m.regime)
-    kwargs = {**recipe.model_kwargs(cfg), **(load_dependencies(cfg) if pretrained else {})}
+    kwargs = {**recipe.model_kwargs(run_facts(cfg)), **(load_dependencies(cfg) if pretrained else {})}
     if spec.model_kwarg:  # the regime's own config section (lora:) goes to the model
         kwargs[spec.model_kwarg] = getattr(cfg, spec.section)
     return create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
@@ -59,7 +60,7 @@ def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
     from svfseg.models import model_recipe
 
     out = {}
-    for dep in model_recipe(cfg.model.name).dependencies(cfg):
+    for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg)):
         state = _read_dependency(dep, lazy=False)
         logger.info("%s: %s (step %s, validation mIoU %s)", dep.what, dep.path, state.get("step"),
                     format_pct((state.get("metrics") or {}).get("miou")))
@@ -76,7 +77,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     """
     from svfseg.models import model_recipe
 
-    for dep in model_recipe(cfg.model.name).dependencies(cfg):
+    for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg)):
         _read_dependency(dep, lazy=True)
 
 

@@ -27,7 +27,7 @@ def register_model(
     """Class/function decorator registering a model constructor under ``name``, with its recipe.
 
     The constructor is called as ``fn(backbone, regime=..., svf_policy=..., backbone_name=...,
-    **recipe.model_kwargs(cfg), **head_kwargs)``. ``recipe`` (default :class:`ModelRecipe`: a
+    **recipe.model_kwargs(run_facts), **head_kwargs)``. ``recipe`` (default :class:`ModelRecipe`: a
     few-shot model on episodes) tells the engine what else the model needs from a config and
     which task trains it, so that a new head needs no engine change.
     """
