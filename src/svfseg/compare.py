@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from svfseg.regimes import regime_spec
-from svfseg.stats import PairedInterval, mean_std, paired_t_interval
+from svfseg.results import STD_NOTE, mean_std, pct
+from svfseg.stats import PairedInterval, paired_t_interval
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +176,7 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
     for seed in plan.seeds:
         cfg = cell_config(plan, fold, shot, regime, seed, chosen)
         rec = run_cell(cfg, test_episode_file(plan, cfg))
-        cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen,
-                      "sweep": False, **rec})
+        cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen, **rec})
 
 
 def run_compare(plan: ComparePlan) -> dict:
@@ -210,7 +210,7 @@ def run_compare(plan: ComparePlan) -> dict:
 
 def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
     """Per regime: mean +- std over seeds (fold-averaged), paired interval to the reference, costs."""
-    final = [c for c in cells if not c.get("sweep") and c.get("status") == "finished"]
+    final = [c for c in cells if c.get("status") == "finished"]
     incomplete = [c for c in cells if c.get("status") not in ("finished", "diverged")]
     diverged = [c for c in cells if c.get("status") == "diverged"]
 
@@ -233,8 +233,8 @@ def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
         interval: Optional[PairedInterval] = None
         if name != plan.reference and seeds:
             interval = paired_t_interval([miou[s] for s in seeds], [ref[s] for s in seeds])
-        m, sd = mean_std(list(miou.values())) if miou else (math.nan, math.nan)
-        fm, fsd = mean_std(list(fb.values())) if fb else (math.nan, math.nan)
+        m, sd = mean_std(miou.values())
+        fm, fsd = mean_std(fb.values())
         one = mine[0]
         moves = [c["movement_max_stage_mean"] for c in mine if c.get("movement_max_stage_mean") is not None]
         rows[name] = {
@@ -255,12 +255,6 @@ def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
             "sweeps": sweeps, "rows": rows, "cells": cells, "incomplete": incomplete, "diverged": diverged}
 
 
-def _pct(v: Optional[float], signed: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
-
-
 def _size(n: Optional[int]) -> str:
     if not n:
         return "–"
@@ -272,8 +266,8 @@ def verdict_sentence(regime: str, row: dict, reference: str) -> str:
     d = row["diff_to_reference"]
     if d is None:
         return f"- **{regime}**: no interval (needs at least two seeds)."
-    span = f"{_pct(d['mean'], True)} mIoU points, 95% CI [{_pct(d['low'], True)}, {_pct(d['high'], True)}]" \
-        if d["low"] is not None else f"{_pct(d['mean'], True)} mIoU points from one seed, no interval"
+    span = f"{pct(d['mean'], True)} mIoU points, 95% CI [{pct(d['low'], True)}, {pct(d['high'], True)}]" \
+        if d["low"] is not None else f"{pct(d['mean'], True)} mIoU points from one seed, no interval"
     text = {"better": f"beats {reference} beyond the interval",
             "worse": f"is worse than {reference} beyond the interval",
             "within": f"does not differ from {reference} beyond the interval (the difference is within noise)",
@@ -288,18 +282,18 @@ def compare_markdown(result: dict) -> str:
              f"`{result['config']}`, folds {result['folds']}, shots {result['shots']}, seeds {result['seeds']}; "
              f"every cell scored on the same test episodes per (fold, shot). Interval: {result['interval']} "
              f"(paired by seed; fold/shot-averaged first).", "",
-             f"| regime | mIoU (%) mean ± std | FB-IoU (%) | Δ mIoU vs {ref} [95% CI] | trainable (backbone) "
+             f"| regime | mIoU (%) mean ± std ({STD_NOTE}) | FB-IoU (%) | Δ mIoU vs {ref} [95% CI] | trainable (backbone) "
              f"| adapter file | backbone lr x | train s/step | peak mem | SV/weight movement |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for regime, r in result["rows"].items():
         d = r["diff_to_reference"]
-        diff = "–" if d is None else (f"{_pct(d['mean'], True)} [{_pct(d['low'], True)}, {_pct(d['high'], True)}]"
-                                      if d["low"] is not None else f"{_pct(d['mean'], True)} [–]")
+        diff = "–" if d is None else (f"{pct(d['mean'], True)} [{pct(d['low'], True)}, {pct(d['high'], True)}]"
+                                      if d["low"] is not None else f"{pct(d['mean'], True)} [–]")
         tr = r["trainable"] or {}
         move = "–" if r["movement_max_stage_mean"] is None else f"{100 * r['movement_max_stage_mean']:.2f}%"
         lr = "–" if r["lr_mult"] is None else f"{r['lr_mult']:g}"
         mem = "–" if not r["peak_memory_bytes"] else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
-        lines.append(f"| {regime} | {_pct(r['miou_mean'])} ± {_pct(r['miou_std'])} | {_pct(r['fb_iou_mean'])} "
+        lines.append(f"| {regime} | {pct(r['miou_mean'])} ± {pct(r['miou_std'])} | {pct(r['fb_iou_mean'])} "
                      f"| {diff} | {tr.get('total', 0):,} ({tr.get('backbone', 0):,}) | {_size(r['adapter_bytes'])} "
                      f"| {lr} | {r['seconds_per_step']:.2f} "
                      f"| {mem} | {move} |")
@@ -308,7 +302,7 @@ def compare_markdown(result: dict) -> str:
     if result["sweeps"]:
         lines.append("Backbone lr multiplier chosen on base-class validation episodes (first seed):")
         for k, v in result["sweeps"].items():
-            lines.append(f"- {k}: val mIoU " + ", ".join(f"x{m}: {_pct(s)}" for m, s in v["val_miou"].items())
+            lines.append(f"- {k}: val mIoU " + ", ".join(f"x{m}: {pct(s)}" for m, s in v["val_miou"].items())
                          + f" -> x{v['chosen']:g}")
         lines.append("")
     lines.append("Verdicts:")
@@ -348,7 +342,7 @@ def plot_compare(result: dict, out: Path) -> Optional[Path]:
     ax.set_title("mIoU per regime (95% t-interval of the mean over seeds)")
     first = result["seeds"][0]
     for c in result["cells"]:
-        if c.get("sweep") or c.get("seed") != first or c.get("status") != "finished":
+        if c.get("seed") != first or c.get("status") != "finished":
             continue
         log = read_csv(Path(c["run_dir"]) / "train_log.csv")
         if log:

@@ -136,16 +136,6 @@ def _ratio(num: float | torch.Tensor, den: float | torch.Tensor) -> float:
     return float(num) / float(den) if int(den) > 0 else 0.0
 
 
-def summarize_runs(values: Iterable[float]) -> dict:
-    """Mean, population std, best and all values of a score over several seeds."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("summarize_runs: no values")
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-    return {"mean": mean, "std": std, "best": max(vals), "values": vals}
-
-
 class ConfusionMatrix:
     """Pixel confusion matrix over ``num_classes`` labels (255 ignored): exact int64 sums.
 
@@ -207,8 +197,3 @@ class ConfusionMatrix:
             "pixel_acc": float(inter.sum()) / total if total else math.nan,
             "per_class": {int(c): float(v) for c, v in zip(ids, iou[1:].tolist())},
         }
-
-
-def format_pct(v: object) -> str:
-    """A fraction as a percentage with two decimals; "n/a" for a missing or non-finite value."""
-    return f"{100 * v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"

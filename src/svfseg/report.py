@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Sequence
 
 from svfseg.paper_results import paper_backbone, paper_result
 from svfseg.regimes import REGISTRY, regime_label
-from svfseg.tables import DASH, SeedStats, format_stats, group_by_seed, markdown_table, seed_stats
+from svfseg.results import DASH, STD_NOTE, SeedStats, format_stats, group_by_seed, markdown_table, seed_stats
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def report_table(entries: Sequence[dict], folds: int = 4) -> str:
             row.append(format_stats(seed_stats([paper])))
         row.append(_seed_count(all_folds))
         rows.append(row)
-    note = ("\nmIoU and FB-IoU (%). Ours: mean over the test seeds of each run, then mean ± std over training "
-            "seeds (seeds: runs per fold). Paper: Sun et al. (NeurIPS 2022), mean of 4 folds, † protocol; "
+    note = (f"\nmIoU and FB-IoU (%). Ours: mean over the test seeds of each run, then mean ± std ({STD_NOTE}) over "
+            "training seeds (seeds: runs per fold). Paper: Sun et al. (NeurIPS 2022), mean of 4 folds, † protocol; "
             "`ours / paper` where the paper reports the fold.\n")
     return markdown_table(head, rows) + "\n" + note
 

@@ -13,7 +13,7 @@ from torch import nn
 from svfseg.config import ExperimentConfig, from_dict, to_dict
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.data import run_facts
-from svfseg.metrics import format_pct
+from svfseg.results import pct
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
     for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg)):
         state = _read_dependency(dep, lazy=False)
         logger.info("%s: %s (step %s, validation mIoU %s)", dep.what, dep.path, state.get("step"),
-                    format_pct((state.get("metrics") or {}).get("miou")))
+                    pct((state.get("metrics") or {}).get("miou")))
         out[dep.keyword] = state["model"]
     return out
 

@@ -19,7 +19,8 @@ from svfseg.engine.model import MERGED_FORMAT, describe, load_for_inference
 from svfseg.engine.runtime import autocast, to_device, unwrap
 from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult, write_results
 from svfseg.losses import fewshot_loss, valid_pixel_count
-from svfseg.metrics import IoUAccumulator, format_pct, summarize_runs
+from svfseg.metrics import IoUAccumulator
+from svfseg.results import STD_NOTE, pct, summarize_runs
 
 logger = logging.getLogger(__name__)
 
@@ -294,14 +295,14 @@ def results_markdown(out: dict) -> str:
     ]
     for r in out["runs"]:
         lines.append(f"| episode seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` "
-                     f"| {format_pct(r['miou'])} "
-                     f"| {format_pct(r['fb_iou'])} |")
+                     f"| {pct(r['miou'])} "
+                     f"| {pct(r['fb_iou'])} |")
     if len(out["runs"]) > 1:
-        lines.append(f"| **mean ± std** | | | **{format_pct(s['miou']['mean'])} ± {format_pct(s['miou']['std'])}** "
-                     f"| {format_pct(s['fb_iou']['mean'])} ± {format_pct(s['fb_iou']['std'])} |")
-        lines.append(f"| best | | | {format_pct(s['miou']['best'])} | {format_pct(s['fb_iou']['best'])} |")
+        lines.append(f"| **mean ± std ({STD_NOTE})** | | | **{pct(s['miou']['mean'])} ± {pct(s['miou']['std'])}** "
+                     f"| {pct(s['fb_iou']['mean'])} ± {pct(s['fb_iou']['std'])} |")
+        lines.append(f"| best | | | {pct(s['miou']['best'])} | {pct(s['fb_iou']['best'])} |")
     lines += ["", "| class | name | IoU (%)" + (" (mean over runs)" if len(out["runs"]) > 1 else "") + " |",
               "|---|---|---|"]
     for c, v in out["per_class_mean"].items():
-        lines.append(f"| {c} | {out['class_names'][c]} | {format_pct(v)} |")
+        lines.append(f"| {c} | {out['class_names'][c]} | {pct(v)} |")
     return "\n".join(lines) + "\n"

@@ -17,7 +17,8 @@ from svfseg.engine.evaluator import at_label_size, evaluation_loop
 from svfseg.engine.model import load_for_inference
 from svfseg.engine.runtime import to_device, unwrap
 from svfseg.engine.tasks.base import Task, TestOptions, write_results
-from svfseg.metrics import ConfusionMatrix, format_pct
+from svfseg.metrics import ConfusionMatrix
+from svfseg.results import pct
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class GeneralizedTask(Task):
         write_results(out_dir, out, self.markdown(out), info)
         if info.is_main:
             logger.info("generalized: mIoU novel %s  base %s  total %s over %d episodes -> %s",
-                        format_pct(r["miou_novel"]), format_pct(r["miou_base"]), format_pct(r["miou_total"]),
+                        pct(r["miou_novel"]), pct(r["miou_base"]), pct(r["miou_total"]),
                         r["episodes"], out_dir)
         return out
 
@@ -131,7 +132,7 @@ class GeneralizedTask(Task):
         lines = [f"# Generalized setting, {r['benchmark']} fold {r['fold']}, {r['shot']}-shot", "",
                  f"{r['episodes']} episodes (episode seed {r['seed']}), tau {r['tau']}; base and novel classes scored "
                  "together.", "", "| score | % |", "|---|---|",
-                 f"| mIoU novel | {format_pct(r['miou_novel'])} |", f"| mIoU base | {format_pct(r['miou_base'])} |",
-                 f"| mIoU total | {format_pct(r['miou_total'])} |", "", "| class | IoU % |", "|---|---|"]
-        lines += [f"| {int(c)} {names[int(c) - 1]} | {format_pct(v)} |" for c, v in r["per_class"].items()]
+                 f"| mIoU novel | {pct(r['miou_novel'])} |", f"| mIoU base | {pct(r['miou_base'])} |",
+                 f"| mIoU total | {pct(r['miou_total'])} |", "", "| class | IoU % |", "|---|---|"]
+        lines += [f"| {int(c)} {names[int(c) - 1]} | {pct(v)} |" for c, v in r["per_class"].items()]
         return "\n".join(lines) + "\n"
