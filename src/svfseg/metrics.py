@@ -7,10 +7,10 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from svfseg.labels import IGNORE_LABEL as IGNORE_INDEX
+from svfseg.labels import IGNORE_LABEL
 
 
-def episode_counts(pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def episode_counts(pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
     """Intersection and union of one binary prediction against its label.
 
     Args:
@@ -147,7 +147,7 @@ class ConfusionMatrix:
         self.num_classes = int(num_classes)
         self.mat = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_LABEL) -> None:
         """Add one prediction (H, W) against its label (H, W)."""
         if pred.shape != target.shape:
             raise ValueError(f"ConfusionMatrix: prediction {tuple(pred.shape)} vs label {tuple(target.shape)}")

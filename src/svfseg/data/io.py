@@ -17,8 +17,6 @@ __all__ = [
     "write_label", "image_size", "incomplete_image", "file_head_and_tail",
 ]
 
-from svfseg.labels import IGNORE_LABEL as IGNORE  # noqa: E402,F401  (the data package reads it from here)
-
 
 class DataError(ValueError):
     """A dataset file is missing, unreadable or not in the expected format."""

@@ -412,11 +412,3 @@ def trainable_parameter_report(model: nn.Module) -> str:
     trainable, total = _plain_count(model)
     percent = 100.0 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
-
-
-def config_of(model: nn.Module) -> dict[str, Any] | None:
-    """Returns the SVFConfig dict of the model's first SVD layer (None when there is none)."""
-    for _, layer in svf_layers(model):
-        config = getattr(layer, "svf_config", None)
-        return None if config is None else config.to_dict()
-    return None

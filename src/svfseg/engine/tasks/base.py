@@ -23,10 +23,6 @@ class EvalSet:
     on: str = "test_fold"
 
 
-#: Former name of :class:`EvalSet` (svfseg 0.1).
-ValSet = EvalSet
-
-
 @dataclass
 class ValResult:
     """One validation pass, as a task reports it to the training loop."""
@@ -69,7 +65,7 @@ class Task:
         """Training items of ``cfg``."""
         raise NotImplementedError(f"task {self.name!r} does not train")
 
-    def selection_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
+    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
         """Items checkpoints are selected on (None: no validation)."""
         return None
 

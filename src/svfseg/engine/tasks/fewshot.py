@@ -127,7 +127,7 @@ class FewShotTask(Task):
     def train_data(self, cfg: ExperimentConfig) -> Dataset:
         return train_dataset(cfg)
 
-    def selection_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
+    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
         """The validation episodes checkpoints are selected on, fixed in a file in the run folder.
 
         ``train.select_on=test_fold`` (what the published methods do) or ``last`` validates on the test

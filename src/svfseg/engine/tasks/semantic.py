@@ -70,7 +70,7 @@ class SemanticTask(Task):
     def train_data(self, cfg: ExperimentConfig) -> Dataset:
         return semantic_dataset(cfg, "train")
 
-    def selection_set(self, cfg, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
+    def eval_set(self, cfg, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
         return EvalSet(semantic_dataset(cfg, "val"), on="base_val") if cfg.train.val_every else None
 
     def check_training(self, cfg: ExperimentConfig, model: nn.Module, info: DistInfo) -> None:
