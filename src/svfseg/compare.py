@@ -108,7 +108,8 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
     """
     from svfseg.engine.loop import NonFiniteLoss
     from svfseg.engine.run import train_run
-    from svfseg.engine.tasks.fewshot import score_checkpoint
+    from svfseg.engine.tasks import TestOptions
+    from svfseg.engine.testing import score_with_task
 
     run_dir = cfg.run_dir()
     summary_path, results_path = run_dir / "train_summary.json", run_dir / "test" / "results.json"
@@ -146,7 +147,8 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
     if episodes is None:
         return rec
     if not results_path.exists() or not done:
-        score_checkpoint(run_dir / "best.pt", cfg, episodes=episodes, out_dir=run_dir / "test")
+        # the same entry as `svfseg test`: the task the model's recipe scores it with
+        score_with_task(run_dir / "best.pt", cfg, options=TestOptions(episodes=episodes, out_dir=run_dir / "test"))
     run = json.loads(results_path.read_text())["runs"][0]
     rec.update(miou=run["miou"], fb_iou=run["fb_iou"], episodes=run["episodes"],
                episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"])

@@ -20,7 +20,7 @@ from svfseg.engine.runtime import autocast, to_device, unwrap
 from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult, write_results
 from svfseg.losses import fewshot_loss, valid_pixel_count
 from svfseg.metrics import IoUAccumulator
-from svfseg.results import STD_NOTE, pct, summarize_runs
+from svfseg.results import STD_NOTE, markdown_table, pct, summarize_runs
 
 logger = logging.getLogger(__name__)
 
@@ -290,19 +290,15 @@ def results_markdown(out: dict) -> str:
         f"checkpoint `{out['checkpoint']}` (step {out['step']}), protocol **{out['protocol']}**, "
         f"scored at the original label size; mIoU over the fold's novel classes {out['novel_classes']}.",
         "",
-        "| run | episodes | episode fingerprint | mIoU (%) | FB-IoU (%) |",
-        "|---|---|---|---|---|",
     ]
-    for r in out["runs"]:
-        lines.append(f"| episode seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` "
-                     f"| {pct(r['miou'])} "
-                     f"| {pct(r['fb_iou'])} |")
+    rows = [[f"episode seed {r['seed']}", str(r["episodes"]), f"`{r['episode_fingerprint']}`", pct(r["miou"]),
+             pct(r["fb_iou"])] for r in out["runs"]]
     if len(out["runs"]) > 1:
-        lines.append(f"| **mean ± std ({STD_NOTE})** | | | **{pct(s['miou']['mean'])} ± {pct(s['miou']['std'])}** "
-                     f"| {pct(s['fb_iou']['mean'])} ± {pct(s['fb_iou']['std'])} |")
-        lines.append(f"| best | | | {pct(s['miou']['best'])} | {pct(s['fb_iou']['best'])} |")
-    lines += ["", "| class | name | IoU (%)" + (" (mean over runs)" if len(out["runs"]) > 1 else "") + " |",
-              "|---|---|---|"]
-    for c, v in out["per_class_mean"].items():
-        lines.append(f"| {c} | {out['class_names'][c]} | {pct(v)} |")
+        rows.append([f"**mean ± std ({STD_NOTE})**", "", "", f"**{pct(s['miou']['mean'])} ± {pct(s['miou']['std'])}**",
+                     f"{pct(s['fb_iou']['mean'])} ± {pct(s['fb_iou']['std'])}"])
+        rows.append(["best", "", "", pct(s["miou"]["best"]), pct(s["fb_iou"]["best"])])
+    lines += [markdown_table(["run", "episodes", "episode fingerprint", "mIoU (%)", "FB-IoU (%)"], rows), ""]
+    iou = "IoU (%)" + (" (mean over runs)" if len(out["runs"]) > 1 else "")
+    lines.append(markdown_table(["class", "name", iou],
+                                [[c, out["class_names"][c], pct(v)] for c, v in out["per_class_mean"].items()]))
     return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ from svfseg.engine.model import load_for_inference
 from svfseg.engine.runtime import to_device, unwrap
 from svfseg.engine.tasks.base import Task, TestOptions, write_results
 from svfseg.metrics import ConfusionMatrix
-from svfseg.results import pct
+from svfseg.results import markdown_table, pct
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,9 @@ class GeneralizedTask(Task):
         names = r.get("class_names") or class_names(r["benchmark"])
         lines = [f"# Generalized setting, {r['benchmark']} fold {r['fold']}, {r['shot']}-shot", "",
                  f"{r['episodes']} episodes (episode seed {r['seed']}), tau {r['tau']}; base and novel classes scored "
-                 "together.", "", "| score | % |", "|---|---|",
-                 f"| mIoU novel | {pct(r['miou_novel'])} |", f"| mIoU base | {pct(r['miou_base'])} |",
-                 f"| mIoU total | {pct(r['miou_total'])} |", "", "| class | IoU % |", "|---|---|"]
-        lines += [f"| {int(c)} {names[int(c) - 1]} | {pct(v)} |" for c, v in r["per_class"].items()]
+                 "together.", "",
+                 markdown_table(["score", "%"], [["mIoU novel", pct(r["miou_novel"])], ["mIoU base", pct(r["miou_base"])],
+                                                 ["mIoU total", pct(r["miou_total"])]]), "",
+                 markdown_table(["class", "IoU %"],
+                                [[f"{int(c)} {names[int(c) - 1]}", pct(v)] for c, v in r["per_class"].items()])]
         return "\n".join(lines) + "\n"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +19,7 @@ from svfseg.engine.runtime import autocast, to_device
 from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult, write_results
 from svfseg.losses import cross_entropy_sum, valid_pixel_count
 from svfseg.metrics import ConfusionMatrix
+from svfseg.results import markdown_table, pct
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +133,10 @@ class SemanticTask(Task):
         names = r.get("class_names") or class_names(r["benchmark"])
         lines = [f"# {r['stage']} (semantic segmentation of the base classes), {r['benchmark']} fold {r['fold']}", "",
                  f"{r['images']} val images, original label size; novel classes count as background.", "",
-                 "| score | % |", "|---|---|",
-                 f"| base-class mIoU | {100 * r['miou']:.2f} |",
-                 f"| mIoU with background | {100 * r['miou_with_background']:.2f} |",
-                 f"| background IoU | {100 * r['bg_iou']:.2f} |", f"| FB-IoU | {100 * r['fb_iou']:.2f} |",
-                 f"| pixel accuracy | {100 * r['pixel_acc']:.2f} |", "", "| class | IoU % |", "|---|---|"]
-        for k, v in r["per_class"].items():
-            lines.append(f"| {int(k)} {names[int(k) - 1]} | {'n/a' if math.isnan(v) else f'{100 * v:.2f}'} |")
+                 markdown_table(["score", "%"], [
+                     ["base-class mIoU", pct(r["miou"])], ["mIoU with background", pct(r["miou_with_background"])],
+                     ["background IoU", pct(r["bg_iou"])], ["FB-IoU", pct(r["fb_iou"])],
+                     ["pixel accuracy", pct(r["pixel_acc"])]]), "",
+                 markdown_table(["class", "IoU %"], [[f"{int(k)} {names[int(k) - 1]}", pct(v, missing="n/a")]
+                                                     for k, v in r["per_class"].items()])]
         return "\n".join(lines) + "\n"
