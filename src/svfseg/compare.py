@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from svfseg.regimes import regime_spec
-from svfseg.results import STD_NOTE, mean_std, pct
+from svfseg.results import DASH, STD_NOTE, markdown_table, mean_std, pct, size_text
 from svfseg.stats import PairedInterval, paired_t_interval
 
 logger = logging.getLogger(__name__)
@@ -257,12 +257,6 @@ def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
             "sweeps": sweeps, "rows": rows, "cells": cells, "incomplete": incomplete, "diverged": diverged}
 
 
-def _size(n: Optional[int]) -> str:
-    if not n:
-        return "–"
-    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
-
-
 def verdict_sentence(regime: str, row: dict, reference: str) -> str:
     """One sentence: does ``regime`` beat the reference beyond the 95% interval?"""
     d = row["diff_to_reference"]
@@ -283,22 +277,22 @@ def compare_markdown(result: dict) -> str:
     lines = [f"# compare: {', '.join(result['regimes'])} (reference {ref})", "",
              f"`{result['config']}`, folds {result['folds']}, shots {result['shots']}, seeds {result['seeds']}; "
              f"every cell scored on the same test episodes per (fold, shot). Interval: {result['interval']} "
-             f"(paired by seed; fold/shot-averaged first).", "",
-             f"| regime | mIoU (%) mean ± std ({STD_NOTE}) | FB-IoU (%) | Δ mIoU vs {ref} [95% CI] | trainable (backbone) "
-             f"| adapter file | backbone lr x | train s/step | peak mem | SV/weight movement |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"(paired by seed; fold/shot-averaged first).", ""]
+    header = ["regime", f"mIoU (%) mean ± std ({STD_NOTE})", "FB-IoU (%)", f"Δ mIoU vs {ref} [95% CI]",
+              "trainable (backbone)", "adapter file", "backbone lr x", "train s/step", "peak mem", "SV/weight movement"]
+    rows = []
     for regime, r in result["rows"].items():
         d = r["diff_to_reference"]
-        diff = "–" if d is None else (f"{pct(d['mean'], True)} [{pct(d['low'], True)}, {pct(d['high'], True)}]"
-                                      if d["low"] is not None else f"{pct(d['mean'], True)} [–]")
+        diff = DASH if d is None else (f"{pct(d['mean'], True)} [{pct(d['low'], True)}, {pct(d['high'], True)}]"
+                                       if d["low"] is not None else f"{pct(d['mean'], True)} [{DASH}]")
         tr = r["trainable"] or {}
-        move = "–" if r["movement_max_stage_mean"] is None else f"{100 * r['movement_max_stage_mean']:.2f}%"
-        lr = "–" if r["lr_mult"] is None else f"{r['lr_mult']:g}"
-        mem = "–" if not r["peak_memory_bytes"] else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
-        lines.append(f"| {regime} | {pct(r['miou_mean'])} ± {pct(r['miou_std'])} | {pct(r['fb_iou_mean'])} "
-                     f"| {diff} | {tr.get('total', 0):,} ({tr.get('backbone', 0):,}) | {_size(r['adapter_bytes'])} "
-                     f"| {lr} | {r['seconds_per_step']:.2f} "
-                     f"| {mem} | {move} |")
+        move = DASH if r["movement_max_stage_mean"] is None else f"{100 * r['movement_max_stage_mean']:.2f}%"
+        lr = DASH if r["lr_mult"] is None else f"{r['lr_mult']:g}"
+        mem = DASH if not r["peak_memory_bytes"] else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
+        rows.append([regime, f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}", pct(r["fb_iou_mean"]), diff,
+                     f"{tr.get('total', 0):,} ({tr.get('backbone', 0):,})", size_text(r["adapter_bytes"]), lr,
+                     f"{r['seconds_per_step']:.2f}", mem, move])
+    lines.append(markdown_table(header, rows))
     lines += ["", "Movement: the most-moved stage's mean relative change of what trained (singular values: "
               "|S-S0|/|S0| per value; other tensors ||p-p0||/||p0||).", ""]
     if result["sweeps"]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 __all__ = ["DASH", "STD_NOTE", "SeedStats", "format_stats", "group_by_seed", "markdown_table", "mean_std", "pct",
-           "seed_stats", "summarize_runs"]
+           "seed_stats", "size_text", "summarize_runs"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,13 @@ def format_stats(s: Optional[SeedStats], digits: int = 2, *, with_n: bool = Fals
     if with_n:
         text += f" (n={s.n})"
     return text
+
+
+def size_text(n: Optional[int]) -> str:
+    """A file size in kB below 1 MB, else MB; ``DASH`` for none."""
+    if not n:
+        return DASH
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
 
 
 def group_by_seed(entries: Iterable[dict], key: Callable[[dict], Hashable], seed: Callable[[dict], Hashable],
