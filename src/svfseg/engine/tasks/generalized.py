@@ -14,9 +14,8 @@ from svfseg.config import ExperimentConfig
 from svfseg.engine.data import class_names_of
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import at_label_size, evaluation_loop
-from svfseg.engine.model import load_for_inference
 from svfseg.engine.runtime import to_device, unwrap
-from svfseg.engine.tasks.base import Task, TestOptions, write_results
+from svfseg.engine.tasks.base import Task, TestOptions
 from svfseg.metrics import ConfusionMatrix
 from svfseg.results import markdown_table, pct
 
@@ -100,12 +99,14 @@ class GeneralizedTask(Task):
 
     name = "generalized"
 
-    def test(self, checkpoint, cfg: Optional[ExperimentConfig], options: TestOptions, info: DistInfo,
-             seed: int = 0) -> dict:
-        """Generalized-setting score of a checkpoint; results in ``<checkpoint folder>/test_generalized_<K>shot``."""
+    def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:  # noqa: D102 - see Task
+        return f"test_generalized_{cfg.shot}shot"
+
+    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo,
+              seed: int = 0) -> dict:
+        """Generalized-setting score of a checkpoint (episode seed ``seed``)."""
         from svfseg.data.generalized import build_generalized_dataset
 
-        model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
         d = cfg.data
         # eval.num_episodes caps the episode count (one per val image otherwise).
         ds = build_generalized_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, seed=seed,
@@ -116,14 +117,11 @@ class GeneralizedTask(Task):
                "shot": cfg.shot, "seed": seed, "episode_fingerprint": ds.episodes.fingerprint, **r,
                "class_names": list(class_names_of(cfg)),
                "per_class": {str(k): v for k, v in r["per_class"].items()}}
-        out_dir = Path(options.out_dir) if options.out_dir else Path(checkpoint).parent / f"test_generalized_{cfg.shot}shot"
-        out["out_dir"] = str(out_dir)
-        write_results(out_dir, out, self.markdown(out), info)
-        if info.is_main:
-            logger.info("generalized: mIoU novel %s  base %s  total %s over %d episodes -> %s",
-                        pct(r["miou_novel"]), pct(r["miou_base"]), pct(r["miou_total"]),
-                        r["episodes"], out_dir)
         return out
+
+    def headline(self, r: dict) -> str:  # noqa: D102 - see Task
+        return (f"generalized: mIoU novel {pct(r['miou_novel'])}  base {pct(r['miou_base'])}  "
+                f"total {pct(r['miou_total'])} over {r['episodes']} episodes")
 
     def markdown(self, r: dict) -> str:
         from svfseg.data.splits import class_names
