@@ -33,7 +33,7 @@ def combine_layers(base: dict, new: dict, source: str, *, warn: bool = True) -> 
     if "regime" in model:
         if old:
             raise ConfigError(f"{source}: 'model.regime' and the deprecated {' and '.join(repr(k) for k in old)} "
-                              f"are both set; keep only model.regime (frozen | svf | full)")
+                              f"are both set; keep only model.regime ({' | '.join(REGIMES)})")
         if model["regime"] not in REGIMES:
             raise ConfigError(f"{source}: config key 'model.regime' must be one of {list(REGIMES)}, "
                               f"found {model['regime']!r}")
@@ -51,8 +51,9 @@ def combine_layers(base: dict, new: dict, source: str, *, warn: bool = True) -> 
                                   f"found {mode!r}")
         regime = regime_from_01(enabled, mode)
         if warn:
-            logger.warning("%s: %s deprecated; use model.regime=%s (frozen | svf | full)", source,
-                           " and ".join(old) + (" is" if len(old) == 1 else " are"), regime)
+            logger.warning("%s: %s deprecated; use model.regime=%s (one of %s)", source,
+                           " and ".join(old) + (" is" if len(old) == 1 else " are"), regime,
+                           " | ".join(REGIMES))
     else:
         return deep_update(base, new)
     # An explicit model.regime wins: the aliases only span frozen | svf | full.

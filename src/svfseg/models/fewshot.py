@@ -56,12 +56,13 @@ class FewShotModel(nn.Module):
     Args:
         backbone: A ``svfseg.models.backbones.Backbone`` (stages ``layer0``..``layer4`` with
             ``stage_channels``, ``stage_strides`` and ``forward_stages``).
-        regime: "frozen" (no backbone gradient; the backbone runs under no_grad), "svf"
-            (only singular values of ``svf_policy``'s stages train) or "full" (full
-            fine-tune). BatchNorm stays in eval mode in every regime.
+        regime: A name declared in ``svfseg.regimes`` (default "frozen": no backbone gradient, the
+            backbone runs under no_grad; "svf": only singular values of ``svf_policy``'s stages
+            train; "full": full fine-tune; peers "bitfit" | "bn" | "last_stage" | "lora").
+            BatchNorm stays in eval mode in every regime.
         svf_policy: Policy for "svf"; defaults to :class:`SVFPolicy` (the paper's). Its
             ``stages`` are also the stages "bitfit", "bn", "last_stage" and "lora" train.
-        lora: LoRA settings for regime "lora" (default :class:`~svfseg.config.LoRAConfig`).
+        lora: LoRA settings for regime "lora" (default :class:`~svfseg.policies.LoRAConfig`).
         backbone_name: Name recorded by :meth:`describe` (``create_model`` passes it).
         batch_backbone: Run query and supports through the backbone as one batch when their
             sizes match (one pass per stage instead of two).

@@ -15,6 +15,7 @@ from torch import nn
 
 from svfseg.models.recipe import ModelRecipe
 from svfseg.policies import SVFPolicy
+from svfseg.regimes import REGIME_NAMES
 
 # name -> constructor(backbone, **kwargs) -> model, and name -> its recipe.
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -92,7 +93,7 @@ def create_model(
     """
     if "backbone_mode" in head_kwargs:  # svfseg 0.1's keyword; the config key model.backbone_mode still works
         raise ValueError(f"create_model: backbone_mode={head_kwargs['backbone_mode']!r} is no longer a keyword; "
-                         f"pass regime= (frozen | svf | full | ...; 0.1's 'train' is 'full')")
+                         f"pass regime= (one of {list(REGIME_NAMES)}; 0.1's 'train' is 'full')")
     valid = list_models()
     if name not in _MODELS:
         raise _unknown("model", name, valid)
