@@ -19,8 +19,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert svf["adapter_bytes"] < 200_000 < full["adapter_bytes"]
     for r in (fro, svf, full):
         assert 0.0 <= r["miou_mean"] <= 1.0 and r["seeds"] == 1
-    for f in ("compare.md", "compare.png", "svf/best.pt", "svf/singular_values.safetensors"):
+    for f in ("compare.md", "compare.png", "svf/best.pt", "svf/singular_values.safetensors", "frozen/best.pt"):
         assert (out / f).exists(), f
+    for regime in ("svf", "frozen"):  # what `svfseg serve` shows beside each checkpoint
+        source = json.loads((out / regime / "SOURCE.json").read_text())
+        cell = next(c for c in cmp["cells"] if c["regime"] == regime and c["seed"] == source["seed"])
+        assert source["cell"] == cell["run_dir"] and source["test_miou"] == cell["miou"]
+        assert source["test_episodes"] == res["plan"]["eval_episodes"] and source["benchmark"] == "synthetic"
     assert "| frozen |" in printed and "| svf |" in printed and "Verdicts" in printed
     assert "svfseg prepare pascal" in printed  # tells the user what to run next
     # a second run reuses the cached data and replaces its own previous outputs
@@ -42,5 +47,8 @@ def test_demo_trains_the_synthetic_recipes(tmp_path):
         plan = compare_plan(FULL, tmp_path / "d", tmp_path / "o", head)
         cfg = cell_config(plan, 0, 1, "svf", 1, 10.0)
         recipe = load_config(configs / f"{head}_efficientnet_lite0.yaml", plan_overrides(FULL, tmp_path / "d"))
+        # the cell's model is the recipe's, started from the plan's shared warm start
+        assert cfg.model.init_head == str(tmp_path / "o" / "runs" / "fold0_1shot" / "warm_start" / "best.pt")
+        cfg.model.init_head = None
         assert cfg.model == recipe.model and cfg.data == recipe.data and cfg.svf == recipe.svf
         assert cfg.seed == 1 and cfg.optim.lr_mult["svf"] == 10.0 and cfg.train.select_on == "base_heldout"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from svfseg.compare_plot import plot_compare
 from svfseg.regimes import regime_spec
 from svfseg.results import DASH, STD_NOTE, markdown_table, mean_std, pct, size_text
 from svfseg.stats import PairedInterval, paired_t_interval
@@ -49,6 +50,9 @@ class ComparePlan:
         backbone_lr: Grid of lr multipliers for the backbone-side groups (one value: no sweep).
         test_episodes: Size of the test episode file per (fold, shot) (None: the protocol's first run).
         val_episodes: Size of the base-class validation episode file.
+        warm_start: Steps of a shared head warm start per (fold, shot) (0: none): the head is
+            trained once with the frozen backbone, then every cell starts from it (``model.init_head``).
+        threads: torch CPU threads of every cell (None: torch's default).
     """
 
     config: str
@@ -62,6 +66,8 @@ class ComparePlan:
     backbone_lr: list[float] = field(default_factory=lambda: [1.0])
     test_episodes: Optional[int] = None
     val_episodes: int = 200
+    warm_start: int = 0
+    threads: Optional[int] = None
 
 
 def lr_overrides(mult: Optional[float]) -> list[str]:
@@ -73,16 +79,56 @@ def _cell_name(regime: str, mult: Optional[float], seed: int) -> str:
     return f"{regime}" + (f"_lrx{mult:g}" if mult is not None else "") + f"_seed{seed}"
 
 
+#: Training seed of the shared warm start: outside the cells' seeds, so no cell replays its episodes.
+WARM_START_SEED = 10_000
+
+
+def _cell_dir(plan: ComparePlan, fold: int, shot: int) -> Path:
+    return plan.out / "runs" / f"fold{fold}_{shot}shot"
+
+
+def warm_start_checkpoint(plan: ComparePlan, fold: int, shot: int) -> Optional[Path]:
+    """The shared head every cell of (fold, shot) starts from, or None without a warm start."""
+    return _cell_dir(plan, fold, shot) / "warm_start" / "best.pt" if plan.warm_start else None
+
+
+def _common_overrides(plan: ComparePlan, fold: int, shot: int) -> list[str]:
+    return [*plan.overrides, f"fold={fold}", f"shot={shot}", f"output_dir={_cell_dir(plan, fold, shot)}",
+            *([f"threads={plan.threads}"] if plan.threads else [])]
+
+
 def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int, mult: Optional[float]):
     """The config of one cell: recipe, the plan's overrides, then the cell's own keys."""
     from svfseg.config import load_config
 
     eps = plan.out / "episodes"
+    warm = warm_start_checkpoint(plan, fold, shot)
     return load_config(plan.config, [
-        *plan.overrides, f"fold={fold}", f"shot={shot}", f"seed={seed}", f"model.regime={regime}",
-        f"output_dir={plan.out / 'runs' / f'fold{fold}_{shot}shot'}", f"name={_cell_name(regime, mult, seed)}",
+        *_common_overrides(plan, fold, shot), f"seed={seed}", f"model.regime={regime}",
+        f"name={_cell_name(regime, mult, seed)}",
         "train.select_on=base_heldout", "train.val_every=1", f"train.val_episodes={plan.val_episodes}",
-        f"train.val_episodes_file={eps / f'val_base_fold{fold}_{shot}shot.json'}", *lr_overrides(mult)])
+        f"train.val_episodes_file={eps / f'val_base_fold{fold}_{shot}shot.json'}", *lr_overrides(mult),
+        *([f"model.init_head={warm}"] if warm else [])])
+
+
+def warm_start_config(plan: ComparePlan, fold: int, shot: int):
+    """The shared warm start: the head trained ``plan.warm_start`` steps with the frozen backbone, last weights kept."""
+    from svfseg.config import load_config
+
+    return load_config(plan.config, [
+        *_common_overrides(plan, fold, shot), f"seed={WARM_START_SEED}", "model.regime=frozen", "name=warm_start",
+        "train.epochs=1", f"train.steps_per_epoch={plan.warm_start}", "train.val_every=0", "train.select_on=last"])
+
+
+def run_warm_start(plan: ComparePlan, fold: int, shot: int) -> dict:
+    """Train (or reuse) the warm start of (fold, shot); its record for ``compare.json``."""
+    cfg = warm_start_config(plan, fold, shot)
+    rec = run_cell(cfg, None)
+    if rec.get("status") != "finished":
+        raise RuntimeError(f"compare: the warm start {cfg.run_dir()} did not finish ({rec.get('status')}); "
+                           f"rerun the same command to resume it")
+    return {"fold": fold, "shot": shot, "steps": plan.warm_start, "seed": WARM_START_SEED,
+            "checkpoint": str(warm_start_checkpoint(plan, fold, shot)), "train_seconds": rec.get("train_seconds")}
 
 
 def test_episode_file(plan: ComparePlan, cfg) -> Path:
@@ -191,12 +237,16 @@ def run_compare(plan: ComparePlan) -> dict:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for name in plan.regimes:  # a typo in a regime or an override fails now, not hours in
         cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None)
+    if plan.warm_start < 0:
+        raise ValueError(f"--warm-start: expected a number of steps >= 0, found {plan.warm_start}")
     plan.out.mkdir(parents=True, exist_ok=True)
-    cells, sweeps = [], {}
+    cells, sweeps, warm = [], {}, []
     stopped = False
     try:
         for fold in plan.folds:
             for shot in plan.shots:
+                if plan.warm_start:
+                    warm.append(run_warm_start(plan, fold, shot))
                 for name in plan.regimes:
                     _run_regime(plan, fold, shot, name, cells, sweeps)
     except CellInterrupted as e:
@@ -204,6 +254,7 @@ def run_compare(plan: ComparePlan) -> dict:
         stopped = True
     result = summarize(plan, cells, sweeps)
     result["stopped"] = stopped
+    result["warm_start"] = warm
     (plan.out / "compare.json").write_text(json.dumps(result, indent=1, default=str))
     (plan.out / "compare.md").write_text(compare_markdown(result))
     plot_compare(result, plan.out / "compare.png")
@@ -262,7 +313,8 @@ def verdict_sentence(regime: str, row: dict, reference: str) -> str:
     d = row["diff_to_reference"]
     if d is None:
         return f"- **{regime}**: no interval (needs at least two seeds)."
-    span = f"{pct(d['mean'], True)} mIoU points, 95% CI [{pct(d['low'], True)}, {pct(d['high'], True)}]" \
+    span = (f"{pct(d['mean'], True)} mIoU points, 95% CI [{pct(d['low'], True)}, {pct(d['high'], True)}] "
+            f"(half-width {pct((d['high'] - d['low']) / 2)})") \
         if d["low"] is not None else f"{pct(d['mean'], True)} mIoU points from one seed, no interval"
     text = {"better": f"beats {reference} beyond the interval",
             "worse": f"is worse than {reference} beyond the interval",
@@ -277,9 +329,11 @@ def compare_markdown(result: dict) -> str:
     lines = [f"# compare: {', '.join(result['regimes'])} (reference {ref})", "",
              f"`{result['config']}`, folds {result['folds']}, shots {result['shots']}, seeds {result['seeds']}; "
              f"every cell scored on the same test episodes per (fold, shot). Interval: {result['interval']} "
-             f"(paired by seed; fold/shot-averaged first).", ""]
-    header = ["regime", f"mIoU (%) mean ± std ({STD_NOTE})", "FB-IoU (%)", f"Δ mIoU vs {ref} [95% CI]",
-              "trainable (backbone)", "adapter file", "backbone lr x", "train s/step", "peak mem", "SV/weight movement"]
+             f"(paired by seed; fold/shot-averaged first); std is the sample std over seeds (n-1).", "",
+             *_warm_start_lines(result)]
+    header = ["regime", f"mIoU (%) mean ± std ({STD_NOTE})", "per-seed mIoU (%)", "FB-IoU (%)",
+              f"Δ mIoU vs {ref} [95% CI]", "trainable (backbone)", "adapter file", "backbone lr x", "train s/step",
+              "peak mem", "SV/weight movement"]
     rows = []
     for regime, r in result["rows"].items():
         d = r["diff_to_reference"]
@@ -289,7 +343,8 @@ def compare_markdown(result: dict) -> str:
         move = DASH if r["movement_max_stage_mean"] is None else f"{100 * r['movement_max_stage_mean']:.2f}%"
         lr = DASH if r["lr_mult"] is None else f"{r['lr_mult']:g}"
         mem = DASH if not r["peak_memory_bytes"] else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
-        rows.append([regime, f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}", pct(r["fb_iou_mean"]), diff,
+        per_seed = ", ".join(pct(v) for v in r["per_seed_miou"].values()) or DASH
+        rows.append([regime, f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}", per_seed, pct(r["fb_iou_mean"]), diff,
                      f"{tr.get('total', 0):,} ({tr.get('backbone', 0):,})", size_text(r["adapter_bytes"]), lr,
                      f"{r['seconds_per_step']:.2f}", mem, move])
     lines.append(markdown_table(header, rows))
@@ -313,46 +368,15 @@ def compare_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_compare(result: dict, out: Path) -> Optional[Path]:
-    """compare.png: mIoU per regime (seeds as dots, mean with its t-interval) and one seed's training loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scipy.stats import t as student_t
-
-    from svfseg.engine.runlog import read_csv
-
-    rows = result["rows"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (regime, r) in enumerate(rows.items()):
-        vals = [100 * v for v in r["per_seed_miou"].values()]
-        ax.scatter([i] * len(vals), vals, color="0.6", s=12, zorder=2)
-        half = 0.0
-        if len(vals) > 1:
-            half = float(student_t.ppf(0.975, len(vals) - 1)) * 100 * r["miou_std"] / math.sqrt(len(vals))
-        ax.errorbar([i], [100 * r["miou_mean"]], yerr=[half], fmt="o", capsize=5, zorder=3)
-    ax.set_xticks(range(len(rows)), list(rows))
-    ax.set_ylabel("test mIoU (%)")
-    ax.set_title("mIoU per regime (95% t-interval of the mean over seeds)")
-    first = result["seeds"][0]
-    for c in result["cells"]:
-        if c.get("seed") != first or c.get("status") != "finished":
-            continue
-        log = read_csv(Path(c["run_dir"]) / "train_log.csv")
-        if log:
-            bx.plot([int(x["step"]) for x in log], [float(x["loss"]) for x in log],
-                    label=f"{c['regime']} f{c['fold']} {c['shot']}s")
-    bx.set_xlabel("step")
-    bx.set_ylabel("training loss")
-    bx.set_title(f"training curves, seed {first}")
-    if bx.lines:
-        bx.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+def _warm_start_lines(result: dict) -> list[str]:
+    """What compare.md says about a shared warm start (nothing without one)."""
+    warm = result.get("warm_start") or []
+    if not warm:
+        return []
+    w = warm[0]
+    return [f"Warm start: every cell started from one shared head, trained {w['steps']} steps with the frozen "
+            f"backbone (seed {w['seed']}, per fold and shot; linear probe then fine-tune, Kumar et al. 2022); each "
+            f"cell then trained its own steps from there, so the seeds vary only that fine-tuning.", ""]
 
 
 def _floats(text: str) -> list[float]:
@@ -376,6 +400,10 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "validation episodes (e.g. 1,10,100; one value = no sweep)")
     p.add_argument("--test-episodes", type=int, default=None, help="test episodes per (fold, shot)")
     p.add_argument("--val-episodes", type=int, default=200, help="base-class validation episodes per (fold, shot)")
+    p.add_argument("--warm-start", type=int, default=0, metavar="STEPS",
+                   help="train the head STEPS steps with the frozen backbone once per (fold, shot), then start every "
+                        "cell (frozen included) from that head (default 0: no warm start)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads of every cell")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every cell")
     return p
@@ -396,7 +424,7 @@ def run_compare_cli(args: argparse.Namespace) -> int:
     plan = ComparePlan(config=args.config, regimes=[r for r in args.regimes.split(",") if r], seeds=args.seeds,
                        folds=lists["folds"], shots=lists["shots"], overrides=overrides, out=args.out,
                        reference=args.reference, backbone_lr=args.backbone_lr, test_episodes=args.test_episodes,
-                       val_episodes=args.val_episodes)
+                       val_episodes=args.val_episodes, warm_start=args.warm_start, threads=args.threads)
     result = run_compare(plan)
     print(compare_markdown(result))
     return 130 if result.get("stopped") else 0

@@ -3,10 +3,12 @@
 The few-shot model is PFENet on EfficientNet-Lite0 with its ImageNet weights. PFENet rather
 than the ASPP baseline because its training-free prior mask, computed from the backbone's last
 stage, is exactly the part SVF can adapt while the frozen regime cannot; and its head is the
-most widely used one, so the demo exercises the configuration most users will run. Two
-training seeds per regime, the backbone lr multiplier chosen per regime on base-class
-validation episodes (the compare rule), every regime scored on the same test episodes, and
-the verdict read off the paired 95% intervals, whatever it is.
+most widely used one, so the demo exercises the configuration most users will run. Three
+training seeds per regime, one shared head warm start (the head trained once with the frozen
+backbone, then every regime, frozen included, fine-tuned from it for the same number of steps),
+the backbone lr multiplier chosen per regime on base-class validation episodes (the compare
+rule), every regime scored on the same 1,000 test episodes, and the verdict read off the paired
+95% intervals, whatever it is.
 """
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from svfseg.regimes import regime_spec
 
 logger = logging.getLogger(__name__)
 
 DEMO_MARKER = "demo_results.json"
 REGIMES = ("frozen", "svf", "full")
-KEPT_REGIME = "svf"  # the regime whose first-seed checkpoint the demo keeps (serve, predict)
+KEPT = ("svf", "frozen")  # the regimes whose first-seed checkpoint the demo keeps (serve, predict)
 # What a demo folder may hold (a killed demo is resumed, a finished one replaced; anything else is refused).
-_OWN = {DEMO_MARKER, "demo_results.md", "compare.json", "compare.md", "compare.png", "runs", "episodes", "svf"}
+_OWN = {DEMO_MARKER, "demo_results.md", "compare.json", "compare.md", "compare.png", "runs", "episodes", "svf",
+        "frozen"}
 
 
 @dataclass(frozen=True)
@@ -42,16 +46,18 @@ class DemoPlan:
     val_episodes: int
     seeds: tuple[int, ...]
     backbone_lr: tuple[float, ...]
+    warm_start: int = 0
 
 
-# 2 seeds x (frozen + 2 sweep trials of svf and of full + their second seeds) = 8 trainings at 112 px.
-# Measured on an idle 2-core VM: 64 steps x 8 episodes with 400 test / 100 validation episodes took
-# 9.5 minutes in all, over the 10-minute budget on a slower machine; 40 steps with 300 / 60 episodes is
-# the budget. Neither learns to predict foreground yet (every cell scores 0 mIoU): see the README.
-FULL = DemoPlan(n_train=2000, n_val=500, image_size=112, steps=40, batch_size=8, eval_episodes=300,
-                val_episodes=60, seeds=(0, 1), backbone_lr=(1.0, 100.0))
+# One warm start + 3 seeds x (frozen + svf and full with 2 sweep trials on the first seed) = 1 + 11 trainings
+# at 112 px, 9 cells x 1,000 test episodes. From cold, the head needs ~100 steps before it predicts any
+# foreground, which is the whole budget of a cell: the shared warm start pays for that once, so every
+# cell's steps go into adapting the backbone. Sized from benchmarks/bench_step.py and measured end to
+# end (README, "The demo").
+FULL = DemoPlan(n_train=2000, n_val=500, image_size=112, steps=60, batch_size=8, eval_episodes=1000,
+                val_episodes=100, seeds=(0, 1, 2), backbone_lr=(1.0, 100.0), warm_start=200)
 QUICK = DemoPlan(n_train=120, n_val=60, image_size=64, steps=2, batch_size=2, eval_episodes=6, val_episodes=4,
-                 seeds=(0,), backbone_lr=(1.0,))
+                 seeds=(0,), backbone_lr=(1.0,), warm_start=2)
 
 
 def recipe_path(head: str) -> Path:
@@ -64,11 +70,14 @@ def recipe_path(head: str) -> Path:
 
 def plan_overrides(plan: DemoPlan, root: Path) -> list[str]:
     """The sizes of ``plan`` and the data folder as overrides of the recipe, for every cell."""
+    # No TensorBoard: twelve short runs would spend seconds each starting its writer; the CSV logs and
+    # compare.png carry the curves.
     return [f"data.root={root}", f"data.train_crop={plan.image_size}", f"data.test_size={plan.image_size}",
-            f"train.steps_per_epoch={plan.steps}", f"train.batch_size={plan.batch_size}"]
+            f"train.steps_per_epoch={plan.steps}", f"train.batch_size={plan.batch_size}", "train.tensorboard=false"]
 
 
-def compare_plan(plan: DemoPlan, root: Path, out: Path, head: str = "pfenet", progress: bool = True):
+def compare_plan(plan: DemoPlan, root: Path, out: Path, head: str = "pfenet", progress: bool = True,
+                 threads: Optional[int] = None):
     """The :class:`~svfseg.compare.ComparePlan` the demo runs."""
     from svfseg.compare import ComparePlan
 
@@ -76,7 +85,7 @@ def compare_plan(plan: DemoPlan, root: Path, out: Path, head: str = "pfenet", pr
     return ComparePlan(config=str(recipe_path(head)), regimes=list(REGIMES), seeds=list(plan.seeds),
                        overrides=[*plan_overrides(plan, root), *extra], out=Path(out),
                        backbone_lr=list(plan.backbone_lr), test_episodes=plan.eval_episodes,
-                       val_episodes=plan.val_episodes)
+                       val_episodes=plan.val_episodes, warm_start=plan.warm_start, threads=threads)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -88,22 +97,34 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--head", choices=("pfenet", "baseline"), default="pfenet", help="few-shot head")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: plan)")
     parser.add_argument("--episodes", type=int, default=None, help="test episodes (default: plan)")
-    parser.add_argument("--seeds", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
-                        help="comma-separated training seeds (default 0,1)")
+    parser.add_argument("--seeds", type=_seeds, default=None, help="comma-separated training seeds (default 0,1,2)")
+    parser.add_argument("--warm-start", type=int, default=None, metavar="STEPS",
+                        help="steps of the shared head warm start (default: plan; 0 = none)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: one per core)")
     return parser
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, found {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, found {text!r}")
+    return seeds
 
 
 def run_demo_cli(args: argparse.Namespace) -> int:
     """Entry point of `svfseg demo`."""
     plan = QUICK if args.quick else FULL
-    change = {k: v for k, v in (("steps", args.steps), ("eval_episodes", args.episodes), ("seeds", args.seeds))
-              if v}
+    change = {k: v for k, v in (("steps", args.steps), ("eval_episodes", args.episodes), ("seeds", args.seeds),
+                                ("warm_start", args.warm_start)) if v is not None}
     if change:
         plan = DemoPlan(**{**plan.__dict__, **change})
     suffix = "-quick" if args.quick else ""
     root = args.root or Path(f"data/synthetic-5i{suffix}")
     out = args.out or Path(f"runs/demo{suffix}")
-    run_demo(plan, root=root, out=out, head=args.head, progress=not args.quick)
+    run_demo(plan, root=root, out=out, head=args.head, progress=not args.quick, threads=args.threads)
     return 0
 
 
@@ -122,16 +143,19 @@ def _clear_previous(out: Path) -> None:
         shutil.rmtree(out)
 
 
-def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", progress: bool = True) -> dict:
+def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", progress: bool = True,
+             threads: Optional[int] = None) -> dict:
     """Generate data, run the compare of frozen / SVF / full, print its table and verdicts.
 
     Args:
         plan: sizes (FULL or QUICK).
         root: synthetic-5i folder (generated once, then reused).
-        out: output folder: the compare files, its run folders, and ``svf/best.pt`` (the first
-            seed's SVF checkpoint, at a stable path for ``svfseg predict`` / ``serve``).
+        out: output folder: the compare files, its run folders, and ``svf/best.pt`` and
+            ``frozen/best.pt`` (the first seed's checkpoints, at stable paths for ``svfseg predict`` /
+            ``serve``, each with a ``SOURCE.json`` naming its cell and test score).
         head: "pfenet" or "baseline".
         progress: progress bars.
+        threads: torch CPU threads (None: torch's default, one per core).
 
     Returns:
         The results dict (also in ``out/demo_results.json``).
@@ -144,21 +168,23 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", pro
     _clear_previous(out)
     n = 3
     _stage(1, n, f"synthetic-5i at {root} ({plan.n_train} train + {plan.n_val} val images, {plan.image_size} px; "
-                 f"generated once, about a minute; reused afterwards)")
+                 f"generated once, about ten seconds; reused afterwards)")
     t = time.perf_counter()
     generate_synthetic(root, seed=0, n_train=plan.n_train, n_val=plan.n_val, size=plan.image_size)
     t_data = time.perf_counter() - t
-    cplan = compare_plan(plan, root, out, head, progress)
-    _stage(2, n, f"svfseg compare: {', '.join(REGIMES)} x seeds {list(plan.seeds)}, {plan.steps} steps x "
+    cplan = compare_plan(plan, root, out, head, progress, threads)
+    warm = (f"a shared head warm start ({plan.warm_start} steps, frozen backbone), then " if plan.warm_start else "")
+    _stage(2, n, f"svfseg compare: {warm}{', '.join(REGIMES)} x seeds {list(plan.seeds)}, {plan.steps} steps x "
                  f"{plan.batch_size} episodes each; backbone lr multiplier from {list(plan.backbone_lr)} chosen "
                  f"per regime on {plan.val_episodes} base-class validation episodes; all tested on the same "
                  f"{plan.eval_episodes} episodes (recipe {recipe_path(head)})")
     result = run_compare(cplan)
-    svf_ckpt = _stable_svf_checkpoint(result, out)
+    stable = {name: _stable_checkpoint(result, out, name, root) for name in KEPT}
     _stage(3, n, "results")
     demo = {"head": head, "backbone": "efficientnet_lite0", "fold": 0, "shot": 1, "plan": plan.__dict__,
             "data_root": str(root), "data_seconds": t_data, "compare": str(out / "compare.json"),
-            "svf_checkpoint": str(svf_ckpt) if svf_ckpt else None, "rows": result["rows"],
+            "svf_checkpoint": str(stable["svf"]) if stable["svf"] else None,
+            "frozen_checkpoint": str(stable["frozen"]) if stable["frozen"] else None, "rows": result["rows"],
             "sweeps": result["sweeps"], "total_seconds": time.perf_counter() - t_total}
     md = compare_markdown(result) + (f"\nTotal wall time {demo['total_seconds']:.0f} s "
                                      f"(data {t_data:.0f} s).\n")
@@ -169,29 +195,42 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", pro
     return demo
 
 
-def _stable_svf_checkpoint(result: dict, out: Path) -> Optional[Path]:
-    """Copy the first seed's SVF ``best.pt`` to ``out/svf/best.pt`` and its singular values beside it."""
+def _stable_checkpoint(result: dict, out: Path, regime: str, root: Path) -> Optional[Path]:
+    """Copy the first seed's ``best.pt`` of ``regime`` to ``out/<regime>/best.pt``, with ``SOURCE.json`` beside it.
+
+    SOURCE.json names the cell it came from and that cell's test score, which `svfseg serve` shows
+    beside the checkpoint. The SVF copy also gets its singular values as a safetensors file.
+    """
     first = result["seeds"][0]
-    cells = [c for c in result["cells"] if c["regime"] == KEPT_REGIME and c["seed"] == first and c["status"] == "finished"]
+    cells = [c for c in result["cells"] if c["regime"] == regime and c["seed"] == first
+             and c["status"] == "finished"]
     if not cells:
         return None
-    from svfseg.engine.model import load_for_inference
-    from svfseg.svf import save_svf
-
-    dest = out / "svf"
+    cell = cells[0]
+    dest = out / regime
     dest.mkdir(parents=True, exist_ok=True)
-    src = Path(cells[0]["run_dir"]) / "best.pt"
-    shutil.copyfile(src, dest / "best.pt")
-    model, _, _ = load_for_inference(src)
-    save_svf(dest / "singular_values.safetensors", model.backbone, metadata={"source": f"svfseg demo ({src})"})
-    (dest / "SOURCE.txt").write_text(f"copied from {src}\n")
+    src = Path(cell["run_dir"]) / "best.pt"
+    tmp = dest / "best.pt.tmp"
+    shutil.copyfile(src, tmp)
+    tmp.replace(dest / "best.pt")
+    if regime_spec(regime).singular_values:  # keep the trained singular values as their own file
+        from svfseg.engine.model import load_for_inference
+        from svfseg.svf import save_svf
+
+        model, _, _ = load_for_inference(src)
+        save_svf(dest / "singular_values.safetensors", model.backbone, metadata={"source": f"svfseg demo ({src})"})
+    source = {"regime": regime, "cell": cell["run_dir"], "seed": first, "lr_mult": cell.get("lr_mult"),
+              "test_miou": cell.get("miou"), "test_fb_iou": cell.get("fb_iou"), "test_episodes": cell.get("episodes"),
+              "data_root": str(root), "benchmark": "synthetic", "fold": cell["fold"], "shot": cell["shot"]}
+    (dest / "SOURCE.json").write_text(json.dumps(source, indent=1, default=str))
     return dest / "best.pt"
 
 
 def _next_steps(out: Path, demo: dict) -> str:
     return f"""
 Outputs: {out / 'compare.md'}, {out / 'compare.png'} (mIoU with intervals, training curves), {out / DEMO_MARKER};
-the SVF checkpoint {demo['svf_checkpoint']} (svfseg predict / merge take it).
+the checkpoints {demo['svf_checkpoint']} and {demo['frozen_checkpoint']} (svfseg predict / merge / serve take them;
+`svfseg serve` opens both and compares them side by side).
 
 Next, on real data (GPU recommended):
   svfseg prepare pascal --voc VOCdevkit/VOC2012 --sbd SBD --out data/pascal

@@ -23,6 +23,7 @@ class RegimeSpec:
         backbone_grad: the backbone needs a graph (False: it runs under ``no_grad``).
         whole_backbone: every backbone parameter trains and the backbone follows ``model.train()``
             (BatchNorm aside).
+        singular_values: what trains are the singular values of SVD layers (``save_svf`` keeps them as a file).
         mergeable: merging folds its extra backbone structure (SVD layers, adapters) into plain convs.
         section: the config section holding its own settings (None: no section of its own).
         model_kwarg: the model constructor's keyword that takes that section, when not ``svf_policy``
@@ -39,6 +40,7 @@ class RegimeSpec:
     staged: bool = False
     backbone_grad: bool = True
     whole_backbone: bool = False
+    singular_values: bool = False
     mergeable: bool = False
     section: str | None = None
     model_kwarg: str | None = None
@@ -50,7 +52,8 @@ _SPECS = (
     RegimeSpec("frozen", "", "nothing (the backbone runs under no_grad)", backbone_grad=False,
                alias01=(False, "frozen"), paper_svf=False),
     RegimeSpec("svf", " + SVF", "the singular values of svf.stages (+ BN affine / biases as the svf: section says)",
-               staged=True, mergeable=True, section="svf", alias01=(True, "frozen"), paper_svf=True),
+               staged=True, singular_values=True, mergeable=True, section="svf", alias01=(True, "frozen"),
+               paper_svf=True),
     RegimeSpec("full", " (full fine-tune)", "every backbone parameter (BN statistics stay frozen)",
                whole_backbone=True, alias01=(False, "train")),
     RegimeSpec("bitfit", " (bitfit)", "the biases of svf.stages (the BN shift where a conv has none)", staged=True),

@@ -44,6 +44,7 @@ class ModelConfig:
     backbone_kwargs: dict = field(default_factory=dict)  # e.g. {output_stride: 8}
     base_checkpoint: Optional[str] = None  # BAM stage 2: the stage-1 best.pt ({fold}, {benchmark}, ... filled in)
     head: dict = field(default_factory=dict)  # extra keyword arguments for the head
+    init_head: Optional[str] = None    # warm start: a checkpoint whose head (all but the backbone) starts this run
 
 
 @dataclass
@@ -79,6 +80,8 @@ class TrainConfig:
     batch_size: int = 4                # global batch (split evenly over processes)
     steps_per_epoch: Optional[int] = None  # default: training pool size // batch_size
     amp: str = "auto"                  # auto (bf16 if supported else fp16, GPU only) | bf16 | fp16 | off
+    # NHWC tensors for the convolutions (oneDNN on CPUs runs them faster; benchmarks/bench_step.py measures it)
+    channels_last: bool = False
     aux_weight: float = 1.0
     val_every: int = 1                 # validate every N epochs (0 = never)
     val_episodes: int = 1000           # size of the fixed validation episode file

@@ -154,6 +154,8 @@ def fit(
     # carry its state in checkpoints so a resumed run draws the same numbers.
     torch.manual_seed(cfg.seed + info.rank)
     model = sync_trainable_batchnorm(model.to(device), info)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     decay_groups = ("svf",) if cfg.svf.decay_to == "pretrained" else ()
     optimizer, ref_decay = build_optimizer(model, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay,
                                            lr_mult=oc.lr_mult, decay_to_pretrained=decay_groups)

@@ -46,9 +46,14 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     kwargs = {**recipe.model_kwargs(run_facts(cfg)), **(load_dependencies(cfg) if pretrained else {})}
     if spec.model_kwarg:  # the regime's own config section (lora:) goes to the model
         kwargs[spec.model_kwarg] = getattr(cfg, spec.section)
-    return create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
-                        svf_policy=cfg.svf if spec.staged else None,
-                        backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+    model = create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
+                         svf_policy=cfg.svf if spec.staged else None,
+                         backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+    if pretrained and m.init_head:
+        from svfseg.engine.warmstart import load_head
+
+        logger.info("warm start: %d head tensors from %s", load_head(model, m.init_head), m.init_head)
+    return model
 
 
 def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
@@ -79,6 +84,10 @@ def preflight(cfg: ExperimentConfig) -> None:
 
     for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg)):
         _read_dependency(dep, lazy=True)
+    if cfg.model.init_head:
+        from svfseg.engine.warmstart import check_head_file
+
+        check_head_file(cfg.model.init_head)
 
 
 def _read_dependency(dep, *, lazy: bool) -> dict:
