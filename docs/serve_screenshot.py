@@ -1,8 +1,9 @@
 """Re-make docs/serve.png: drive a running `svfseg serve` in headless Chromium and screenshot the result.
 
-    svfseg serve --checkpoint runs/demo/svf/best.pt runs/demo/frozen/best.pt &
+    svfseg serve &                        # the demo's svf and frozen checkpoints, compared by default
     python docs/serve_screenshot.py --support S.jpg S_mask.png --query Q1.jpg Q2.jpg \
-        --gt Q1_mask.png Q2_mask.png --compare runs/demo/frozen/best.pt --out docs/serve.png
+        --gt Q1_mask.png Q2_mask.png --out docs/serve.png
+    python docs/serve_screenshot.py --example 1 --out docs/serve.png   # or: click the page's first example
 """
 from __future__ import annotations
 
@@ -27,13 +28,16 @@ def _upload(driver, elem_id: str, paths: list[Path]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:7860/")
-    p.add_argument("--support", nargs=2, type=Path, required=True, metavar=("IMAGE", "MASK"))
-    p.add_argument("--query", nargs="+", type=Path, required=True)
+    p.add_argument("--support", nargs=2, type=Path, metavar=("IMAGE", "MASK"))
+    p.add_argument("--query", nargs="+", type=Path)
+    p.add_argument("--example", type=int, metavar="N", help="click the page's N-th example instead of uploading")
     p.add_argument("--gt", nargs="*", type=Path, default=[])
     p.add_argument("--compare", help="the second checkpoint, as listed in the page")
     p.add_argument("--out", type=Path, default=Path("docs/serve.png"))
     p.add_argument("--width", type=int, default=1280)
     args = p.parse_args()
+    if args.example is None and not (args.support and args.query):
+        p.error("give --support and --query, or --example N")
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
@@ -43,9 +47,10 @@ def main() -> None:
     try:
         driver.get(args.url)
         WebDriverWait(driver, 60).until(ec.element_to_be_clickable((By.ID, "run")))
-        _upload(driver, "support-image-1", [args.support[0]])
-        _upload(driver, "support-mask-1", [args.support[1]])
-        _upload(driver, "queries", args.query)
+        if args.example is None:
+            _upload(driver, "support-image-1", [args.support[0]])
+            _upload(driver, "support-mask-1", [args.support[1]])
+            _upload(driver, "queries", args.query)
         if args.gt:
             _upload(driver, "ground-truth", args.gt)
         if args.compare:
@@ -54,7 +59,10 @@ def main() -> None:
             box.send_keys(Keys.CONTROL, "a")
             box.send_keys(args.compare)
             box.send_keys(Keys.ENTER)
-        driver.find_element(By.ID, "run").click()
+        if args.example is None:
+            driver.find_element(By.ID, "run").click()
+        else:  # an example fills the inputs and segments on its own
+            driver.find_elements(By.CSS_SELECTOR, "#examples button")[args.example - 1].click()
         WebDriverWait(driver, 300).until(lambda d: "Done" in d.find_element(By.ID, "status").text
                                          or "Error" in d.find_element(By.ID, "status").text)
         height = driver.execute_script("return document.body.scrollHeight")

@@ -92,3 +92,52 @@ def shared_checkpoints(tmp_path_factory) -> dict[str, Path]:
             paths = make_checkpoints(base)
             done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     return {k: Path(v) for k, v in json.loads(done.read_text()).items()}
+
+
+def blank_checkpoint(source: Path, folder: Path, record: dict | None = None) -> Path:
+    """A copy of ``source`` whose classifier never predicts foreground (the demo's failure mode), with
+    ``record`` written beside it as the demo's SOURCE.json."""
+    state = torch.load(source, map_location="cpu", weights_only=False)
+    key = _classifier_bias_key(state["model"])
+    state["model"][key] = state["model"][key] + torch.tensor([0.0, -1000.0])
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / "best.pt")
+    if record is not None:
+        (folder / "SOURCE.json").write_text(json.dumps(record))
+    return folder / "best.pt"
+
+
+def demo_record(regime: str, miou: float) -> dict:
+    """A SOURCE.json as `svfseg demo` writes it (the contract of issue 22, item 16)."""
+    return {"regime": regime, "cell": f"runs/demo/cells/{regime}_seed0", "test_miou": miou, "test_fb_iou": 0.5,
+            "test_episodes": 1000, "data_root": "data/synthetic-5i", "benchmark": "synthetic", "fold": 0, "shot": 1}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(proc, url: str, log: Path, timeout: float) -> None:
+    """Until ``url`` answers 200 (any answer with --auth: the login page), or fail with the server's log."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"svfseg serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            pass
+        time.sleep(0.25)  # polling a port that is not open yet: no event to wait on
+    raise AssertionError(f"svfseg serve did not answer on {url} within {timeout} s: {log.read_text()[-3000:]}")

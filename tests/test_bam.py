@@ -7,6 +7,7 @@ import torch
 from svfseg.models import FewShotOutput, create_model, export_merged
 from svfseg.models.heads.bam import BAM, gram_discrepancy, gram_matrix
 from svfseg.svf import singular_value_parameters
+from conftest import assert_close_to_scale, to_dtype
 from test_models import TinyBackbone, episode
 
 
@@ -20,11 +21,12 @@ def stage1(seed=0, kind="os8"):
                         num_classes=len(BASE) + 1)
 
 
-def stage2(mode="frozen", shot=1, state=None, kind="os8", **kw):
+def stage2(mode="frozen", shot=1, state=None, kind="os8", dtype=torch.float32, **kw):
+    # dtype: the backbone's before SVF decomposes it (float64: the factors rebuild W to ~1e-16)
     torch.manual_seed(1)
     steps = (2, 2, 2, 1, 1) if kind == "os8" else (2, 2, 2, 2, 2)
-    return create_model("bam", backbone=TinyBackbone(steps=steps, seed=5), regime=mode, base_classes=BASE,
-                        shot=shot, base_state=state, reduce_dim=16, **kw)
+    return create_model("bam", backbone=TinyBackbone(steps=steps, seed=5).to(dtype), regime=mode, base_classes=BASE,
+                        shot=shot, base_state=state, reduce_dim=16, **kw).to(dtype)
 
 
 # -- stage 1 -----------------------------------------------------------------------------------
@@ -108,18 +110,19 @@ def test_base_map_excludes_the_episode_class_in_training():
         model(q, s, m, class_ids=[3, 9])
 
 
-def test_stage1_weights_reach_both_backbones_and_base_learner_stays_undecomposed():
-    base = stage1()
-    x = torch.randn(1, 3, 33, 33)
+def test_stage1_weights_reach_both_backbones_and_base_learner_stays_undecomposed(precision):
+    dtype, rel = precision
+    base = stage1().to(dtype)
+    x = torch.randn(1, 3, 33, 33, dtype=dtype)
     base.eval()
     with torch.no_grad():
         want = base(x)
         layer4 = base.backbone.forward_stages(x, ("layer4",))["layer4"]
-    model = stage2("svf", 1, base.state_dict()).eval()
+    model = stage2("svf", 1, base.state_dict(), dtype=dtype).eval()
     with torch.no_grad():
         torch.testing.assert_close(model.base_learner(x), want)
         meta4 = model.backbone.forward_stages(x, ("layer4",))["layer4"]
-        torch.testing.assert_close(meta4, layer4, rtol=1e-4, atol=1e-5)
+        assert_close_to_scale(meta4, layer4, rel)  # U S Vh = W, another operation order
         for _, p in singular_value_parameters(model.backbone):
             p.mul_(1.5)  # training S changes the meta backbone only
         assert not torch.allclose(model.backbone.forward_stages(x, ("layer4",))["layer4"], layer4, atol=1e-3)
@@ -164,18 +167,19 @@ def test_gram_discrepancy_formula():
     assert torch.allclose(gram_matrix(q).diagonal(dim1=1, dim2=2), torch.ones(2, 4), atol=1e-5)
 
 
-def test_merged_export_matches_svf_model():
-    model = stage2("svf", 1, stage1().state_dict())
+def test_merged_export_matches_svf_model(precision):
+    dtype, rel = precision
+    model = stage2("svf", 1, stage1().state_dict(), dtype=dtype)
     with torch.no_grad():
         for _, p in singular_value_parameters(model.backbone):
             p.mul_(1.1)
     model.eval()
-    q, s, m = episode(b=1, k=1, size=(33, 33))
+    q, s, m = to_dtype(episode(b=1, k=1, size=(33, 33)), dtype)
     with torch.no_grad():
         want = model(q, s, m)
         merged = export_merged(model)
         assert isinstance(merged, BAM) and merged.regime == "frozen"
-        torch.testing.assert_close(merged(q, s, m), want, rtol=1e-4, atol=1e-5)
+        assert_close_to_scale(merged(q, s, m), want, rel)
 
 
 def test_both_stages_on_efficientnet_lite0_at_65px():

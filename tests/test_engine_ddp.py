@@ -10,6 +10,7 @@ from svfseg.engine.distributed import DistInfo
 from svfseg.engine.loop import fit
 from svfseg.engine.tasks import FewShotTask, EvalSet
 from svfseg.engine.tasks.fewshot import evaluate
+from conftest import assert_close_to_scale
 from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
 
 
@@ -50,7 +51,12 @@ def test_two_gloo_processes_match_single_process(tmp_path):
     model, res, scores = _run(tmp_path, "single", None)
     single = model.state_dict()
     for k, v in single.items():
-        assert torch.allclose(v, ddp["weights"][k], atol=1e-6, rtol=1e-5), k
+        # gradients all-reduced over two ranks vs one batch: another summation order, so float32
+        # rounding relative to each tensor's scale (an element-wise rtol fails on near-zero weights)
+        if v.is_floating_point():
+            assert_close_to_scale(ddp["weights"][k], v, 1e-5, k)
+        else:
+            assert torch.equal(v, ddp["weights"][k]), k
     assert any(not torch.equal(v, ToyFewShot(dropout=0.0).state_dict()[k]) for k, v in single.items())
     # evaluation: sharded sums equal the single-process sums exactly (same weights up to float noise
     # would not guarantee this, so score the DDP weights in one process)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import assert_close_to_scale, to_dtype
 from svfseg.models import FewShotOutput, SVFPolicy, create_model, list_models, register_model
 from svfseg.models.backbones import Backbone, is_frozen_batchnorm
 from svfseg.models.blocks import ASPP, PPM, foreground, masked_average_pool, prior_mask, resize
@@ -190,13 +191,14 @@ def test_forward_backward_shapes_train_and_eval(name, kind, shots):
 
 
 @pytest.mark.parametrize("name", HEADS)
-def test_k_identical_shots_equal_one_shot(name):
-    model = build(name).eval()
-    query, supports, masks = episode(b=1, k=1)
+def test_k_identical_shots_equal_one_shot(name, precision):
+    dtype, rel = precision
+    model = build(name).eval().to(dtype)
+    query, supports, masks = to_dtype(episode(b=1, k=1), dtype)
     with torch.no_grad():
         one = model(query, supports, masks)
         five = model(query, supports.repeat(1, 5, 1, 1, 1), masks.repeat(1, 5, 1, 1))
-    torch.testing.assert_close(five, one, rtol=1e-4, atol=1e-5)
+    assert_close_to_scale(five, one, rel)
 
 
 @pytest.mark.parametrize("name", HEADS)
@@ -214,14 +216,15 @@ def test_support_mask_changes_prediction_and_255_is_background(name):
 
 
 @pytest.mark.parametrize("name", HEADS)
-def test_batched_and_separate_backbone_passes_agree(name):
-    model = build(name).eval()
-    query, supports, masks = episode(b=2, k=2)
+def test_batched_and_separate_backbone_passes_agree(name, precision):
+    dtype, rel = precision
+    model = build(name).eval().to(dtype)
+    query, supports, masks = to_dtype(episode(b=2, k=2), dtype)
     with torch.no_grad():
         batched = model(query, supports, masks)
         model.batch_backbone = False
         separate = model(query, supports, masks)
-    torch.testing.assert_close(batched, separate, rtol=1e-4, atol=1e-5)
+    assert_close_to_scale(batched, separate, rel)
 
 
 def test_support_size_may_differ_from_query():
@@ -231,13 +234,14 @@ def test_support_size_may_differ_from_query():
         assert model(query, supports, masks).shape == (1, 2, 33, 33)
 
 
-def test_episode_in_batch_does_not_depend_on_the_others():
-    model = build("pfenet").eval()
-    query, supports, masks = episode(b=3, k=2)
+def test_episode_in_batch_does_not_depend_on_the_others(precision):
+    dtype, rel = precision
+    model = build("pfenet").eval().to(dtype)
+    query, supports, masks = to_dtype(episode(b=3, k=2), dtype)
     with torch.no_grad():
         together = model(query, supports, masks)
         alone = model(query[1:2], supports[1:2], masks[1:2])
-    torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
+    assert_close_to_scale(together[1:2], alone, rel)
 
 
 def test_os32_backbone_head_works_at_layer2_resolution():
@@ -260,26 +264,28 @@ def test_feature_stage_can_follow_pfenet_vgg_choice():
         build("pfenet", feature_stage="layer1")
 
 
-def test_support_layer4_sees_only_masked_layer3():
-    model = build("pfenet").eval()
-    query, supports, masks = episode(b=1, k=1)
+def test_support_layer4_sees_only_masked_layer3(precision):
+    dtype, rel = precision
+    model = build("pfenet").eval().to(dtype)
+    query, supports, masks = to_dtype(episode(b=1, k=1), dtype)
     feats = model.extract_features(query, supports, masks)
     bb = model.backbone
     with torch.no_grad():
         l3 = bb.forward_stages(supports[:, 0], ["layer3"])["layer3"]
         m = resize(foreground(masks[:, 0]).unsqueeze(1), l3.shape[-2:])
         expected = bb.layer4(l3 * m)
-    torch.testing.assert_close(feats.support["layer4"][:, 0], expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(feats.query["layer4"], bb(query), rtol=1e-4, atol=1e-5)
+    assert_close_to_scale(feats.support["layer4"][:, 0], expected, rel)
+    assert_close_to_scale(feats.query["layer4"], bb(query), rel)
 
 
-def test_unmasked_support_path_for_heads_that_want_it():
-    model = build("pfenet").eval()
+def test_unmasked_support_path_for_heads_that_want_it(precision):
+    dtype, rel = precision
+    model = build("pfenet").eval().to(dtype)
     model.masked_support_stage = None  # e.g. a head reading plain support features
-    query, supports, masks = episode(b=1, k=2)
+    query, supports, masks = to_dtype(episode(b=1, k=2), dtype)
     feats = model.extract_features(query, supports, masks)
     with torch.no_grad():
-        torch.testing.assert_close(feats.support["layer4"][0], model.backbone(supports[0]), rtol=1e-4, atol=1e-5)
+        assert_close_to_scale(feats.support["layer4"][0], model.backbone(supports[0]), rel)
 
 
 # -- regimes on the tiny backbone ----------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from svfseg.models import SVFPolicy, create_model, export_merged
 from svfseg.models.backbones import create_backbone, list_backbones
 from svfseg.svf import singular_value_parameters, svf_layers
+from conftest import assert_close_to_scale, to_dtype
 from test_models import episode, tiny  # the tiny contract-B stand-in backbone
 
 HEADS = ("baseline", "pfenet")
@@ -78,7 +79,9 @@ def test_resnet50_svf_regime_counts_parity_and_gradients():
     frozen = create_model("pfenet", backbone="resnet50_deep").eval()
     ep = episode(b=1, k=1, size=(33, 33))
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(*ep), frozen(*ep), rtol=1e-4, atol=1e-4)
+        # float32 through ResNet-50: rounding relative to the logits' scale; the exactness claim is
+        # tested in float64 too on the tiny backbone (test_untouched_singular_values_give_the_frozen_logits)
+        assert_close_to_scale(model.eval()(*ep), frozen(*ep), 1e-4)
 
     # Gradients reach layer2-4 through the support branch alone, and never layer0/layer1.
     model.train()
@@ -101,35 +104,38 @@ def test_frozen_and_full_regimes_on_resnet50():
 
 
 @pytest.mark.parametrize("name", HEADS)
-def test_untouched_singular_values_give_the_frozen_logits(name):
+def test_untouched_singular_values_give_the_frozen_logits(name, precision):
+    dtype, rel = precision
     torch.manual_seed(0)
-    frozen = create_model(name, backbone=tiny()).eval()
+    frozen = create_model(name, backbone=tiny()).eval().to(dtype)
     torch.manual_seed(0)
-    svf = create_model(name, backbone=tiny(), regime="svf").eval()
+    # decomposed from the weights in the test's precision, so float64 checks the identity U S Vh = W
+    svf = create_model(name, backbone=tiny().to(dtype), regime="svf").eval().to(dtype)
     assert sum(1 for _ in svf_layers(svf.backbone)) == 6  # 3x3 + 1x1 in each of layer2-4
-    ep = episode(b=2, k=2)
+    ep = to_dtype(episode(b=2, k=2), dtype)
     with torch.no_grad():
-        torch.testing.assert_close(svf(*ep), frozen(*ep), rtol=1e-4, atol=1e-5)
+        assert_close_to_scale(svf(*ep), frozen(*ep), rel)
 
 
-def test_merged_export_matches_logits_and_has_plain_keys():
+def test_merged_export_matches_logits_and_has_plain_keys(precision):
+    dtype, rel = precision
     torch.manual_seed(0)
-    model = create_model("pfenet", backbone=tiny(), regime="svf").eval()
+    model = create_model("pfenet", backbone=tiny(), regime="svf").eval().to(dtype)
     with torch.no_grad():
         for _, s in singular_value_parameters(model.backbone):
-            s.mul_(1 + 0.2 * torch.rand(s.shape))
-    ep = episode(b=1, k=2)
+            s.mul_(1 + 0.2 * torch.rand(s.shape, dtype=dtype))
+    ep = to_dtype(episode(b=1, k=2), dtype)
     with torch.no_grad():
         expected = model(*ep)
     merged = export_merged(model)
     assert merged is not model and any(True for _ in svf_layers(model.backbone))
     assert not any(True for _ in svf_layers(merged.backbone))
-    plain = create_model("pfenet", backbone=tiny())
+    plain = create_model("pfenet", backbone=tiny()).to(dtype)
     assert list(merged.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(merged.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(merged(*ep), expected, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(plain.eval()(*ep), expected, rtol=1e-4, atol=1e-5)
+        assert_close_to_scale(merged(*ep), expected, rel)
+        assert_close_to_scale(plain.eval()(*ep), expected, rel)
     assert merged.describe() == plain.describe()
     assert not any(p.requires_grad for p in merged.backbone.parameters())
 
@@ -181,7 +187,8 @@ def test_an_optimiser_step_on_singular_values_changes_the_eval_logits():
         after = model(*ep)
         merged = export_merged(model)(*ep)
     assert not torch.allclose(before, after)  # no stale cached weight
-    torch.testing.assert_close(merged, after, rtol=1e-4, atol=1e-5)
+    # merged weights are another operation order: float32 rounding relative to the logits' scale
+    assert_close_to_scale(merged, after, 1e-4)
 
 
 def test_create_model_loads_an_original_format_weight_file(tmp_path):

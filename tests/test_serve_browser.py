@@ -2,10 +2,8 @@
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from io import BytesIO
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_setup import shared_checkpoints, write_inputs
+from serve_setup import blank_checkpoint, demo_record, free_port, shared_checkpoints, wait_for_server, write_inputs
 from svfseg.cli import main
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -29,39 +27,21 @@ pytestmark = [
 WAIT = 90  # seconds; generous for two busy CPU cores, every wait ends as soon as its condition holds
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_server(proc, url: str, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"svfseg serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)  # polling a port that is not open yet: no event to wait on
-    raise AssertionError(f"svfseg serve did not answer on {url} within {timeout} s: {log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ckpts = shared_checkpoints(tmp_path_factory)
-    port = _free_port()
+    ckpts = dict(shared_checkpoints(tmp_path_factory))
+    # a model that finds nothing, with the score its (made-up) demo cell recorded: what the page must explain
+    ckpts["blank"] = blank_checkpoint(ckpts["svf"], tmp_path_factory.mktemp("demo") / "blank",
+                                      demo_record("svf", 0.123))
+    port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "svfseg", "serve", "--checkpoint", str(ckpts["svf"]),
-                                 str(ckpts["frozen"]), "--port", str(port), "--max-upload-mb", "1"],
-                                stdout=out, stderr=subprocess.STDOUT)
+                                 str(ckpts["frozen"]), str(ckpts["blank"]), "--port", str(port),
+                                 "--max-upload-mb", "1"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_for_server(proc, url, log, WAIT)
+        wait_for_server(proc, url, log, WAIT)
         yield {"url": url, "ckpts": ckpts, "proc": proc}
     finally:
         proc.terminate()
@@ -188,3 +168,88 @@ def test_painted_mask_is_used(server, browser, inputs):
         .move_by_offset(10, 5).release().perform()
     status = _run_and_wait(browser, "Done")
     assert "1-shot" in status
+
+
+def _pick(browser, elem_id, text):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+
+
+def test_no_object_notice_and_recorded_scores_are_on_the_page(server, browser, inputs):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server["url"])
+    info = browser.find_element(By.ID, "checkpoint-info").text
+    assert "blank-best" in info and "test mIoU 12.3% (FB-IoU 50.0%, 1000 episodes)" in info
+    assert "synthetic fold 0, 1-shot (data/synthetic-5i)" in info and "no recorded test score" in info
+    _pick(browser, "checkpoint", str(server["ckpts"]["blank"]))
+    _pick(browser, "compare", "(none)")
+    _upload(browser, "support-image-1", inputs["support"])
+    _upload(browser, "support-mask-1", inputs["mask"])
+    _upload(browser, "queries", inputs["query"])
+    status = _run_and_wait(browser, "Done")
+    assert ("blank-best: the model found no object in query; this checkpoint scored 12.3% mIoU on its test "
+            "(synthetic fold 0, 1-shot (data/synthetic-5i), 1000 episodes).") in status
+    assert "test mIoU 12.3%" in browser.find_element(By.ID, "title-a").text
+
+
+def test_captions_show_name_and_iou_in_full_and_clear_empties_the_page(server, browser, inputs, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    long_query = tmp_path / "a_query_with_a_rather_long_file_name.png"
+    shutil.copy(inputs["query"], long_query)
+    shutil.copy(inputs["gt"], tmp_path / "a_query_with_a_rather_long_file_name_mask.png")
+    _open(browser, server["url"])
+    _upload(browser, "support-image-1", inputs["support"])
+    _upload(browser, "support-mask-1", inputs["mask"])
+    _upload(browser, "queries", long_query)
+    _upload(browser, "ground-truth", tmp_path / "a_query_with_a_rather_long_file_name_mask.png")
+    assert "IoU" in _run_and_wait(browser, "Done")
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery-b .caption-label"))
+    for gallery in ("gallery-a", "gallery-b"):  # compare view: two columns of half the width
+        caption = browser.find_elements(By.CSS_SELECTOR, f"#{gallery} .caption-label")[0]
+        assert re.fullmatch(r"a_query_with_a_rather_long_file_name · IoU \d+\.\d%", caption.text), caption.text
+        assert browser.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth", caption)
+    browser.find_element(By.ID, "clear").click()
+    WebDriverWait(browser, WAIT).until(lambda d: not d.find_element(By.ID, "status").text.strip())
+    assert not browser.find_elements(By.CSS_SELECTOR, "#queries td.filename")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#gallery-a img")
+
+
+def test_class_index_mask_gets_a_class_picker(server, browser, inputs, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    fg = np.array(Image.open(inputs["mask"])) == 255
+    labels = np.zeros(fg.shape, np.uint8)
+    labels[fg] = 7
+    labels[:6, :6] = 3
+    Image.fromarray(labels).save(tmp_path / "classes.png")
+    _open(browser, server["url"])
+    _upload(browser, "support-image-1", inputs["support"])
+    _upload(browser, "support-mask-1", tmp_path / "classes.png")
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "support-class-1").is_displayed())
+    _upload(browser, "queries", inputs["query"])
+    assert "a class-index mask (classes 3, 7); pick the object's class" in _run_and_wait(browser, "Error")
+    _pick(browser, "support-class-1", "7 (")
+    assert "1-shot" in _run_and_wait(browser, "Done")
+
+
+def test_one_click_example_from_the_training_data(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, server["url"])
+    examples = browser.find_elements(By.CSS_SELECTOR, "#examples button")
+    assert examples, "no examples although the checkpoints' data root is there"
+    examples[0].click()  # fills the inputs and segments: no Segment click here
+    WebDriverWait(browser, WAIT).until(lambda d: "Done" in d.find_element(By.ID, "status").text)
+    status = browser.find_element(By.ID, "status").text
+    assert "1 of 1 queries have a ground truth" in status and "1-shot" in status

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_close_to_scale
 from svfseg.svf import SVFConfig, SVFConv2d, apply_svf, svf_layers
 
 
@@ -30,12 +31,14 @@ def test_compile_fullgraph_forward_and_backward(mode):
     x1 = x.detach().clone().requires_grad_(True)
     y1 = compiled(x1)  # fullgraph=True raises on any graph break
     y1.square().sum().backward()
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x1.grad, x.grad, rtol=1e-5, atol=1e-5)
+    # the traced graph may decompose ops (another operation order): float32 rounding relative to
+    # each tensor's scale (conftest.assert_close_to_scale)
+    assert_close_to_scale(y1, y0, 1e-5)
+    assert_close_to_scale(x1.grad, x.grad, 1e-5)
     for (_, a), (_, b) in zip(svf_layers(compiled_model), svf_layers(eager)):
-        torch.testing.assert_close(a.S.grad, b.S.grad, rtol=1e-4, atol=1e-5)
+        assert_close_to_scale(a.S.grad, b.S.grad, 1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+        assert_close_to_scale(compiled(x), eager(x), 1e-5)
 
 
 @pytest.mark.parametrize("mode", ["reparam", "factorized"])

@@ -26,7 +26,7 @@ EXAMPLES = """examples:
   svfseg predict --checkpoint runs/RUN/best.pt --support cat.jpg cat.png --query q1.jpg --out preds
   svfseg report runs/*
   svfseg merge --checkpoint runs/RUN/best.pt --out model_merged.pt
-  svfseg serve --checkpoint runs/demo/svf/best.pt runs/demo/frozen/best.pt   # web app on 127.0.0.1:7860
+  svfseg serve                         # web app on 127.0.0.1:7860: the demo's svf and frozen checkpoints
 """
 
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(d)
 
-    c = sub.add_parser("compare", help="several backbone regimes x seeds on identical episodes, with 95% intervals")
+    c = sub.add_parser("compare", help="several backbone regimes x seeds on identical episodes, with 95%% intervals")
     from svfseg.compare import add_compare_arguments
 
     add_compare_arguments(c)

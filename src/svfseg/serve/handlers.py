@@ -15,31 +15,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from svfseg.predict import (PredictInputError, binary_mask, read_binary_mask, read_mask_array, read_rgb,
-                            save_mask_png, segment_query, support_tensors)
+from svfseg.predict import save_mask_png, segment_query, support_tensors
+from svfseg.serve.inputs import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS, QueryFile, ServeError,
+                                 SupportSlot, check_queries, read_ground_truth, read_rgb_upload, read_supports,
+                                 unpack_mask)
+from svfseg.serve.sources import CheckpointRecord, checkpoint_record
 
 logger = logging.getLogger(__name__)
 
-MAX_SHOTS = 5
-GT_SUFFIXES = ("_mask", "_gt", "_label")  # "cat.png" is the ground truth of query "cat.jpg", so is "cat_mask.png"
 RED = (230, 40, 40)
-
-
-class ServeError(ValueError):
-    """A problem the page shows the user instead of a result (bad upload, checkpoint that does not load)."""
-
-
-@dataclass
-class SupportSlot:
-    """One support as the page sends it: an image file and either a mask file or painted strokes."""
-
-    image: Optional[str] = None
-    mask: Optional[str] = None
-    painted: Optional[np.ndarray] = None  # (H, W) bool, from the image editor's layers
-
-    @property
-    def used(self) -> bool:
-        return bool(self.image) or bool(self.mask) or self.painted is not None
+OVERLAY_SIDE = 1024  # overlays are for looking at: writing a 12 MP one as PNG took seconds (masks keep full size)
+__all__ = ["MAX_SHOTS", "ServeError", "SupportSlot", "read_supports", "ModelCache", "painted_mask", "run_request",
+           "summary_markdown", "foreground_iou", "checkpoint_label", "Request", "CheckpointRun", "QueryResult"]
 
 
 @dataclass
@@ -62,9 +49,18 @@ class ModelCache:
         self.device = device
         self.loads = 0
         self._models: dict[str, LoadedModel] = {}
+        self._records: dict[str, CheckpointRecord] = {}
         # One lock for loading and inference: the Gradio queue already runs one request at a
         # time, this keeps callers outside the queue (tests, scripts) from sharing a model concurrently.
         self.lock = threading.RLock()
+
+    def record(self, checkpoint: str | os.PathLike) -> CheckpointRecord:
+        """What the page says about ``checkpoint`` (training data, recorded test score), read once."""
+        key = str(Path(checkpoint).resolve())
+        with self.lock:
+            if key not in self._records:
+                self._records[key] = checkpoint_record(checkpoint)
+            return self._records[key]
 
     def get(self, checkpoint: str | os.PathLike) -> tuple[LoadedModel, bool]:
         """The loaded model of ``checkpoint`` and whether this call loaded it.
@@ -107,112 +103,6 @@ def painted_mask(editor_value: Optional[dict]) -> Optional[np.ndarray]:
     return fg if fg.any() else None
 
 
-def _shown(e: Exception, path: str, label: str) -> ServeError:
-    # Uploads live under hashed temp folders; the page names the file as the user knows it.
-    return ServeError(str(e).replace(str(path), f"{label} ({Path(path).name})"))
-
-
-def _read_image(path: str, label: str) -> np.ndarray:
-    try:
-        return read_rgb(path)
-    except PredictInputError as e:
-        raise _shown(e, path, label) from None
-    except Image.DecompressionBombError as e:
-        raise ServeError(f"{label} ({Path(path).name}): too many pixels ({e})") from None
-
-
-def read_supports(slots: Sequence[SupportSlot]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The used support slots as RGB images and {0, 1} masks (an uploaded mask wins over strokes).
-
-    Raises:
-        ServeError: no support, more than :data:`MAX_SHOTS`, a mask without image, an image
-            without mask, an unreadable file, a mask of another size, an empty mask.
-    """
-    used = [(i, s) for i, s in enumerate(slots, 1) if s.used]
-    if not used:
-        raise ServeError("no support: upload a support image and its mask (or paint the object on it)")
-    if len(used) > MAX_SHOTS:
-        raise ServeError(f"{len(used)} supports given; at most {MAX_SHOTS} (K-shot, K = 1..{MAX_SHOTS})")
-    rgbs, masks = [], []
-    for i, slot in used:
-        if not slot.image:
-            raise ServeError(f"support {i}: a mask but no image; upload the image the mask belongs to")
-        rgb = _read_image(slot.image, f"support {i} image")
-        if slot.mask:
-            try:
-                mask = read_binary_mask(slot.mask, rgb.shape[:2])
-            except PredictInputError as e:
-                raise _shown(e, slot.mask, f"support {i} mask") from None
-        elif slot.painted is not None:
-            painted = np.asarray(slot.painted, dtype=bool)
-            if painted.shape != rgb.shape[:2]:
-                # The editor may hand back its canvas at another scale than the file: strokes are approximate anyway.
-                painted = np.asarray(Image.fromarray(painted.astype(np.uint8) * 255).resize(
-                    (rgb.shape[1], rgb.shape[0]), Image.NEAREST)) >= 128
-            mask = binary_mask(painted.astype(np.uint8), f"support {i} painted mask")
-        else:
-            raise ServeError(f"support {i}: no mask; upload its mask or paint the object on the image")
-        rgbs.append(rgb)
-        masks.append(mask)
-    return rgbs, masks
-
-
-def read_queries(paths: Sequence[str]) -> list[tuple[str, np.ndarray]]:
-    """(name, RGB) per query file; names are file stems, made unique so output files do not collide."""
-    if not paths:
-        raise ServeError("no query: upload one or more images to segment")
-    out, seen = [], set()
-    for p in paths:
-        stem = Path(p).stem
-        name, n = stem, 2
-        while name in seen:
-            name, n = f"{stem}_{n}", n + 1
-        seen.add(name)
-        out.append((name, _read_image(p, "query")))
-    return out
-
-
-def _gt_key(path: str) -> str:
-    stem = Path(path).stem
-    for suffix in GT_SUFFIXES:
-        if stem.endswith(suffix) and len(stem) > len(suffix):
-            return stem[: -len(suffix)]
-    return stem
-
-
-def read_ground_truth(gt_paths: Sequence[str], queries: Sequence[tuple[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Ground-truth {0, 1} masks by query name, matched by file name (``q.png`` or ``q_mask.png`` for
-    query ``q.jpg``); a single query and a single mask pair up whatever their names.
-
-    Raises:
-        ServeError: a mask matching no query, unreadable, or of another size than its query.
-    """
-    if not gt_paths:
-        return {}
-    shapes = {name: rgb.shape[:2] for name, rgb in queries}
-    pairs = []
-    for p in gt_paths:
-        key = _gt_key(p)
-        if key not in shapes and len(gt_paths) == 1 and len(queries) == 1:
-            key = queries[0][0]
-        if key not in shapes:
-            raise ServeError(f"ground truth {Path(p).name}: no query named {key!r} (name it like its query: "
-                             f"one of {', '.join(sorted(shapes))}, optionally with _mask)")
-        pairs.append((key, p))
-    out = {}
-    for key, p in pairs:
-        label = f"ground truth of {key}"
-        try:
-            arr = read_mask_array(p)
-        except PredictInputError as e:
-            raise _shown(e, p, label) from None
-        if tuple(arr.shape[:2]) != tuple(shapes[key]):
-            raise ServeError(f"{label} ({Path(p).name}): mask is {arr.shape[0]}x{arr.shape[1]} but the query is "
-                             f"{shapes[key][0]}x{shapes[key][1]}")
-        out[key] = binary_mask(arr, label, allow_empty=True)
-    return out
-
-
 def foreground_iou(pred: np.ndarray, gt: np.ndarray) -> Optional[float]:
     """IoU of the foreground; None when both are empty (undefined)."""
     from svfseg.metrics import episode_counts
@@ -242,6 +132,12 @@ class CheckpointRun:
     results: list[QueryResult]
     seconds: float
     load_seconds: float = 0.0  # > 0 only when this request loaded the model
+    record: Optional[CheckpointRecord] = None
+
+    @property
+    def no_object(self) -> list[str]:
+        """The queries in which this checkpoint predicted no foreground pixel."""
+        return [r.name for r in self.results if r.foreground_fraction == 0]
 
 
 @dataclass
@@ -260,44 +156,80 @@ def checkpoint_label(path: str | os.PathLike) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{p.parent.name}-{p.stem}" if p.parent.name else p.stem).strip("-")
 
 
-def segment_with(cache: ModelCache, checkpoint: str, sup_rgb: Sequence[np.ndarray], sup_mask: Sequence[np.ndarray],
-                 queries: Sequence[tuple[str, np.ndarray]], gts: dict[str, np.ndarray], out_dir: Path,
-                 *, size: Optional[int] = None) -> CheckpointRun:
-    """Segment every query with one checkpoint; writes ``<name>_mask.png`` (what ``svfseg predict`` writes)
-    and ``<name>_overlay.png`` into ``out_dir``."""
+def _overlay_png(rgb: np.ndarray, pred: np.ndarray, path: Path) -> Path:
     from svfseg.engine.vis import overlay
 
-    loaded, fresh = cache.get(checkpoint)
-    size = size or loaded.cfg.data.test_size
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    h, w = pred.shape
+    if max(h, w) > OVERLAY_SIDE:
+        s = OVERLAY_SIDE / max(h, w)
+        hw = (max(1, round(w * s)), max(1, round(h * s)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(hw, Image.BILINEAR))
+        pred = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize(hw, Image.NEAREST))
+    Image.fromarray(overlay(rgb, pred.astype(np.uint8), RED)).save(path)
+    return path
+
+
+@dataclass
+class _Model:
+    """One checkpoint of a request: its model, run record, output folder and support tensors at its size."""
+
+    loaded: LoadedModel
+    run: CheckpointRun
+    folder: Path
+    size: int
+    supports: tuple
+
+
+def _prepare_models(cache: ModelCache, checkpoints: Sequence[str], sup_rgb, sup_mask, out_dir: Path,
+                    size: Optional[int]) -> list[_Model]:
+    models, folders = [], set()
+    for ck in checkpoints:
+        loaded, fresh = cache.get(ck)
+        label = checkpoint_label(ck)
+        folder, n = label, 2
+        while folder in folders:
+            folder, n = f"{label}_{n}", n + 1
+        folders.add(folder)
+        own_size = size or loaded.cfg.data.test_size
+        with cache.lock, torch.inference_mode():
+            supports = support_tensors(sup_rgb, sup_mask, own_size, cache.device)
+        run = CheckpointRun(str(ck), label, [], 0.0, loaded.load_seconds if fresh else 0.0, cache.record(ck))
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+        models.append(_Model(loaded, run, out_dir / folder, own_size, supports))
+    return models
+
+
+def _segment_one(cache: ModelCache, m: _Model, query: QueryFile, rgb: np.ndarray, gt: Optional[np.ndarray]) -> None:
+    """Segment one query with one checkpoint; writes ``<name>_mask.png`` (what ``svfseg predict`` writes)
+    and ``<name>_overlay.png`` (at most :data:`OVERLAY_SIDE` px) into the checkpoint's folder."""
     with cache.lock, torch.inference_mode():
         t0 = time.perf_counter()
-        s_img, s_mask = support_tensors(sup_rgb, sup_mask, size, cache.device)
-        preds = [segment_query(loaded.model, rgb, s_img, s_mask, size, cache.device) for _, rgb in queries]
-        seconds = time.perf_counter() - t0
-    for (name, rgb), pred in zip(queries, preds):
-        mask_path = save_mask_png(pred, out_dir / f"{name}_mask.png")
-        overlay_path = out_dir / f"{name}_overlay.png"
-        Image.fromarray(overlay(rgb, pred.astype(np.uint8), RED)).save(overlay_path)
-        iou = foreground_iou(pred, gts[name]) if name in gts else None
-        results.append(QueryResult(name, mask_path, overlay_path, float(pred.mean()), iou))
-    return CheckpointRun(str(checkpoint), checkpoint_label(checkpoint), results, seconds,
-                         loaded.load_seconds if fresh else 0.0)
+        pred = segment_query(m.loaded.model, rgb, *m.supports, m.size, cache.device)
+        m.run.seconds += time.perf_counter() - t0
+    mask_path = save_mask_png(pred, m.folder / f"{query.name}_mask.png")
+    overlay_path = _overlay_png(rgb, pred, m.folder / f"{query.name}_overlay.png")
+    iou = foreground_iou(pred, gt) if gt is not None else None
+    m.run.results.append(QueryResult(query.name, mask_path, overlay_path, float(pred.mean()), iou))
 
 
 def run_request(cache: ModelCache, checkpoints: Sequence[str], slots: Sequence[SupportSlot], query_paths: Sequence[str],
-                gt_paths: Sequence[str], out_dir: str | os.PathLike, *, size: Optional[int] = None) -> Request:
+                gt_paths: Sequence[str], out_dir: str | os.PathLike, *, size: Optional[int] = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS, max_queries: int = DEFAULT_MAX_QUERIES) -> Request:
     """Everything the page's Run button does, without the page.
+
+    Every input is checked before the first model runs (queries from their headers); the queries
+    are then decoded one at a time, so a request holds one query image whatever their number.
 
     Args:
         cache: the server's models.
         checkpoints: one checkpoint, or two to compare on the same inputs.
         slots: the support slots (unused ones are skipped).
         query_paths: query image files.
-        gt_paths: optional ground-truth masks, matched to queries by name.
+        gt_paths: optional ground-truth masks, paired with queries by name.
         out_dir: a fresh folder for this request's outputs.
         size: test size (default: each checkpoint's ``data.test_size``).
+        max_pixels: largest image accepted (width x height), checked from the file's header.
+        max_queries: most queries in one request.
 
     Returns:
         The runs, in the order of ``checkpoints``, and the zip of every output file.
@@ -307,24 +239,39 @@ def run_request(cache: ModelCache, checkpoints: Sequence[str], slots: Sequence[S
     """
     if not checkpoints:
         raise ServeError("no checkpoint selected")
-    sup_rgb, sup_mask = read_supports(slots)
-    queries = read_queries(query_paths)
-    gts = read_ground_truth(gt_paths, queries)
+    if len(set(checkpoints)) < len(checkpoints):
+        raise ServeError("the same checkpoint picked twice; pick another one to compare with (or none)")
+    queries = check_queries(query_paths, max_pixels=max_pixels, max_queries=max_queries)
+    sup_rgb, sup_mask = read_supports(slots, max_pixels=max_pixels)
+    picked = {s.mask_class for s in slots if s.used and s.mask and s.mask_class is not None}
+    gts = read_ground_truth(gt_paths, queries, max_pixels=max_pixels,
+                            mask_class=picked.pop() if len(picked) == 1 else None)
     out_dir = Path(out_dir)
-    runs, folders = [], set()
-    for ck in checkpoints:
-        label = checkpoint_label(ck)
-        folder, n = label, 2
-        while folder in folders:
-            folder, n = f"{label}_{n}", n + 1
-        folders.add(folder)
-        runs.append(segment_with(cache, ck, sup_rgb, sup_mask, queries, gts, out_dir / folder, size=size))
+    models = _prepare_models(cache, checkpoints, sup_rgb, sup_mask, out_dir, size)
+    for q in queries:
+        rgb = read_rgb_upload(q.path, "query", max_pixels)
+        gt = unpack_mask(gts[q.name], rgb.shape[:2]) if q.name in gts else None
+        for m in models:
+            _segment_one(cache, m, q, rgb, gt)
+        del rgb, gt  # one decoded query at a time
     zip_path = out_dir / "svfseg_results.zip"
     with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
         for f in sorted(p for p in out_dir.rglob("*.png")):
             zf.write(f, f.relative_to(out_dir).as_posix())
     notes = [f"{len(gts)} of {len(queries)} queries have a ground truth"] if gts else []
-    return Request(runs, zip_path, len(sup_rgb), notes)
+    return Request([m.run for m in models], zip_path, len(sup_rgb), notes)
+
+
+def no_object_notices(req: Request) -> list[str]:
+    """One line per checkpoint that found no object in some query, with its recorded test score."""
+    out = []
+    for run in req.runs:
+        if run.no_object:
+            which = ("any query" if len(run.no_object) == len(run.results) and len(run.results) > 1
+                     else ", ".join(run.no_object))
+            reason = run.record.no_object_reason() if run.record else "this checkpoint has no recorded test score"
+            out.append(f"**{run.label}: the model found no object** in {which}; {reason}.")
+    return out
 
 
 def _pct(v: Optional[float]) -> str:
@@ -341,4 +288,5 @@ def summary_markdown(req: Request) -> str:
                        f"quer{'y' if len(run.results) == 1 else 'ies'}"
                        + (f" (+ {run.load_seconds:.1f} s loading the model)" if run.load_seconds else "")
                        for run in req.runs)
-    return "\n".join(lines) + f"\n\n{req.shots}-shot. Time: {timing}." + "".join(f" {n}." for n in req.notes)
+    notices = "".join(f"{n}\n\n" for n in no_object_notices(req))
+    return notices + "\n".join(lines) + f"\n\n{req.shots}-shot. Time: {timing}." + "".join(f" {n}." for n in req.notes)
