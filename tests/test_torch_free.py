@@ -1,6 +1,7 @@
-"""Import rules of the model layer and of the regime declarations (ast: deferred imports count too).
+"""The regime declarations and settings are torch-free (ast: deferred imports count too).
 
-The rows belong in the portable layer test (tests/test_layers.py, issue 18) once it is on main.
+The svfseg-to-svfseg import rules (models/ imports neither config/ nor data/, ...) are rows of
+tests/test_layers.py; this file checks what that test does not: no torch below the config.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "svfseg"
 
 # (modules: a file or folder under src/svfseg, imports they must not make, why)
 RULES = [
-    ("models", ("svfseg.config", "svfseg.data"), "models take keywords and RunFacts; the engine reads the config"),
-    ("regimes.py", ("svfseg", "torch"), "the regime specs are torch-free data at the bottom"),
-    ("policies.py", ("svfseg", "torch"), "the svf:/lora: settings are torch-free data at the bottom"),
+    ("regimes.py", ("torch",), "the regime specs are torch-free data at the bottom"),
+    ("policies.py", ("torch",), "the svf:/lora: settings are torch-free data at the bottom"),
+    ("config", ("torch",), "the config is torch-free"),
 ]
 
 
