@@ -210,4 +210,4 @@ def test_train_episodes_test_predict_report(custom_root, tmp_path, capsys):
     m = [100 * json.loads((tmp_path / t / "results.json").read_text())["summary"]["miou"]["mean"]
          for t in ("t1", "t2")]
     assert cells[3] == f"{(m[0] + m[1]) / 2:.2f} ± {abs(m[0] - m[1]) / 2:.2f}"  # two training seeds
-    assert cells[-1] == "2" and cells[7] == "(1/4 folds)"
+    assert cells[-2] == "2" and cells[7] == "(1/4 folds)"  # seeds, then the statistic

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from svfseg.compare_folds import fold_layout_markdown
 from svfseg.compare_plot import plot_compare
+from svfseg.compare_variants import Arm, expand_arms, folder_name
 from svfseg.regimes import regime_spec
 from svfseg.results import DASH, STD_NOTE, markdown_table, mean_std, pct, size_text
 from svfseg.stats import PairedInterval, paired_t_interval
@@ -50,6 +52,8 @@ class ComparePlan:
         backbone_lr: Grid of lr multipliers for the backbone-side groups (one value: no sweep).
         test_episodes: Size of the test episode file per (fold, shot) (None: the protocol's first run).
         val_episodes: Size of the base-class validation episode file.
+        arms: Row label -> :class:`~svfseg.compare_variants.Arm` for the rows of ``regimes`` that are
+            variants (a regime plus overrides, from ``--vary``); a label not in it is a plain regime.
         warm_start: Steps of a shared head warm start per (fold, shot) (0: none): the head is
             trained once with the frozen backbone, then every cell starts from it (``model.init_head``).
         threads: torch CPU threads of every cell (None: torch's default).
@@ -66,6 +70,7 @@ class ComparePlan:
     backbone_lr: list[float] = field(default_factory=lambda: [1.0])
     test_episodes: Optional[int] = None
     val_episodes: int = 200
+    arms: dict = field(default_factory=dict)
     warm_start: int = 0
     threads: Optional[int] = None
 
@@ -76,7 +81,7 @@ def lr_overrides(mult: Optional[float]) -> list[str]:
 
 
 def _cell_name(regime: str, mult: Optional[float], seed: int) -> str:
-    return f"{regime}" + (f"_lrx{mult:g}" if mult is not None else "") + f"_seed{seed}"
+    return f"{folder_name(regime)}" + (f"_lrx{mult:g}" if mult is not None else "") + f"_seed{seed}"
 
 
 #: Training seed of the shared warm start: outside the cells' seeds, so no cell replays its episodes.
@@ -102,9 +107,10 @@ def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int,
     from svfseg.config import load_config
 
     eps = plan.out / "episodes"
+    arm = plan.arms.get(regime, Arm(regime, regime))  # a --vary row: its regime and overrides
     warm = warm_start_checkpoint(plan, fold, shot)
     return load_config(plan.config, [
-        *_common_overrides(plan, fold, shot), f"seed={seed}", f"model.regime={regime}",
+        *_common_overrides(plan, fold, shot), *arm.overrides, f"seed={seed}", f"model.regime={arm.regime}",
         f"name={_cell_name(regime, mult, seed)}",
         "train.select_on=base_heldout", "train.val_every=1", f"train.val_episodes={plan.val_episodes}",
         f"train.val_episodes_file={eps / f'val_base_fold{fold}_{shot}shot.json'}", *lr_overrides(mult),
@@ -207,7 +213,8 @@ def _trains_backbone(regime: str) -> bool:
 
 def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict) -> None:
     """The sweep (if any) and then every seed of one regime at one (fold, shot); appends to ``cells``/``sweeps``."""
-    grid = plan.backbone_lr if _trains_backbone(regime) and len(plan.backbone_lr) > 1 else [None]
+    trains = _trains_backbone(plan.arms.get(regime, Arm(regime, regime)).regime)  # a --vary row: its regime
+    grid = plan.backbone_lr if trains and len(plan.backbone_lr) > 1 else [None]
     chosen = grid[0]
     if len(grid) > 1:
         # The sweep: first seed only, chosen on base-class validation episodes; only the chosen
@@ -254,6 +261,7 @@ def run_compare(plan: ComparePlan) -> dict:
         stopped = True
     result = summarize(plan, cells, sweeps)
     result["stopped"] = stopped
+    result["variants"] = {a.label: {"regime": a.regime, "overrides": list(a.overrides)} for a in plan.arms.values()}
     result["warm_start"] = warm
     (plan.out / "compare.json").write_text(json.dumps(result, indent=1, default=str))
     (plan.out / "compare.md").write_text(compare_markdown(result))
@@ -365,6 +373,8 @@ def compare_markdown(result: dict) -> str:
                   + ", ".join(Path(c["run_dir"]).name for c in result["diverged"])]
     if result["incomplete"]:
         lines += ["", f"{len(result['incomplete'])} cell(s) did not finish; rerun the same command to resume them."]
+    if len(result["folds"]) > 1 or len(result["shots"]) > 1:
+        lines += [""] + fold_layout_markdown(result)
     return "\n".join(lines) + "\n"
 
 
@@ -405,6 +415,10 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "cell (frozen included) from that head (default 0: no warm start)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads of every cell")
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
+    p.add_argument("--vary", action="append", default=[], metavar="[REGIME:]KEY=V1|V2",
+                   help="extra rows: REGIME (default: every regime that trains the backbone, except the reference) "
+                        "once per value of KEY, e.g. --vary 'svf:svf.train=[S]|[U,S]|[S,V]' or "
+                        "--vary 'svf:svf.stages=[layer4]|[layer3,layer4]'; repeat for more keys (every combination)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every cell")
     return p
 
@@ -421,10 +435,12 @@ def run_compare_cli(args: argparse.Namespace) -> int:
             lists[name] = [int(x) for x in items]
         except ValueError:
             raise ValueError(f"--{name}: expected integers, got {items}") from None
-    plan = ComparePlan(config=args.config, regimes=[r for r in args.regimes.split(",") if r], seeds=args.seeds,
+    arms = expand_arms([r for r in args.regimes.split(",") if r], args.reference, args.vary, _trains_backbone)
+    plan = ComparePlan(config=args.config, regimes=[a.label for a in arms], seeds=args.seeds,
                        folds=lists["folds"], shots=lists["shots"], overrides=overrides, out=args.out,
                        reference=args.reference, backbone_lr=args.backbone_lr, test_episodes=args.test_episodes,
-                       val_episodes=args.val_episodes, warm_start=args.warm_start, threads=args.threads)
+                       val_episodes=args.val_episodes, warm_start=args.warm_start, threads=args.threads,
+                       arms={a.label: a for a in arms if a.overrides})
     result = run_compare(plan)
     print(compare_markdown(result))
     return 130 if result.get("stopped") else 0

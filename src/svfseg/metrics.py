@@ -102,19 +102,30 @@ class IoUAccumulator:
         self.inter, self.union, self.episodes, self.fb = (
             flat[:n].clone(), flat[n:2 * n].clone(), flat[2 * n:3 * n].clone(), flat[3 * n:].clone())
 
-    def compute(self) -> dict:
+    def compute(self, empty_class: str = "drop") -> dict:
         """Scores from the sums.
 
+        Args:
+            empty_class: how a class without any episode counts: "drop" (NaN, left out of
+                mIoU: svfseg's rule) or "zero" (IoU 0, and mIoU divides by every class of
+                ``class_ids``: PFENet's and BAM's ``inter / (union + 1e-10)`` summed over the
+                fold's classes and divided by their count).
+
         Returns:
-            dict with ``miou`` (mean IoU over classes that had at least one episode),
+            dict with ``miou`` (mean IoU over classes that had at least one episode, or over
+            all classes with ``empty_class="zero"``),
             ``fb_iou`` (mean of foreground and background IoU, each from sums over all episodes),
             ``per_class`` {class_id: IoU or NaN when the class had no episode; 0 when its union
             stayed empty, as PFENet counts it}, ``episodes``
-            (total), ``episodes_per_class`` and ``missing_classes``. Scores are fractions in [0, 1].
+            (total), ``episodes_per_class``, ``missing_classes`` and ``empty_class``. Scores are
+            fractions in [0, 1].
         """
+        if empty_class not in ("drop", "zero"):
+            raise ValueError(f"IoUAccumulator.compute: empty_class must be 'drop' or 'zero', got {empty_class!r}")
+        missing_value = 0.0 if empty_class == "zero" else math.nan
         per_class = {}
         for c, i, u, e in zip(self.class_ids, self.inter.tolist(), self.union.tolist(), self.episodes.tolist()):
-            per_class[c] = _ratio(i, u) if e > 0 else math.nan
+            per_class[c] = _ratio(i, u) if e > 0 else missing_value
         seen = [v for v in per_class.values() if not math.isnan(v)]
         fg = _ratio(self.fb[0], self.fb[1])
         bg = _ratio(self.fb[2], self.fb[3])
@@ -126,7 +137,8 @@ class IoUAccumulator:
             "per_class": per_class,
             "episodes": int(self.episodes.sum()),
             "episodes_per_class": dict(zip(self.class_ids, self.episodes.tolist())),
-            "missing_classes": [c for c, v in per_class.items() if math.isnan(v)],
+            "missing_classes": [c for c, e in zip(self.class_ids, self.episodes.tolist()) if e == 0],
+            "empty_class": empty_class,
         }
 
 

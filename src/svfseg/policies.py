@@ -11,6 +11,8 @@ from typing import Any, Optional
 logger = logging.getLogger(__name__)
 
 SVF_MODES = ("auto", "reparam", "factorized", "tune")
+#: The SVD factors ``svf.train`` may name: W = U diag(S) Vh (V for Vh).
+SVF_FACTORS = ("U", "S", "V")
 
 
 @dataclass
@@ -38,6 +40,9 @@ class SVFPolicy:
         decay_to: What weight decay pulls the singular values towards: "pretrained" (their
             initial values) or "zero" (SGD's plain decay, as the authors' code). Read by the
             optimiser; the model ignores it.
+        train: Which SVD factors train, any non-empty subset of ``("U", "S", "V")``. ``("S",)``
+            is SVF (the default); the SVF paper's ablations also train U and/or V (the factor
+            matrices; the layers then run the rebuilt-weight form and still merge exactly).
     """
 
     stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
@@ -48,8 +53,16 @@ class SVFPolicy:
     mode: str = "auto"
     fold_bn: Optional[bool] = None
     decay_to: str = "pretrained"
+    train: tuple[str, ...] = ("S",)
 
     def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = (self.train,)
+        wrong = [f for f in self.train if f not in SVF_FACTORS]
+        if wrong or not self.train or len(set(self.train)) != len(tuple(self.train)):
+            raise ValueError(f"SVFPolicy.train: expected a non-empty subset of {list(SVF_FACTORS)} "
+                             f"(e.g. [S] or [U, S]), got {list(self.train)!r}")
+        self.train = tuple(f for f in SVF_FACTORS if f in self.train)
         if isinstance(self.stages, str):
             self.stages = (self.stages,)
         self.stages = tuple(self.stages)
@@ -77,6 +90,7 @@ class SVFPolicy:
         """Plain-dict form (for configs, checkpoints and ``describe()``)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["stages"] = list(self.stages)
+        d["train"] = list(self.train)
         return d
 
     @classmethod

@@ -8,6 +8,7 @@ from typing import Iterable, Optional, Sequence
 
 from svfseg.paper_results import paper_backbone, paper_result
 from svfseg.regimes import REGISTRY, regime_label
+from svfseg.report_statistic import AS_PAPER_NOTE, as_paper_entries, own_statistic, paper_statistic, row_statistic
 from svfseg.results import DASH, STD_NOTE, SeedStats, format_stats, group_by_seed, markdown_table, seed_stats
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def load_entries(files: Sequence[Path]) -> list[dict]:
                             "miou": 100 * r["summary"]["miou"]["mean"], "file": str(f),
                             "fb_iou": None if fb is None else 100 * fb, "protocol": r.get("protocol"),
                             "train_seed": seed if seed is not None else f"run {Path(r.get('checkpoint', f)).parent}",
-                            "num_folds": int(r.get("num_folds", 4))})
+                            "num_folds": int(r.get("num_folds", 4)),
+                            "statistic": own_statistic(r), "paper_statistic": paper_statistic(r, Path(f))})
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"report: {f} is not an `svfseg test` results.json ({e})") from None
     return entries
@@ -89,7 +91,7 @@ def report_table(entries: Sequence[dict], folds: int = 4) -> str:
     head = ["benchmark", "backbone", "method"]
     for k in shots:
         head += [f"{k}-shot f{f}" for f in range(folds)] + [f"{k}-shot mean", f"{k}-shot FB-IoU", "paper"]
-    head.append("seeds")
+    head += ["seeds", "statistic"]
     rows = []
     for (bench, bb, model, regime) in sorted(groups):
         spec, own = REGISTRY.get(regime), n_folds.get(bench, 4)
@@ -111,20 +113,36 @@ def report_table(entries: Sequence[dict], folds: int = 4) -> str:
             paper = paper_result(bench, bb, model, svf, k) if svf is not None else None
             row.append(format_stats(seed_stats([paper])))
         row.append(_seed_count(all_folds))
+        row.append(row_statistic(e for per_seed in all_folds.values() for e in per_seed.values()))
         rows.append(row)
-    note = (f"\nmIoU and FB-IoU (%). Ours: mean over the test seeds of each run, then mean ± std ({STD_NOTE}) over "
-            "training seeds (seeds: runs per fold). Paper: Sun et al. (NeurIPS 2022), mean of 4 folds, † protocol; "
-            "`ours / paper` where the paper reports the fold.\n")
+    note = ("\nmIoU and FB-IoU (%). Ours: per run the statistic of the last column (by default the mean over its "
+            f"test seeds), then mean ± std ({STD_NOTE}) over training seeds (seeds: runs per fold). Paper: Sun et al. "
+            "(NeurIPS 2022), mean of 4 folds, † protocol, each the best validation of training on the test fold (the "
+            "SVF code's statistic; `--as-paper` computes it from the runs' logs); `ours / paper` where the paper "
+            "reports the fold.\n")
     return markdown_table(head, rows) + "\n" + note
 
 
-def report(paths: Sequence[str | Path], out: Optional[str | Path] = None) -> str:
-    """Build the table from run folders / results files; optionally write it to ``out``."""
+def report(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, as_paper: bool = False) -> str:
+    """Build the table from run folders / results files; optionally write it to ``out``.
+
+    ``as_paper``: each cell is the paper's statistic recomputed from the run's logs (see
+    :mod:`svfseg.report_statistic`) instead of svfseg's mean over test seeds.
+    """
     files = find_results(paths)
     if not files:
         raise FileNotFoundError(f"report: no results.json under {list(map(str, paths))} "
                                 f"(run `svfseg test --checkpoint RUN/best.pt` first)")
-    text = report_table(load_entries(files))
+    text = as_paper_table(load_entries(files)) if as_paper else report_table(load_entries(files))
     if out:
         Path(out).write_text(text)
     return text
+
+
+def as_paper_table(entries: Sequence[dict]) -> str:
+    """The table of :func:`report_table` with the paper's statistic of each run (``--as-paper``)."""
+    paper = as_paper_entries(list(entries))
+    if not paper:
+        raise ValueError("report --as-paper: no run has validations on the test fold (train.select_on=test_fold) "
+                         "or several test seeds, so the paper's statistic cannot be computed from its logs")
+    return report_table(paper) + AS_PAPER_NOTE

@@ -104,7 +104,7 @@ class TrainConfig:
 class EvalConfig:
     """`svfseg test` defaults."""
 
-    protocol: str = "hsnet"            # pfenet | bam | hsnet (episode count and seeds)
+    protocol: str = "hsnet"            # pfenet | bam | hsnet | pfenet_permuted | bam_permuted (count, seeds, order)
     episodes: Optional[str] = None     # fixed episode file (overrides protocol)
     num_episodes: Optional[int] = None  # override the protocol's count
     seeds: Optional[list[int]] = None  # override the protocol's seeds
@@ -159,7 +159,8 @@ _CHOICES = {
     "svf.decay_to": ("pretrained", "zero"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.select_on": ("test_fold", "base_heldout", "last"),
-    "eval.protocol": ("pfenet", "bam", "hsnet"),
+    # the names of svfseg.data.episodes.PROTOCOLS (config/ imports nothing of svfseg; a test keeps them equal)
+    "eval.protocol": ("pfenet", "bam", "hsnet", "pfenet_permuted", "bam_permuted"),
 }
 
 

@@ -70,7 +70,7 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
                   train_scale: Sequence[float] = (0.9, 1.1), test_size: int = 473,
                   episodes: EpisodeList | str | os.PathLike | None = None, num_episodes: int = 1000,
                   min_pixels: int | None = None, query_rule: str = "any", workers: int | None = None,
-                  upstream_padding: bool = False) -> Dataset:
+                  upstream_padding: bool = False, order: str = "permuted") -> Dataset:
     """Build an episodic dataset on a Pascal-layout root.
 
     Args:
@@ -94,6 +94,8 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
             Supports always pass the size rule. A loaded episode file keeps its own rule.
         workers: processes for a first-time class-index scan.
         upstream_padding: val only: PFENet/BAM's test geometry (see ``TestTransform.upstream``).
+        order: val only, new episodes: how the query pool is walked ("permuted" or "list", see
+            :func:`~svfseg.data.episodes.make_episodes`).
 
     Returns:
         TrainEpisodes (``len`` = query pool size, ``set_epoch``) or EvalEpisodes (``len`` = episodes,
@@ -127,7 +129,7 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
     pool = make_pool(index, sp.novel, shot=shot, min_pixels=min_pixels, query_rule=query_rule)
     if episodes is None:
         episodes = make_episodes(pool, benchmark=benchmark, fold=fold, shot=shot, seed=seed,
-                                 count=num_episodes, convention=convention)
+                                 count=num_episodes, convention=convention, order=order)
     elif not isinstance(episodes, EpisodeList):
         episodes = EpisodeList.load(episodes)  # the dataset check is EvalEpisodes' (legacy lists too)
     want = dict(benchmark=benchmark, split=split, fold=fold, shot=shot, convention=convention)

@@ -17,6 +17,7 @@ from svfseg.data.io import DataError
 __all__ = [
     "EpisodePool", "make_pool", "sample_episode", "Episode", "EpisodeList", "make_episodes",
     "EvalProtocol", "PROTOCOLS", "TRAIN_PROTOCOLS", "DEFAULT_MIN_PIXELS", "QUERY_RULES", "BAM_SEEDS",
+    "QUERY_ORDERS", "EMPTY_CLASS_RULES",
 ]
 
 # Small-object rule: a class counts for an image only if it covers >= 2*32*32 pixels (Pascal/COCO).
@@ -28,6 +29,13 @@ TRAIN_PROTOCOLS = ("dagger", "pfenet")
 QUERY_RULES = ("any", "min_pixels")
 LEGACY_QUERY_RULE = "min_pixels"
 EPISODES_VERSION = 2
+# How evaluation walks the query pool. "permuted": a fresh seeded permutation per pass (svfseg's
+# draw). "list": the pool in list-file order, again and again, as PFENet's and BAM's test loaders
+# do (shuffle=False): every seed then sees the same query images, only classes and supports differ.
+QUERY_ORDERS = ("permuted", "list")
+# A fold class without any episode: "drop" leaves it out of mIoU (NaN per class, svfseg's rule);
+# "zero" scores it 0 and divides by the fold's class count (PFENet/BAM: inter / (union + 1e-10)).
+EMPTY_CLASS_RULES = ("drop", "zero")
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,8 @@ class EpisodeList:
     """A fixed, ordered list of episodes plus the parameters and data fingerprint that made it.
 
     ``query_rule`` names the query-class rule of the pool (see :func:`make_pool`); files written
-    before it was recorded load as ``"min_pixels"``, the rule that made them.
+    before it was recorded load as ``"min_pixels"``, the rule that made them. ``order`` is how
+    the queries were walked (``QUERY_ORDERS``; files without it were permuted).
     """
 
     benchmark: str
@@ -147,6 +156,7 @@ class EpisodeList:
     dataset_fingerprint: str
     episodes: tuple[Episode, ...] = field(repr=False)
     query_rule: str = LEGACY_QUERY_RULE
+    order: str = "permuted"
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -161,6 +171,8 @@ class EpisodeList:
             # Lists made before the field existed used this rule: leaving it out keeps their
             # fingerprints (and so their saved files) valid.
             del d["query_rule"]
+        if self.order == "permuted":
+            del d["order"]  # likewise for lists made before the field existed
         return d
 
     @property
@@ -192,7 +204,7 @@ class EpisodeList:
             eps = tuple(Episode(str(q), int(c), tuple(str(s) for s in sup)) for q, c, sup in blob["episodes"])
             out = cls(blob["benchmark"], blob["split"], int(blob["fold"]), int(blob["shot"]), int(blob["seed"]),
                       blob["convention"], int(blob["min_pixels"]), blob["dataset_fingerprint"], eps,
-                      str(blob.get("query_rule", LEGACY_QUERY_RULE)))
+                      str(blob.get("query_rule", LEGACY_QUERY_RULE)), str(blob.get("order", "permuted")))
             stored = blob["fingerprint"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: expected an svfseg episode list (JSON), could not read it: {e}") from None
@@ -239,37 +251,45 @@ class EpisodeList:
 
 
 def make_episodes(pool: EpisodePool, *, benchmark: str, fold: int, shot: int, seed: int, count: int,
-                  convention: str = "interleaved") -> EpisodeList:
-    """Evaluation episodes: a pure function of (pool data, fold, shot, seed, count).
+                  convention: str = "interleaved", order: str = "permuted") -> EpisodeList:
+    """Evaluation episodes: a pure function of (pool data, fold, shot, seed, count, order).
 
-    Queries are visited in a fresh seeded permutation of the pool on each pass (so every query
-    image is used about equally often); for each, the class and supports come from
-    :func:`sample_episode`. The first ``n`` episodes do not depend on ``count`` (a longer list
-    extends a shorter one).
+    With ``order="permuted"`` queries are visited in a fresh seeded permutation of the pool on
+    each pass (so every query image is used about equally often); with ``"list"`` in the pool's
+    list-file order on every pass, whatever the seed (PFENet's and BAM's unshuffled test
+    loaders: with more pool images than episodes, as on COCO, only the first ``count`` images
+    are queries). For each query the class and supports come from :func:`sample_episode`. The
+    first ``n`` episodes do not depend on ``count`` (a longer list extends a shorter one).
     """
     if count < 1:
         raise ValueError(f"episode count must be >= 1, got {count}")
     if shot < 1:
         raise ValueError(f"shot must be >= 1, got {shot}")
+    if order not in QUERY_ORDERS:
+        raise ValueError(f"order must be one of {QUERY_ORDERS}, got {order!r}")
     rng = np.random.default_rng(seed)
     recs = pool.index.records
     eps: list[Episode] = []
     while len(eps) < count:
-        for qp in rng.permutation(len(pool.queries)):
+        walk = rng.permutation(len(pool.queries)) if order == "permuted" else range(len(pool.queries))
+        for qp in walk:
             q, c, sup = sample_episode(pool, int(qp), shot, rng)
             eps.append(Episode(recs[q].image, c, tuple(recs[s].image for s in sup)))
             if len(eps) == count:
                 break
     return EpisodeList(benchmark, pool.index.split, fold, shot, seed, convention, pool.min_pixels,
-                       pool.index.fingerprint, tuple(eps), pool.query_rule)
+                       pool.index.fingerprint, tuple(eps), pool.query_rule, order)
 
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    """An evaluation protocol: which seeds, how many episodes each (per benchmark)."""
+    """An evaluation protocol: which seeds, how many episodes each (per benchmark), how the query
+    pool is walked (``QUERY_ORDERS``) and how a class without episodes counts (``EMPTY_CLASS_RULES``)."""
 
     seeds: tuple[int, ...]
     counts: dict[str, int]
+    order: str = "permuted"
+    empty_class: str = "drop"
 
     def runs(self, benchmark: str) -> list[tuple[int, int]]:
         """(seed, episode count) for every run of this protocol on ``benchmark``."""
@@ -281,14 +301,22 @@ class EvalProtocol:
 #: BAM's five test seeds: its test.py seeds numpy with 123 and draws ``randint(0, 1000, 5)``.
 BAM_SEEDS = (510, 365, 382, 322, 988)
 
-# PFENet: one run, seed 321, 5,000 (Pascal) / 20,000 (COCO) episodes.
-# BAM: 1,000 episodes for each of BAM's 5 seeds. The seed values are BAM's, but its episodes come
-#      from Python's `random` inside its dataset, so the same seed gives other episodes here: the
-#      protocol (count, seeds, best/mean) matches, the exact episode lists cannot.
-# HSNet: 1,000 episodes, seed 0.
+# PFENet (test.py): one run, seed 321, 5,000 (Pascal) / 20,000 (COCO) episodes, the query list
+#      walked in order (its loader has shuffle=False), an empty class scored 0.
+# BAM (test.py): 1,000 episodes for each of BAM's 5 seeds, the same list order for every seed
+#      (on COCO: the first 1,000 pool images), an empty class scored 0. The seed values are
+#      BAM's, but its classes and supports come from Python's `random` inside its dataset, so
+#      the same seed draws other classes/supports here: count, seeds, order and best/mean match.
+# bam_permuted / pfenet_permuted: the same counts and seeds with svfseg's own draw (a fresh
+#      permutation of the pool per pass and seed; empty classes left out of mIoU).
+# HSNet: 1,000 episodes, seed 0, svfseg's draw and empty-class rule.
 # A custom dataset gets 1,000 episodes per seed under every protocol (its own size is unknown).
+_PFENET_COUNTS = {"pascal": 5000, "coco": 20000, "synthetic": 5000, "custom": 1000}
+_THOUSAND = {"pascal": 1000, "coco": 1000, "synthetic": 1000, "custom": 1000}
 PROTOCOLS: dict[str, EvalProtocol] = {
-    "pfenet": EvalProtocol((321,), {"pascal": 5000, "coco": 20000, "synthetic": 5000, "custom": 1000}),
-    "bam": EvalProtocol(BAM_SEEDS, {"pascal": 1000, "coco": 1000, "synthetic": 1000, "custom": 1000}),
-    "hsnet": EvalProtocol((0,), {"pascal": 1000, "coco": 1000, "synthetic": 1000, "custom": 1000}),
+    "pfenet": EvalProtocol((321,), _PFENET_COUNTS, order="list", empty_class="zero"),
+    "bam": EvalProtocol(BAM_SEEDS, _THOUSAND, order="list", empty_class="zero"),
+    "hsnet": EvalProtocol((0,), _THOUSAND),
+    "pfenet_permuted": EvalProtocol((321,), _PFENET_COUNTS),
+    "bam_permuted": EvalProtocol(BAM_SEEDS, _THOUSAND),
 }

@@ -16,7 +16,7 @@ import numpy as np
 from svfseg.labels import IGNORE_LABEL
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize", "to_chw", "TrainTransform", "TestTransform",
-           "resize_longer"]
+           "resize_longer", "upstream_test_size"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -138,6 +138,22 @@ class TrainTransform:
         return img[y:y + self.crop, x:x + self.crop], lbl[y:y + self.crop, x:x + self.crop]
 
 
+def upstream_test_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """The resized (h, w) of PFENet/BAM/SVF's test ``Resize`` (their util/transform.py ``find_new_hw``).
+
+    The longer side becomes ``size``, the shorter one ``int(side * size / longer)`` (truncated,
+    not rounded), then both are floored to a multiple of 8 (at least 8 here, where upstream
+    would reach 0 for images under 8 px). A square keeps ``size`` on the height only, as upstream.
+    """
+    if h >= w:
+        ratio = size * 1.0 / h
+        nh, nw = size, int(w * ratio)
+    else:
+        ratio = size * 1.0 / w
+        nh, nw = int(h * ratio), size
+    return max(8, nh // 8 * 8), max(8, nw // 8 * 8)
+
+
 @dataclass(frozen=True)
 class TestTransform:
     """Longer side to ``size`` (473 Pascal, 641 COCO), pad bottom/right to size x size.
@@ -147,8 +163,9 @@ class TestTransform:
     """
 
     size: int = 473
-    #: PFENet/BAM's geometry: both sides floored to a multiple of 8 after the resize, and the
-    #: padding is a raw 0 pixel (black after normalisation) instead of the mean colour.
+    #: PFENet/BAM's geometry: the short side truncated, both sides floored to a multiple of 8
+    #: (:func:`upstream_test_size`), and the padding a raw 0 pixel (black after normalisation)
+    #: instead of the mean colour.
     upstream: bool = False
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
@@ -156,9 +173,7 @@ class TestTransform:
         if image.shape[:2] != label.shape:
             raise ValueError(f"image {image.shape[:2]} and label {label.shape} sizes differ")
         if self.upstream:
-            h, w = label.shape
-            s = self.size / max(h, w)
-            nh, nw = (max(8, int(round(v * s)) // 8 * 8) for v in (h, w))
+            nh, nw = upstream_test_size(*label.shape, self.size)
             img, lbl = _resize(normalize(image), label, nh, nw)  # one resize, as upstream
         else:
             img, lbl = resize_longer(normalize(image), label, self.size)

@@ -42,9 +42,23 @@ def train_dataset(cfg: ExperimentConfig) -> Dataset:
                          min_pixels=d.min_pixels)
 
 
+def eval_protocol(cfg: ExperimentConfig, name: Optional[str] = None):
+    """The :class:`~svfseg.data.episodes.EvalProtocol` named ``name`` (default ``cfg.eval.protocol``)."""
+    from svfseg.data.episodes import PROTOCOLS
+
+    name = name or cfg.eval.protocol
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; expected one of {sorted(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
 def eval_dataset(cfg: ExperimentConfig, *, fold: Optional[int] = None, seed: int = 0, count: int = 1000,
-                 episodes=None, shot: Optional[int] = None) -> Dataset:
-    """Fixed evaluation episodes on the val split (novel classes of ``fold``, default ``cfg.fold``)."""
+                 episodes=None, shot: Optional[int] = None, order: Optional[str] = None) -> Dataset:
+    """Fixed evaluation episodes on the val split (novel classes of ``fold``, default ``cfg.fold``).
+
+    New episodes walk the query pool in ``order`` (default: the order of ``cfg.eval.protocol``,
+    so validation files and test episodes follow the same protocol).
+    """
     from svfseg.data.build import build_dataset
 
     _check_root(cfg)
@@ -53,7 +67,8 @@ def eval_dataset(cfg: ExperimentConfig, *, fold: Optional[int] = None, seed: int
                          split="val", shot=cfg.shot if shot is None else shot, seed=seed, protocol=d.protocol,
                          convention=d.convention, test_size=d.test_size, episodes=episodes, num_episodes=count,
                          query_rule=d.query_rule, min_pixels=d.min_pixels,
-                         upstream_padding=cfg.eval.upstream_padding)
+                         upstream_padding=cfg.eval.upstream_padding,
+                         order=order or eval_protocol(cfg).order)
 
 
 def write_episode_file(cfg: ExperimentConfig, out, *, seed: int = 0, count: int = 1000,

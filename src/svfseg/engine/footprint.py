@@ -70,11 +70,12 @@ class Footprint:
         groups = model.parameter_groups() if hasattr(model, "parameter_groups") else []
         self.counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
         backbone = getattr(model, "backbone", None)
-        svf_ids = {id(p) for _, p in singular_value_parameters(backbone)} if backbone is not None else set()
         named = list(backbone.named_parameters()) if backbone is not None else []
         self.backbone_numel = sum(p.numel() for _, p in named)
         self.params = {n: p for n, p in named if p.requires_grad}
-        self.singular = {n for n, p in self.params.items() if id(p) in svf_ids}
+        # Singular values move elementwise (|S-S0|/|S0|); trained U / Vh, like any tensor, by norm.
+        s_ids = {id(p) for _, p in singular_value_parameters(backbone)} if backbone is not None else set()
+        self.singular = {n for n, p in self.params.items() if id(p) in s_ids}
         self.start = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
         self.gradient_scale: dict = {}
         if device.type == "cuda":

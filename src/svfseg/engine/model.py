@@ -116,6 +116,8 @@ def describe(model: nn.Module, cfg: ExperimentConfig) -> dict[str, Any]:
     if isinstance(d.get("svf_policy"), dict):
         for key in ("lr_mult", "decay_to", "fold_bn"):
             d["svf_policy"].pop(key, None)
+        if d["svf_policy"].get("train") == ["S"]:
+            del d["svf_policy"]["train"]  # the default, and what every description before svf.train meant
     from svfseg.engine.data import benchmark_classes
 
     d.update(benchmark=cfg.data.benchmark, fold=cfg.fold,

@@ -16,7 +16,7 @@ from svfseg.models.blocks import foreground, resize
 from svfseg.models.outputs import FewShotOutput
 from svfseg.models.regimes import Settings, get_regime
 from svfseg.policies import LoRAConfig, SVFPolicy
-from svfseg.svf import singular_value_parameters
+from svfseg.svf import trained_factor_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +131,13 @@ class FewShotModel(nn.Module):
 
         Returns:
             Non-empty groups among ``{"name": "svf" | "backbone" | "head", "params": [...]}``:
-            "svf" holds singular values, "backbone" any other trainable backbone parameter
-            (full fine-tune, or BN/bias under an SVF policy), "head" the rest. Only parameters
+            "svf" holds the trained SVD factors (the singular values; U / Vh too with ``svf.train``),
+            "backbone" any other trainable backbone parameter (full fine-tune, or BN/bias under an
+            SVF policy), "head" the rest. Only parameters
             with ``requires_grad`` appear. The optimiser sets each group's lr from
             ``optim.lr_mult[name]``.
         """
-        svf_ids = {id(p) for _, p in singular_value_parameters(self.backbone)}  # none outside regime "svf"
+        svf_ids = {id(p) for _, p in trained_factor_parameters(self.backbone)}  # none outside regime "svf"
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         groups: dict[str, list[nn.Parameter]] = {"svf": [], "backbone": [], "head": []}
         for p in self.parameters():
@@ -155,6 +156,9 @@ class FewShotModel(nn.Module):
             "name": self.model_name,
             "backbone": self.backbone_name,
             "backbone_strides": dict(getattr(self.backbone, "stage_strides", {})),
+            # only when not the default, so descriptions written before the option still match
+            **({"backbone_dilation_style": self.backbone.dilation_style}
+               if getattr(self.backbone, "dilation_style", "pspnet") != "pspnet" else {}),
             "regime": self.regime,
             "svf_policy": self.svf_policy.to_dict() if self.svf_policy is not None else None,
             **({"lora": dataclasses.asdict(self.lora)} if self.lora is not None else {}),

@@ -7,7 +7,7 @@ import logging
 from torch import nn
 
 from svfseg.policies import SVFPolicy
-from svfseg.svf import SVFConfig, apply_svf, singular_value_parameters, svf_layers
+from svfseg.svf import SVFConfig, apply_svf, svf_layers, trained_factor_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +39,16 @@ def svf_config(policy: SVFPolicy, backbone: nn.Module | None = None) -> SVFConfi
         mode=policy.mode,
         train_bias=policy.train_bias,
         fold_bn=pairs,
+        train_factors=policy.train,
     )
 
 
 def apply_policy(backbone: nn.Module, policy: SVFPolicy) -> nn.Module:
     """Decompose the policy's stages of ``backbone`` in place and set what trains.
 
-    Afterwards exactly these backbone parameters require grad: the singular values of the
-    decomposed layers, plus BN affine parameters inside ``stages`` when ``train_bn`` and
-    conv biases when ``train_bias``. Frozen BN after a decomposed conv is folded into the SVD
+    Afterwards exactly these backbone parameters require grad: the factors of the decomposed
+    layers named in ``policy.train`` (the singular values by default), plus BN affine
+    parameters inside ``stages`` when ``train_bn`` and conv biases when ``train_bias``. Frozen BN after a decomposed conv is folded into the SVD
     layer when the policy says so (exact; same state-dict keys). Keeping BN in eval mode is
     the caller's job (the few-shot models do it in ``train()``).
 
@@ -76,7 +77,7 @@ def apply_policy(backbone: nn.Module, policy: SVFPolicy) -> nn.Module:
         )
     for p in backbone.parameters():
         p.requires_grad_(False)
-    for _, p in singular_value_parameters(backbone):
+    for _, p in trained_factor_parameters(backbone):
         p.requires_grad_(True)
     if policy.train_bias:
         for _, layer in layers:
@@ -88,6 +89,7 @@ def apply_policy(backbone: nn.Module, policy: SVFPolicy) -> nn.Module:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
                     m.weight.requires_grad_(True)
                     m.bias.requires_grad_(True)
-    n_s = sum(p.numel() for _, p in singular_value_parameters(backbone))
-    logger.info("SVF on %d layers of %s: %d singular values train", len(layers), list(policy.stages), n_s)
+    n_s = sum(p.numel() for _, p in trained_factor_parameters(backbone))
+    logger.info("SVF on %d layers of %s: %d values of %s train", len(layers), list(policy.stages), n_s,
+                "/".join(policy.train))
     return backbone

@@ -150,7 +150,11 @@ class SVFLayer(nn.Module):
         return super()._apply(*args, **kwargs)
 
     def _needs_graph(self) -> bool:
-        return torch.is_grad_enabled() and self.S.requires_grad
+        return torch.is_grad_enabled() and (self.S.requires_grad or self._factor_matrices_train())
+
+    def _factor_matrices_train(self) -> bool:
+        """U or Vh trains (``SVFConfig.train_factors``): only the rebuilt-weight form gives them gradients."""
+        return self.U.requires_grad or self.Vh.requires_grad
 
     def _effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._weights.weight(self, self._needs_graph())
@@ -167,9 +171,9 @@ class SVFLayer(nn.Module):
         (shared by the layers of one `apply_svf` call). Without a graph to S both use the
         cached rebuilt weight, exactly the plain layer's cost.
         """
-        if self.mode in ("reparam", "factorized"):
+        if self.mode in ("reparam", "factorized") and not self._factor_matrices_train():
             return self.mode
-        if not self._needs_graph():
+        if not self._needs_graph() or self._factor_matrices_train():
             return "reparam"
         return choose_form(self, x, self._plans)
 
@@ -226,7 +230,7 @@ class SVFLayer(nn.Module):
             if folded is not None:
                 self._folded = (folded,)
                 self.clear_cache()
-        weight = nn.Parameter(weight.contiguous(), requires_grad=self.S.requires_grad)
+        weight = nn.Parameter(weight.contiguous(), requires_grad=self.S.requires_grad or self._factor_matrices_train())
         if bias is not None:
             trained = self.bias is not None and self.bias.requires_grad
             bias = nn.Parameter(bias.detach().clone(), requires_grad=trained)

@@ -14,6 +14,8 @@ import torch
 ModuleSelector = Union[str, Sequence[str], None]
 
 MODES = ("auto", "reparam", "factorized", "tune")
+#: The factors of W = U diag(S) Vh that may train (V stands for Vh).
+FACTORS = ("U", "S", "V")
 _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -89,6 +91,10 @@ class SVFConfig:
             SVD layer (exact: same outputs, same gradients for S; the BN op and its saved
             input disappear). The model declares them (e.g. ``backbone.conv_bn_pairs()``);
             pairs whose conv is not decomposed are left alone. None folds nothing.
+        train_factors: which factors train, a non-empty subset of ("U", "S", "V"); ("S",) is
+            SVF. Trained U / Vh become parameters (same state-dict keys), the layer then runs
+            the rebuilt-weight form (gradients reach U and Vh through the rebuild), merges
+            exactly, and `save_svf` writes them too.
     """
 
     target_modules: ModuleSelector = field(default=None, metadata={"help": "layers to decompose"})
@@ -106,6 +112,7 @@ class SVFConfig:
     fold_bn: Sequence[Sequence[str]] | None = field(
         default=None, metadata={"help": "(conv, batchnorm) name pairs to fold"}
     )
+    train_factors: Sequence[str] = field(default=("S",), metadata={"help": "factors that train: U, S, V"})
 
     def __post_init__(self) -> None:
         self.target_modules = _check_selector("target_modules", self.target_modules)
@@ -116,6 +123,10 @@ class SVFConfig:
                 raise TypeError(f"SVFConfig.{flag}: expected a bool, found {getattr(self, flag)!r}")
         if self.mode not in MODES:
             raise ValueError(f"SVFConfig.mode: expected one of {MODES}, found {self.mode!r}")
+        factors = (self.train_factors,) if isinstance(self.train_factors, str) else tuple(self.train_factors)
+        if not factors or any(f not in FACTORS for f in factors) or len(set(factors)) != len(factors):
+            raise ValueError(f"SVFConfig.train_factors: expected a non-empty subset of {FACTORS}, found {factors!r}")
+        self.train_factors = tuple(f for f in FACTORS if f in factors)
         if self.fold_bn is not None:
             pairs = []
             for pair in self.fold_bn:

@@ -1,12 +1,10 @@
-"""Put SVD layers into a model, fold them back, save/load the singular values, report counts."""
+"""Put SVD layers into a model, fold them back, report counts (saving/loading S: `svf/state.py`)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -19,8 +17,6 @@ from svfseg.svf.tune import TuneCache
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "svfseg-svf"
-FORMAT_VERSION = "1"
 
 
 def is_svf_layer(module: nn.Module) -> bool:
@@ -38,10 +34,50 @@ def svf_layers(model: nn.Module) -> Iterator[tuple[str, SVFLayer]]:
 def singular_value_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Yields (qualified_parameter_name, S) for every SVD layer of the model."""
     for name, layer in svf_layers(model):
-        yield _join(name, "S"), layer.S
+        yield join_name(name, "S"), layer.S
 
 
-def _join(prefix: str, name: str) -> str:
+#: Attribute of each factor that may train (V stands for Vh).
+FACTOR_ATTR = {"U": "U", "S": "S", "V": "Vh"}
+
+
+def trained_factors(layer: SVFLayer) -> tuple[str, ...]:
+    return tuple(getattr(layer, "trained_factors", ("S",)))
+
+
+def trained_factor_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Yields (qualified_parameter_name, tensor) for the factors each SVD layer trains (its S by default;
+    U and/or Vh with ``SVFConfig.train_factors``)."""
+    for name, layer in svf_layers(model):
+        for factor in trained_factors(layer):
+            yield join_name(name, FACTOR_ATTR[factor]), getattr(layer, FACTOR_ATTR[factor])
+
+
+def set_trained_factors(layer: SVFLayer, factors) -> None:
+    """Make exactly ``factors`` (a subset of "U", "S", "V") of an SVD layer trainable.
+
+    A trained U / Vh becomes an ``nn.Parameter`` under the same name (so state-dict keys do not
+    change); an untrained one is a frozen buffer again. The layer then runs the rebuilt-weight
+    form whenever U or Vh trains, and remembers the set in ``layer.trained_factors``.
+    """
+    factors = tuple(factors)
+    for factor in ("U", "V"):
+        attr = FACTOR_ATTR[factor]
+        tensor = getattr(layer, attr)
+        if factor in factors and not isinstance(tensor, nn.Parameter):
+            del layer._buffers[attr]
+            layer.register_parameter(attr, nn.Parameter(tensor.detach(), requires_grad=True))
+        elif factor not in factors and isinstance(tensor, nn.Parameter):
+            del layer._parameters[attr]
+            layer.register_buffer(attr, tensor.detach())
+        else:
+            tensor.requires_grad_(factor in factors)
+    layer.S.requires_grad_("S" in factors)
+    layer.trained_factors = factors
+    layer.clear_cache()
+
+
+def join_name(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
@@ -209,7 +245,7 @@ def _set_trainable(model: nn.Module, config: SVFConfig) -> None:
             )
     # SVD layers follow their own rule even inside a trainable container.
     for _, layer in svf_layers(model):
-        layer.S.requires_grad_(True)
+        set_trained_factors(layer, config.train_factors)
         if layer.bias is not None:
             layer.bias.requires_grad_(config.train_bias)
 
@@ -252,133 +288,6 @@ def merge_svf(model: nn.Module, fold_bn: bool = False) -> nn.Module:
     return model
 
 
-def _saved_bias(layer: SVFLayer) -> bool:
-    config = getattr(layer, "svf_config", None)
-    trained = config.train_bias if config is not None else bool(layer.bias is not None and layer.bias.requires_grad)
-    return trained and layer.bias is not None
-
-
-def svf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Returns only what SVF trains: every layer's S, plus its bias when biases train.
-
-    Args:
-        model: a model after `apply_svf`.
-
-    Returns:
-        {qualified_name: tensor}: detached tensors sharing storage with the model.
-    """
-    state: dict[str, torch.Tensor] = {}
-    for name, layer in svf_layers(model):
-        state[_join(name, "S")] = layer.S.detach()
-        if _saved_bias(layer):
-            state[_join(name, "bias")] = layer.bias.detach()
-    if not state:
-        raise ValueError(f"svf_state_dict: {type(model).__name__} has no SVD layers; call apply_svf first")
-    return state
-
-
-def load_svf_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copies saved singular values (and biases) into a model after `apply_svf`.
-
-    Args:
-        model: the target, decomposed with the same layers as the saved one.
-        state: as returned by `svf_state_dict`.
-
-    Raises:
-        KeyError: a key is missing from ``state`` or is not expected by the model (the
-            first mismatch in module order is named).
-        ValueError: a tensor's shape differs from the model's.
-    """
-    expected = svf_state_dict(model)
-    for key, target in expected.items():
-        if key not in state:
-            extra = sorted(set(state) - set(expected))
-            hint = f"; the file has unexpected keys such as {extra[0]!r}" if extra else ""
-            raise KeyError(f"load_svf_state_dict: missing key {key!r} for the model{hint}")
-        if tuple(state[key].shape) != tuple(target.shape):
-            raise ValueError(
-                f"load_svf_state_dict: shape mismatch for {key!r}: model expects "
-                f"{tuple(target.shape)}, state has {tuple(state[key].shape)}"
-            )
-    for key in state:
-        if key not in expected:
-            raise KeyError(f"load_svf_state_dict: unexpected key {key!r}: no such SVD parameter in the model")
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(state[key])
-
-
-def save_svf(path: str | os.PathLike, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
-    """Writes the singular values (and trained biases) to a safetensors file.
-
-    The file's metadata holds the format, the module names, the shapes and the SVF config as
-    JSON strings, plus ``metadata``.
-
-    Args:
-        path: destination file (``.safetensors``).
-        model: a model after `apply_svf`.
-        metadata: extra string entries (e.g. the experiment name).
-    """
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous().cpu() for k, v in svf_state_dict(model).items()}
-    configs = {json.dumps(layer.svf_config.to_dict(), sort_keys=True)
-               for _, layer in svf_layers(model) if getattr(layer, "svf_config", None) is not None}  # fmt: skip
-    meta = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "modules": json.dumps([name for name, _ in svf_layers(model)]),
-        "shapes": json.dumps({k: list(v.shape) for k, v in state.items()}),
-        "config": configs.pop() if len(configs) == 1 else json.dumps(sorted(configs)),
-    }
-    for key, value in (metadata or {}).items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"save_svf: metadata must map str to str, found {key!r}: {type(value).__name__}")
-        meta[key] = value
-    # Written next to the destination, then renamed: a crash never leaves a half-written file.
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_svf(path: str | os.PathLike, model: nn.Module) -> dict[str, str]:
-    """Loads a file written by `save_svf` into a model after `apply_svf`.
-
-    Args:
-        path: the safetensors file.
-        model: target model with the same decomposed layers.
-
-    Returns:
-        The file's metadata.
-    """
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_svf: no such file {path!r}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"load_svf: {path!r} is not a readable safetensors file ({err})") from err
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(
-            f"load_svf: {path!r} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}"
-        )
-    try:
-        load_svf_state_dict(model, state)
-    except (KeyError, ValueError) as err:
-        raise type(err)(f"{err.args[0]} (file {path!r})") from None
-    return meta
-
-
 def _plain_count(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, counting SVD layers as their plain weights."""
     trainable = total = 0
@@ -388,8 +297,8 @@ def _plain_count(module: nn.Module) -> tuple[int, int]:
                 continue  # lazy modules: size unknown until their first forward
             if param.requires_grad:
                 trainable += param.numel()
-            if isinstance(sub, SVFLayer) and param is sub.S:
-                continue
+            if isinstance(sub, SVFLayer) and any(param is t for t in (sub.S, sub.U, sub.Vh)):
+                continue  # the factors stand for the plain weight, counted below
             total += param.numel()
         if isinstance(sub, SVFLayer):
             total += int(torch.Size(sub.weight_shape).numel())

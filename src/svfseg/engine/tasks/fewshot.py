@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
-from svfseg.engine.data import (benchmark_classes, class_names_of, eval_dataset, heldout_base_fold, novel_classes,
-                                train_dataset)
+from svfseg.engine.data import (benchmark_classes, class_names_of, eval_dataset, eval_protocol, heldout_base_fold,
+                                novel_classes, train_dataset)
 from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
 from svfseg.engine.model import MERGED_FORMAT, describe
@@ -49,6 +49,7 @@ def evaluate(
     vis_dir: Optional[Path] = None,
     num_vis: int = 0,
     upstream_padding: bool = False,
+    empty_class: str = "drop",
 ) -> dict:
     """Score a few-shot model on fixed episodes.
 
@@ -71,6 +72,7 @@ def evaluate(
         num_vis: number of overlays.
         upstream_padding: score with PFENet/BAM's geometry (the dataset must have been built
             with it too: ``eval.upstream_padding``).
+        empty_class: how a class without episodes counts (see :meth:`IoUAccumulator.compute`).
 
     Returns:
         :meth:`IoUAccumulator.compute` plus ``seconds`` and ``episode_fingerprint``.
@@ -98,7 +100,7 @@ def evaluate(
     seconds = evaluation_loop(model, dataset, on_batch, info=info, device=device, amp=amp, batch_size=batch_size,
                               workers=workers, progress=progress, desc=desc, postfix=running)
     acc.load_tensor(all_reduce_sum(acc.as_tensor(), info))
-    result = acc.compute()
+    result = acc.compute(empty_class)
     result["seconds"] = seconds
     episodes = getattr(dataset, "episodes", None)
     result["episode_fingerprint"] = getattr(episodes, "fingerprint", None)
@@ -107,11 +109,7 @@ def evaluate(
 
 def protocol_runs(cfg: ExperimentConfig, protocol: str) -> list[tuple[int, int]]:
     """(seed, episode count) pairs of a protocol, with ``eval.seeds``/``eval.num_episodes`` overrides."""
-    from svfseg.data.episodes import PROTOCOLS
-
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
-    runs = PROTOCOLS[protocol].runs(cfg.data.benchmark)
+    runs = eval_protocol(cfg, protocol).runs(cfg.data.benchmark)
     if cfg.eval.seeds:
         runs = [(s, runs[0][1]) for s in cfg.eval.seeds]
     if cfg.eval.num_episodes:
@@ -179,7 +177,8 @@ class FewShotTask(Task):
     def validate(self, model, val, cfg, info) -> ValResult:
         r = evaluate(model, val.dataset, class_ids=val.class_ids, device=info.device, info=info, amp=cfg.train.amp,
                      batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
-                     desc=f"val ({val.on})", upstream_padding=cfg.eval.upstream_padding)
+                     desc=f"val ({val.on})", upstream_padding=cfg.eval.upstream_padding,
+                     empty_class=eval_protocol(cfg).empty_class)
         return ValResult(
             row={"on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"], "episodes": r["episodes"]},
             best={"on": val.on, "miou": r["miou"], "fb_iou": r["fb_iou"],
@@ -196,21 +195,28 @@ class FewShotTask(Task):
         protocol, episodes, save_vis = options.protocol or cfg.eval.protocol, options.episodes, options.save_vis
         classes = novel_classes(cfg)
         runs = [(None, None)] if episodes else protocol_runs(cfg, protocol)
+        # An episode file is scored with the empty-class rule of the config's protocol.
+        proto = eval_protocol(cfg, None if episodes else protocol)
         results = []
         for i, (seed, count) in enumerate(runs):
-            ds = eval_dataset(cfg, episodes=episodes) if episodes else eval_dataset(cfg, seed=seed, count=count)
+            ds = (eval_dataset(cfg, episodes=episodes) if episodes
+                  else eval_dataset(cfg, seed=seed, count=count, order=proto.order))
             name = f"episode seed {seed}" if seed is not None else Path(episodes).name
             r = evaluate(model, ds, class_ids=classes, device=info.device, info=info, amp=cfg.train.amp,
                          batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
                          desc=f"test {name}", vis_dir=out_dir / "vis" if save_vis and i == 0 else None,
-                         num_vis=save_vis, upstream_padding=cfg.eval.upstream_padding)
-            r.update(seed=ds.episodes.seed, episode_count=len(ds))
+                         num_vis=save_vis, upstream_padding=cfg.eval.upstream_padding,
+                         empty_class=proto.empty_class)
+            r.update(seed=ds.episodes.seed, episode_count=len(ds), order=ds.episodes.order)
             logger.info("%s: mIoU %.2f  FB-IoU %.2f  (%d episodes, fingerprint %s)", name, 100 * r["miou"],
                         100 * r["fb_iou"], r["episodes"], r["episode_fingerprint"])
             results.append(r)
         if save_vis and info.is_main:
             logger.info("%d overlays in %s", save_vis, out_dir / "vis")
-        return _assemble(checkpoint, cfg, state, model, protocol if not episodes else "file", results)
+        out = _assemble(checkpoint, cfg, state, model, protocol if not episodes else "file", results)
+        out["empty_class"] = proto.empty_class
+        out["order"] = results[0]["order"]
+        return out
 
     def headline(self, results: dict) -> str:  # noqa: D102 - see Task
         return "wrote results.json and results.md"
@@ -278,6 +284,17 @@ def _mean(vals):
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def _rules_note(out: dict) -> str:
+    """How the queries were walked and how a class without episodes counted (results since issue 20)."""
+    parts = []
+    if out.get("order"):
+        parts.append(f"queries walked {'in list order' if out['order'] == 'list' else 'in seeded permutations'}")
+    if out.get("empty_class"):
+        parts.append("a class without episodes " + ("scores 0 (PFENet/BAM)" if out["empty_class"] == "zero"
+                                                      else "is left out of mIoU"))
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def results_markdown(out: dict) -> str:
     """The Markdown report of one ``svfseg test`` run."""
     s = out["summary"]
@@ -286,7 +303,8 @@ def results_markdown(out: dict) -> str:
         f"{out['shot']}-shot",
         "",
         f"checkpoint `{out['checkpoint']}` (step {out['step']}), protocol **{out['protocol']}**, "
-        f"scored at the original label size; mIoU over the fold's novel classes {out['novel_classes']}.",
+        f"scored at the original label size; mIoU over the fold's novel classes {out['novel_classes']}"
+        + _rules_note(out) + ".",
         "",
     ]
     rows = [[f"episode seed {r['seed']}", str(r["episodes"]), f"`{r['episode_fingerprint']}`", pct(r["miou"]),

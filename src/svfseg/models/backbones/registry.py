@@ -85,8 +85,8 @@ def create_backbone(
 
 
 def _resnet_builder(depth: int, deep_stem: bool) -> Callable[..., Backbone]:
-    def build(*, output_stride: int = 8) -> Backbone:
-        return resnet(depth, deep_stem=deep_stem, output_stride=output_stride)
+    def build(*, output_stride: int = 8, dilation_style: str = "pspnet") -> Backbone:
+        return resnet(depth, deep_stem=deep_stem, output_stride=output_stride, dilation_style=dilation_style)
 
     return build
 

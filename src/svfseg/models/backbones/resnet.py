@@ -15,6 +15,10 @@ RESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3
 
 # (stride, dilation) of layer3 and layer4 for each output stride. As in PSPNet/PFENet/BAM,
 # every block of a dilated stage (its first block included) uses the stage's dilation.
+# DILATION_STYLES: "pspnet" (that), or "torchvision" (replace_stride_with_dilation: the first
+# block of a dilated stage keeps the previous stage's dilation, as in the ResNet the SVF
+# authors use for PFENet and the baseline, model/module/resnet.py).
+DILATION_STYLES = ("pspnet", "torchvision")
 _STAGE_SCHEDULE: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {
     8: ((1, 2), (1, 4)),
     16: ((2, 1), (1, 2)),
@@ -94,6 +98,9 @@ class ResNet(Backbone):
         depths: Blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
         deep_stem: Use the PSPNet 3x3-conv stem (64-64-128) instead of the 7x7 stem.
         output_stride: 8 (layer3 dilation 2, layer4 dilation 4), 16 (layer4 dilation 2) or 32.
+        dilation_style: "pspnet" (every block of a dilated stage dilated) or "torchvision"
+            (its first block keeps the previous stage's dilation: layer3.0 1 and layer4.0 2 at
+            output stride 8). Same weights, other features.
     """
 
     ignored_checkpoint_keys = (r"fc\.(weight|bias)",)
@@ -102,8 +109,12 @@ class ResNet(Backbone):
         stem = [(f"layer0.conv{i}", f"layer0.bn{i}") for i in (1, 2, 3) if hasattr(self.layer0, f"conv{i}")]
         return stem + super().conv_bn_pairs()
 
-    def __init__(self, depths: Sequence[int], *, deep_stem: bool = False, output_stride: int = 8):
+    def __init__(self, depths: Sequence[int], *, deep_stem: bool = False, output_stride: int = 8,
+                 dilation_style: str = "pspnet"):
         super().__init__()
+        if dilation_style not in DILATION_STYLES:
+            raise ValueError(f"ResNet dilation_style must be one of {DILATION_STYLES}, got {dilation_style!r}")
+        self.dilation_style = dilation_style
         if output_stride not in _STAGE_SCHEDULE:
             raise ValueError(
                 f"ResNet output_stride must be one of {sorted(_STAGE_SCHEDULE)}, got {output_stride!r}"
@@ -119,8 +130,10 @@ class ResNet(Backbone):
         stride = 4
         strides = {"layer0": stride}
         channels = {"layer0": inplanes}
+        previous = 1
         for i, ((planes, s, d), n) in enumerate(zip(plan, depths), start=1):
-            blocks = [Bottleneck(inplanes, planes, s, d)]
+            blocks = [Bottleneck(inplanes, planes, s, d if dilation_style == "pspnet" else previous)]
+            previous = d
             inplanes = planes * Bottleneck.expansion
             blocks += [Bottleneck(inplanes, planes, 1, d) for _ in range(int(n) - 1)]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
@@ -145,17 +158,19 @@ class ResNet(Backbone):
         return key
 
 
-def resnet(depth: int, *, deep_stem: bool = False, output_stride: int = 8) -> ResNet:
+def resnet(depth: int, *, deep_stem: bool = False, output_stride: int = 8, dilation_style: str = "pspnet") -> ResNet:
     """Build a ResNet-50 or ResNet-101 backbone (random init).
 
     Args:
         depth: 50 or 101.
         deep_stem: PSPNet deep stem (what PFENet/BAM/SVF use) instead of the 7x7 stem.
         output_stride: 8, 16 or 32.
+        dilation_style: "pspnet" or "torchvision" (see :class:`ResNet`).
 
     Returns:
         The :class:`ResNet` backbone.
     """
     if depth not in RESNET_DEPTHS:
         raise ValueError(f"ResNet depth must be one of {sorted(RESNET_DEPTHS)}, got {depth!r}")
-    return ResNet(RESNET_DEPTHS[depth], deep_stem=deep_stem, output_stride=output_stride)
+    return ResNet(RESNET_DEPTHS[depth], deep_stem=deep_stem, output_stride=output_stride,
+                  dilation_style=dilation_style)
