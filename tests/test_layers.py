@@ -25,7 +25,8 @@ ROOT = Path(svfseg.__file__).resolve().parent
 
 #: Entry points: the layer above engine/ (ARCHITECTURE.md's top row, and the web app).
 ENTRY_POINTS = ("svfseg.cli", "svfseg.__main__", "svfseg.demo", "svfseg.compare", "svfseg.predict",
-                "svfseg.report", "svfseg.compare_plot", "svfseg.paper_results", "svfseg.serve",
+                "svfseg.report", "svfseg.compare_plot", "svfseg.compare_render", "svfseg.compare_cells",
+                "svfseg.paper_results", "svfseg.serve",
                 # compare's --vary rows and fold layout, report's statistics (issue 20)
                 "svfseg.compare_variants", "svfseg.compare_folds", "svfseg.report_statistic")
 

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train a few-shot model (torchrun for several GPUs)")
     t.add_argument("--config", type=Path, help="recipe YAML (see configs/)")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run folder from its last.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds an earlier run (its files are deleted)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. fold=1 optim.lr=0.005")
     _add_threads(t)
 
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--count", type=int, default=1000, help="number of episodes (default 1000)")
     ep.add_argument("--seed", type=int, default=0, help="episode seed (default 0)")
     ep.add_argument("--out", type=Path, required=True, help="episode file to write (JSON)")
+    ep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. fold=1 shot=5")
     _add_threads(ep)
 
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="fold the singular values back: a plain model for deployment")
     m.add_argument("--checkpoint", type=Path, required=True)
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never a file of the run)")
 
     sv = sub.add_parser("serve", help="local web app: segment your own images in the browser (svfseg[serve])")
     from svfseg.serve.cli import add_serve_arguments
@@ -155,6 +159,9 @@ def cmd_train(args) -> int:
     from svfseg.config import load_config
     from svfseg.engine.run import resume_config, train_run
 
+    if args.resume is not None and args.config is not None:
+        raise UsageError("train: --resume continues a run with its own config.yaml; --config would be ignored: "
+                         "give one of them (change keys of a resumed run with KEY=VALUE overrides)")
     if args.resume is not None:
         cfg = resume_config(args.resume, args.overrides)
         run_dir = args.resume
@@ -165,7 +172,8 @@ def cmd_train(args) -> int:
         raise UsageError("train: --config RECIPE.yaml (or --resume RUN_DIR) is required")
     _apply_threads(args, cfg)
     with _tqdm_safe_logging():
-        res = train_run(cfg, run_dir=run_dir, argv=getattr(args, "command_line", sys.argv))
+        res = train_run(cfg, run_dir=run_dir, argv=getattr(args, "command_line", sys.argv),
+                        overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         best = f"best mIoU {100 * res.best['miou']:.2f} at step {res.best['step']}" if res.best else "no validation"
         print(f"{res.status}: step {res.step}/{res.total_steps} in {res.seconds:.0f}s, {best}\n"
@@ -182,6 +190,8 @@ def cmd_test(args) -> int:
     from svfseg.engine.tasks import TestOptions
     from svfseg.engine.testing import score_with_task
 
+    if args.protocol is not None and args.episodes is not None:
+        raise UsageError("test: --protocol makes episodes from its seeds, --episodes reads a file of them; give one")
     cfg = None
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
@@ -210,6 +220,9 @@ def cmd_episodes(args) -> int:
 
     if args.count < 1:
         raise UsageError(f"episodes: --count must be >= 1, found {args.count}")
+    if args.out.exists() and not args.overwrite:
+        raise UsageError(f"episodes: --out {args.out} exists (runs may have been scored on it); choose another "
+                         f"file or pass --overwrite")
     cfg = load_config(args.config, args.overrides)
     _apply_threads(args, cfg)
     eps = write_episode_file(cfg, args.out, seed=args.seed, count=args.count)
@@ -242,8 +255,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from svfseg.engine.model import export_merged_checkpoint, nothing_to_merge
+    from svfseg.engine.model import check_merge_out, export_merged_checkpoint, nothing_to_merge
 
+    check_merge_out(args.checkpoint, args.out, overwrite=args.overwrite)
     reason = nothing_to_merge(args.checkpoint)
     if reason:
         print(f"nothing to merge: {reason}")

@@ -18,15 +18,24 @@ import argparse
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from svfseg.compare_folds import fold_layout_markdown
+from svfseg.compare_cells import (  # noqa: F401  (CellSettingsChanged, cell_settings, settings_differences: public here)
+    CellSettingsChanged,
+    _check_cell_settings,
+    _check_episode_count,
+    _write_cell_record,
+    cell_settings,
+    settings_differences,
+)
+from svfseg.compare_render import compare_markdown, verdict_sentence  # noqa: F401  (public here too)
 from svfseg.compare_plot import plot_compare
 from svfseg.compare_variants import Arm, expand_arms, folder_name
 from svfseg.regimes import regime_spec
-from svfseg.results import DASH, STD_NOTE, markdown_table, mean_std, pct, size_text
+from svfseg.results import mean_std
 from svfseg.stats import PairedInterval, paired_t_interval
 
 logger = logging.getLogger(__name__)
@@ -57,6 +66,8 @@ class ComparePlan:
         warm_start: Steps of a shared head warm start per (fold, shot) (0: none): the head is
             trained once with the frozen backbone, then every cell starts from it (``model.init_head``).
         threads: torch CPU threads of every cell (None: torch's default).
+        force: Retrain (rescore) the cells an earlier compare into ``out`` made with other settings
+            (otherwise refused, naming the differing keys).
     """
 
     config: str
@@ -73,6 +84,7 @@ class ComparePlan:
     arms: dict = field(default_factory=dict)
     warm_start: int = 0
     threads: Optional[int] = None
+    force: bool = False
 
 
 def lr_overrides(mult: Optional[float]) -> list[str]:
@@ -129,7 +141,7 @@ def warm_start_config(plan: ComparePlan, fold: int, shot: int):
 def run_warm_start(plan: ComparePlan, fold: int, shot: int) -> dict:
     """Train (or reuse) the warm start of (fold, shot); its record for ``compare.json``."""
     cfg = warm_start_config(plan, fold, shot)
-    rec = run_cell(cfg, None)
+    rec = run_cell(cfg, None, plan.force)
     if rec.get("status") != "finished":
         raise RuntimeError(f"compare: the warm start {cfg.run_dir()} did not finish ({rec.get('status')}); "
                            f"rerun the same command to resume it")
@@ -143,27 +155,38 @@ def test_episode_file(plan: ComparePlan, cfg) -> Path:
     from svfseg.engine.tasks.fewshot import protocol_runs
 
     path = plan.out / "episodes" / f"test_fold{cfg.fold}_{cfg.shot}shot.json"
+    seed, count = protocol_runs(cfg, cfg.eval.protocol)[0]
+    _check_episode_count(path, plan.test_episodes or count, "--test-episodes", plan.force)
     if not path.exists():
-        seed, count = protocol_runs(cfg, cfg.eval.protocol)[0]
         ds = eval_dataset(cfg, seed=seed, count=plan.test_episodes or count)
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.episodes.save(path)
     return path
 
 
-def run_cell(cfg, episodes: Optional[Path]) -> dict:
+def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
     """Train (or skip / resume) one cell and score it on ``episodes``; its record for ``compare.json``.
 
     A finished cell (``train_summary.json`` says finished) is not retrained, and not rescored
     when ``test/results.json`` exists; a cell with a ``last.pt`` but no finished summary is
     resumed. ``episodes`` None: train only (a sweep trial that was not chosen is never tested).
+    A cell folder made with other settings (config keys, test episodes; ``compare_cell.json``)
+    is refused with the differing keys, or with ``force`` cleared and retrained.
     """
     from svfseg.engine.loop import NonFiniteLoss
     from svfseg.engine.run import train_run
+    from svfseg.engine.runfiles import clear_run
     from svfseg.engine.tasks import TestOptions
     from svfseg.engine.testing import score_with_task
 
     run_dir = cfg.run_dir()
+    if force and cfg.train.val_episodes_file:
+        _check_episode_count(Path(cfg.train.val_episodes_file), cfg.train.val_episodes, "--val-episodes", True)
+    redo = _check_cell_settings(cfg, episodes, force)
+    if redo == "retrain":
+        clear_run(run_dir)
+    elif redo == "rescore":
+        shutil.rmtree(run_dir / "test", ignore_errors=True)
     summary_path, results_path = run_dir / "train_summary.json", run_dir / "test" / "results.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     done = summary is not None and summary.get("status") == "finished"
@@ -175,7 +198,9 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
             cfg.resume = True
             logger.info("compare: resuming %s", run_dir)
         try:
-            result = train_run(cfg, argv=["svfseg", "compare"])
+            # without a last.pt, whatever the cell folder holds is from an attempt that never
+            # checkpointed: start it afresh
+            result = train_run(cfg, argv=["svfseg", "compare"], overwrite=not cfg.resume)
         except NonFiniteLoss as e:
             # A diverged cell (e.g. the largest lr of a sweep) is a result, not a crash; the marker
             # keeps a rerun from training it again.
@@ -197,6 +222,7 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
            "movement_max_stage_mean": fp.get("movement_max_stage_mean"),
            "gradient_scale_step1": fp.get("gradient_scale_step1")}
     if episodes is None:
+        _write_cell_record(run_dir, cell_settings(cfg, None))
         return rec
     if not results_path.exists() or not done:
         # the same entry as `svfseg test`: the task the model's recipe scores it with
@@ -204,6 +230,7 @@ def run_cell(cfg, episodes: Optional[Path]) -> dict:
     run = json.loads(results_path.read_text())["runs"][0]
     rec.update(miou=run["miou"], fb_iou=run["fb_iou"], episodes=run["episodes"],
                episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"])
+    _write_cell_record(run_dir, cell_settings(cfg, episodes))
     return rec
 
 
@@ -221,7 +248,7 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
         # trial is then scored on the test episodes (and serves as that seed's cell).
         trials, moved = {}, {}
         for mult in grid:
-            rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None)
+            rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None, plan.force)
             trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
             moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
         scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}
@@ -230,8 +257,19 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
                                                      "movement": moved, "chosen": chosen}
     for seed in plan.seeds:
         cfg = cell_config(plan, fold, shot, regime, seed, chosen)
-        rec = run_cell(cfg, test_episode_file(plan, cfg))
+        rec = run_cell(cfg, test_episode_file(plan, cfg), plan.force)
         cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen, **rec})
+
+
+def check_plan_lists(plan: ComparePlan) -> None:
+    """Refuse empty or repeated seeds, regimes, folds and shots (a repeated seed is no second pair)."""
+    for option, values in (("--seeds", plan.seeds), ("--regimes", plan.regimes), ("--folds", plan.folds),
+                           ("--shots", plan.shots)):
+        if not values:
+            raise ValueError(f"compare: {option}: expected at least one value, found none")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"compare: {option}: expected distinct values, found {values} (repeats {repeated})")
 
 
 def run_compare(plan: ComparePlan) -> dict:
@@ -240,6 +278,7 @@ def run_compare(plan: ComparePlan) -> dict:
     Returns:
         The ``compare.json`` content.
     """
+    check_plan_lists(plan)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for name in plan.regimes:  # a typo in a regime or an override fails now, not hours in
@@ -316,79 +355,6 @@ def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
             "sweeps": sweeps, "rows": rows, "cells": cells, "incomplete": incomplete, "diverged": diverged}
 
 
-def verdict_sentence(regime: str, row: dict, reference: str) -> str:
-    """One sentence: does ``regime`` beat the reference beyond the 95% interval?"""
-    d = row["diff_to_reference"]
-    if d is None:
-        return f"- **{regime}**: no interval (needs at least two seeds)."
-    span = (f"{pct(d['mean'], True)} mIoU points, 95% CI [{pct(d['low'], True)}, {pct(d['high'], True)}] "
-            f"(half-width {pct((d['high'] - d['low']) / 2)})") \
-        if d["low"] is not None else f"{pct(d['mean'], True)} mIoU points from one seed, no interval"
-    text = {"better": f"beats {reference} beyond the interval",
-            "worse": f"is worse than {reference} beyond the interval",
-            "within": f"does not differ from {reference} beyond the interval (the difference is within noise)",
-            "unknown": f"cannot be compared with {reference} from one seed"}[row["verdict"]]
-    return f"- **{regime}** {text}: {span} over {d['n']} seed(s)."
-
-
-def compare_markdown(result: dict) -> str:
-    """The Markdown of ``compare.json``: the table, then one verdict sentence per regime."""
-    ref = result["reference"]
-    lines = [f"# compare: {', '.join(result['regimes'])} (reference {ref})", "",
-             f"`{result['config']}`, folds {result['folds']}, shots {result['shots']}, seeds {result['seeds']}; "
-             f"every cell scored on the same test episodes per (fold, shot). Interval: {result['interval']} "
-             f"(paired by seed; fold/shot-averaged first); std is the sample std over seeds (n-1).", "",
-             *_warm_start_lines(result)]
-    header = ["regime", f"mIoU (%) mean ± std ({STD_NOTE})", "per-seed mIoU (%)", "FB-IoU (%)",
-              f"Δ mIoU vs {ref} [95% CI]", "trainable (backbone)", "adapter file", "backbone lr x", "train s/step",
-              "peak mem", "SV/weight movement"]
-    rows = []
-    for regime, r in result["rows"].items():
-        d = r["diff_to_reference"]
-        diff = DASH if d is None else (f"{pct(d['mean'], True)} [{pct(d['low'], True)}, {pct(d['high'], True)}]"
-                                       if d["low"] is not None else f"{pct(d['mean'], True)} [{DASH}]")
-        tr = r["trainable"] or {}
-        move = DASH if r["movement_max_stage_mean"] is None else f"{100 * r['movement_max_stage_mean']:.2f}%"
-        lr = DASH if r["lr_mult"] is None else f"{r['lr_mult']:g}"
-        mem = DASH if not r["peak_memory_bytes"] else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
-        per_seed = ", ".join(pct(v) for v in r["per_seed_miou"].values()) or DASH
-        rows.append([regime, f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}", per_seed, pct(r["fb_iou_mean"]), diff,
-                     f"{tr.get('total', 0):,} ({tr.get('backbone', 0):,})", size_text(r["adapter_bytes"]), lr,
-                     f"{r['seconds_per_step']:.2f}", mem, move])
-    lines.append(markdown_table(header, rows))
-    lines += ["", "Movement: the most-moved stage's mean relative change of what trained (singular values: "
-              "|S-S0|/|S0| per value; other tensors ||p-p0||/||p0||).", ""]
-    if result["sweeps"]:
-        lines.append("Backbone lr multiplier chosen on base-class validation episodes (first seed):")
-        for k, v in result["sweeps"].items():
-            lines.append(f"- {k}: val mIoU " + ", ".join(f"x{m}: {pct(s)}" for m, s in v["val_miou"].items())
-                         + f" -> x{v['chosen']:g}")
-        lines.append("")
-    lines.append("Verdicts:")
-    for regime, r in result["rows"].items():
-        if regime != ref:
-            lines.append(verdict_sentence(regime, r, ref))
-    if result.get("diverged"):
-        lines += ["", f"{len(result['diverged'])} cell(s) diverged (non-finite loss): "
-                  + ", ".join(Path(c["run_dir"]).name for c in result["diverged"])]
-    if result["incomplete"]:
-        lines += ["", f"{len(result['incomplete'])} cell(s) did not finish; rerun the same command to resume them."]
-    if len(result["folds"]) > 1 or len(result["shots"]) > 1:
-        lines += [""] + fold_layout_markdown(result)
-    return "\n".join(lines) + "\n"
-
-
-def _warm_start_lines(result: dict) -> list[str]:
-    """What compare.md says about a shared warm start (nothing without one)."""
-    warm = result.get("warm_start") or []
-    if not warm:
-        return []
-    w = warm[0]
-    return [f"Warm start: every cell started from one shared head, trained {w['steps']} steps with the frozen "
-            f"backbone (seed {w['seed']}, per fold and shot; linear probe then fine-tune, Kumar et al. 2022); each "
-            f"cell then trained its own steps from there, so the seeds vary only that fine-tuning.", ""]
-
-
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -419,6 +385,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="extra rows: REGIME (default: every regime that trains the backbone, except the reference) "
                         "once per value of KEY, e.g. --vary 'svf:svf.train=[S]|[U,S]|[S,V]' or "
                         "--vary 'svf:svf.stages=[layer4]|[layer3,layer4]'; repeat for more keys (every combination)")
+    p.add_argument("--force", action="store_true",
+                   help="retrain (rescore) the cells an earlier compare into --out made with other settings")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every cell")
     return p
 
@@ -440,7 +408,7 @@ def run_compare_cli(args: argparse.Namespace) -> int:
                        folds=lists["folds"], shots=lists["shots"], overrides=overrides, out=args.out,
                        reference=args.reference, backbone_lr=args.backbone_lr, test_episodes=args.test_episodes,
                        val_episodes=args.val_episodes, warm_start=args.warm_start, threads=args.threads,
-                       arms={a.label: a for a in arms if a.overrides})
+                       arms={a.label: a for a in arms if a.overrides}, force=args.force)
     result = run_compare(plan)
     print(compare_markdown(result))
     return 130 if result.get("stopped") else 0

@@ -18,15 +18,18 @@ class PredictInputError(ValueError):
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3); errors name the file."""
+    """An image file as RGB uint8 (H, W, 3), read as training reads it (:func:`svfseg.data.io.read_image`:
+    EXIF orientation applied, 16-bit/greyscale/palette converted); errors name the file."""
+    from svfseg.data.io import DataError, read_image
+
     path = Path(path)
     if not path.is_file():
         raise PredictInputError(f"{path}: no such image file")
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except OSError as e:
-        raise PredictInputError(f"{path}: cannot read it as an image ({e})") from None
+        return read_image(path)
+    except DataError as e:
+        why = str(e).removeprefix(f"{path}: ")
+        raise PredictInputError(f"{path}: cannot read it as an image ({why})") from None
 
 
 def read_binary_mask(path: str | os.PathLike, expect_hw: Optional[tuple[int, int]] = None, *,
@@ -109,6 +112,8 @@ def binary_mask(arr: np.ndarray, where: str, expect_hw: Optional[tuple[int, int]
 
 
 MIN_SIZE = 32
+#: Largest --size: the model's input is size x size, its activations grow with the square.
+MAX_SIZE = 4096
 
 
 def output_names(queries: Sequence[str | os.PathLike]) -> list[str]:
@@ -208,6 +213,15 @@ def predict(
         raise PredictInputError("predict: at least one --query image is needed")
     if size is not None and size < MIN_SIZE:
         raise PredictInputError(f"predict: expected --size >= {MIN_SIZE} (the longer side in pixels), found {size}")
+    if size is not None and size > MAX_SIZE:
+        raise PredictInputError(f"predict: expected --size <= {MAX_SIZE} (the longer side in pixels; the model's "
+                                f"memory grows with its square), found {size}")
+    from svfseg.engine.distributed import resolve_device
+
+    try:
+        device = str(resolve_device(device))
+    except ValueError as e:
+        raise PredictInputError(f"predict: --device {device}: {e}") from None
     out_dir = Path(out_dir)
     names = output_names(queries)
     outputs = [(out_dir / f"{n}_mask.png", out_dir / f"{n}_overlay.png") for n in names]

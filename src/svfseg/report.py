@@ -45,11 +45,67 @@ def load_entries(files: Sequence[Path]) -> list[dict]:
                             "miou": 100 * r["summary"]["miou"]["mean"], "file": str(f),
                             "fb_iou": None if fb is None else 100 * fb, "protocol": r.get("protocol"),
                             "train_seed": seed if seed is not None else f"run {Path(r.get('checkpoint', f)).parent}",
-                            "num_folds": int(r.get("num_folds", 4)),
+                            "num_folds": int(r.get("num_folds", 4)), "cell": cell_identity(r, f),
                             "statistic": own_statistic(r), "paper_statistic": paper_statistic(r, Path(f))})
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"report: {f} is not an `svfseg test` results.json ({e})") from None
     return entries
+
+
+#: Config keys that differ between the seeds of one cell (or only say how it ran): not part of a cell.
+_RUN_KEYS = {"seed", "name", "output_dir", "resume", "threads", "device", "fold", "shot", "data.root",
+             "data.workers", "train.progress", "train.tensorboard", "train.stop_after_steps", "train.log_every",
+             "train.val_episodes_file"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def cell_identity(r: dict, results_file: Path) -> dict:
+    """What defines the cell a result belongs to besides its table key: the training recipe (the run's
+    ``config.yaml`` without seed, name and the run-only keys), the data (dataset fingerprint) and the
+    episode protocol and counts. Results of another data root, budget or episode set are another cell."""
+    import yaml
+
+    config = {}
+    ckpt = Path(r.get("checkpoint", ""))
+    cfg_file = ckpt.parent / "config.yaml" if r.get("checkpoint") else None
+    if cfg_file is not None and cfg_file.is_file():
+        try:
+            config = {k: v for k, v in _flat(yaml.safe_load(cfg_file.read_text()) or {}).items()
+                      if k not in _RUN_KEYS}
+        except (OSError, yaml.YAMLError):
+            config = {}
+    runs = r.get("runs") or []
+    data = sorted({str(x.get("dataset_fingerprint")) for x in runs if x.get("dataset_fingerprint")})
+    return {"recipe": config, "data": ",".join(data) or None, "protocol": r.get("protocol"),
+            "episodes": ",".join(str(x.get("episodes")) for x in runs) or None}
+
+
+def _cell_key(e: dict) -> str:
+    import json as _json
+
+    return _json.dumps(e.get("cell") or {}, sort_keys=True, default=str)
+
+
+def cell_differences(a: dict, b: dict) -> list[str]:
+    """What differs between two cell identities (config keys, data, protocol, episode counts)."""
+    diffs = []
+    ra, rb = a.get("recipe") or {}, b.get("recipe") or {}
+    for k in sorted(set(ra) | set(rb)):
+        if ra.get(k, "<absent>") != rb.get(k, "<absent>"):
+            diffs.append(f"{k} {ra.get(k, '<absent>')!r} vs {rb.get(k, '<absent>')!r}")
+    for k, what in (("data", "dataset fingerprint"), ("protocol", "protocol"), ("episodes", "episodes")):
+        if a.get(k) != b.get(k):
+            diffs.append(f"{what} {a.get(k)} vs {b.get(k)}")
+    return diffs
 
 
 def _seed_count(per_fold: dict) -> str:
@@ -80,12 +136,20 @@ def report_table(entries: Sequence[dict], folds: int = 4) -> str:
     ``ours / paper`` where the paper reports that fold. Each of our cells is the mean over training
     seeds, ``± std`` when there are several; the last column counts the seeds per fold."""
     folds = max([folds, *(e.get("num_folds", 4) for e in entries)])
+    # Results of unrelated runs (another data root, budget, recipe or episode set) are another cell,
+    # never averaged as seeds of one: a row per variant, and a note of what differs.
+    variants: dict[tuple, list[str]] = {}
+    for e in entries:
+        row_key = (e["benchmark"], paper_backbone(e["backbone"]), e["model"], e["regime"])
+        keys = variants.setdefault(row_key, [])
+        if _cell_key(e) not in keys:
+            keys.append(_cell_key(e))
     grouped = group_by_seed(entries, key=lambda e: (e["benchmark"], paper_backbone(e["backbone"]), e["model"],
-                                                    e["regime"], e["shot"], e["fold"]),
+                                                    e["regime"], _variant(variants, e), e["shot"], e["fold"]),
                             seed=lambda e: e.get("train_seed", e["file"]))
     groups: dict[tuple, dict] = {}
-    for (bench, bb, model, regime, shot, fold), seeds in grouped.items():
-        groups.setdefault((bench, bb, model, regime), {}).setdefault(shot, {})[fold] = seeds
+    for (bench, bb, model, regime, variant, shot, fold), seeds in grouped.items():
+        groups.setdefault((bench, bb, model, regime, variant), {}).setdefault(shot, {})[fold] = seeds
     n_folds = {e["benchmark"]: e.get("num_folds", 4) for e in entries}
     shots = sorted({e["shot"] for e in entries} | {1, 5})
     head = ["benchmark", "backbone", "method"]
@@ -93,13 +157,13 @@ def report_table(entries: Sequence[dict], folds: int = 4) -> str:
         head += [f"{k}-shot f{f}" for f in range(folds)] + [f"{k}-shot mean", f"{k}-shot FB-IoU", "paper"]
     head += ["seeds", "statistic"]
     rows = []
-    for (bench, bb, model, regime) in sorted(groups):
+    for (bench, bb, model, regime, variant) in sorted(groups):
         spec, own = REGISTRY.get(regime), n_folds.get(bench, 4)
         svf = None if spec is None else spec.paper_svf  # which of the paper's rows, None: none
-        row = [bench, bb, METHOD_NAMES.get(model, model) + regime_label(regime)]
+        row = [bench, bb, METHOD_NAMES.get(model, model) + regime_label(regime) + variant]
         all_folds: dict = {}
         for k in shots:
-            per_fold = groups[(bench, bb, model, regime)].get(k, {})
+            per_fold = groups[(bench, bb, model, regime, variant)].get(k, {})
             all_folds.update({(k, f): v for f, v in per_fold.items()})
             for f in range(folds):
                 ours = seed_stats(e["miou"] for e in per_fold[f].values()) if f in per_fold else None
@@ -120,7 +184,31 @@ def report_table(entries: Sequence[dict], folds: int = 4) -> str:
             "(NeurIPS 2022), mean of 4 folds, † protocol, each the best validation of training on the test fold (the "
             "SVF code's statistic; `--as-paper` computes it from the runs' logs); `ours / paper` where the paper "
             "reports the fold.\n")
-    return markdown_table(head, rows) + "\n" + note
+    return markdown_table(head, rows) + "\n" + note + _variant_notes(variants, entries)
+
+
+def _variant(variants: dict, e: dict) -> str:
+    keys = variants[(e["benchmark"], paper_backbone(e["backbone"]), e["model"], e["regime"])]
+    return "" if len(keys) == 1 else f" [{chr(ord('a') + keys.index(_cell_key(e)))}]"
+
+
+def _variant_notes(variants: dict, entries: Sequence[dict]) -> str:
+    """One line per row split into variants: what differs from variant [a]."""
+    import json as _json
+
+    lines = []
+    for (bench, bb, model, regime), keys in sorted(variants.items()):
+        if len(keys) < 2:
+            continue
+        first = _json.loads(keys[0])
+        for i, k in enumerate(keys[1:], 1):
+            diffs = cell_differences(first, _json.loads(k)) or ["an unrecorded setting"]
+            lines.append(f"- {bench} {bb} {model} ({regime}) [{chr(ord('a') + i)}] differs from [a] in: "
+                         + "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else ""))
+    if not lines:
+        return ""
+    return ("\nRows split into variants [a], [b], ...: results of unrelated runs are never averaged as seeds of "
+            "one cell.\n" + "\n".join(lines) + "\n")
 
 
 def report(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, as_paper: bool = False) -> str:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from svfseg.policies import SVF_MODES, LoRAConfig, SVFPolicy
-from svfseg.regimes import REGIME_NAMES
+from svfseg.regimes import REGIME_NAMES, REGISTRY
 
 #: How the backbone trains (``model.regime``): the names of ``svfseg.regimes`` (what each trains is declared there).
 REGIMES = REGIME_NAMES
@@ -213,6 +214,70 @@ def validate(cfg: ExperimentConfig) -> None:
                           f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"config key 'optim.grad_clip' must be > 0 or null, found {cfg.optim.grad_clip}")
+    _validate_more(cfg)
+
+
+#: Parameter groups the models name (``optim.lr_mult`` keys; see ``FewShotModel.parameter_groups``).
+LR_GROUPS = ("head", "svf", "backbone")
+#: The smallest image side the backbones' five stride-2 stages take (train crop, test size).
+MIN_SIDE = 32
+#: ``svf:`` options only ``model.regime=svf`` reads; the other staged regimes read only ``svf.stages``.
+_SVF_ONLY = ("skip_1x1", "skip_3x3", "train_bn", "train_bias", "mode", "fold_bn")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _validate_more(cfg: ExperimentConfig) -> None:
+    """The checks torch, numpy or the file system would otherwise make later, after a run folder exists."""
+    import math
+
+    floats = {"optim.lr": cfg.optim.lr, "optim.momentum": cfg.optim.momentum,
+              "optim.weight_decay": cfg.optim.weight_decay, "optim.power": cfg.optim.power,
+              "optim.grad_clip": cfg.optim.grad_clip, "train.aux_weight": cfg.train.aux_weight,
+              "lora.alpha": cfg.lora.alpha, "lora.dropout": cfg.lora.dropout,
+              **{f"data.train_scale[{i}]": v for i, v in enumerate(cfg.data.train_scale)},
+              **{f"optim.lr_mult.{k}": v for k, v in cfg.optim.lr_mult.items() if isinstance(v, (int, float))}}
+    for k, v in floats.items():
+        if v is not None and not math.isfinite(v):
+            raise ConfigError(f"config key '{k}' must be a finite number, found {v}")
+    unknown = sorted(set(cfg.optim.lr_mult) - set(LR_GROUPS))
+    if unknown:
+        raise ConfigError(f"config key 'optim.lr_mult.{unknown[0]}' is unknown: the parameter groups are "
+                          f"{list(LR_GROUPS)}")
+    non_negative = {"optim.momentum": cfg.optim.momentum, "optim.weight_decay": cfg.optim.weight_decay,
+                    "optim.power": cfg.optim.power, "optim.warmup_steps": cfg.optim.warmup_steps,
+                    "seed": cfg.seed, "data.workers": cfg.data.workers, "train.aux_weight": cfg.train.aux_weight,
+                    "train.val_every": cfg.train.val_every, "train.checkpoint_every": cfg.train.checkpoint_every,
+                    "train.val_seed": cfg.train.val_seed}
+    for k, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"config key '{k}' must be >= 0, found {v}")
+    if cfg.seed >= 2**32 or cfg.train.val_seed >= 2**32:
+        raise ConfigError(f"config key 'seed' / 'train.val_seed' must be < 2**32, found {cfg.seed} / "
+                          f"{cfg.train.val_seed}")
+    for k, v in {"data.train_crop": cfg.data.train_crop, "data.test_size": cfg.data.test_size}.items():
+        if v < MIN_SIDE:
+            raise ConfigError(f"config key '{k}' must be >= {MIN_SIDE} px (the backbones halve it five times), "
+                              f"found {v}")
+    for k, v in {"train.steps_per_epoch": cfg.train.steps_per_epoch,
+                 "train.stop_after_steps": cfg.train.stop_after_steps}.items():
+        if v is not None and v < (1 if k == "train.steps_per_epoch" else 0):
+            raise ConfigError(f"config key '{k}' must be >= {1 if k == 'train.steps_per_epoch' else 0} or null "
+                              f"(the default), found {v}")
+    if not _DEVICE.fullmatch(str(cfg.device)):
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, found {cfg.device!r}")
+    spec = REGISTRY.get(cfg.model.regime)
+    if spec is not None and spec.staged and not spec.singular_values:  # bitfit, bn, last_stage, lora
+        default = SVFPolicy()
+        ignored = [k for k in _SVF_ONLY if getattr(cfg.svf, k) != getattr(default, k)]
+        if ignored:
+            raise ConfigError(f"config key 'svf.{ignored[0]}' is read only by model.regime=svf; "
+                              f"model.regime={cfg.model.regime} would ignore it (it trains only on svf.stages): "
+                              f"remove it")
+    if cfg.name is not None:
+        parts = Path(cfg.name).parts
+        if not cfg.name.strip() or Path(cfg.name).is_absolute() or ".." in parts or "~" in cfg.name[:1]:
+            raise ConfigError(f"config key 'name' must be a folder name inside output_dir (no absolute path, "
+                              f"no '..'), found {cfg.name!r}")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -130,14 +130,35 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
     if episodes is None:
         episodes = make_episodes(pool, benchmark=benchmark, fold=fold, shot=shot, seed=seed,
                                  count=num_episodes, convention=convention, order=order)
-    elif not isinstance(episodes, EpisodeList):
+    where = "episode list"
+    if episodes is not None and not isinstance(episodes, EpisodeList):
+        where = str(episodes)
         episodes = EpisodeList.load(episodes)  # the dataset check is EvalEpisodes' (legacy lists too)
     want = dict(benchmark=benchmark, split=split, fold=fold, shot=shot, convention=convention)
     got = {k: getattr(episodes, k) for k in want}
     if got != want:
-        raise DataError(f"episode list made for {got}, but the dataset asked for {want}")
+        raise DataError(f"{where}: episode list made for {got}, but the dataset asked for {want}")
+    check_episode_contents(episodes, sp.novel, shot, fold, where)
     if episodes.query_rule != query_rule:
         log.warning("episode list made with query_rule=%r, dataset asked for %r: the list's episodes are used "
                     "as they are", episodes.query_rule, query_rule)
     log.info("%s fold %d val: %d episodes over %d query images", benchmark, fold, len(episodes), len(pool))
     return EvalEpisodes(pool, episodes, transform=TestTransform(size=test_size, upstream=upstream_padding))
+
+
+def check_episode_contents(episodes: EpisodeList, novel, shot: int, fold: int, where: str) -> None:
+    """Refuse an episode list that has no episodes, asks about a class that is not novel in ``fold``,
+    or holds another number of supports than its shot (an edited file with a fitting fingerprint).
+
+    Raises:
+        DataError: naming the file and the first bad episode.
+    """
+    if not len(episodes):
+        raise DataError(f"{where}: expected at least one episode, found no episodes")
+    for i, e in enumerate(episodes.episodes):
+        if e.class_id not in novel:
+            raise DataError(f"{where}: expected episodes of the novel classes {sorted(novel)} of fold {fold}, "
+                            f"found base class {e.class_id} in episode {i}")
+        if len(e.supports) != shot:
+            raise DataError(f"{where}: expected {shot} supports per episode ({shot}-shot), found "
+                            f"{len(e.supports)} supports in episode {i}")

@@ -5,11 +5,10 @@ import multiprocessing
 import os
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from svfseg.data.index import _scan_one
-from svfseg.data.io import DataError
+from svfseg.data.io import DataError, decoder_complaints, exif_orientation, read_image
 from svfseg.data.splits import CustomClasses, class_split, num_classes, num_folds
 
 __all__ = ["check_dataset"]
@@ -39,13 +38,17 @@ def _check_one(args):
     hw, counts, problems = _scan_one(args)
     root, img_rel = args[0], args[1]
     img = Path(root) / img_rel
+    rotated = False
     if img.is_file():
         try:
-            with Image.open(img) as im:
-                im.load()  # full decode: catches truncated and corrupt files that the header read misses
-        except (OSError, SyntaxError, ValueError) as e:
-            problems.append(f"{img}: expected a decodable image, found {type(e).__name__}: {e}")
-    return counts, problems
+            read_image(img)  # full decode by the reader training uses: truncated, too large, undecodable
+            said = decoder_complaints(img)  # damage inside a complete file (a zeroed block)
+            if said:
+                problems.append(f"{img}: expected a decodable image, found damaged data (decoder: {said[:160]})")
+            rotated = exif_orientation(img) != 1
+        except (DataError, OSError) as e:
+            problems.append(f"{img}: expected a decodable image, found {e}")
+    return counts, problems, rotated
 
 
 def _empty_class_problems(benchmark: str, split: str, records, min_pixels: int, convention: str,
@@ -68,13 +71,14 @@ def _empty_class_problems(benchmark: str, split: str, records, min_pixels: int, 
 
 
 def check_dataset(root, benchmark: str, *, convention: str = "interleaved", min_pixels: int | None = None,
-                  workers: int | None = None, progress: bool = True) -> list[str]:
+                  workers: int | None = None, progress: bool = True, notes: list[str] | None = None) -> list[str]:
     """Check every list line, image and label of ``root`` and report all problems (empty list = valid).
 
     Checks: list files present and well formed; every image present and fully decodable (not
     truncated); every label present, single-channel, of its image's size, with values in
     0..num_classes or 255; every class of every fold keeps >= 2 images after filtering; for
-    ``benchmark="custom"``, a valid ``dataset.yaml``.
+    ``benchmark="custom"``, a valid ``dataset.yaml``. Images with an EXIF rotation are listed in
+    ``notes`` (they are read rotated, as shown; their labels must match the rotated image).
     """
     from svfseg.data.build import default_min_pixels
     from svfseg.data.meta import benchmark_meta
@@ -108,7 +112,13 @@ def check_dataset(root, benchmark: str, *, convention: str = "interleaved", min_
                 results = list(tqdm(pool.imap(_check_one, jobs, chunksize=32), **bar))
         else:
             results = [_check_one(j) for j in tqdm(jobs, **bar)]
-        for _, probs in results:
+        for _, probs, _ in results:
             problems += probs
-        problems += _empty_class_problems(benchmark, split, [c for c, _ in results], min_pixels, convention, meta)
+        rotated = [a for (a, _), (_, _, r) in zip(pairs, results) if r]
+        if rotated and notes is not None:
+            notes.append(f"{lf}: {len(rotated)} image(s) carry an EXIF rotation, e.g. {rotated[:3]}; every command "
+                         f"reads them rotated as they are shown (labels never rotate), so their labels must be "
+                         f"drawn on the rotated image")
+        problems += _empty_class_problems(benchmark, split, [c for c, _, _ in results], min_pixels, convention,
+                                          meta)
     return problems

@@ -85,17 +85,31 @@ def _digest(*blobs: bytes) -> str:
     return h.hexdigest()
 
 
-def _source_stamp(list_file: Path, root: Path, pairs, num_classes: int) -> str:
-    """Cheap cache key: list bytes + size and mtime of every image and label file (a changed file rebuilds)."""
-    h = hashlib.sha256(f"v{INDEX_VERSION}:{num_classes}\n".encode())
+def _pair_digest(args) -> str:
+    root, img_rel, lbl_rel = args
+    try:
+        return _digest((Path(root) / img_rel).read_bytes(), (Path(root) / lbl_rel).read_bytes())
+    except OSError:
+        return "missing"
+
+
+def _source_stamp(list_file: Path, root: Path, pairs, num_classes: int, workers: int | None = None) -> str:
+    """Cache key: list bytes + the content digest of every image and label (the one the fingerprint holds).
+
+    Size and mtime would miss a file rewritten in place with both kept (and then accept an old
+    episode file); the contents cannot. Reading every file costs about a second per GB.
+    """
+    h = hashlib.sha256(f"v{INDEX_VERSION}-content:{num_classes}\n".encode())
     h.update(list_file.read_bytes())
-    for img, lbl in pairs:
-        for rel in (img, lbl):
-            try:
-                st = os.stat(root / rel)
-                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{rel}:missing\n".encode())
+    jobs = [(str(root), a, b) for a, b in pairs]
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if workers > 1 and len(jobs) >= 2048:
+        with multiprocessing.get_context().Pool(workers) as pool:
+            digests = pool.map(_pair_digest, jobs, chunksize=256)
+    else:
+        digests = [_pair_digest(j) for j in jobs]
+    for (img, lbl), d in zip(pairs, digests):
+        h.update(f"{img} {lbl} {d}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -245,7 +259,7 @@ def load_class_index(root, split: str, num_classes: int, *, workers: int | None 
     root = Path(root)
     lf = list_path(root, split)
     pairs = read_list(lf)
-    stamp = _source_stamp(lf, root, pairs, num_classes)
+    stamp = _source_stamp(lf, root, pairs, num_classes, workers)
     cache_file = index_cache_file(cache_as if cache_as is not None else root, split)
     if cache:
         for f in (cache_file, root / CACHE_DIR / f"index-{split}.json"):

@@ -14,7 +14,8 @@ from PIL import Image
 
 __all__ = [
     "DataError", "read_image", "read_label", "read_list", "write_list", "list_path", "atomic_dir",
-    "write_label", "image_size", "incomplete_image", "file_head_and_tail",
+    "write_label", "image_size", "incomplete_image", "file_head_and_tail", "exif_orientation", "apply_orientation",
+    "MAX_IMAGE_PIXELS", "decoder_complaints",
 ]
 
 
@@ -22,14 +23,23 @@ class DataError(ValueError):
     """A dataset file is missing, unreadable or not in the expected format."""
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as RGB uint8 (H, W, 3).
+#: Largest image read (pixels): a phone's 50-108 MP photo passes; a larger file (a 192 MP panorama,
+#: a decompression bomb) is refused before it is decoded.
+MAX_IMAGE_PIXELS = 120_000_000
+_ORIENTATION_TAG = 0x0112
 
-    A truncated JPEG or PNG is refused (libjpeg would decode it with a grey lower part and
-    only a warning that names no file).
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as RGB uint8 (H, W, 3): the one image reader of every command.
+
+    The rule: an image's EXIF orientation is applied (a phone photo comes out as it is shown),
+    while masks and labels (:func:`read_label`) are never rotated. 16-bit, greyscale and palette
+    images are converted to 8-bit RGB (16-bit values scaled, not clipped). A truncated JPEG or
+    PNG is refused (libjpeg would decode it with a grey lower part and only a warning that names
+    no file), and so is an image over :data:`MAX_IMAGE_PIXELS`.
 
     Raises:
-        DataError: the file is missing, incomplete, or cannot be decoded.
+        DataError: the file is missing, incomplete, too large, or cannot be decoded.
     """
     path = Path(path)
     try:
@@ -41,10 +51,93 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     problem = incomplete_image(data)
     if problem:
         raise DataError(f"{path}: expected a complete image, found {problem}")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    orientation = _header(data, path)[1]
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise DataError(f"{path}: expected an RGB image file, found not a readable image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(apply_orientation(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), orientation))
+
+
+def _header(data_or_path, where, *, strict: bool = False) -> tuple[tuple[int, int], int]:
+    """((height, width) as stored, EXIF orientation 1..8) from the header; refuses an image too large to read.
+
+    A file Pillow cannot read gives ((0, 0), 1), or with ``strict`` its OSError.
+    """
+    import io
+    import warnings
+
+    src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below says more
+            with Image.open(src) as im:
+                w, h = im.size
+                try:
+                    orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+                except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels are still the image
+                    orientation = 1
+    except Image.DecompressionBombError:
+        raise DataError(f"{where}: expected an image of at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, found "
+                        f"one of more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; downscale it "
+                        f"first") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if strict:
+            raise OSError(f"cannot read it as an image ({e})") from None
+        return (0, 0), 1  # not a format Pillow reads: the decoder says what it cannot read
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DataError(f"{where}: expected an image of at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, found "
+                        f"{w}x{h} ({w * h / 1e6:.0f} megapixels); downscale it first")
+    return (h, w), orientation if 1 <= orientation <= 8 else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """An (H, W, ...) array as EXIF orientation ``orientation`` (1..8) says it is shown."""
+    if orientation == 5:  # 5..8 swap height and width
+        img = img.swapaxes(0, 1)
+    elif orientation == 6:
+        img = np.rot90(img, -1)
+    elif orientation == 7:
+        img = np.rot90(img, 2).swapaxes(0, 1)
+    elif orientation == 8:
+        img = np.rot90(img, 1)
+    elif orientation == 2:
+        img = img[:, ::-1]
+    elif orientation == 3:
+        img = img[::-1, ::-1]
+    elif orientation == 4:
+        img = img[::-1]
+    return img
+
+
+def decoder_complaints(path: str | os.PathLike) -> str:
+    """What libjpeg/libpng say while fully decoding ``path`` ("" when nothing): damage inside a complete file.
+
+    A JPEG whose middle was zeroed still decodes (grey or smeared blocks); only the decoder's
+    warnings ("Corrupt JPEG data: premature end of data segment"), which it writes to the C
+    stderr, tell. They are captured here by pointing file descriptor 2 at a temporary file for
+    the decode, so call this where nothing else writes to stderr meanwhile (``prepare --check``).
+    """
+    import tempfile
+
+    data = Path(path).read_bytes()
+    with tempfile.TemporaryFile() as err:
+        saved = os.dup(2)
+        try:
+            os.dup2(err.fileno(), 2)
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        said = " ".join(line.strip() for line in err.read().decode(errors="replace").splitlines() if line.strip())
+    if img is None:
+        return said or "not a readable image"
+    return said
+
+
+def exif_orientation(path: str | os.PathLike) -> int:
+    """An image file's EXIF orientation (1: as stored; 2..8: flipped and/or rotated when shown)."""
+    return _header(Path(path), path)[1]
 
 
 # A complete JPEG ends with its EOI marker (FF D9), a PNG with its IEND chunk. Scan data cannot
@@ -103,10 +196,13 @@ def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) from the image header, without decoding the pixels."""
-    with Image.open(path) as im:
-        w, h = im.size
-    return h, w
+    """(height, width) of the image :func:`read_image` returns (EXIF orientation applied), from the header.
+
+    Raises:
+        OSError: the file cannot be read as an image; DataError: it is too large.
+    """
+    (h, w), orientation = _header(Path(path), path, strict=True)
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
 def list_path(root: str | os.PathLike, split: str) -> Path:

@@ -76,6 +76,13 @@ def parse_dataset_meta(blob, path: Path) -> DatasetMeta:
         fold_ids = consecutive_folds(len(names), folds)
     elif isinstance(folds, list) and folds:
         fold_ids = tuple(_fold_ids(path, i, f, names) for i, f in enumerate(folds))
+        seen: dict[int, int] = {}
+        for i, ids in enumerate(fold_ids):
+            for c in ids:
+                if c in seen:
+                    raise DataError(f"{path}: folds[{i}]: expected folds without shared classes, found class {c} "
+                                    f"({names[c - 1]}) also in folds[{seen[c]}] (it would be novel in two folds)")
+                seen[c] = i
     else:
         raise DataError(f"{path}: folds: expected a fold count or a list of class lists, found {folds!r}")
     ints = {}

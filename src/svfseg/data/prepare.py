@@ -203,7 +203,10 @@ def run_prepare(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.check is not None:
-            problems = check_dataset(args.check, args.benchmark, workers=args.workers)
+            notes: list[str] = []
+            problems = check_dataset(args.check, args.benchmark, workers=args.workers, notes=notes)
+            for n in notes:
+                log.warning("%s", n)
             for p in problems:
                 log.error("%s", p)
             log.info("%s: %s", args.check, f"{len(problems)} problem(s)" if problems else "no problems found")

@@ -86,6 +86,12 @@ def save_atomic(obj: Any, path: str | os.PathLike, *, keep_previous: bool = Fals
         except OSError as e:
             raise CheckpointWriteError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; the previous "
                                                 f"checkpoint is kept") from e
+        except RuntimeError as e:
+            # torch's zip writer turns a failed write of its file (ENOSPC when another process
+            # takes the space mid-write) into "unexpected pos ..." instead of the OSError
+            raise CheckpointWriteError(errno.EIO, f"cannot write checkpoint {path}: the write stopped part-way "
+                                                  f"({_first_sentence(e)}; {_free_mb(path)} MB free on its disk, "
+                                                  f"is it full?); the previous checkpoint is kept") from None
         if verify:
             load(tmp, mmap=True)  # a file that does not read back must never replace a good one
         # mkstemp creates the file 0600; give it the mode a plain open() would have.
@@ -99,6 +105,13 @@ def save_atomic(obj: Any, path: str | os.PathLike, *, keep_previous: bool = Fals
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _free_mb(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path.parent).free / 1e6:.0f}"
+    except OSError:
+        return "?"
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -183,6 +196,20 @@ def check_finite(blob: Mapping, path: str | os.PathLike, step: Optional[int] = N
         raise CheckpointError(f"{path}: not written: {len(bad)} tensor(s) hold NaN/inf{at} (e.g. {bad[:3]}) "
                               f"although the loss was finite; the last good checkpoint is kept. Lower optim.lr "
                               f"or set optim.grad_clip.")
+
+
+def check_finite_weights(model_state: Mapping, path: str | os.PathLike) -> None:
+    """Refuse to use a checkpoint whose weights hold NaN/inf (a model that predicts nothing sensible).
+
+    Raises:
+        CheckpointError: naming the file and the first non-finite tensors.
+    """
+    bad = [k for k, v in model_state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: expected finite weights, found NaN/inf in {len(bad)} tensor(s) (e.g. "
+                              f"{bad[:3]}); this checkpoint cannot be used: train again or use an earlier "
+                              f"checkpoint")
 
 
 def peek(path: str | os.PathLike) -> dict:

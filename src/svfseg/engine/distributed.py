@@ -35,9 +35,12 @@ def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> cuda:local_rank when a GPU is present, else cpu; otherwise ``pref`` as given."""
     if pref == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(pref)
+    try:
+        dev = torch.device(pref)
+    except RuntimeError:
+        raise ValueError(f"device '{pref}': expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{pref}' requested but CUDA is not available (use device=cpu or auto)")
+        raise ValueError(f"device '{pref}' requested but CUDA is not available (use device=cpu or auto)")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
     return dev

@@ -24,6 +24,9 @@ from svfseg.svf import singular_value_parameters
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "trained_backbone.safetensors"
+#: The trained backbone tensors as the run started (step 0): what movement is measured against
+#: after any number of stops and resumes.
+INITIAL_FILE = "initial_backbone.safetensors"
 
 
 def _stage(name: str) -> str:
@@ -58,13 +61,20 @@ def peak_rss_bytes() -> Optional[int]:
 class Footprint:
     """Snapshot of a model's trainable backbone tensors at the start of a run, compared at its end.
 
+    A run that was stopped and resumed measures movement against the weights of step 0 (kept in
+    ``initial_backbone.safetensors`` when the run starts), and its summary adds the earlier
+    segments' seconds, peak memory and step-1 gradient scale (``earlier``, stored in ``last.pt``).
+
     Args:
         model: The few-shot model (unwrapped), before the first step.
         device: Where it trains (CUDA: peak memory from the allocator; else peak RSS).
-        start_step: The step it starts from (a resumed run measures movement from there).
+        start_step: The step it starts from.
+        run_dir: The run folder (the initial tensors are written there at step 0, read on resume).
+        earlier: :meth:`segments` of the checkpoint resumed from (None: a fresh run).
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, start_step: int = 0):
+    def __init__(self, model: nn.Module, device: torch.device, start_step: int = 0,
+                 run_dir: Optional[Path] = None, earlier: Optional[dict] = None):
         self.device = device
         self.start_step = start_step
         groups = model.parameter_groups() if hasattr(model, "parameter_groups") else []
@@ -77,13 +87,46 @@ class Footprint:
         s_ids = {id(p) for _, p in singular_value_parameters(backbone)} if backbone is not None else set()
         self.singular = {n for n, p in self.params.items() if id(p) in s_ids}
         self.start = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
-        self.gradient_scale: dict = {}
+        self.start_from = start_step
+        self.earlier = dict(earlier or {})
+        self._initial_weights(run_dir, start_step)
+        self.gradient_scale: dict = dict(self.earlier.get("gradient_scale_step1") or {})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.rss_reset = reset_peak_rss()
         # The process's resident size when training starts (model, data index, earlier runs' freed
         # but unreturned memory): peak minus this is what the steps themselves added.
         self.rss_at_start = _status_kb("VmRSS")
+
+    def _initial_weights(self, run_dir: Optional[Path], start_step: int) -> None:
+        """Step 0's tensors: written at a fresh start, read back on resume (absent: measured from here)."""
+        if run_dir is None or not self.params:
+            return
+        path = Path(run_dir) / INITIAL_FILE
+        from safetensors.torch import load_file, save_file
+
+        if start_step == 0:
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({n: t.contiguous() for n, t in self.start.items()}, str(tmp))
+            tmp.replace(path)
+        elif path.exists():
+            try:
+                initial = load_file(str(path))
+            except Exception as e:  # noqa: BLE001 - a damaged file: fall back to the resume point
+                logger.warning("%s: unreadable (%s); movement is measured from step %d", path, e, start_step)
+                return
+            if set(initial) == set(self.start) and all(initial[n].shape == self.start[n].shape for n in initial):
+                self.start, self.start_from = initial, 0
+            else:
+                logger.warning("%s does not match the trained tensors; movement is measured from step %d", path,
+                               start_step)
+
+    def segments(self, seconds: float) -> dict:
+        """What the next segment adds to (stored in ``last.pt``): seconds so far, peak memory, step-1 gradients."""
+        peaks = [v for v in (self.earlier.get("peak_memory_bytes"), self.peak_memory_bytes()) if v]
+        return {"seconds": float(self.earlier.get("seconds") or 0.0) + seconds,
+                "peak_memory_bytes": max(peaks) if peaks else None, "gradient_scale_step1": self.gradient_scale,
+                "count": int(self.earlier.get("count") or 0) + 1}
 
     @torch.no_grad()
     def observe_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -149,10 +192,12 @@ class Footprint:
             overall = max(v["mean"] for v in move.values())
         return {"trainable": {**self.counts, "total": sum(self.counts.values()),
                               "backbone": sum(p.numel() for p in self.params.values())},
-                "adapter": adapter, "movement": move, "movement_from_step": self.start_step,
+                "adapter": adapter, "movement": move, "movement_from_step": self.start_from,
                 "movement_max_stage_mean": overall,
                 "gradient_scale_step1": self.gradient_scale,
-                "peak_memory_bytes": self.peak_memory_bytes(), "rss_at_start_bytes": self.rss_at_start,
+                "peak_memory_bytes": self.segments(0.0)["peak_memory_bytes"],
+                "peak_memory_bytes_this_segment": self.peak_memory_bytes(), "rss_at_start_bytes": self.rss_at_start,
+                "segments": int(self.earlier.get("count") or 0) + 1,
                 "peak_memory_kind": "cuda_allocated" if self.device.type == "cuda" else
                 ("peak_rss_since_fit" if self.rss_reset else "peak_rss_process")}
 

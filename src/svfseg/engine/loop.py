@@ -187,8 +187,10 @@ def fit(
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_trainable(run_dir, unwrap(model))
-    # Movement is measured from the weights this process starts from (after a resume: from there).
-    footprint = Footprint(unwrap(model), device, start_step=step)
+    # Movement is measured from the run's step-0 weights (kept in the run folder); a resumed run
+    # adds the earlier segments' seconds and peak memory (kept in last.pt).
+    footprint = Footprint(unwrap(model), device, start_step=step, run_dir=run_dir if info.is_main else None,
+                          earlier=(resume_state or {}).get("segments"))
     sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)
     runlog = RunLogger(run_dir, resume_step=step if resume_state is not None else None,
                        tensorboard=tc.tensorboard) if info.is_main else None
@@ -203,6 +205,8 @@ def fit(
         if info.is_main:
             blob = model_blob()
             blob.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), total_steps=total,
+                        log_window=_window_state(window),
+                        segments=footprint.segments(time.perf_counter() - t_start),
                         reference_decay=ref_decay.state_dict() if ref_decay is not None else None,
                         rng_per_rank=states, best=best, history=history, status=status,
                         data_position={"epoch": step // spe, "step_in_epoch": step % spe, "steps_per_epoch": spe})
@@ -261,6 +265,11 @@ def fit(
     bar = progress_bar(total, desc=task.train_desc, enabled=tc.progress and info.is_main, unit="step",
                        initial=step, leave=True)
     window = {"loss": 0.0, "main": 0.0, "aux": 0.0, "n": 0, "t": time.perf_counter()}
+    if resume_state is not None and resume_state.get("log_window"):
+        # the steps since the last CSV row before the stop count in the first row after the resume
+        saved = resume_state["log_window"]
+        window.update({k: saved[k] for k in ("loss", "main", "aux", "n")},
+                      t=time.perf_counter() - saved.get("seconds", 0.0))
     try:
         with StopRequest() as stop:
             while step < total:
@@ -318,14 +327,21 @@ def fit(
         if runlog is not None:
             runlog.close()
             plot_curves(run_dir)
-    seconds = time.perf_counter() - t_start
+    segment_seconds = time.perf_counter() - t_start
+    seconds = footprint.segments(segment_seconds)["seconds"]  # every segment of a resumed run
     if info.is_main:
         out = {"task": task.name, "model": cfg.model.name, "status": status, "early_stop": early_stop,
-               "step": step, "total_steps": total, "seconds": seconds,
+               "step": step, "total_steps": total, "seconds": seconds, "segment_seconds": segment_seconds,
                "best": best, "history": history, "footprint": footprint.summary(run_dir)}
         (run_dir / "train_summary.json").write_text(json.dumps(out, indent=1, default=str))
     return FitResult(status, step, total, run_dir, last_path, best_path if best_path.exists() else None, best,
                      seconds, history)
+
+
+def _window_state(window: dict) -> dict:
+    """The partial CSV-row window as plain numbers (sums, step count, seconds so far), for ``last.pt``."""
+    return {"loss": window["loss"], "main": window["main"], "aux": window["aux"], "n": window["n"],
+            "seconds": time.perf_counter() - window["t"]}
 
 
 def _best_is_stale(best: Optional[dict], epoch: int, spe: int, patience: int) -> bool:

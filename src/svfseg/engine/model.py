@@ -46,14 +46,35 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     kwargs = {**recipe.model_kwargs(run_facts(cfg)), **(load_dependencies(cfg) if pretrained else {})}
     if spec.model_kwarg:  # the regime's own config section (lora:) goes to the model
         kwargs[spec.model_kwarg] = getattr(cfg, spec.section)
-    model = create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
-                         svf_policy=cfg.svf if spec.staged else None,
-                         backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+    try:
+        model = create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
+                             svf_policy=cfg.svf if spec.staged else None,
+                             backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+    except TypeError as e:
+        raise _unknown_option(e, cfg) from None
     if pretrained and m.init_head:
         from svfseg.engine.warmstart import load_head
 
         logger.info("warm start: %d head tensors from %s", load_head(model, m.init_head), m.init_head)
     return model
+
+
+def _unknown_option(e: TypeError, cfg: ExperimentConfig) -> Exception:
+    """A constructor's "unexpected keyword argument 'k'" as the config key it came from."""
+    import re
+
+    from svfseg.config import ConfigError
+
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+    if not found:
+        return e
+    key = found.group(1)
+    m = cfg.model
+    where = ("model.head" if key in m.head else "model.backbone_kwargs" if key in m.backbone_kwargs else None)
+    if where is None:
+        return e
+    what = f"head of model.name={m.name}" if where == "model.head" else f"backbone {m.backbone}"
+    return ConfigError(f"config key '{where}.{key}' is not an option of the {what} ({e})")
 
 
 def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
@@ -97,6 +118,8 @@ def _read_dependency(dep, *, lazy: bool) -> dict:
     state = ckpt.peek(dep.path) if lazy else ckpt.load(dep.path)
     if not isinstance(state, dict) or "model" not in state or "describe" not in state:
         raise ckpt.CheckpointMismatch(f"{dep.path}: not an svfseg training checkpoint (no model/describe entries)")
+    if not lazy:
+        ckpt.check_finite_weights(state["model"], dep.path)
     diffs = dep.check(state)
     if diffs:
         raise ckpt.CheckpointMismatch(f"{dep.what} {dep.path} does not fit this run:\n  " + "\n  ".join(diffs))
@@ -154,12 +177,31 @@ def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     return ckpt.save_atomic(blob, out)
 
 
+def check_merge_out(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse a ``merge --out`` that would replace a file: any file without ``overwrite``, a file of the run never.
+
+    Raises:
+        FileExistsError: ``out`` is the checkpoint, a file of its run folder (``last.pt``, ...) or,
+            without ``overwrite``, any existing file.
+    """
+    from svfseg.engine.runfiles import is_run_file
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    same = out.exists() and checkpoint.exists() and os.path.samefile(out, checkpoint)
+    if same or (out.resolve().parent == checkpoint.resolve().parent and is_run_file(out)):
+        raise FileExistsError(f"merge: --out {out} belongs to the run being merged (its resumable state or its "
+                              f"results); write the merged model elsewhere, e.g. {out.parent / 'merged.pt'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"merge: --out {out} exists; choose another file or pass --overwrite")
+
+
 def _svfseg_checkpoint(checkpoint: str | os.PathLike) -> dict:
     state = ckpt.load(checkpoint)
     missing = [k for k in ("model", "config", "describe") if k not in state]
     if missing:
         raise ckpt.CheckpointMismatch(f"{checkpoint}: expected an svfseg checkpoint (best.pt/last.pt or a merged "
                                       f"export), found a file without {missing} (keys {sorted(state)[:8]})")
+    ckpt.check_finite_weights(state["model"], checkpoint)
     return state
 
 
@@ -195,6 +237,7 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
     if "model" not in state or "config" not in state:
         raise ckpt.CheckpointMismatch(f"{checkpoint}: not an svfseg checkpoint (no model/config entries; "
                                       f"found keys {sorted(state)[:8]})")
+    ckpt.check_finite_weights(state["model"], checkpoint)
     own_cfg = from_dict(state["config"], source=str(checkpoint))
     if cfg is None:
         cfg = own_cfg

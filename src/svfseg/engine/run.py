@@ -19,6 +19,7 @@ from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from svfseg.engine.loop import FitResult, fit, steps_per_epoch
 from svfseg.engine.model import build_model, describe, preflight
+from svfseg.engine.runfiles import clear_run, run_files
 from svfseg.engine.runlock import RunLock
 from svfseg.engine.tasks import get_task
 from svfseg.models import model_recipe
@@ -72,7 +73,8 @@ def check_resume_steps(state: Optional[dict], total: int, run_dir: Path) -> None
                          f"{total} steps in all (train.epochs x steps per epoch); raise train.epochs to continue")
 
 
-def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = True) -> Optional[dict]:
+def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = True,
+                      overwrite: bool = False) -> Optional[dict]:
     """The run folder's ``last.pt`` when ``cfg.resume`` is set; None for a fresh run.
 
     A ``last.pt`` that is missing, truncated or not a training checkpoint falls back to
@@ -83,6 +85,7 @@ def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = T
         cfg: Experiment config (``resume`` read).
         run_dir: The run folder.
         is_main: This process may move a damaged ``last.pt`` aside (one process under DDP).
+        overwrite: A fresh run may replace the run files in ``run_dir`` (``train --overwrite``).
 
     Returns:
         The loaded checkpoint, or None.
@@ -90,16 +93,25 @@ def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = T
     Raises:
         FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt`` (nor ``last.prev.pt``).
         CheckpointError: ``last.pt`` is damaged and there is no good ``last.prev.pt``.
-        FileExistsError: A fresh run would overwrite a run folder that holds a ``last.pt``.
+        FileExistsError: A fresh run would write into a folder that holds run files (any of
+            :data:`~svfseg.engine.runfiles.RUN_FILES`, e.g. a finished run whose ``last.pt`` was
+            deleted) and ``overwrite`` is off.
     """
     last = run_dir / "last.pt"
     if cfg.resume:
         if not last.exists() and not ckpt.previous_path(last).exists():
             raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
         return _load_or_fall_back(last, is_main)
-    if last.exists() or ckpt.previous_path(last).exists():
-        raise FileExistsError(f"{run_dir} already holds a training run ({last}); continue it with "
-                              f"`svfseg train --resume {run_dir}` or start another with name=<new name>")
+    if overwrite:
+        return None
+    present = run_files(run_dir)
+    if present:
+        names = ", ".join(p.name for p in present[:6]) + (", ..." if len(present) > 6 else "")
+        resumable = last.exists() or ckpt.previous_path(last).exists()
+        how = (f"continue it with `svfseg train --resume {run_dir}`, " if resumable else
+               "its last.pt is gone, so it cannot be resumed; ")
+        raise FileExistsError(f"{run_dir} already holds a run ({names}); {how}replace it with "
+                              f"`svfseg train --overwrite ...` or start another with name=<new name>")
     return None
 
 
@@ -130,7 +142,7 @@ def _training_checkpoint(path: Path) -> dict:
 
 
 def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Optional[Sequence[str]] = None,
-              info: Optional[DistInfo] = None) -> FitResult:
+              info: Optional[DistInfo] = None, overwrite: bool = False) -> FitResult:
     """Train as ``cfg`` says (``cfg.resume``: continue the run folder's ``last.pt``).
 
     The model's recipe names the task that trains it (few-shot episodes, semantic
@@ -141,6 +153,8 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         run_dir: run folder (default ``cfg.run_dir()``).
         argv: the command line, recorded in ``meta.json``.
         info: process-group info (default: from the torchrun environment).
+        overwrite: a fresh run replaces the run files already in the folder (deleted once every
+            check has passed); refused with ``cfg.resume``.
 
     Returns:
         The :class:`~svfseg.engine.loop.FitResult`.
@@ -155,7 +169,9 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         with RunLock(run_dir, "svfseg train") if info.is_main else contextlib.nullcontext():
             if info.is_main:
                 ckpt.remove_stale_temporaries(run_dir)
-            state = load_resume_state(cfg, run_dir, is_main=info.is_main)
+            if overwrite and cfg.resume:
+                raise ValueError(f"{run_dir}: --overwrite starts the run afresh, --resume continues it; give one")
+            state = load_resume_state(cfg, run_dir, is_main=info.is_main, overwrite=overwrite)
             if state is not None:
                 _warn_config_changes(state["config"], to_dict(cfg))
             preflight(cfg)
@@ -169,6 +185,12 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
                 ckpt.check_compatible(desc, state["describe"], run_dir / "last.pt")
                 ckpt.load_model_state(model, state["model"], run_dir / "last.pt")
             if info.is_main:
+                check_room_for_checkpoints(run_dir, model)
+                if overwrite:
+                    removed = clear_run(run_dir)
+                    if removed:
+                        logger.warning("--overwrite: removed the earlier run's %d file(s) from %s", len(removed),
+                                       run_dir)
                 write_run_metadata(run_dir, cfg, argv, resumed=state is not None)
                 logger.info("torch threads: %d (threads=%s; see the README on choosing it)", torch.get_num_threads(),
                             cfg.threads)
@@ -178,6 +200,31 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
     finally:
         if own_group:
             cleanup(info)
+
+
+def check_room_for_checkpoints(run_dir: Path, model: torch.nn.Module) -> None:
+    """Refuse to start when the run folder cannot be written or its disk cannot take ``last.pt`` + ``best.pt``.
+
+    Otherwise the first epoch would train and only its checkpoint find out (and a fresh run
+    would have nothing to resume).
+
+    Raises:
+        OSError: the folder is not writable, or too little space (ENOSPC), with the sizes.
+    """
+    import errno
+
+    from svfseg.engine.outdir import check_output_folder, free_bytes
+
+    check_output_folder(run_dir, "the run folder")
+    weights = ckpt.tensor_bytes(model.state_dict())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # last.pt: weights + optimiser state (a momentum buffer per trained tensor); best.pt: weights
+    needed = int((2 * weights + trained) * 1.1) + (32 << 20)
+    free = free_bytes(run_dir)
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{run_dir}: expected about {needed / 1e6:.0f} MB free for last.pt and best.pt "
+                                    f"before training, found {free / 1e6:.0f} MB; free some space (or set "
+                                    f"output_dir=...) and start again")
 
 
 def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -43,6 +43,12 @@ def score_with_task(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = No
         options: protocol, episode file, overlays, output folder, threshold.
         info: process-group info.
     """
+    from svfseg.engine.outdir import check_output_folder
+
     task = select_test_task(checkpoint, setting)
-    out = task.test(checkpoint, cfg, options or TestOptions(), info or DistInfo())
+    options = options or TestOptions()
+    # the results are written after every episode is scored: the folder must take them
+    check_output_folder(options.out_dir or Path(checkpoint).parent, "test --out" if options.out_dir else
+                        "the checkpoint's folder (test writes its results there; or give --out)")
+    out = task.test(checkpoint, cfg, options, info or DistInfo())
     return out, task.markdown(out)

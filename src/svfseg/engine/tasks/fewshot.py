@@ -207,7 +207,8 @@ class FewShotTask(Task):
                          desc=f"test {name}", vis_dir=out_dir / "vis" if save_vis and i == 0 else None,
                          num_vis=save_vis, upstream_padding=cfg.eval.upstream_padding,
                          empty_class=proto.empty_class)
-            r.update(seed=ds.episodes.seed, episode_count=len(ds), order=ds.episodes.order)
+            r.update(seed=ds.episodes.seed, episode_count=len(ds), order=ds.episodes.order,
+                     dataset_fingerprint=ds.episodes.dataset_fingerprint)
             logger.info("%s: mIoU %.2f  FB-IoU %.2f  (%d episodes, fingerprint %s)", name, 100 * r["miou"],
                         100 * r["fb_iou"], r["episodes"], r["episode_fingerprint"])
             results.append(r)
@@ -262,6 +263,7 @@ def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: s
     classes = novel_classes(cfg)
     per_class_mean = {str(c): _mean([r["per_class"][c] for r in results]) for c in classes}
     runs = [{"seed": r["seed"], "episodes": r["episodes"], "episode_fingerprint": r["episode_fingerprint"],
+             "dataset_fingerprint": r.get("dataset_fingerprint"),
              "miou": r["miou"], "fb_iou": r["fb_iou"], "seconds": r["seconds"],
              "per_class": {str(c): v for c, v in r["per_class"].items()}} for r in results]
     return {

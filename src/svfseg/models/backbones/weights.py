@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +17,7 @@ logger = logging.getLogger(__name__)
 _SHOW = 10  # keys listed per category in error messages
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(ValueError, RuntimeError):  # ValueError: the CLI's one-line errors
     """A weight file does not fit a backbone; keys are given in the file's own naming."""
 
     def __init__(self, message: str, report: "LoadReport") -> None:
@@ -50,12 +52,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path), device="cpu")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol notes name no file
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # never torch's advice to retry with weights_only=False: that runs the file's code
+        raise ValueError(f"{path}: expected a weight file of tensors, found one holding other Python objects "
+                         f"(svfseg loads only tensors from weight files)") from None
+    except Exception as e:  # noqa: BLE001 - torch/safetensors raise RuntimeError, EOFError, ... on damage
+        first = str(e).split("\n")[0].split(". ")[0].strip()[:160] or type(e).__name__
+        raise ValueError(f"{path}: expected a weight file of tensors (torch or safetensors), found a truncated, "
+                         f"corrupt or foreign file ({first})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
