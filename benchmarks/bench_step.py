@@ -174,15 +174,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if bf16_ok else 'no (bf16 setup skipped)'}, "
           f"C compiler {cc or 'none'}; {args.size} px, {args.batch} episodes/step, {args.rounds} rounds", flush=True)
     info, task = DistInfo(device=torch.device("cpu")), get_task("fewshot")
-    results = {}
+    results, failures = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_synthetic(Path(tmp) / "syn", seed=0, n_train=160, n_val=40, size=args.size)
         for regime in args.regimes.split(","):
             setups = {name: build_setup(regime, ov, root, args.size, args.batch)
                       for name, ov in setups_for(regime, compile_ok=compile_ok, bf16_ok=bf16_ok).items()}
-            for name, s in setups.items():  # warm-up (compilation happens here)
+            for name, s in list(setups.items()):  # warm-up (compilation happens here)
                 t = time.perf_counter()
-                one_step(s, info, task)
+                try:
+                    one_step(s, info, task)
+                except Exception as e:  # noqa: BLE001 - inductor raises assorted errors on CPU graphs
+                    if not s["compile"]:
+                        raise
+                    reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+                    print(f"{regime}: torch.compile failed, setup dropped ({type(e).__name__}: {reason})")
+                    failures[f"{regime}/{name}"] = f"{type(e).__name__}: {reason}"
+                    del setups[name]
+                    continue
                 if s["compile"]:
                     s["compile_s"] = time.perf_counter() - t
                 one_step(s, info, task)
@@ -195,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"size": args.size, "batch": args.batch, "rounds": args.rounds,
-                                         "threads": torch.get_num_threads(), "results": results}, indent=1))
+                                         "threads": torch.get_num_threads(), "results": results,
+                                         "failures": failures}, indent=1))
     return 0
 
 
