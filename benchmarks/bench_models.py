@@ -106,7 +106,8 @@ def _make_step(row: Row, spec: dict):
     # BAM needs its base classes (Pascal fold 0: 15 -> a 16-way base learner, random weights here).
     extra = {"base_classes": tuple(range(6, 21))} if row.model == "bam" else {}
     model = create_model(
-        row.model, backbone="resnet50_deep", backbone_mode=row.backbone_mode, batch_backbone=row.batch_backbone,
+        row.model, backbone="resnet50_deep", regime={"train": "full"}.get(row.backbone_mode, row.backbone_mode),
+        batch_backbone=row.batch_backbone,
         **extra,
     )
     if row.merged:

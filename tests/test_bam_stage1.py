@@ -20,13 +20,14 @@ from svfseg.engine.tasks import EvalSet, SemanticTask
 from svfseg.engine.tasks.semantic import evaluate_semantic as evaluate_base
 from svfseg.metrics import ConfusionMatrix
 from svfseg.models import create_model, model_recipe
+from svfseg.engine.data import run_facts
 from svfseg.models.heads.bam_recipe import stage1_differences
 from test_models import TinyBackbone
 
 
 def model_kwargs(cfg):
-    """The constructor keywords the model's recipe derives from the config."""
-    return model_recipe(cfg.model.name).model_kwargs(cfg)
+    """The constructor keywords the model's recipe derives from the config (through the engine's run facts)."""
+    return model_recipe(cfg.model.name).model_kwargs(run_facts(cfg))
 
 
 def load_base_learner_state(cfg):
@@ -155,7 +156,7 @@ def test_stage2_refuses_missing_or_incompatible_stage1_checkpoint(root, tmp_path
         load_base_learner_state(cfg)
     stage1 = ckpt.load(tmp_path / "fold0" / "best.pt")
     cfg.fold, cfg.model.backbone = 3, "resnet50_deep"
-    diffs = stage1_differences(stage1, cfg)
+    diffs = stage1_differences(stage1, run_facts(cfg))
     assert any(d.startswith("fold: checkpoint has 0, this run needs 3") for d in diffs)
     assert any(d.startswith("backbone: checkpoint has 'tiny'") for d in diffs)
 

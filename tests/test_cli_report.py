@@ -63,8 +63,8 @@ def test_training_seeds_are_averaged_with_std_and_fb_iou():
 
     entries = [e(f, s, 60.0 + 2 * s, 70.0 + s) for f in range(4) for s in (1, 2)]
     cells = [c.strip() for c in report_table(entries).splitlines()[2].strip("|").split("|")]
-    assert cells[3] == "63.00 ± 1.00 / 69.27"  # 62 and 64 over the two seeds
-    assert cells[7:10] == ["63.00 ± 1.00", "71.50 ± 0.50", "68.15"] and cells[-2] == "2"  # then "statistic"
+    assert cells[3] == "63.00 ± 1.41 / 69.27"  # 62 and 64 over the two seeds; sample std (n-1): sqrt(2)
+    assert cells[7:10] == ["63.00 ± 1.41", "71.50 ± 0.71", "68.15"] and cells[-2] == "2"  # then "statistic"
     # The same training seed tested twice is one result (the later file), not a second seed.
     cells = [c.strip() for c in report_table(entries + [e(0, 1, 10.0, 20.0)]).splitlines()[2].strip("|").split("|")]
-    assert cells[3].startswith("37.00 ± 27.00") and cells[-2] == "2"
+    assert cells[3].startswith("37.00 ± 38.18") and cells[-2] == "2"  # 10 and 64: 27 * sqrt(2)

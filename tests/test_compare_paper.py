@@ -53,14 +53,15 @@ def test_fold_layout_is_the_papers_table_per_shot():
     layout = fold_layout(_result())
     fr = layout[1]["frozen"]
     assert [round(s.mean, 6) for s in fr["folds"].values()] == [51.0, 52.0, 53.0, 54.0]
-    assert fr["folds"][0].std == pytest.approx(1.0) and fr["mean"].mean == pytest.approx(52.5)
-    assert fr["mean"].std == pytest.approx(1.0) and fr["mean"].n == 2  # the seeds' fold-averages 51.5, 53.5
+    # sample std (n-1), as every results table: two values 2 apart -> sqrt(2)
+    assert fr["folds"][0].std == pytest.approx(2 ** 0.5) and fr["mean"].mean == pytest.approx(52.5)
+    assert fr["mean"].std == pytest.approx(2 ** 0.5) and fr["mean"].n == 2  # the seeds' fold-averages 51.5, 53.5
     assert layout[1]["svf"]["mean"].mean == pytest.approx(58.5)
     assert layout[5]["svf"]["folds"][3] is None and layout[5]["svf"]["mean"] is None
     lines = "\n".join(fold_layout_markdown_lines()).splitlines()
     assert "| 1-shot | fold 0 | fold 1 | fold 2 | fold 3 | mean |" in lines
-    assert "| frozen | 51.00 ± 1.00 | 52.00 ± 1.00 | 53.00 ± 1.00 | 54.00 ± 1.00 | 52.50 ± 1.00 |" in lines
-    assert "| svf | 67.00 ± 2.00 | 68.00 ± 2.00 | 69.00 ± 2.00 | – | – |" in lines
+    assert "| frozen | 51.00 ± 1.41 | 52.00 ± 1.41 | 53.00 ± 1.41 | 54.00 ± 1.41 | 52.50 ± 1.41 |" in lines  # sample std (n-1)
+    assert "| svf | 67.00 ± 2.83 | 68.00 ± 2.83 | 69.00 ± 2.83 | – | – |" in lines
 
 
 def fold_layout_markdown_lines():

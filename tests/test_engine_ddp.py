@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from svfseg.engine.distributed import DistInfo
 from svfseg.engine.loop import fit
-from svfseg.engine.tasks import FewShotTask, ValSet
+from svfseg.engine.tasks import FewShotTask, EvalSet
 from svfseg.engine.tasks.fewshot import evaluate
 from conftest import assert_close_to_scale
 from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
@@ -26,7 +26,7 @@ def _run(tmp_path, name, info):
     cfg = toy_config(tmp_path, f"name={name}", "train.epochs=2")
     (tmp_path / name).mkdir(exist_ok=True)
     res = fit(cfg, model, ToyTrain(n=12), task=FewShotTask(), run_dir=tmp_path / name, describe=model.describe(),
-              val=ValSet(ToyEval(9), (1, 2)), info=info)
+              val=EvalSet(ToyEval(9), (1, 2)), info=info)
     scores = evaluate(model, ToyEval(9), class_ids=(1, 2), device=torch.device("cpu"), info=info)
     return model, res, scores
 

@@ -593,7 +593,7 @@ def test_report_never_averages_unrelated_runs_as_seeds(tmp_path, capsys):
     text = capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| pascal")]
     assert len(rows) == 4, text
-    assert "| PFENet + SVF [a] | 55.00 ± 5.00 / 69.27 |" in text  # the two seeds of one cell
+    assert "| PFENet + SVF [a] | 55.00 ± 7.07 / 69.27 |" in text  # the two seeds of one cell (sample std, n-1)
     assert "train.steps_per_epoch 100 vs 400" in text
     assert "dataset fingerprint d1 vs d2" in text and "episodes 1000 vs 300" in text
 

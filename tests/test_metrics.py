@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from svfseg.metrics import ConfusionMatrix, IoUAccumulator, episode_counts, summarize_runs
+from svfseg.metrics import ConfusionMatrix, IoUAccumulator, episode_counts
+from svfseg.results import summarize_runs
 
 
 def t(rows):
@@ -94,5 +95,5 @@ def test_merge_equals_single_accumulator():
 
 
 def test_summarize_runs():
-    s = summarize_runs([0.5, 0.7])
-    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1) and s["best"] == 0.7
+    s = summarize_runs([0.5, 0.7])  # the sample std (n-1), as every results table
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.02 ** 0.5) and s["best"] == 0.7

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import svfseg.svf.layers as layers_mod
+import svfseg.svf.forms as forms_mod
+import svfseg.svf.weight_cache as cache_mod
 from conftest import assert_close_to_scale
 from svfseg.svf.layers import (
     SVFConv1d,
@@ -150,13 +151,13 @@ def test_reparam_and_factorized_give_same_s_gradient_linear():
 class _Counter:
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = layers_mod.rebuild_weight
+        real = cache_mod.rebuild_weight
 
         def counted(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(layers_mod, "rebuild_weight", counted)
+        monkeypatch.setattr(cache_mod, "rebuild_weight", counted)
 
 
 def test_cache_reused_in_no_grad_and_invalidated_by_s_changes(monkeypatch):
@@ -255,8 +256,8 @@ def test_estimate_costs_regimes():
 
 def test_auto_decides_once_per_shape(monkeypatch):
     calls = []
-    real = layers_mod.estimate_costs
-    monkeypatch.setattr(layers_mod, "estimate_costs", lambda **kw: calls.append(kw) or real(**kw))
+    real = forms_mod.estimate_costs
+    monkeypatch.setattr(forms_mod, "estimate_costs", lambda **kw: calls.append(kw) or real(**kw))
     layer = svf_layer_from(nn.Conv2d(64, 64, 3, padding=1), "auto")
     x = _randn(1, 64, 4, 4)
     for _ in range(3):
@@ -314,12 +315,11 @@ def test_factorized_training_without_input_grad_or_bias_grad():
 
 
 def test_tune_times_both_forms_once_per_shape_and_caches_the_winner(monkeypatch):
-    import svfseg.svf.layers as layers_mod
     from svfseg.svf import TuneCache
 
     calls = []
     fake = {"plan": "reparam", "seconds": {"reparam": 1.0, "factorized": 2.0}}
-    monkeypatch.setattr(layers_mod, "time_forms", lambda layer, x: calls.append(tuple(x.shape)) or fake)
+    monkeypatch.setattr(forms_mod, "time_forms", lambda layer, x: calls.append(tuple(x.shape)) or fake)
     conv = nn.Conv2d(4, 6, 3, padding=1)
     shared = TuneCache(capacity=2)
     a, b = (SVFConv2d.from_conv(conv, mode="tune") for _ in range(2))

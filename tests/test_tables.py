@@ -4,13 +4,14 @@ import math
 import pytest
 
 from svfseg.config import ConfigError, load_config
-from svfseg.tables import format_stats, group_by_seed, markdown_table, seed_stats
+from svfseg.results import format_stats, group_by_seed, markdown_table, seed_stats
 
 
 def test_seed_stats_and_format():
-    s = seed_stats([60.0, 64.0, None, math.nan])
-    assert (s.mean, s.std, s.n) == (62.0, 2.0, 2)  # population std; None and NaN left out
-    assert format_stats(s) == "62.00 ± 2.00" and format_stats(s, 1, with_n=True) == "62.0 ± 2.0 (n=2)"
+    s = seed_stats([60.0, 62.0, 64.0, None, math.nan])
+    assert (s.mean, s.std, s.n) == (62.0, 2.0, 3)  # sample std (n-1); None and NaN left out
+    assert format_stats(s) == "62.00 ± 2.00" and format_stats(s, 1, with_n=True) == "62.0 ± 2.0 (n=3)"
+    assert seed_stats([60.0, 64.0]).std == pytest.approx(math.sqrt(8))  # n-1, not the population std (2.0)
     assert format_stats(seed_stats([61.5])) == "61.50" and format_stats(seed_stats([None])) == "–"
 
 

@@ -23,9 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from svfseg.compare_folds import fold_layout_markdown
+from svfseg.compare_cells import (  # noqa: F401  (CellSettingsChanged, cell_settings, settings_differences: public here)
+    CellSettingsChanged,
+    _check_cell_settings,
+    _check_episode_count,
+    _write_cell_record,
+    cell_settings,
+    settings_differences,
+)
+from svfseg.compare_render import compare_markdown, verdict_sentence  # noqa: F401  (public here too)
+from svfseg.compare_plot import plot_compare
 from svfseg.compare_variants import Arm, expand_arms, folder_name
-from svfseg.stats import PairedInterval, mean_std, paired_t_interval
+from svfseg.regimes import regime_spec
+from svfseg.results import mean_std
+from svfseg.stats import PairedInterval, paired_t_interval
 
 logger = logging.getLogger(__name__)
 
@@ -153,110 +164,6 @@ def test_episode_file(plan: ComparePlan, cfg) -> Path:
     return path
 
 
-class CellSettingsChanged(ValueError):
-    """A cell folder was made by an earlier compare with other settings (rerun with ``--force``)."""
-
-
-#: Config keys that do not change what a cell computes (how it is run, shown or interrupted).
-_QUIET_KEYS = ("resume", "threads", "device", "train.progress", "train.stop_after_steps", "train.tensorboard",
-               "train.log_every", "data.workers")
-CELL_RECORD = "compare_cell.json"
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def cell_settings(cfg, episodes: Optional[Path]) -> dict:
-    """What made a cell: its config (flat keys, the quiet ones left out) and its test episode file."""
-    from svfseg.config import to_dict
-
-    flat = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in _QUIET_KEYS}
-    out = {"config": json.loads(json.dumps(flat))}  # tuples as lists, as they read back
-    init_head = getattr(cfg.model, "init_head", None)
-    if init_head and (Path(init_head).parent / CELL_RECORD).exists():
-        # a cell started from a shared warm start is another cell when that head was made otherwise
-        out["init_head"] = json.loads((Path(init_head).parent / CELL_RECORD).read_text()).get("config")
-    if episodes is not None:
-        blob = json.loads(Path(episodes).read_text())
-        out["test_episodes"] = {"fingerprint": blob.get("fingerprint"), "count": len(blob.get("episodes", []))}
-    return out
-
-
-def _recorded_settings(run_dir: Path) -> Optional[dict]:
-    """The settings a cell folder records (``compare_cell.json``; else its ``config.yaml``), None when new."""
-    import yaml
-
-    record = run_dir / CELL_RECORD
-    if record.exists():
-        return json.loads(record.read_text())
-    if (run_dir / "config.yaml").exists():  # a cell made before the record, or one still training
-        flat = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-        return {"config": json.loads(json.dumps({k: v for k, v in flat.items() if k not in _QUIET_KEYS}))}
-    return None
-
-
-def settings_differences(have: dict, want: dict) -> list[str]:
-    """``key: was X, now Y`` for every setting that differs (test episodes only where both record them)."""
-    from svfseg.config import ExperimentConfig, to_dict
-
-    # a key an older svfseg did not write yet had its default value then
-    defaults = json.loads(json.dumps(_flat(to_dict(ExperimentConfig()))))
-    a = {**{k: v for k, v in defaults.items() if k in want.get("config", {})}, **have.get("config", {})}
-    b = want.get("config", {})
-    diffs = [f"{k}: was {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
-             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
-    if "init_head" in have and "init_head" in want and have["init_head"] != want["init_head"]:
-        diffs.append("the shared warm start (--warm-start) it started from")
-    if "test_episodes" in have and "test_episodes" in want and have["test_episodes"] != want["test_episodes"]:
-        diffs.append(f"test episodes: was {have['test_episodes']}, now {want['test_episodes']}")
-    return diffs
-
-
-def _check_episode_count(path: Path, count: int, option: str, force: bool) -> None:
-    """Refuse (``force``: delete, to be remade) an episode file of ``out`` made with another count."""
-    if not path.exists():
-        return
-    have = len(json.loads(path.read_text()).get("episodes", []))
-    if have == count:
-        return
-    if not force:
-        raise CellSettingsChanged(f"{path}: holds {have} episodes from an earlier compare into this --out, "
-                                  f"this one asks {option} {count}; rerun with --force to remake it and redo the "
-                                  f"cells, or use another --out")
-    logger.warning("compare --force: %s held %d episodes, remaking it with %d", path, have, count)
-    path.unlink()
-
-
-def _check_cell_settings(cfg, episodes: Optional[Path], force: bool) -> Optional[str]:
-    """What ``force`` must redo in a cell made with other settings: "retrain", "rescore" (only the test
-    episodes differ) or None; without ``force`` any difference is refused."""
-    run_dir = cfg.run_dir()
-    have = _recorded_settings(run_dir)
-    if have is None:
-        return None
-    want = cell_settings(cfg, episodes)
-    diffs = settings_differences(have, want)
-    if not diffs:
-        return None
-    if not force:
-        raise CellSettingsChanged(f"{run_dir}: made by an earlier compare with other settings ("
-                                  + "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
-                                  + "); rerun with --force to retrain such cells, or use another --out")
-    retrain = settings_differences({k: v for k, v in have.items() if k != "test_episodes"},
-                                   {k: v for k, v in want.items() if k != "test_episodes"})
-    redo = "retrain" if retrain else "rescore"
-    logger.warning("compare --force: %s was made with other settings (%s); %s", run_dir, "; ".join(diffs[:3]),
-                   "retraining it" if redo == "retrain" else "scoring it again")
-    return redo
-
-
 def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
     """Train (or skip / resume) one cell and score it on ``episodes``; its record for ``compare.json``.
 
@@ -269,7 +176,8 @@ def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
     from svfseg.engine.loop import NonFiniteLoss
     from svfseg.engine.run import train_run
     from svfseg.engine.runfiles import clear_run
-    from svfseg.engine.tasks.fewshot import score_checkpoint
+    from svfseg.engine.tasks import TestOptions
+    from svfseg.engine.testing import score_with_task
 
     run_dir = cfg.run_dir()
     if force and cfg.train.val_episodes_file:
@@ -317,7 +225,8 @@ def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
         _write_cell_record(run_dir, cell_settings(cfg, None))
         return rec
     if not results_path.exists() or not done:
-        score_checkpoint(run_dir / "best.pt", cfg, episodes=episodes, out_dir=run_dir / "test")
+        # the same entry as `svfseg test`: the task the model's recipe scores it with
+        score_with_task(run_dir / "best.pt", cfg, options=TestOptions(episodes=episodes, out_dir=run_dir / "test"))
     run = json.loads(results_path.read_text())["runs"][0]
     rec.update(miou=run["miou"], fb_iou=run["fb_iou"], episodes=run["episodes"],
                episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"])
@@ -325,23 +234,14 @@ def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
     return rec
 
 
-def _write_cell_record(run_dir: Path, settings: dict) -> None:
-    """``compare_cell.json``: the settings of a finished (and scored) cell, for the next rerun's check."""
-    old = json.loads((run_dir / CELL_RECORD).read_text()) if (run_dir / CELL_RECORD).exists() else {}
-    if "test_episodes" not in settings and "test_episodes" in old:
-        settings = {**settings, "test_episodes": old["test_episodes"]}  # a sweep trial chosen later keeps it
-    tmp = run_dir / f".{CELL_RECORD}.tmp"
-    tmp.write_text(json.dumps(settings, indent=1))
-    tmp.replace(run_dir / CELL_RECORD)
-
-
 def _trains_backbone(regime: str) -> bool:
-    return regime != "frozen"
+    return regime_spec(regime).backbone_grad
 
 
 def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict) -> None:
     """The sweep (if any) and then every seed of one regime at one (fold, shot); appends to ``cells``/``sweeps``."""
-    grid = plan.backbone_lr if _trains_backbone(regime) and len(plan.backbone_lr) > 1 else [None]
+    trains = _trains_backbone(plan.arms.get(regime, Arm(regime, regime)).regime)  # a --vary row: its regime
+    grid = plan.backbone_lr if trains and len(plan.backbone_lr) > 1 else [None]
     chosen = grid[0]
     if len(grid) > 1:
         # The sweep: first seed only, chosen on base-class validation episodes; only the chosen
@@ -358,8 +258,7 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
     for seed in plan.seeds:
         cfg = cell_config(plan, fold, shot, regime, seed, chosen)
         rec = run_cell(cfg, test_episode_file(plan, cfg), plan.force)
-        cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen,
-                      "sweep": False, **rec})
+        cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen, **rec})
 
 
 def check_plan_lists(plan: ComparePlan) -> None:
@@ -382,8 +281,8 @@ def run_compare(plan: ComparePlan) -> dict:
     check_plan_lists(plan)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
-    for regime in plan.regimes:  # a typo in a regime or an override fails now, not hours in
-        cell_config(plan, plan.folds[0], plan.shots[0], regime, plan.seeds[0], None)
+    for name in plan.regimes:  # a typo in a regime or an override fails now, not hours in
+        cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None)
     if plan.warm_start < 0:
         raise ValueError(f"--warm-start: expected a number of steps >= 0, found {plan.warm_start}")
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -394,8 +293,8 @@ def run_compare(plan: ComparePlan) -> dict:
             for shot in plan.shots:
                 if plan.warm_start:
                     warm.append(run_warm_start(plan, fold, shot))
-                for regime in plan.regimes:
-                    _run_regime(plan, fold, shot, regime, cells, sweeps)
+                for name in plan.regimes:
+                    _run_regime(plan, fold, shot, name, cells, sweeps)
     except CellInterrupted as e:
         logger.warning("compare: %s", e)
         stopped = True
@@ -411,7 +310,7 @@ def run_compare(plan: ComparePlan) -> dict:
 
 def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
     """Per regime: mean +- std over seeds (fold-averaged), paired interval to the reference, costs."""
-    final = [c for c in cells if not c.get("sweep") and c.get("status") == "finished"]
+    final = [c for c in cells if c.get("status") == "finished"]
     incomplete = [c for c in cells if c.get("status") not in ("finished", "diverged")]
     diverged = [c for c in cells if c.get("status") == "diverged"]
 
@@ -425,20 +324,20 @@ def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
 
     ref = per_seed(plan.reference, "miou")
     rows = {}
-    for regime in plan.regimes:
-        mine = [c for c in final if c["regime"] == regime]
+    for name in plan.regimes:
+        mine = [c for c in final if c["regime"] == name]
         if not mine:
             continue
-        miou, fb = per_seed(regime, "miou"), per_seed(regime, "fb_iou")
+        miou, fb = per_seed(name, "miou"), per_seed(name, "fb_iou")
         seeds = [s for s in plan.seeds if s in miou and s in ref]
         interval: Optional[PairedInterval] = None
-        if regime != plan.reference and seeds:
+        if name != plan.reference and seeds:
             interval = paired_t_interval([miou[s] for s in seeds], [ref[s] for s in seeds])
-        m, sd = mean_std(list(miou.values())) if miou else (math.nan, math.nan)
-        fm, fsd = mean_std(list(fb.values())) if fb else (math.nan, math.nan)
+        m, sd = mean_std(miou.values())
+        fm, fsd = mean_std(fb.values())
         one = mine[0]
         moves = [c["movement_max_stage_mean"] for c in mine if c.get("movement_max_stage_mean") is not None]
-        rows[regime] = {
+        rows[name] = {
             "miou_mean": m, "miou_std": sd, "fb_iou_mean": fm, "fb_iou_std": fsd,
             "per_seed_miou": {str(k): v for k, v in miou.items()}, "seeds": len(miou),
             "diff_to_reference": None if interval is None else interval.__dict__,
@@ -454,133 +353,6 @@ def summarize(plan: ComparePlan, cells: list[dict], sweeps: dict) -> dict:
             "shots": plan.shots, "overrides": plan.overrides, "reference": plan.reference,
             "backbone_lr_grid": plan.backbone_lr, "interval": "paired t over seeds, 95%",
             "sweeps": sweeps, "rows": rows, "cells": cells, "incomplete": incomplete, "diverged": diverged}
-
-
-def _pct(v: Optional[float], signed: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
-
-
-def _size(n: Optional[int]) -> str:
-    if not n:
-        return "–"
-    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
-
-
-def verdict_sentence(regime: str, row: dict, reference: str) -> str:
-    """One sentence: does ``regime`` beat the reference beyond the 95% interval?"""
-    d = row["diff_to_reference"]
-    if d is None:
-        return f"- **{regime}**: no interval (needs at least two seeds)."
-    span = (f"{_pct(d['mean'], True)} mIoU points, 95% CI [{_pct(d['low'], True)}, {_pct(d['high'], True)}] "
-            f"(half-width {_pct((d['high'] - d['low']) / 2)})") \
-        if d["low"] is not None else f"{_pct(d['mean'], True)} mIoU points from one seed, no interval"
-    text = {"better": f"beats {reference} beyond the interval",
-            "worse": f"is worse than {reference} beyond the interval",
-            "within": f"does not differ from {reference} beyond the interval (the difference is within noise)",
-            "unknown": f"cannot be compared with {reference} from one seed"}[row["verdict"]]
-    return f"- **{regime}** {text}: {span} over {d['n']} seed(s)."
-
-
-def compare_markdown(result: dict) -> str:
-    """The Markdown of ``compare.json``: the table, then one verdict sentence per regime."""
-    ref = result["reference"]
-    lines = [f"# compare: {', '.join(result['regimes'])} (reference {ref})", "",
-             f"`{result['config']}`, folds {result['folds']}, shots {result['shots']}, seeds {result['seeds']}; "
-             f"every cell scored on the same test episodes per (fold, shot). Interval: {result['interval']} "
-             f"(paired by seed; fold/shot-averaged first); std is the sample std over seeds (n-1).", "",
-             *_warm_start_lines(result),
-             f"| regime | mIoU (%) mean ± std | per-seed mIoU (%) | FB-IoU (%) | Δ mIoU vs {ref} [95% CI] "
-             f"| trainable (backbone) | adapter file | backbone lr x | train s/step | peak mem | SV/weight movement |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for regime, r in result["rows"].items():
-        d = r["diff_to_reference"]
-        diff = "–" if d is None else (f"{_pct(d['mean'], True)} [{_pct(d['low'], True)}, {_pct(d['high'], True)}]"
-                                      if d["low"] is not None else f"{_pct(d['mean'], True)} [–]")
-        tr = r["trainable"] or {}
-        move = "–" if r["movement_max_stage_mean"] is None else f"{100 * r['movement_max_stage_mean']:.2f}%"
-        lr = "–" if r["lr_mult"] is None else f"{r['lr_mult']:g}"
-        mem = "–" if not r["peak_memory_bytes"] else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
-        per_seed = ", ".join(f"{_pct(v)}" for v in r["per_seed_miou"].values()) or "–"
-        lines.append(f"| {regime} | {_pct(r['miou_mean'])} ± {_pct(r['miou_std'])} | {per_seed} "
-                     f"| {_pct(r['fb_iou_mean'])} "
-                     f"| {diff} | {tr.get('total', 0):,} ({tr.get('backbone', 0):,}) | {_size(r['adapter_bytes'])} "
-                     f"| {lr} | {r['seconds_per_step']:.2f} "
-                     f"| {mem} | {move} |")
-    lines += ["", "Movement: the most-moved stage's mean relative change of what trained (singular values: "
-              "|S-S0|/|S0| per value; other tensors ||p-p0||/||p0||).", ""]
-    if result["sweeps"]:
-        lines.append("Backbone lr multiplier chosen on base-class validation episodes (first seed):")
-        for k, v in result["sweeps"].items():
-            lines.append(f"- {k}: val mIoU " + ", ".join(f"x{m}: {_pct(s)}" for m, s in v["val_miou"].items())
-                         + f" -> x{v['chosen']:g}")
-        lines.append("")
-    lines.append("Verdicts:")
-    for regime, r in result["rows"].items():
-        if regime != ref:
-            lines.append(verdict_sentence(regime, r, ref))
-    if result.get("diverged"):
-        lines += ["", f"{len(result['diverged'])} cell(s) diverged (non-finite loss): "
-                  + ", ".join(Path(c["run_dir"]).name for c in result["diverged"])]
-    if result["incomplete"]:
-        lines += ["", f"{len(result['incomplete'])} cell(s) did not finish; rerun the same command to resume them."]
-    if len(result["folds"]) > 1 or len(result["shots"]) > 1:
-        lines += [""] + fold_layout_markdown(result)
-    return "\n".join(lines) + "\n"
-
-
-def _warm_start_lines(result: dict) -> list[str]:
-    """What compare.md says about a shared warm start (nothing without one)."""
-    warm = result.get("warm_start") or []
-    if not warm:
-        return []
-    w = warm[0]
-    return [f"Warm start: every cell started from one shared head, trained {w['steps']} steps with the frozen "
-            f"backbone (seed {w['seed']}, per fold and shot; linear probe then fine-tune, Kumar et al. 2022); each "
-            f"cell then trained its own steps from there, so the seeds vary only that fine-tuning.", ""]
-
-
-def plot_compare(result: dict, out: Path) -> Optional[Path]:
-    """compare.png: mIoU per regime (seeds as dots, mean with its t-interval) and one seed's training loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scipy.stats import t as student_t
-
-    from svfseg.engine.runlog import read_csv
-
-    rows = result["rows"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (regime, r) in enumerate(rows.items()):
-        vals = [100 * v for v in r["per_seed_miou"].values()]
-        ax.scatter([i] * len(vals), vals, color="0.6", s=12, zorder=2)
-        half = 0.0
-        if len(vals) > 1:
-            half = float(student_t.ppf(0.975, len(vals) - 1)) * 100 * r["miou_std"] / math.sqrt(len(vals))
-        ax.errorbar([i], [100 * r["miou_mean"]], yerr=[half], fmt="o", capsize=5, zorder=3)
-    ax.set_xticks(range(len(rows)), list(rows))
-    ax.set_ylabel("test mIoU (%)")
-    ax.set_title("mIoU per regime (95% t-interval of the mean over seeds)")
-    first = result["seeds"][0]
-    for c in result["cells"]:
-        if c.get("sweep") or c.get("seed") != first or c.get("status") != "finished":
-            continue
-        log = read_csv(Path(c["run_dir"]) / "train_log.csv")
-        if log:
-            bx.plot([int(x["step"]) for x in log], [float(x["loss"]) for x in log],
-                    label=f"{c['regime']} f{c['fold']} {c['shot']}s")
-    bx.set_xlabel("step")
-    bx.set_ylabel("training loss")
-    bx.set_title(f"training curves, seed {first}")
-    if bx.lines:
-        bx.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def _floats(text: str) -> list[float]:

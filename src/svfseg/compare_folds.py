@@ -1,7 +1,7 @@
 """The paper's layout of a compare: per shot, one row per compared regime, folds 0-3 and their mean."""
 from __future__ import annotations
 
-from svfseg.tables import DASH, SeedStats, format_stats, markdown_table, seed_stats
+from svfseg.results import DASH, SeedStats, format_stats, markdown_table, seed_stats
 
 
 def fold_layout(result: dict) -> dict:
@@ -11,7 +11,7 @@ def fold_layout(result: dict) -> dict:
     of the fold means, shown only when every fold of the plan has one (as the paper's mean of 4
     folds), with the std over the seeds present in every fold (each seed's fold-average).
     """
-    final = [c for c in result.get("cells", []) if not c.get("sweep") and c.get("status") == "finished"
+    final = [c for c in result.get("cells", []) if c.get("status") == "finished"
              and c.get("miou") is not None]
     out: dict = {}
     for shot in result["shots"]:

@@ -59,18 +59,18 @@ def expand_arms(regimes: Sequence[str], reference: str, varies: Sequence[str],
         if target is not None and target not in regimes:
             raise ValueError(f"--vary {target}:...: {target!r} is not among --regimes {list(regimes)}")
     arms: list[Arm] = []
-    for regime in regimes:
+    for name in regimes:
         mine = [(k, vals) for target, k, vals in axes
-                if (target == regime) or (target is None and regime != reference and trains_backbone(regime))]
+                if (target == name) or (target is None and name != reference and trains_backbone(name))]
         keys = [k for k, _ in mine]
         if len(set(keys)) != len(keys):
-            raise ValueError(f"--vary: key {keys} given twice for {regime!r}; list its values in one --vary")
+            raise ValueError(f"--vary: key {keys} given twice for {name!r}; list its values in one --vary")
         if not mine:
-            arms.append(Arm(regime, regime))
+            arms.append(Arm(name, name))
             continue
         for combo in itertools.product(*(vals for _, vals in mine)):
             pairs = [f"{k}={v}" for k, v in zip(keys, combo)]
-            arms.append(Arm(f"{regime}[{'; '.join(pairs)}]", regime, tuple(pairs)))
+            arms.append(Arm(f"{name}[{'; '.join(pairs)}]", name, tuple(pairs)))
     labels = [a.label for a in arms]
     folders = [folder_name(a.label) for a in arms]
     if len(set(labels)) != len(labels) or len(set(folders)) != len(folders):

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from svfseg.regimes import regime_spec
 
 logger = logging.getLogger(__name__)
 
 DEMO_MARKER = "demo_results.json"
 REGIMES = ("frozen", "svf", "full")
+KEPT = ("svf", "frozen")  # the regimes whose first-seed checkpoint the demo keeps (serve, predict)
 # What a demo folder may hold (a killed demo is resumed, a finished one replaced; anything else is refused).
 _OWN = {DEMO_MARKER, "demo_results.md", "compare.json", "compare.md", "compare.png", "runs", "episodes", "svf",
         "frozen"}
@@ -177,7 +179,7 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", pro
                  f"per regime on {plan.val_episodes} base-class validation episodes; all tested on the same "
                  f"{plan.eval_episodes} episodes (recipe {recipe_path(head)})")
     result = run_compare(cplan)
-    stable = {regime: _stable_checkpoint(result, out, regime, root) for regime in ("svf", "frozen")}
+    stable = {name: _stable_checkpoint(result, out, name, root) for name in KEPT}
     _stage(3, n, "results")
     demo = {"head": head, "backbone": "efficientnet_lite0", "fold": 0, "shot": 1, "plan": plan.__dict__,
             "data_root": str(root), "data_seconds": t_data, "compare": str(out / "compare.json"),
@@ -211,7 +213,7 @@ def _stable_checkpoint(result: dict, out: Path, regime: str, root: Path) -> Opti
     tmp = dest / "best.pt.tmp"
     shutil.copyfile(src, tmp)
     tmp.replace(dest / "best.pt")
-    if regime == "svf":
+    if regime_spec(regime).singular_values:  # keep the trained singular values as their own file
         from svfseg.engine.model import load_for_inference
         from svfseg.svf import save_svf
 

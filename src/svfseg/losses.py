@@ -6,15 +6,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from svfseg.labels import IGNORE_LABEL as IGNORE_INDEX
+from svfseg.labels import IGNORE_LABEL
 
 
-def valid_pixel_count(target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def valid_pixel_count(target: torch.Tensor, ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
     """Number of labelled (non-ignored) pixels, as a float tensor on the target's device."""
     return (target != ignore_index).sum().to(torch.float32)
 
 
-def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
     """Summed pixel cross-entropy; ignored pixels contribute nothing.
 
     Args:
@@ -37,7 +37,7 @@ def fewshot_loss(
     *,
     aux_weight: float = 1.0,
     normalizer: Optional[torch.Tensor] = None,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_LABEL,
 ) -> tuple[torch.Tensor, dict]:
     """PFENet-style loss: ``CE(main) + aux_weight * mean_k CE(aux_k)``.
 

@@ -7,10 +7,10 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from svfseg.labels import IGNORE_LABEL as IGNORE_INDEX
+from svfseg.labels import IGNORE_LABEL
 
 
-def episode_counts(pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def episode_counts(pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_LABEL) -> torch.Tensor:
     """Intersection and union of one binary prediction against its label.
 
     Args:
@@ -148,16 +148,6 @@ def _ratio(num: float | torch.Tensor, den: float | torch.Tensor) -> float:
     return float(num) / float(den) if int(den) > 0 else 0.0
 
 
-def summarize_runs(values: Iterable[float]) -> dict:
-    """Mean, population std, best and all values of a score over several seeds."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("summarize_runs: no values")
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-    return {"mean": mean, "std": std, "best": max(vals), "values": vals}
-
-
 class ConfusionMatrix:
     """Pixel confusion matrix over ``num_classes`` labels (255 ignored): exact int64 sums.
 
@@ -169,7 +159,7 @@ class ConfusionMatrix:
         self.num_classes = int(num_classes)
         self.mat = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_LABEL) -> None:
         """Add one prediction (H, W) against its label (H, W)."""
         if pred.shape != target.shape:
             raise ValueError(f"ConfusionMatrix: prediction {tuple(pred.shape)} vs label {tuple(target.shape)}")
@@ -219,8 +209,3 @@ class ConfusionMatrix:
             "pixel_acc": float(inter.sum()) / total if total else math.nan,
             "per_class": {int(c): float(v) for c, v in zip(ids, iou[1:].tolist())},
         }
-
-
-def format_pct(v: object) -> str:
-    """A fraction as a percentage with two decimals; "n/a" for a missing or non-finite value."""
-    return f"{100 * v:.2f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"

@@ -38,10 +38,6 @@ PAPER: dict[tuple[str, str, str, bool], dict] = {
     ("coco", "resnet50", "bam", True): {"1shot": 48.47, "5shot": 53.87},
 }
 
-# The original PFENet paper (PFENet protocol, not †), ResNet-50 on Pascal-5i.
-PFENET_ORIGINAL = {"1shot": 60.80, "5shot": 61.90}
-
-
 def paper_backbone(name: str) -> str:
     """Our backbone name -> the paper's family ("resnet50_deep" -> "resnet50", "vgg16_bn" -> "vgg16")."""
     for family in ("resnet101", "resnet50", "vgg16", "efficientnet_lite0"):

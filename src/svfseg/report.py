@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from svfseg.paper_results import paper_backbone, paper_result
+from svfseg.regimes import REGISTRY, regime_label
 from svfseg.report_statistic import AS_PAPER_NOTE, as_paper_entries, own_statistic, paper_statistic, row_statistic
-from svfseg.tables import DASH, SeedStats, format_stats, group_by_seed, markdown_table, seed_stats
+from svfseg.results import DASH, STD_NOTE, SeedStats, format_stats, group_by_seed, markdown_table, seed_stats
 
 logger = logging.getLogger(__name__)
 
 METHOD_NAMES = {"baseline": "baseline", "pfenet": "PFENet", "bam": "BAM"}
-REGIME_SUFFIX = {"svf": " + SVF", "frozen": "", "train": " (full fine-tune)"}
+#: Each regime's suffix of the method name (results record ``model.regime``, e.g. "full").
+REGIME_SUFFIX = {name: spec.label for name, spec in REGISTRY.items()}
 
 
 def find_results(paths: Iterable[str | Path]) -> list[Path]:
@@ -156,30 +158,31 @@ def report_table(entries: Sequence[dict], folds: int = 4) -> str:
     head += ["seeds", "statistic"]
     rows = []
     for (bench, bb, model, regime, variant) in sorted(groups):
-        svf, own = regime == "svf", n_folds.get(bench, 4)
-        row = [bench, bb, METHOD_NAMES.get(model, model) + REGIME_SUFFIX.get(regime, f" ({regime})") + variant]
+        spec, own = REGISTRY.get(regime), n_folds.get(bench, 4)
+        svf = None if spec is None else spec.paper_svf  # which of the paper's rows, None: none
+        row = [bench, bb, METHOD_NAMES.get(model, model) + regime_label(regime) + variant]
         all_folds: dict = {}
         for k in shots:
             per_fold = groups[(bench, bb, model, regime, variant)].get(k, {})
             all_folds.update({(k, f): v for f, v in per_fold.items()})
             for f in range(folds):
                 ours = seed_stats(e["miou"] for e in per_fold[f].values()) if f in per_fold else None
-                paper_f = paper_result(bench, bb, model, svf, k, fold=f) if regime in ("svf", "frozen") else None
+                paper_f = paper_result(bench, bb, model, svf, k, fold=f) if svf is not None else None
                 cell = "" if f >= own else format_stats(ours)
                 row.append(cell + (f" / {paper_f:.2f}" if paper_f is not None and ours is not None else ""))
             mean, fb = _fold_mean(per_fold, own, "miou"), _fold_mean(per_fold, own, "fb_iou")
             partial = f"({len(per_fold)}/{own} folds)" if per_fold and len(per_fold) < own else DASH
             row.append(format_stats(mean) if mean is not None else partial)
             row.append(format_stats(fb) if fb is not None else partial)
-            paper = paper_result(bench, bb, model, svf, k) if regime in ("svf", "frozen") else None
+            paper = paper_result(bench, bb, model, svf, k) if svf is not None else None
             row.append(format_stats(seed_stats([paper])))
         row.append(_seed_count(all_folds))
         row.append(row_statistic(e for per_seed in all_folds.values() for e in per_seed.values()))
         rows.append(row)
     note = ("\nmIoU and FB-IoU (%). Ours: per run the statistic of the last column (by default the mean over its "
-            "test seeds), then mean ± std over training seeds (seeds: runs per fold). Paper: Sun et al. (NeurIPS "
-            "2022), mean of 4 folds, † protocol, each the best validation of training on the test fold (the SVF "
-            "code's statistic; `--as-paper` computes it from the runs' logs); `ours / paper` where the paper "
+            f"test seeds), then mean ± std ({STD_NOTE}) over training seeds (seeds: runs per fold). Paper: Sun et al. "
+            "(NeurIPS 2022), mean of 4 folds, † protocol, each the best validation of training on the test fold (the "
+            "SVF code's statistic; `--as-paper` computes it from the runs' logs); `ours / paper` where the paper "
             "reports the fold.\n")
     return markdown_table(head, rows) + "\n" + note + _variant_notes(variants, entries)
 

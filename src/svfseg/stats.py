@@ -62,10 +62,3 @@ def paired_t_interval(a: Sequence[float], b: Sequence[float], level: float = 0.9
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
     return PairedInterval(mean, mean - half, mean + half, n, level)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    n = len(values)
-    m = sum(values) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)

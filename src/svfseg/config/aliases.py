@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from svfseg.config.schema import REGIMES, ConfigError
+from svfseg.regimes import alias01_of, legacy_modes, regime_from_01
 
 logger = logging.getLogger(__name__)
 
@@ -19,10 +20,8 @@ logger = logging.getLogger(__name__)
 def _regime_pair(d: dict) -> tuple[bool, str]:
     """(svf enabled, backbone mode) of a merged layer, in svfseg 0.1's terms."""
     model, svf = d.get("model") or {}, d.get("svf") or {}
-    regime = model.get("regime", "svf")
-    enabled = svf.get("enabled", regime == "svf")
-    mode = model.get("backbone_mode", "train" if regime == "full" else "frozen")
-    return enabled, mode
+    enabled, mode = alias01_of(model.get("regime", "svf"))
+    return svf.get("enabled", enabled), model.get("backbone_mode", mode)
 
 
 def combine_layers(base: dict, new: dict, source: str, *, warn: bool = True) -> dict:
@@ -34,11 +33,11 @@ def combine_layers(base: dict, new: dict, source: str, *, warn: bool = True) -> 
     if "regime" in model:
         if old:
             raise ConfigError(f"{source}: 'model.regime' and the deprecated {' and '.join(repr(k) for k in old)} "
-                              f"are both set; keep only model.regime (frozen | svf | full)")
+                              f"are both set; keep only model.regime ({' | '.join(REGIMES)})")
         if model["regime"] not in REGIMES:
             raise ConfigError(f"{source}: config key 'model.regime' must be one of {list(REGIMES)}, "
                               f"found {model['regime']!r}")
-        enabled, mode = model["regime"] == "svf", "train" if model["regime"] == "full" else "frozen"
+        enabled, mode = alias01_of(model["regime"])
     elif old:
         enabled, mode = _regime_pair(base)
         if "enabled" in svf:
@@ -47,17 +46,18 @@ def combine_layers(base: dict, new: dict, source: str, *, warn: bool = True) -> 
                 raise ConfigError(f"{source}: 'svf.enabled' expects bool, found {enabled!r}")
         if "backbone_mode" in model:
             mode = model["backbone_mode"]
-            if mode not in ("frozen", "train"):
-                raise ConfigError(f"{source}: config key 'model.backbone_mode' must be one of ['frozen', 'train'], "
+            if mode not in legacy_modes():
+                raise ConfigError(f"{source}: config key 'model.backbone_mode' must be one of {legacy_modes()}, "
                                   f"found {mode!r}")
-        regime = "svf" if enabled else ("full" if mode == "train" else "frozen")
+        regime = regime_from_01(enabled, mode)
         if warn:
-            logger.warning("%s: %s deprecated; use model.regime=%s (frozen | svf | full)", source,
-                           " and ".join(old) + (" is" if len(old) == 1 else " are"), regime)
+            logger.warning("%s: %s deprecated; use model.regime=%s (one of %s)", source,
+                           " and ".join(old) + (" is" if len(old) == 1 else " are"), regime,
+                           " | ".join(REGIMES))
     else:
         return deep_update(base, new)
     # An explicit model.regime wins: the aliases only span frozen | svf | full.
-    regime = model.get("regime") or ("svf" if enabled else ("full" if mode == "train" else "frozen"))
+    regime = model.get("regime") or regime_from_01(enabled, mode)
     new = {**new, "model": {**model, "regime": regime, "backbone_mode": mode}, "svf": {**svf, "enabled": enabled}}
     return deep_update(base, new)
 

@@ -9,8 +9,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from svfseg.data.io import IGNORE, DataError, atomic_dir, image_size, read_label, write_label, write_list
+from svfseg.data.io import DataError, atomic_dir, image_size, read_label, write_label, write_list
 from svfseg.data.meta import write_dataset_meta
+from svfseg.labels import IGNORE_LABEL
 
 __all__ = ["prepare_custom", "read_class_names", "pair_folders", "IMAGE_SUFFIXES"]
 
@@ -92,9 +93,9 @@ def _read_masks(pairs, n_classes: Optional[int]) -> tuple[list[np.ndarray], int,
             problems.append(f"{msk}: expected the size of its image {img.name} {hw[0]}x{hw[1]}, "
                             f"found {label.shape[0]}x{label.shape[1]}")
         values = np.unique(label)
-        fg = values[(values > 0) & (values != IGNORE)]
+        fg = values[(values > 0) & (values != IGNORE_LABEL)]
         if n_classes is not None and fg.size and int(fg.max()) > n_classes:
-            problems.append(f"{msk}: expected class ids 0..{n_classes} or {IGNORE} (the class-name file has "
+            problems.append(f"{msk}: expected class ids 0..{n_classes} or {IGNORE_LABEL} (the class-name file has "
                             f"{n_classes} names), found {[int(v) for v in fg if v > n_classes][:10]}")
         top = max(top, int(fg.max()) if fg.size else 0)
         sides.append(max(hw))

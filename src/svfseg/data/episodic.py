@@ -8,8 +8,9 @@ import torch
 from torch.utils.data import Dataset
 
 from svfseg.data.episodes import EpisodeList, EpisodePool, sample_episode
-from svfseg.data.io import IGNORE, DataError, read_image, read_label
+from svfseg.data.io import DataError, read_image, read_label
 from svfseg.data.transforms import TestTransform, TrainTransform
+from svfseg.labels import IGNORE_LABEL
 
 __all__ = ["binarize", "load_pair", "TrainEpisodes", "EvalEpisodes"]
 
@@ -17,7 +18,7 @@ __all__ = ["binarize", "load_pair", "TrainEpisodes", "EvalEpisodes"]
 def binarize(label: np.ndarray, class_id: int) -> np.ndarray:
     """1 where ``label == class_id``, 255 where ignored, 0 elsewhere (other classes become background)."""
     out = (label == class_id).astype(np.uint8)
-    out[label == IGNORE] = IGNORE
+    out[label == IGNORE_LABEL] = IGNORE_LABEL
     return out
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from svfseg.data.io import (IGNORE, DataError, file_head_and_tail, image_size, incomplete_image, list_path,
-                            read_label, read_list)
+from svfseg.data.io import (DataError, file_head_and_tail, image_size, incomplete_image, list_path, read_label,
+                            read_list)
+from svfseg.labels import IGNORE_LABEL
 
 __all__ = ["ImageRecord", "ClassIndex", "load_class_index", "build_class_index", "check_command", "CACHE_DIR",
            "cache_root", "index_cache_file"]
@@ -141,9 +142,9 @@ def _scan_one(args) -> tuple[tuple[int, int], dict[int, int], list[str]]:
         except OSError as e:
             problems.append(f"{img_path}: expected a readable image, found {e}")
     hist = np.bincount(label.ravel(), minlength=256)
-    bad = [int(v) for v in np.flatnonzero(hist) if num_classes < v < IGNORE]
+    bad = [int(v) for v in np.flatnonzero(hist) if num_classes < v < IGNORE_LABEL]
     if bad:
-        problems.append(f"{lbl_path}: expected class ids 0..{num_classes} or {IGNORE}, found {bad[:10]}")
+        problems.append(f"{lbl_path}: expected class ids 0..{num_classes} or {IGNORE_LABEL}, found {bad[:10]}")
     counts = {int(c): int(hist[c]) for c in range(1, num_classes + 1) if hist[c] > 0}
     return hw, counts, problems
 

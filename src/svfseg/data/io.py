@@ -18,8 +18,6 @@ __all__ = [
     "MAX_IMAGE_PIXELS", "decoder_complaints",
 ]
 
-from svfseg.labels import IGNORE_LABEL as IGNORE  # noqa: E402,F401  (the data package reads it from here)
-
 
 class DataError(ValueError):
     """A dataset file is missing, unreadable or not in the expected format."""

@@ -12,10 +12,11 @@ from torch.utils.data import Dataset
 
 from svfseg.data.episodes import TRAIN_PROTOCOLS
 from svfseg.data.index import ClassIndex, load_class_index
-from svfseg.data.io import IGNORE, DataError
+from svfseg.data.io import DataError
 from svfseg.data.episodic import load_pair
 from svfseg.data.splits import class_split, num_classes
 from svfseg.data.transforms import TestTransform, TrainTransform
+from svfseg.labels import IGNORE_LABEL
 
 __all__ = ["base_label_lut", "remap_label", "SemanticBaseDataset", "collate_semantic", "build_semantic_dataset"]
 
@@ -36,7 +37,7 @@ def base_label_lut(base_classes: Sequence[int], num_benchmark_classes: int) -> n
         raise ValueError(f"base_classes must be distinct ids in 1..{num_benchmark_classes}, got {list(base_classes)}")
     lut = np.zeros(256, dtype=np.uint8)
     lut[base] = np.arange(1, len(base) + 1, dtype=np.uint8)
-    lut[IGNORE] = IGNORE
+    lut[IGNORE_LABEL] = IGNORE_LABEL
     return lut
 
 

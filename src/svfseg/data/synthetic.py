@@ -21,8 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from svfseg.data.io import IGNORE, DataError, atomic_dir, write_list
+from svfseg.data.io import DataError, atomic_dir, write_list
 from svfseg.data.synthetic_shapes import SHAPES, TEXTURES, random_blob, shape_polygons, texture
+from svfseg.labels import IGNORE_LABEL
 
 __all__ = ["generate_synthetic", "render_image", "scaled_min_pixels", "CLASS_NAMES", "MARKER"]
 
@@ -137,7 +138,7 @@ def render_image(seed: int, split: str, i: int, size: int = 160) -> tuple[np.nda
                rng=rng, class_id=int(c) + 1)
     bw = max(1, int(round(size / 160)))  # VOC's ~5 px band at ~500 px is ~1.6 px at 160 px
     kernel = np.ones((2 * bw + 1, 2 * bw + 1), np.uint8)
-    label[cv2.dilate(label, kernel) != cv2.erode(label, kernel)] = IGNORE
+    label[cv2.dilate(label, kernel) != cv2.erode(label, kernel)] = IGNORE_LABEL
     img += rng.normal(0.0, 4.0, img.shape)
     return np.clip(np.round(img), 0, 255).astype(np.uint8), label
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from svfseg.data.io import IGNORE
+from svfseg.labels import IGNORE_LABEL
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize", "to_chw", "TrainTransform", "TestTransform",
            "resize_longer", "upstream_test_size"]
@@ -63,7 +63,7 @@ def _pad_to(image, label, h, w, *, centred: bool):
     top, left = (ph // 2, pw // 2) if centred else (0, 0)
     border = (top, ph - top, left, pw - left)
     image = cv2.copyMakeBorder(image, *border, cv2.BORDER_CONSTANT, value=(0.0, 0.0, 0.0))
-    label = cv2.copyMakeBorder(label, *border, cv2.BORDER_CONSTANT, value=IGNORE)
+    label = cv2.copyMakeBorder(label, *border, cv2.BORDER_CONSTANT, value=IGNORE_LABEL)
     return image, label
 
 
@@ -109,7 +109,7 @@ class TrainTransform:
             img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_CONSTANT, borderValue=(0.0, 0.0, 0.0))
             lbl = cv2.warpAffine(lbl, m, (w, h), flags=cv2.INTER_NEAREST,
-                                 borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE)
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE_LABEL)
         if rng.random() < self.p_blur:
             img = cv2.GaussianBlur(img, (self.blur_kernel, self.blur_kernel), 0)
         if rng.random() < self.p_flip:

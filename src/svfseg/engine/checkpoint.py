@@ -287,24 +287,19 @@ def check_compatible(expected: Mapping, found: Mapping, path: str | os.PathLike)
         raise CheckpointMismatch(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(diffs))
 
 
-#: Head options added after svfseg 0.1, with the behaviour 0.1 had: a description without them
-#: describes a model that had them at these values.
-_HEAD_DEFAULTS_01 = {"train_down_query": True, "shot_reduce": "mean"}
-
-
 def upgrade_description(d: Mapping) -> Mapping:
-    """A description svfseg 0.1 wrote (``backbone_mode``, policies with ``lr_mult``, heads without
-    the later options) in today's terms."""
+    """A description svfseg 0.1 wrote (``backbone_mode``, policies with ``lr_mult``; heads without
+    the later options: the model's recipe back-fills them) in today's terms."""
     out = dict(d)
     if "backbone_mode" in out:
         mode = out.pop("backbone_mode")
         out["regime"] = {"train": "full"}.get(mode, mode)
         if isinstance(out.get("svf_policy"), Mapping):
             out["svf_policy"] = {k: v for k, v in out["svf_policy"].items() if k != "lr_mult"}
-    head = out.get("head")
-    if isinstance(head, Mapping) and "reduce_dim" in head:  # the prototype-prior heads (baseline, PFENet, BAM)
-        out["head"] = {**{k: v for k, v in _HEAD_DEFAULTS_01.items() if k not in head}, **head}
-    return out
+    from svfseg.models import list_models, model_recipe
+
+    name = out.get("name")
+    return model_recipe(name).upgrade_description(out) if name in list_models() else out
 
 
 def load_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -144,3 +144,25 @@ def semantic_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
     return build_semantic_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, split=split, seed=cfg.seed,
                                   protocol=d.protocol, convention=d.convention, train_crop=d.train_crop,
                                   train_scale=d.train_scale, test_size=d.test_size)
+
+
+def run_facts(cfg: ExperimentConfig):
+    """What a model's recipe may know of the run ``cfg`` describes (``svfseg.models.recipe.RunFacts``).
+
+    The fold's class split is resolved only when a recipe asks (a custom root's ``dataset.yaml``
+    is read then), so building a model that needs no classes never touches the data root.
+    """
+    from svfseg.data.meta import benchmark_meta
+    from svfseg.data.splits import class_split, num_classes
+    from svfseg.models.recipe import ClassFacts, RunFacts
+
+    d, m = cfg.data, cfg.model
+
+    def classes() -> ClassFacts:
+        meta = benchmark_meta(d.benchmark, d.root)
+        return ClassFacts(tuple(class_split(d.benchmark, cfg.fold, d.convention, meta).base),
+                          num_classes(d.benchmark, meta))
+
+    return RunFacts(benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, output_dir=cfg.output_dir, model=m.name,
+                    backbone=m.backbone, convention=d.convention, backbone_kwargs=dict(m.backbone_kwargs),
+                    head=dict(m.head), base_checkpoint=m.base_checkpoint, resolve_classes=classes)

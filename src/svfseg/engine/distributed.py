@@ -71,14 +71,6 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 
-def current(device: Optional[torch.device] = None) -> DistInfo:
-    """DistInfo of an already initialised process group (or a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                        device or torch.device("cpu"))
-    return DistInfo(device=device or torch.device("cpu"))
-
-
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum a tensor over processes (no-op in a single process). Returns the summed tensor."""
     if not info.distributed:
@@ -87,15 +79,6 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     comm = t.to(info.device) if info.device.type == "cuda" else t.cpu()
     dist.all_reduce(comm, op=dist.ReduceOp.SUM)
     return comm.to(t.device)
-
-
-def broadcast_object(obj, info: DistInfo, src: int = 0):
-    """Send a picklable object from ``src`` to every process; returns it everywhere."""
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

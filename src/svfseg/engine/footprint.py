@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from svfseg.svf import singular_value_parameters
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "trained_backbone.safetensors"
@@ -77,16 +79,13 @@ class Footprint:
         self.start_step = start_step
         groups = model.parameter_groups() if hasattr(model, "parameter_groups") else []
         self.counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
-        svf_ids = {id(p) for g in groups if g["name"] == "svf" for p in g["params"]}
         backbone = getattr(model, "backbone", None)
         named = list(backbone.named_parameters()) if backbone is not None else []
         self.backbone_numel = sum(p.numel() for _, p in named)
         self.params = {n: p for n, p in named if p.requires_grad}
         # Singular values move elementwise (|S-S0|/|S0|); trained U / Vh, like any tensor, by norm.
-        from svfseg.svf import singular_value_parameters
-
         s_ids = {id(p) for _, p in singular_value_parameters(backbone)} if backbone is not None else set()
-        self.singular = {n for n, p in self.params.items() if id(p) in svf_ids and id(p) in s_ids}
+        self.singular = {n for n, p in self.params.items() if id(p) in s_ids}
         self.start = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
         self.start_from = start_step
         self.earlier = dict(earlier or {})

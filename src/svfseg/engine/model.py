@@ -12,7 +12,8 @@ from torch import nn
 
 from svfseg.config import ExperimentConfig, from_dict, to_dict
 from svfseg.engine import checkpoint as ckpt
-from svfseg.metrics import format_pct
+from svfseg.engine.data import run_facts
+from svfseg.results import pct
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,15 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     if weights and weights != "imagenet" and not Path(weights).is_file():
         raise FileNotFoundError(f"model.weights={weights!r}: no such file (download the backbone weights the "
                                 f"recipe names, or set model.weights=null to start from random weights)")
-    from svfseg.models.regimes import STAGED_REGIMES
+    from svfseg.regimes import regime_spec
 
-    kwargs = {**recipe.model_kwargs(cfg), **(load_dependencies(cfg) if pretrained else {})}
-    if m.regime == "lora":
-        kwargs["lora"] = cfg.lora
+    spec = regime_spec(m.regime)
+    kwargs = {**recipe.model_kwargs(run_facts(cfg)), **(load_dependencies(cfg) if pretrained else {})}
+    if spec.model_kwarg:  # the regime's own config section (lora:) goes to the model
+        kwargs[spec.model_kwarg] = getattr(cfg, spec.section)
     try:
         model = create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
-                             svf_policy=cfg.svf if m.regime in STAGED_REGIMES else None,
+                             svf_policy=cfg.svf if spec.staged else None,
                              backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
     except TypeError as e:
         raise _unknown_option(e, cfg) from None
@@ -84,10 +86,10 @@ def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
     from svfseg.models import model_recipe
 
     out = {}
-    for dep in model_recipe(cfg.model.name).dependencies(cfg):
+    for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg)):
         state = _read_dependency(dep, lazy=False)
         logger.info("%s: %s (step %s, validation mIoU %s)", dep.what, dep.path, state.get("step"),
-                    format_pct((state.get("metrics") or {}).get("miou")))
+                    pct((state.get("metrics") or {}).get("miou")))
         out[dep.keyword] = state["model"]
     return out
 
@@ -101,7 +103,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     """
     from svfseg.models import model_recipe
 
-    for dep in model_recipe(cfg.model.name).dependencies(cfg):
+    for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg)):
         _read_dependency(dep, lazy=True)
     if cfg.model.init_head:
         from svfseg.engine.warmstart import check_head_file
@@ -205,13 +207,13 @@ def _svfseg_checkpoint(checkpoint: str | os.PathLike) -> dict:
 
 def nothing_to_merge(checkpoint: str | os.PathLike) -> Optional[str]:
     """Why merging ``checkpoint`` would change nothing (no SVD layers or adapters in it), or None when it would."""
-    from svfseg.models.regimes import MERGEABLE_REGIMES
+    from svfseg.regimes import REGISTRY
 
     state = _svfseg_checkpoint(checkpoint)
     if state.get("format") == MERGED_FORMAT:
         return f"{checkpoint} is already a merged export"
     regime = ckpt.upgrade_description(state["describe"]).get("regime")
-    if regime not in MERGEABLE_REGIMES:
+    if regime not in REGISTRY or not REGISTRY[regime].mergeable:
         return (f"{checkpoint} was trained with model.regime={regime}: its backbone is the plain architecture, "
                 f"with no singular values or adapters to fold back; use it as it is")
     return None

@@ -177,7 +177,7 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
             preflight(cfg)
             train_set = task.train_data(cfg)
             check_resume_steps(state, cfg.train.epochs * steps_per_epoch(cfg, len(train_set)), run_dir)
-            val = task.selection_set(cfg, run_dir, info)
+            val = task.eval_set(cfg, run_dir, info)
             torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
             model = build_model(cfg, pretrained=state is None)
             desc = describe(model, cfg)

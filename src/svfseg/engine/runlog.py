@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -129,7 +128,3 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
-
-
-def finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

@@ -1,7 +1,7 @@
 """Few-shot segmentation models (baseline, PFENet, BAM) on named-stage backbones, with backbone regimes."""
 
 from svfseg.models.export import export_merged
-from svfseg.models.fewshot import BACKBONE_MODES, EpisodeFeatures, FewShotModel
+from svfseg.models.fewshot import EpisodeFeatures, FewShotModel
 from svfseg.models.outputs import FewShotOutput
 from svfseg.models.policy import SVFPolicy
 from svfseg.models.recipe import Dependency, ModelRecipe
@@ -9,7 +9,6 @@ from svfseg.models.registry import create_model, list_models, model_recipe, regi
 from svfseg.models import heads  # noqa: E402,F401  (registers the built-in heads)
 
 __all__ = [
-    "BACKBONE_MODES",
     "Dependency",
     "EpisodeFeatures",
     "FewShotModel",

@@ -7,8 +7,8 @@ import logging
 
 from torch import nn
 
-from svfseg.models.regimes import merge_backbone
-from svfseg.svf import fold_conv_bn, merge_svf, svf_layers
+from svfseg.models.regimes import get_regime, merge_adapters
+from svfseg.svf import fold_conv_bn
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ def export_merged(model: nn.Module, *, inplace: bool = False, fold_bn: bool = Fa
 
     The result has the state-dict keys of the original architecture, computes the same
     logits, and costs what a frozen-backbone model costs at inference. Its backbone is
-    frozen (``regime == "frozen"``, ``svf_policy`` None); ``describe()`` then matches
+    frozen (regime "frozen", ``svf_policy`` None); ``describe()`` then matches
     a plain model of the same architecture.
 
     Args:
@@ -35,19 +35,14 @@ def export_merged(model: nn.Module, *, inplace: bool = False, fold_bn: bool = Fa
     if not hasattr(model, "backbone") or not hasattr(model, "regime"):
         raise TypeError(f"export_merged: expected a few-shot model with a backbone, got {type(model).__name__}")
     merged = model if inplace else copy.deepcopy(model)
-    n_layers = sum(1 for _ in svf_layers(merged.backbone))
-    if n_layers:
-        merge_svf(merged.backbone, fold_bn=fold_bn)
-        logger.info("merged %d SVF layers of %s", n_layers, merged.backbone_name)
-    n_lora = merge_backbone(merged.backbone)
-    if n_lora:
-        logger.info("merged %d LoRA layers of %s", n_lora, merged.backbone_name)
+    for regime, n_layers in merge_adapters(merged.backbone, fold_bn=fold_bn).items():
+        logger.info("merged %d %s layers of %s", n_layers, regime, merged.backbone_name)
     if fold_bn:
         if not hasattr(merged.backbone, "conv_bn_pairs"):
             raise TypeError(f"export_merged(fold_bn=True): {type(merged.backbone).__name__} declares no conv_bn_pairs()")
         merged.backbone.eval()
         fold_conv_bn(merged.backbone, merged.backbone.conv_bn_pairs())
-    if merged.regime == "full":
+    if get_regime(merged.regime).spec.whole_backbone:
         logger.warning("export_merged: backbone was fully fine-tuned; exported with a frozen backbone")
     merged.regime = "frozen"
     merged.svf_policy = None

@@ -12,23 +12,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from svfseg.config import REGIMES, LoRAConfig, SVFPolicy
 from svfseg.models.blocks import foreground, resize
 from svfseg.models.outputs import FewShotOutput
-from svfseg.models.policy import folds_bn
-from svfseg.models.regimes import (
-    STAGED_REGIMES,
-    backbone_needs_graph,
-    configure_backbone,
-    resolve_regime,
-    set_backbone_mode,
-)
+from svfseg.models.regimes import Settings, get_regime
+from svfseg.policies import LoRAConfig, SVFPolicy
 from svfseg.svf import trained_factor_parameters
 
 logger = logging.getLogger(__name__)
-
-#: The regimes every few-shot model accepts (``regime=``).
-BACKBONE_MODES = REGIMES
 
 
 @dataclass
@@ -66,14 +56,14 @@ class FewShotModel(nn.Module):
     Args:
         backbone: A ``svfseg.models.backbones.Backbone`` (stages ``layer0``..``layer4`` with
             ``stage_channels``, ``stage_strides`` and ``forward_stages``).
-        regime: "frozen" (no backbone gradient; the backbone runs under no_grad), "svf"
-            (only singular values of ``svf_policy``'s stages train) or "full" (full
-            fine-tune). BatchNorm stays in eval mode in every regime.
+        regime: A name declared in ``svfseg.regimes`` (default "frozen": no backbone gradient, the
+            backbone runs under no_grad; "svf": only singular values of ``svf_policy``'s stages
+            train; "full": full fine-tune; peers "bitfit" | "bn" | "last_stage" | "lora").
+            BatchNorm stays in eval mode in every regime.
         svf_policy: Policy for "svf"; defaults to :class:`SVFPolicy` (the paper's). Its
             ``stages`` are also the stages "bitfit", "bn", "last_stage" and "lora" train.
-        lora: LoRA settings for regime "lora" (default :class:`~svfseg.config.LoRAConfig`).
+        lora: LoRA settings for regime "lora" (default :class:`~svfseg.policies.LoRAConfig`).
         backbone_name: Name recorded by :meth:`describe` (``create_model`` passes it).
-        backbone_mode: Deprecated alias of ``regime`` ("train" = "full").
         batch_backbone: Run query and supports through the backbone as one batch when their
             sizes match (one pass per stage instead of two).
     """
@@ -95,15 +85,11 @@ class FewShotModel(nn.Module):
         svf_policy: SVFPolicy | None = None,
         backbone_name: str | None = None,
         batch_backbone: bool = True,
-        backbone_mode: str | None = None,
         lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
-        regime = resolve_regime(regime, backbone_mode, where=type(self).__name__)
-        if svf_policy is not None and regime not in STAGED_REGIMES:
-            raise ValueError(f"svf_policy given but regime={regime!r}; it applies to {list(STAGED_REGIMES)}")
-        if lora is not None and regime != "lora":
-            raise ValueError(f"lora settings given but regime={regime!r}; use regime='lora'")
+        kind = get_regime(regime, where=type(self).__name__)
+        settings = kind.settings(svf_policy, lora)
         for attr in ("stage_names", "stage_channels", "forward_stages"):
             if not hasattr(backbone, attr):
                 raise TypeError(f"backbone {type(backbone).__name__} has no `{attr}`; expected a Backbone")
@@ -112,13 +98,10 @@ class FewShotModel(nn.Module):
             raise ValueError(f"{type(self).__name__} needs stages {missing}; backbone has {backbone.stage_names}")
         self.backbone = backbone
         self.backbone_name = backbone_name or getattr(backbone, "name", None) or type(backbone).__name__
-        self.regime = regime
-        # The policy as applied (SVF: BN folding resolved; None means fold whenever BN is frozen).
-        self.svf_policy = None
-        if regime in STAGED_REGIMES:
-            policy = svf_policy or SVFPolicy()
-            self.svf_policy = dataclasses.replace(policy, fold_bn=folds_bn(policy)) if regime == "svf" else policy
-        self.lora = (lora or LoRAConfig()) if regime == "lora" else None
+        self.regime = kind.name
+        # The policy as applied (SVF: BN folding resolved); None for regimes that take none.
+        self.svf_policy = settings.policy
+        self.lora = settings.lora
         self.batch_backbone = bool(batch_backbone)
         self._configure_backbone()
 
@@ -130,7 +113,7 @@ class FewShotModel(nn.Module):
         return stages
 
     def _configure_backbone(self) -> None:
-        configure_backbone(self.backbone, self.regime, self.svf_policy, self.lora)
+        get_regime(self.regime).configure_backbone(self.backbone, Settings(self.svf_policy, self.lora))
         self.train(self.training)
 
     def train(self, mode: bool = True) -> FewShotModel:
@@ -140,7 +123,7 @@ class FewShotModel(nn.Module):
         either); a fully fine-tuned one only has its BatchNorm layers in eval mode.
         """
         super().train(mode)
-        set_backbone_mode(self.backbone, self.regime)
+        get_regime(self.regime).set_mode(self.backbone, self.training)
         return self
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -154,9 +137,7 @@ class FewShotModel(nn.Module):
             with ``requires_grad`` appear. The optimiser sets each group's lr from
             ``optim.lr_mult[name]``.
         """
-        svf_ids: set[int] = set()
-        if self.regime == "svf":
-            svf_ids = {id(p) for _, p in trained_factor_parameters(self.backbone)}
+        svf_ids = {id(p) for _, p in trained_factor_parameters(self.backbone)}  # none outside regime "svf"
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         groups: dict[str, list[nn.Parameter]] = {"svf": [], "backbone": [], "head": []}
         for p in self.parameters():
@@ -224,7 +205,7 @@ class FewShotModel(nn.Module):
 
     def _backbone_context(self) -> contextlib.AbstractContextManager:
         # Frozen backbone: no graph at all, so the frozen regime costs what PFENet costs.
-        return contextlib.nullcontext() if backbone_needs_graph(self.regime) else torch.no_grad()
+        return contextlib.nullcontext() if get_regime(self.regime).spec.backbone_grad else torch.no_grad()
 
     def extract_features(
         self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor

@@ -46,36 +46,42 @@ def bn_affine_parameters(stages: Sequence[nn.Module]) -> list[nn.Parameter]:
             for p in (m.weight, m.bias)]
 
 
-def configure_peer(backbone: nn.Module, regime: str, stages: Sequence[str]) -> int:
-    """Freeze ``backbone`` and let only the ``regime``'s parameters in ``stages`` train.
-
-    Args:
-        backbone: A backbone with named stages (BN layers already frozen structurally).
-        regime: "bitfit", "bn" or "last_stage" (full fine-tuning of the last of ``stages``).
-        stages: The stages the regime trains (``svf.stages``).
-
-    Returns:
-        The number of trainable backbone parameters.
-
-    Raises:
-        ValueError: A stage is missing, or the regime finds nothing to train there.
-    """
-    mods = stage_modules(backbone, stages, regime)
-    backbone.requires_grad_(False)
-    if regime == "bitfit":
-        params = bitfit_parameters(mods)
-        why = "neither conv/linear biases nor affine BatchNorm layers"
-    elif regime == "bn":
-        params = bn_affine_parameters(mods)
-        why = "no affine BatchNorm layer"
-    elif regime == "last_stage":
-        params = list(mods[-1].parameters())
-        why = "no parameters"
-    else:
-        raise ValueError(f"configure_peer: unknown regime {regime!r}")
+def _train_only(backbone: nn.Module, regime: str, where: Sequence[str], params: list[nn.Parameter],
+                why: str) -> int:
+    """Freeze ``backbone`` but ``params``; none found is a ``ValueError`` naming the stages and ``why``."""
     if not params:
-        where = [stages[-1]] if regime == "last_stage" else list(stages)
-        raise ValueError(f"regime {regime!r} cannot apply to {type(backbone).__name__}: stages {where} have {why}")
+        raise ValueError(f"regime {regime!r} cannot apply to {type(backbone).__name__}: stages {list(where)} have {why}")
+    backbone.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     return sum(p.numel() for p in params)
+
+
+def train_bitfit(backbone: nn.Module, stages: Sequence[str]) -> int:
+    """Regime "bitfit": only the biases in ``stages`` train (`bitfit_parameters`); the number of trainable ones.
+
+    Raises:
+        ValueError: A stage is missing, or it has neither conv/linear biases nor affine BatchNorm layers.
+    """
+    params = bitfit_parameters(stage_modules(backbone, stages, "bitfit"))
+    return _train_only(backbone, "bitfit", stages, params, "neither conv/linear biases nor affine BatchNorm layers")
+
+
+def train_bn_affine(backbone: nn.Module, stages: Sequence[str]) -> int:
+    """Regime "bn": only the BN affine parameters in ``stages`` train; the number of trainable ones.
+
+    Raises:
+        ValueError: A stage is missing, or it has no affine BatchNorm layer.
+    """
+    params = bn_affine_parameters(stage_modules(backbone, stages, "bn"))
+    return _train_only(backbone, "bn", stages, params, "no affine BatchNorm layer")
+
+
+def train_last_stage(backbone: nn.Module, stages: Sequence[str]) -> int:
+    """Regime "last_stage": everything of the last of ``stages`` trains; the number of trainable ones.
+
+    Raises:
+        ValueError: A stage is missing, or the last one has no parameters.
+    """
+    params = list(stage_modules(backbone, stages, "last_stage")[-1].parameters())
+    return _train_only(backbone, "last_stage", [stages[-1]], params, "no parameters")

@@ -1,4 +1,4 @@
-"""Apply an :class:`~svfseg.config.SVFPolicy` (the paper's layer2-4 by default) to a backbone with named stages."""
+"""Apply an :class:`~svfseg.policies.SVFPolicy` (the `svf:` section) (the paper's layer2-4 by default) to a backbone with named stages."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 from torch import nn
 
-from svfseg.config import SVFPolicy
+from svfseg.policies import SVFPolicy
 from svfseg.svf import SVFConfig, apply_svf, svf_layers, trained_factor_parameters
 
 logger = logging.getLogger(__name__)

@@ -1,12 +1,53 @@
-"""What a registered model needs from an experiment config: constructor keywords, other runs' checkpoints, its task."""
+"""What a registered model needs from a run: constructor keywords, other runs' checkpoints, its task.
+
+Recipes read a `RunFacts` (built by the engine from the experiment config), so that the model
+layer imports neither ``svfseg.config`` nor ``svfseg.data``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
-from svfseg.config import ExperimentConfig
+
+@dataclass(frozen=True)
+class ClassFacts:
+    """The class split of a run's fold: base class ids (increasing) and the benchmark's class count."""
+
+    base: tuple[int, ...]
+    num_benchmark_classes: int
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a recipe may know of a run (``svfseg.engine.model.run_facts`` builds it from the config).
+
+    Attributes mirror config keys: ``benchmark``/``root``/``convention`` (``data.*``), ``fold``,
+    ``shot``, ``output_dir``, ``model``/``backbone``/``backbone_kwargs``/``head``/``base_checkpoint``
+    (``model.*``). ``resolve_classes`` computes the fold's class split on demand (a custom root's
+    ``dataset.yaml`` is read only when a recipe asks).
+    """
+
+    benchmark: str
+    fold: int
+    shot: int
+    output_dir: str
+    model: str
+    backbone: str
+    convention: str = "interleaved"
+    backbone_kwargs: dict = field(default_factory=dict)
+    head: dict = field(default_factory=dict)
+    base_checkpoint: str | None = None
+    resolve_classes: Callable[[], ClassFacts] | None = None
+
+    def classes(self) -> ClassFacts:
+        """The fold's class split (ValueError when the engine gave no way to resolve it)."""
+        if self.resolve_classes is None:
+            raise ValueError(f"{self.model}: the recipe needs the class split of {self.benchmark} fold {self.fold}, "
+                             "but these run facts carry none")
+        return self.resolve_classes()
 
 
 @dataclass(frozen=True)
@@ -43,10 +84,29 @@ class ModelRecipe:
     task: str = "fewshot"
     test_tasks: tuple[str, ...] = ("fewshot",)
 
-    def model_kwargs(self, cfg: ExperimentConfig) -> dict[str, Any]:
-        """Constructor keywords derived from the config (beyond ``model.head``)."""
+    def model_kwargs(self, cfg: RunFacts) -> dict[str, Any]:
+        """Constructor keywords derived from the run (beyond ``model.head``)."""
         return {}
 
-    def dependencies(self, cfg: ExperimentConfig) -> list[Dependency]:
+    def dependencies(self, cfg: RunFacts) -> list[Dependency]:
         """Checkpoints of other runs the model is built from (see :class:`Dependency`)."""
         return []
+
+    def upgrade_description(self, d: Mapping) -> Mapping:
+        """A ``describe()`` an older svfseg wrote for this model, in today's terms (default: as it is)."""
+        return d
+
+
+#: Head options added after svfseg 0.1, with the behaviour 0.1 had: a description without them
+#: describes a model that had them at these values.
+_PRIOR_HEAD_DEFAULTS_01 = {"train_down_query": True, "shot_reduce": "mean"}
+
+
+class PriorHeadRecipe(ModelRecipe):
+    """The prototype-prior heads (baseline, PFENet, BAM): descriptions without the later head options read as 0.1's."""
+
+    def upgrade_description(self, d: Mapping) -> Mapping:  # noqa: D102 - see ModelRecipe
+        head = d.get("head")
+        if not isinstance(head, Mapping) or "reduce_dim" not in head:
+            return d
+        return {**d, "head": {**{k: v for k, v in _PRIOR_HEAD_DEFAULTS_01.items() if k not in head}, **head}}

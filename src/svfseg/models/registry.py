@@ -13,8 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from svfseg.config import SVFPolicy
 from svfseg.models.recipe import ModelRecipe
+from svfseg.policies import SVFPolicy
+from svfseg.regimes import REGIME_NAMES
 
 # name -> constructor(backbone, **kwargs) -> model, and name -> its recipe.
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -27,7 +28,7 @@ def register_model(
     """Class/function decorator registering a model constructor under ``name``, with its recipe.
 
     The constructor is called as ``fn(backbone, regime=..., svf_policy=..., backbone_name=...,
-    **recipe.model_kwargs(cfg), **head_kwargs)``. ``recipe`` (default :class:`ModelRecipe`: a
+    **recipe.model_kwargs(run_facts), **head_kwargs)``. ``recipe`` (default :class:`ModelRecipe`: a
     few-shot model on episodes) tells the engine what else the model needs from a config and
     which task trains it, so that a new head needs no engine change.
     """
@@ -68,7 +69,6 @@ def create_model(
     regime: str | None = None,
     svf_policy: SVFPolicy | dict[str, Any] | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
-    backbone_mode: str | None = None,
     **head_kwargs: Any,
 ) -> nn.Module:
     """Build a few-shot segmentation model.
@@ -80,18 +80,20 @@ def create_model(
         weights: Backbone weight file (or "imagenet" where the backbone supports it); None
             leaves the backbone randomly initialised.
         regime: "frozen" | "svf" | "full" (the paper's three regimes) or a peer of SVF, "bitfit" |
-            "bn" | "last_stage" | "lora" (``svfseg.config.REGIMES``); the model's default when
+            "bn" | "last_stage" | "lora" (``svfseg.regimes``); the model's default when
             None ("frozen" for the few-shot models).
         svf_policy: :class:`SVFPolicy` or its dict form; only with regime="svf" or a peer (whose
             stages are the policy's ``stages``)
             (default there: the paper's policy, layer2-4).
         backbone_kwargs: Extra arguments for ``create_backbone`` (e.g. output_stride=8).
-        backbone_mode: Deprecated alias of ``regime`` (svfseg 0.1: "frozen" | "svf" | "train").
         **head_kwargs: Head hyper-parameters (e.g. reduce_dim, scales, batch_backbone).
 
     Returns:
         The model, in train mode, with exactly the regime's parameters requiring grad.
     """
+    if "backbone_mode" in head_kwargs:  # svfseg 0.1's keyword; the config key model.backbone_mode still works
+        raise ValueError(f"create_model: backbone_mode={head_kwargs['backbone_mode']!r} is no longer a keyword; "
+                         f"pass regime= (one of {list(REGIME_NAMES)}; 0.1's 'train' is 'full')")
     valid = list_models()
     if name not in _MODELS:
         raise _unknown("model", name, valid)
@@ -108,8 +110,6 @@ def create_model(
         if weights is not None or backbone_kwargs:
             raise ValueError("create_model: weights/backbone_kwargs apply to a backbone name, not an instance")
         backbone_name = None
-    if backbone_mode is not None:
-        head_kwargs["backbone_mode"] = backbone_mode
     return _MODELS[name](
         backbone,
         regime=regime,

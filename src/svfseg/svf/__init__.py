@@ -13,13 +13,9 @@ from svfseg.svf.fold import FoldedBatchNorm, bn_scale_shift, fold_conv_bn
 from svfseg.svf.inject import (
     apply_svf,
     is_svf_layer,
-    load_svf,
-    load_svf_state_dict,
     merge_svf,
-    save_svf,
     singular_value_parameters,
     svf_layers,
-    svf_state_dict,
     trainable_parameter_report,
     trained_factor_parameters,
 )
@@ -32,6 +28,7 @@ from svfseg.svf.layers import (
     estimate_costs,
     svf_layer_from,
 )
+from svfseg.svf.state import load_svf, load_svf_state_dict, save_svf, svf_state_dict
 from svfseg.svf.tune import TuneCache
 
 __all__ = [

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from svfseg.data.io import IGNORE, DataError
+from svfseg.data.io import DataError
+from svfseg.labels import IGNORE_LABEL
 
 __all__ = ["load_coco_annotations", "coco_mask", "KNOWN_COUNTS"]
 
@@ -65,5 +66,5 @@ def coco_mask(image: dict, anns: list[dict], cat_map: dict[int, int]) -> np.ndar
     for a in anns:
         if a.get("iscrowd", 0):
             crowd |= _decode(a["segmentation"], h, w)
-    out[crowd & ~painted] = IGNORE
+    out[crowd & ~painted] = IGNORE_LABEL
     return out

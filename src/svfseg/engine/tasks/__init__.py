@@ -4,7 +4,7 @@ A model's recipe names its task (``svfseg.models.ModelRecipe.task``); the engine
 """
 from __future__ import annotations
 
-from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult, ValSet
+from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult
 from svfseg.engine.tasks.fewshot import FewShotTask
 from svfseg.engine.tasks.generalized import GeneralizedTask
 from svfseg.engine.tasks.semantic import SemanticTask
@@ -20,4 +20,4 @@ def get_task(name: str) -> Task:
 
 
 __all__ = ["TASKS", "EvalSet", "FewShotTask", "GeneralizedTask", "SemanticTask", "Task", "TestOptions", "ValResult",
-           "ValSet", "get_task"]
+           "get_task"]

@@ -1,6 +1,7 @@
 """What a task tells the engine: how to step, validate, and score; the shared result records."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -13,6 +14,8 @@ from svfseg.config import ExperimentConfig
 from svfseg.data.collate import collate_episodes
 from svfseg.engine.distributed import DistInfo
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class EvalSet:
@@ -21,10 +24,6 @@ class EvalSet:
     dataset: Dataset
     class_ids: Optional[Sequence[int]] = None
     on: str = "test_fold"
-
-
-#: Former name of :class:`EvalSet` (svfseg 0.1).
-ValSet = EvalSet
 
 
 @dataclass
@@ -69,7 +68,7 @@ class Task:
         """Training items of ``cfg``."""
         raise NotImplementedError(f"task {self.name!r} does not train")
 
-    def selection_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
+    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
         """Items checkpoints are selected on (None: no validation)."""
         return None
 
@@ -87,8 +86,33 @@ class Task:
 
     def test(self, checkpoint: str | Path, cfg: Optional[ExperimentConfig], options: TestOptions,
              info: DistInfo) -> dict:
-        """``svfseg test``: score a checkpoint, write ``results.json`` + ``results.md``, return the results."""
+        """``svfseg test``, one skeleton for every task: load the checkpoint once, :meth:`score` it, write
+        ``results.json`` + ``results.md`` (main process) in the results folder, return the results."""
+        from svfseg.engine.distributed import barrier
+        from svfseg.engine.model import load_for_inference
+
+        model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
+        out_dir = Path(options.out_dir) if options.out_dir else Path(checkpoint).parent / self.results_folder(cfg, options)
+        out = self.score(checkpoint, model, cfg, state, options, out_dir, info)
+        out["out_dir"] = str(out_dir)
+        write_results(out_dir, out, self.markdown(out), info)
+        if info.is_main:
+            logger.info("%s -> %s", self.headline(out), out_dir)
+        barrier(info)
+        return out
+
+    def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:
+        """The results folder's name next to the checkpoint (when ``options.out_dir`` is unset)."""
+        return f"test_{self.name}"
+
+    def score(self, checkpoint: str | Path, model: nn.Module, cfg: ExperimentConfig, state: dict,
+              options: TestOptions, out_dir: Path, info: DistInfo) -> dict:
+        """The results of a loaded checkpoint (what ``results.json`` holds)."""
         raise NotImplementedError(f"task {self.name!r} does not test")
+
+    def headline(self, results: dict) -> str:
+        """One log line summarising :meth:`score`'s results."""
+        return f"{self.name}: results"
 
     def markdown(self, results: dict) -> str:
         """The Markdown report of :meth:`test`'s results."""

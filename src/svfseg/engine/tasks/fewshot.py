@@ -15,11 +15,12 @@ from svfseg.engine.data import (benchmark_classes, class_names_of, eval_dataset,
                                 novel_classes, train_dataset)
 from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
-from svfseg.engine.model import MERGED_FORMAT, describe, load_for_inference
+from svfseg.engine.model import MERGED_FORMAT, describe
 from svfseg.engine.runtime import autocast, to_device, unwrap
-from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult, write_results
+from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult
 from svfseg.losses import fewshot_loss, valid_pixel_count
-from svfseg.metrics import IoUAccumulator, format_pct, summarize_runs
+from svfseg.metrics import IoUAccumulator
+from svfseg.results import STD_NOTE, markdown_table, pct, summarize_runs
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class FewShotTask(Task):
     def train_data(self, cfg: ExperimentConfig) -> Dataset:
         return train_dataset(cfg)
 
-    def selection_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
+    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
         """The validation episodes checkpoints are selected on, fixed in a file in the run folder.
 
         ``train.select_on=test_fold`` (what the published methods do) or ``last`` validates on the test
@@ -186,9 +187,40 @@ class FewShotTask(Task):
             message=("step %d: val (%s) mIoU %.2f FB-IoU %.2f over %d episodes%s",
                      val.on, 100 * r["miou"], 100 * r["fb_iou"], r["episodes"]))
 
-    def test(self, checkpoint, cfg, options: TestOptions, info: DistInfo) -> dict:
-        return score_checkpoint(checkpoint, cfg, protocol=options.protocol, episodes=options.episodes,
-                                save_vis=options.save_vis, out_dir=options.out_dir, info=info)
+    def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:  # noqa: D102 - see Task
+        return f"test_{'file' if options.episodes else options.protocol or cfg.eval.protocol}_{cfg.shot}shot"
+
+    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo) -> dict:
+        """Every run of the protocol (or the one episode file) on the loaded checkpoint."""
+        protocol, episodes, save_vis = options.protocol or cfg.eval.protocol, options.episodes, options.save_vis
+        classes = novel_classes(cfg)
+        runs = [(None, None)] if episodes else protocol_runs(cfg, protocol)
+        # An episode file is scored with the empty-class rule of the config's protocol.
+        proto = eval_protocol(cfg, None if episodes else protocol)
+        results = []
+        for i, (seed, count) in enumerate(runs):
+            ds = (eval_dataset(cfg, episodes=episodes) if episodes
+                  else eval_dataset(cfg, seed=seed, count=count, order=proto.order))
+            name = f"episode seed {seed}" if seed is not None else Path(episodes).name
+            r = evaluate(model, ds, class_ids=classes, device=info.device, info=info, amp=cfg.train.amp,
+                         batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
+                         desc=f"test {name}", vis_dir=out_dir / "vis" if save_vis and i == 0 else None,
+                         num_vis=save_vis, upstream_padding=cfg.eval.upstream_padding,
+                         empty_class=proto.empty_class)
+            r.update(seed=ds.episodes.seed, episode_count=len(ds), order=ds.episodes.order,
+                     dataset_fingerprint=ds.episodes.dataset_fingerprint)
+            logger.info("%s: mIoU %.2f  FB-IoU %.2f  (%d episodes, fingerprint %s)", name, 100 * r["miou"],
+                        100 * r["fb_iou"], r["episodes"], r["episode_fingerprint"])
+            results.append(r)
+        if save_vis and info.is_main:
+            logger.info("%d overlays in %s", save_vis, out_dir / "vis")
+        out = _assemble(checkpoint, cfg, state, model, protocol if not episodes else "file", results)
+        out["empty_class"] = proto.empty_class
+        out["order"] = results[0]["order"]
+        return out
+
+    def headline(self, results: dict) -> str:  # noqa: D102 - see Task
+        return "wrote results.json and results.md"
 
     def markdown(self, results: dict) -> str:
         return results_markdown(results)
@@ -220,40 +252,8 @@ def score_checkpoint(
     Returns:
         The results dict (also written to ``results.json``).
     """
-    info = info or DistInfo()
-    model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
-    protocol = protocol or cfg.eval.protocol
-    label = "file" if episodes else protocol
-    out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / f"test_{label}_{cfg.shot}shot"
-    classes = novel_classes(cfg)
-    runs = [(None, None)] if episodes else protocol_runs(cfg, protocol)
-    # An episode file is scored with the empty-class rule of the config's protocol.
-    proto = eval_protocol(cfg, None if episodes else protocol)
-    results = []
-    for i, (seed, count) in enumerate(runs):
-        ds = (eval_dataset(cfg, episodes=episodes) if episodes
-              else eval_dataset(cfg, seed=seed, count=count, order=proto.order))
-        name = f"episode seed {seed}" if seed is not None else Path(episodes).name
-        r = evaluate(model, ds, class_ids=classes, device=info.device, info=info, amp=cfg.train.amp,
-                     batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
-                     desc=f"test {name}", vis_dir=out_dir / "vis" if save_vis and i == 0 else None,
-                     num_vis=save_vis, upstream_padding=cfg.eval.upstream_padding,
-                     empty_class=proto.empty_class)
-        r.update(seed=ds.episodes.seed, episode_count=len(ds), order=ds.episodes.order,
-                 dataset_fingerprint=ds.episodes.dataset_fingerprint)
-        logger.info("%s: mIoU %.2f  FB-IoU %.2f  (%d episodes, fingerprint %s)", name, 100 * r["miou"],
-                    100 * r["fb_iou"], r["episodes"], r["episode_fingerprint"])
-        results.append(r)
-    out = _assemble(checkpoint, cfg, state, model, protocol if not episodes else "file", results)
-    out["empty_class"] = proto.empty_class
-    out["order"] = results[0]["order"]
-    write_results(out_dir, out, results_markdown(out), info)
-    if info.is_main:
-        logger.info("wrote %s and results.md%s", out_dir / "results.json",
-                    f" and {save_vis} overlays in {out_dir / 'vis'}" if save_vis else "")
-    barrier(info)
-    out["out_dir"] = str(out_dir)
-    return out
+    return FewShotTask().test(checkpoint, cfg, TestOptions(protocol=protocol, episodes=episodes, save_vis=save_vis,
+                                                           out_dir=out_dir), info or DistInfo())
 
 
 def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: str, results: list[dict]) -> dict:
@@ -308,19 +308,15 @@ def results_markdown(out: dict) -> str:
         f"scored at the original label size; mIoU over the fold's novel classes {out['novel_classes']}"
         + _rules_note(out) + ".",
         "",
-        "| run | episodes | episode fingerprint | mIoU (%) | FB-IoU (%) |",
-        "|---|---|---|---|---|",
     ]
-    for r in out["runs"]:
-        lines.append(f"| episode seed {r['seed']} | {r['episodes']} | `{r['episode_fingerprint']}` "
-                     f"| {format_pct(r['miou'])} "
-                     f"| {format_pct(r['fb_iou'])} |")
+    rows = [[f"episode seed {r['seed']}", str(r["episodes"]), f"`{r['episode_fingerprint']}`", pct(r["miou"]),
+             pct(r["fb_iou"])] for r in out["runs"]]
     if len(out["runs"]) > 1:
-        lines.append(f"| **mean ± std** | | | **{format_pct(s['miou']['mean'])} ± {format_pct(s['miou']['std'])}** "
-                     f"| {format_pct(s['fb_iou']['mean'])} ± {format_pct(s['fb_iou']['std'])} |")
-        lines.append(f"| best | | | {format_pct(s['miou']['best'])} | {format_pct(s['fb_iou']['best'])} |")
-    lines += ["", "| class | name | IoU (%)" + (" (mean over runs)" if len(out["runs"]) > 1 else "") + " |",
-              "|---|---|---|"]
-    for c, v in out["per_class_mean"].items():
-        lines.append(f"| {c} | {out['class_names'][c]} | {format_pct(v)} |")
+        rows.append([f"**mean ± std ({STD_NOTE})**", "", "", f"**{pct(s['miou']['mean'])} ± {pct(s['miou']['std'])}**",
+                     f"{pct(s['fb_iou']['mean'])} ± {pct(s['fb_iou']['std'])}"])
+        rows.append(["best", "", "", pct(s["miou"]["best"]), pct(s["fb_iou"]["best"])])
+    lines += [markdown_table(["run", "episodes", "episode fingerprint", "mIoU (%)", "FB-IoU (%)"], rows), ""]
+    iou = "IoU (%)" + (" (mean over runs)" if len(out["runs"]) > 1 else "")
+    lines.append(markdown_table(["class", "name", iou],
+                                [[c, out["class_names"][c], pct(v)] for c, v in out["per_class_mean"].items()]))
     return "\n".join(lines) + "\n"

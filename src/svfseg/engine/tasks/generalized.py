@@ -14,10 +14,10 @@ from svfseg.config import ExperimentConfig
 from svfseg.engine.data import class_names_of
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import at_label_size, evaluation_loop
-from svfseg.engine.model import load_for_inference
 from svfseg.engine.runtime import to_device, unwrap
-from svfseg.engine.tasks.base import Task, TestOptions, write_results
-from svfseg.metrics import ConfusionMatrix, format_pct
+from svfseg.engine.tasks.base import Task, TestOptions
+from svfseg.metrics import ConfusionMatrix
+from svfseg.results import markdown_table, pct
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +99,14 @@ class GeneralizedTask(Task):
 
     name = "generalized"
 
-    def test(self, checkpoint, cfg: Optional[ExperimentConfig], options: TestOptions, info: DistInfo,
-             seed: int = 0) -> dict:
-        """Generalized-setting score of a checkpoint; results in ``<checkpoint folder>/test_generalized_<K>shot``."""
+    def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:  # noqa: D102 - see Task
+        return f"test_generalized_{cfg.shot}shot"
+
+    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo,
+              seed: int = 0) -> dict:
+        """Generalized-setting score of a checkpoint (episode seed ``seed``)."""
         from svfseg.data.generalized import build_generalized_dataset
 
-        model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
         d = cfg.data
         # eval.num_episodes caps the episode count (one per val image otherwise).
         ds = build_generalized_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, seed=seed,
@@ -115,14 +117,11 @@ class GeneralizedTask(Task):
                "shot": cfg.shot, "seed": seed, "episode_fingerprint": ds.episodes.fingerprint, **r,
                "class_names": list(class_names_of(cfg)),
                "per_class": {str(k): v for k, v in r["per_class"].items()}}
-        out_dir = Path(options.out_dir) if options.out_dir else Path(checkpoint).parent / f"test_generalized_{cfg.shot}shot"
-        out["out_dir"] = str(out_dir)
-        write_results(out_dir, out, self.markdown(out), info)
-        if info.is_main:
-            logger.info("generalized: mIoU novel %s  base %s  total %s over %d episodes -> %s",
-                        format_pct(r["miou_novel"]), format_pct(r["miou_base"]), format_pct(r["miou_total"]),
-                        r["episodes"], out_dir)
         return out
+
+    def headline(self, r: dict) -> str:  # noqa: D102 - see Task
+        return (f"generalized: mIoU novel {pct(r['miou_novel'])}  base {pct(r['miou_base'])}  "
+                f"total {pct(r['miou_total'])} over {r['episodes']} episodes")
 
     def markdown(self, r: dict) -> str:
         from svfseg.data.splits import class_names
@@ -130,8 +129,9 @@ class GeneralizedTask(Task):
         names = r.get("class_names") or class_names(r["benchmark"])
         lines = [f"# Generalized setting, {r['benchmark']} fold {r['fold']}, {r['shot']}-shot", "",
                  f"{r['episodes']} episodes (episode seed {r['seed']}), tau {r['tau']}; base and novel classes scored "
-                 "together.", "", "| score | % |", "|---|---|",
-                 f"| mIoU novel | {format_pct(r['miou_novel'])} |", f"| mIoU base | {format_pct(r['miou_base'])} |",
-                 f"| mIoU total | {format_pct(r['miou_total'])} |", "", "| class | IoU % |", "|---|---|"]
-        lines += [f"| {int(c)} {names[int(c) - 1]} | {format_pct(v)} |" for c, v in r["per_class"].items()]
+                 "together.", "",
+                 markdown_table(["score", "%"], [["mIoU novel", pct(r["miou_novel"])], ["mIoU base", pct(r["miou_base"])],
+                                                 ["mIoU total", pct(r["miou_total"])]]), "",
+                 markdown_table(["class", "IoU %"],
+                                [[f"{int(c)} {names[int(c) - 1]}", pct(v)] for c, v in r["per_class"].items()])]
         return "\n".join(lines) + "\n"

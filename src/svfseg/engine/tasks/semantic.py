@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -15,11 +14,11 @@ from svfseg.data.semantic import collate_semantic
 from svfseg.engine.data import class_names_of, semantic_dataset
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
-from svfseg.engine.model import load_for_inference
 from svfseg.engine.runtime import autocast, to_device
-from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult, write_results
+from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult
 from svfseg.losses import cross_entropy_sum, valid_pixel_count
 from svfseg.metrics import ConfusionMatrix
+from svfseg.results import markdown_table, pct
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class SemanticTask(Task):
     def train_data(self, cfg: ExperimentConfig) -> Dataset:
         return semantic_dataset(cfg, "train")
 
-    def selection_set(self, cfg, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
+    def eval_set(self, cfg, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
         return EvalSet(semantic_dataset(cfg, "val"), on="base_val") if cfg.train.val_every else None
 
     def check_training(self, cfg: ExperimentConfig, model: nn.Module, info: DistInfo) -> None:
@@ -108,9 +107,11 @@ class SemanticTask(Task):
                      100 * r["miou"], 100 * r["bg_iou"], 100 * r["fb_iou"], r["images"]),
             history_extra={"bg_iou": r["bg_iou"], "pixel_acc": r["pixel_acc"]})
 
-    def test(self, checkpoint, cfg, options: TestOptions, info: DistInfo) -> dict:
-        """Score a checkpoint on the val split (base-class mIoU); results in ``<checkpoint folder>/test_base``."""
-        model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
+    def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:  # noqa: D102 - see Task
+        return "test_base"
+
+    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo) -> dict:
+        """Base-class mIoU of a checkpoint on the val split."""
         ds = semantic_dataset(cfg, "val")
         r = evaluate_semantic(model, ds, device=info.device, info=info, amp=cfg.train.amp,
                               batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
@@ -119,13 +120,11 @@ class SemanticTask(Task):
                "class_names": list(class_names_of(cfg)),
                "fold": cfg.fold, "base_classes": list(ds.base_classes), "step": state.get("step"), **r,
                "per_class": {str(k): v for k, v in r["per_class"].items()}}
-        out_dir = Path(options.out_dir) if options.out_dir else Path(checkpoint).parent / "test_base"
-        out["out_dir"] = str(out_dir)
-        write_results(out_dir, out, self.markdown(out), info)
-        if info.is_main:
-            logger.info("base-class mIoU %.2f (background IoU %.2f, FB-IoU %.2f) over %d images -> %s",
-                        100 * r["miou"], 100 * r["bg_iou"], 100 * r["fb_iou"], r["images"], out_dir)
         return out
+
+    def headline(self, r: dict) -> str:  # noqa: D102 - see Task
+        return (f"base-class mIoU {pct(r['miou'])} (background IoU {pct(r['bg_iou'])}, FB-IoU {pct(r['fb_iou'])}) "
+                f"over {r['images']} images")
 
     def markdown(self, r: dict) -> str:
         from svfseg.data.splits import class_names
@@ -133,11 +132,10 @@ class SemanticTask(Task):
         names = r.get("class_names") or class_names(r["benchmark"])
         lines = [f"# {r['stage']} (semantic segmentation of the base classes), {r['benchmark']} fold {r['fold']}", "",
                  f"{r['images']} val images, original label size; novel classes count as background.", "",
-                 "| score | % |", "|---|---|",
-                 f"| base-class mIoU | {100 * r['miou']:.2f} |",
-                 f"| mIoU with background | {100 * r['miou_with_background']:.2f} |",
-                 f"| background IoU | {100 * r['bg_iou']:.2f} |", f"| FB-IoU | {100 * r['fb_iou']:.2f} |",
-                 f"| pixel accuracy | {100 * r['pixel_acc']:.2f} |", "", "| class | IoU % |", "|---|---|"]
-        for k, v in r["per_class"].items():
-            lines.append(f"| {int(k)} {names[int(k) - 1]} | {'n/a' if math.isnan(v) else f'{100 * v:.2f}'} |")
+                 markdown_table(["score", "%"], [
+                     ["base-class mIoU", pct(r["miou"])], ["mIoU with background", pct(r["miou_with_background"])],
+                     ["background IoU", pct(r["bg_iou"])], ["FB-IoU", pct(r["fb_iou"])],
+                     ["pixel accuracy", pct(r["pixel_acc"])]]), "",
+                 markdown_table(["class", "IoU %"], [[f"{int(k)} {names[int(k) - 1]}", pct(v, missing="n/a")]
+                                                     for k, v in r["per_class"].items()])]
         return "\n".join(lines) + "\n"

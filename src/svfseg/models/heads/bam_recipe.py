@@ -1,41 +1,32 @@
-"""What BAM's two stages need from a config: base classes, shot, the stage-1 checkpoint and its checks."""
+"""What BAM's two stages need from a run: base classes, shot, the stage-1 checkpoint and its checks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from svfseg.config import ExperimentConfig
-from svfseg.data.splits import class_split, num_classes
-from svfseg.models.recipe import Dependency, ModelRecipe
+from svfseg.models.recipe import Dependency, ModelRecipe, PriorHeadRecipe, RunFacts
 
 BASE_MODEL = "bam_base"
-BAM_MODEL = "bam"
 #: Placeholders allowed in ``model.base_checkpoint``.
 CHECKPOINT_FIELDS = ("output_dir", "benchmark", "fold", "backbone")
 
 
-def base_classes(cfg: ExperimentConfig) -> tuple[int, ...]:
+def base_classes(cfg: RunFacts) -> tuple[int, ...]:
     """Benchmark ids of the base classes of ``cfg.fold`` (channel order of the base learner)."""
-    return tuple(class_split(cfg.data.benchmark, cfg.fold, cfg.data.convention, _custom(cfg)).base)
+    return tuple(cfg.classes().base)
 
 
-def _custom(cfg: ExperimentConfig):
-    from svfseg.data.meta import benchmark_meta  # custom roots: classes from dataset.yaml
-
-    return benchmark_meta(cfg.data.benchmark, cfg.data.root)
-
-
-def base_checkpoint_path(cfg: ExperimentConfig) -> Path:
+def base_checkpoint_path(cfg: RunFacts) -> Path:
     """``model.base_checkpoint`` with ``{fold}``, ``{benchmark}``, ``{backbone}``, ``{output_dir}`` filled in."""
-    template = cfg.model.base_checkpoint
+    template = cfg.base_checkpoint
     if not template:
         raise ValueError("model.base_checkpoint is not set: BAM (stage 2) needs the stage-1 base learner, e.g. "
                          "model.base_checkpoint=runs/<stage-1 run>/best.pt (train it with "
-                         f"`svfseg train --config configs/{cfg.data.benchmark}/bam_base_<backbone>.yaml "
+                         f"`svfseg train --config configs/{cfg.benchmark}/bam_base_<backbone>.yaml "
                          f"fold={cfg.fold}`)")
-    values = {"output_dir": cfg.output_dir, "benchmark": cfg.data.benchmark, "fold": cfg.fold,
-              "backbone": cfg.model.backbone}
+    values = {"output_dir": cfg.output_dir, "benchmark": cfg.benchmark, "fold": cfg.fold,
+              "backbone": cfg.backbone}
     try:
         return Path(str(template).format(**values))
     except (KeyError, IndexError, ValueError) as e:
@@ -43,7 +34,7 @@ def base_checkpoint_path(cfg: ExperimentConfig) -> Path:
                          f"{{{'}, {'.join(CHECKPOINT_FIELDS)}}} are known ({e})") from None
 
 
-def stage1_differences(stage1: dict, cfg: ExperimentConfig) -> list[str]:
+def stage1_differences(stage1: dict, cfg: RunFacts) -> list[str]:
     """What in a stage-1 checkpoint's description/config does not fit the BAM model of ``cfg``.
 
     Args:
@@ -56,13 +47,13 @@ def stage1_differences(stage1: dict, cfg: ExperimentConfig) -> list[str]:
     d = stage1.get("describe") or {}
     conf = stage1.get("config") or {}
     head = dict(d.get("head") or {})
-    want_head = cfg.model.head
+    want_head = cfg.head
     expected = {
         "model": BASE_MODEL,
-        "benchmark": cfg.data.benchmark,
+        "benchmark": cfg.benchmark,
         "fold": cfg.fold,
         "num_classes (background + base)": len(base_classes(cfg)) + 1,
-        "backbone": cfg.model.backbone,
+        "backbone": cfg.backbone,
         "ppm_bins": list(want_head.get("ppm_bins", (1, 2, 3, 6))),
         "hidden": int(want_head.get("base_hidden", 512)),
     }
@@ -75,15 +66,15 @@ def stage1_differences(stage1: dict, cfg: ExperimentConfig) -> list[str]:
         "ppm_bins": head.get("ppm_bins"),
         "hidden": head.get("hidden"),
     }
-    if cfg.data.benchmark == "coco":
-        expected["data.convention"] = cfg.data.convention
+    if cfg.benchmark == "coco":
+        expected["data.convention"] = cfg.convention
         found["data.convention"] = (conf.get("data") or {}).get("convention")
-    want_os = dict(cfg.model.backbone_kwargs).get("output_stride")
+    want_os = dict(cfg.backbone_kwargs).get("output_stride")
     have_os = ((conf.get("model") or {}).get("backbone_kwargs") or {}).get("output_stride")
     if (want_os or 8) != (have_os or 8):
         key = "model.backbone_kwargs.output_stride"
         expected[key], found[key] = want_os or 8, have_os or 8
-    n_cls = num_classes(cfg.data.benchmark, _custom(cfg))
+    n_cls = cfg.classes().num_benchmark_classes
     if d.get("num_benchmark_classes") not in (None, n_cls):
         expected["num_benchmark_classes"] = n_cls
         found["num_benchmark_classes"] = d.get("num_benchmark_classes")
@@ -96,23 +87,23 @@ class BaseLearnerRecipe(ModelRecipe):
     task = "semantic"
     test_tasks = ("semantic",)
 
-    def model_kwargs(self, cfg: ExperimentConfig) -> dict[str, Any]:
+    def model_kwargs(self, cfg: RunFacts) -> dict[str, Any]:
         return {"num_classes": len(base_classes(cfg)) + 1}
 
 
-class BAMRecipe(ModelRecipe):
+class BAMRecipe(PriorHeadRecipe):
     """BAM stage 2: built for the fold's base classes and one K, from the stage-1 checkpoint."""
 
     task = "fewshot"
     test_tasks = ("fewshot", "generalized")
 
-    def model_kwargs(self, cfg: ExperimentConfig) -> dict[str, Any]:
+    def model_kwargs(self, cfg: RunFacts) -> dict[str, Any]:
         return {"base_classes": base_classes(cfg), "shot": cfg.shot}
 
-    def dependencies(self, cfg: ExperimentConfig) -> list[Dependency]:
+    def dependencies(self, cfg: RunFacts) -> list[Dependency]:
         return [Dependency(
             keyword="base_state", path=base_checkpoint_path(cfg), what="stage-1 checkpoint",
             how_to_make=(f"BAM's stage 2 needs the stage-1 base learner of fold {cfg.fold}: run `svfseg train "
-                         f"--config configs/{cfg.data.benchmark}/bam_base_<backbone>.yaml fold={cfg.fold}` first, "
+                         f"--config configs/{cfg.benchmark}/bam_base_<backbone>.yaml fold={cfg.fold}` first, "
                          "or point model.base_checkpoint at its best.pt"),
             check=lambda state: stage1_differences(state, cfg))]

@@ -11,6 +11,7 @@ from torch import nn
 from svfseg.models.blocks import ASPP
 from svfseg.models.fewshot import EpisodeFeatures
 from svfseg.models.heads.common import PrototypePriorModel, classifier, conv_relu, double_conv
+from svfseg.models.recipe import PriorHeadRecipe
 from svfseg.models.registry import register_model
 
 
@@ -47,7 +48,7 @@ class ASPPMetaLearner(PrototypePriorModel):
         return self.cls(x)
 
 
-@register_model("baseline")
+@register_model("baseline", recipe=PriorHeadRecipe())
 class ASPPBaseline(ASPPMetaLearner):
     """ASPP few-shot baseline of the SVF paper (the authors' ``train_aspp`` model).
 

@@ -12,6 +12,7 @@ from torch import nn
 from svfseg.models.blocks import resize
 from svfseg.models.fewshot import EpisodeFeatures
 from svfseg.models.heads.common import PrototypePriorModel, classifier, conv_relu, double_conv
+from svfseg.models.recipe import PriorHeadRecipe
 from svfseg.models.registry import register_model
 
 #: PFENet's Pascal scales (60, 30, 15, 8 at a 60 x 60 feature map) as fractions of the map.
@@ -40,7 +41,7 @@ def scale_size(scale: float, size: Sequence[int]) -> tuple[int, int]:
     return max(1, int(size[0] * scale + _EPS)), max(1, int(size[1] * scale + _EPS))
 
 
-@register_model("pfenet")
+@register_model("pfenet", recipe=PriorHeadRecipe())
 class PFENet(PrototypePriorModel):
     """PFENet few-shot segmentation model.
 

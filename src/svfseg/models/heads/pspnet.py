@@ -11,13 +11,14 @@ from torch import nn
 
 from svfseg.models.blocks import PPM, resize
 from svfseg.models.heads.bam_recipe import BaseLearnerRecipe
-from svfseg.models.regimes import resolve_regime
+from svfseg.models.regimes import get_regime
+from svfseg.regimes import names_where
 from svfseg.models.registry import register_model
 
 logger = logging.getLogger(__name__)
 
-#: Regimes of the base learner: stage 1 trains without SVF.
-BASE_REGIMES = ("full", "frozen")
+#: Regimes of the base learner: stage 1 trains without SVF (the whole backbone or none of it).
+BASE_REGIMES = names_where(staged=False)
 
 
 def pspnet_classifier(in_channels: int, num_classes: int, hidden: int = 512, dropout: float = 0.1) -> nn.Sequential:
@@ -57,7 +58,6 @@ class PSPNet(nn.Module):
         dropout: Dropout2d before the last 1x1 conv.
         train_bn: With regime="full", let the backbone BatchNorm layers update their
             statistics and affine parameters (BAM). False freezes them.
-        backbone_mode: Deprecated alias of ``regime`` ("train" = "full").
     """
 
     model_name = "bam_base"
@@ -74,15 +74,13 @@ class PSPNet(nn.Module):
         hidden: int = 512,
         dropout: float = 0.1,
         train_bn: bool = True,
-        backbone_mode: str | None = None,
     ) -> None:
         super().__init__()
-        regime = "full" if regime is None and backbone_mode is None else resolve_regime(regime, backbone_mode,
-                                                                                       where="bam_base")
-        if regime not in BASE_REGIMES:
+        kind = get_regime("full" if regime is None else regime, where="bam_base")
+        if kind.name not in BASE_REGIMES:
             raise ValueError(
                 f"bam_base: regime must be one of {BASE_REGIMES} (stage 1 does not use SVF; "
-                f"set model.regime=full), got {regime!r}"
+                f"set model.regime=full), got {kind.name!r}"
             )
         if svf_policy is not None:
             raise ValueError("bam_base: svf_policy given, but the base learner is trained without SVF")
@@ -93,11 +91,11 @@ class PSPNet(nn.Module):
                 raise TypeError(f"bam_base: backbone {type(backbone).__name__} has no `{attr}`; expected a Backbone")
         self.backbone = backbone
         self.backbone_name = backbone_name or getattr(backbone, "name", None) or type(backbone).__name__
-        self.regime = regime
+        self.regime = kind.name
         self.num_classes = int(num_classes)
         self.ppm_bins = tuple(int(b) for b in ppm_bins)
         self.hidden = int(hidden)
-        self.train_bn = bool(train_bn) and regime == "full"
+        self.train_bn = bool(train_bn) and kind.spec.whole_backbone
         channels = backbone.stage_channels["layer4"]
         self.ppm = PPM(channels, max(1, channels // len(self.ppm_bins)), self.ppm_bins)
         self.cls = pspnet_classifier(self.ppm.out_channels, self.num_classes, self.hidden, dropout)
@@ -108,7 +106,7 @@ class PSPNet(nn.Module):
 
         if not self.train_bn:
             freeze_batchnorm(self.backbone)
-        trainable = self.regime == "full"
+        trainable = get_regime(self.regime).spec.whole_backbone
         for p in self.backbone.parameters():
             p.requires_grad_(trainable)
         # Frozen BatchNorm keeps its affine parameters frozen too (BAM never trains BN affine
@@ -122,7 +120,7 @@ class PSPNet(nn.Module):
     def train(self, mode: bool = True) -> PSPNet:
         """Set train/eval mode; a frozen backbone stays in eval mode as a whole."""
         super().train(mode)
-        if self.regime == "frozen":
+        if not get_regime(self.regime).spec.backbone_grad:
             self.backbone.eval()
         return self
 
@@ -138,7 +136,7 @@ class PSPNet(nn.Module):
         """Segment ``images`` (B, 3, H, W) into logits (B, num_classes, H, W)."""
         if images.dim() != 4:
             raise ValueError(f"bam_base: expected images (B, 3, H, W), got shape {tuple(images.shape)}")
-        if self.regime == "frozen":
+        if not get_regime(self.regime).spec.backbone_grad:
             with torch.no_grad():
                 feats = self.features(images)
         else:

@@ -1,4 +1,9 @@
-"""Result tables shared by `svfseg report` and `svfseg compare`: per-seed grouping, mean +- std (n), Markdown."""
+"""Results, rendered one way: seed statistics (one std definition), percentages, Markdown tables.
+
+Used by `svfseg test` (the tasks' results.md), `svfseg report`, `svfseg compare` and the demo.
+The std over seeds is the **sample** standard deviation (n - 1 in the denominator, 0 for one
+value) everywhere, and every header that shows one says so (`STD_NOTE`).
+"""
 from __future__ import annotations
 
 import logging
@@ -6,16 +11,19 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable, Optional, Sequence
 
-__all__ = ["SeedStats", "seed_stats", "format_stats", "group_by_seed", "markdown_table", "DASH"]
+__all__ = ["DASH", "STD_NOTE", "SeedStats", "format_stats", "group_by_seed", "markdown_table", "mean_std", "pct",
+           "seed_stats", "size_text", "summarize_runs"]
 
 logger = logging.getLogger(__name__)
 
 DASH = "–"
+#: How a "± std" is computed, for table headers and notes.
+STD_NOTE = "sample std, n-1"
 
 
 @dataclass(frozen=True)
 class SeedStats:
-    """A score over training seeds: mean, population std (as ``metrics.summarize_runs``), count, values."""
+    """A score over seeds: mean, sample std (n - 1; 0 for one value), count, values."""
 
     mean: float
     std: float
@@ -24,13 +32,36 @@ class SeedStats:
 
 
 def seed_stats(values: Iterable[Optional[float]]) -> Optional[SeedStats]:
-    """Mean, population std and count of the given values, None and NaN left out; None when none remain."""
+    """Mean, sample std (n - 1) and count of the given values, None and NaN left out; None when none remain."""
     vals = tuple(float(v) for v in values if v is not None and not math.isnan(float(v)))
     if not vals:
         return None
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-    return SeedStats(mean, std, len(vals), vals)
+    n = len(vals)
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    return SeedStats(mean, std, n, vals)
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """(mean, sample std) of ``values`` (`seed_stats`); NaN, NaN when there are none."""
+    s = seed_stats(values)
+    return (math.nan, math.nan) if s is None else (s.mean, s.std)
+
+
+def summarize_runs(values: Iterable[float]) -> dict:
+    """Mean, sample std, best and all values of a score over several seeds (results.json's ``summary``)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("summarize_runs: no values")
+    s = seed_stats(vals)
+    return {"mean": s.mean if s else math.nan, "std": s.std if s else math.nan, "best": max(vals), "values": vals}
+
+
+def pct(v: object, signed: bool = False, missing: str = DASH) -> str:
+    """A fraction as a percentage with two decimals (``signed``: with its sign); ``missing`` for None/NaN/inf."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return missing
+    return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
 
 
 def format_stats(s: Optional[SeedStats], digits: int = 2, *, with_n: bool = False) -> str:
@@ -43,6 +74,13 @@ def format_stats(s: Optional[SeedStats], digits: int = 2, *, with_n: bool = Fals
     if with_n:
         text += f" (n={s.n})"
     return text
+
+
+def size_text(n: Optional[int]) -> str:
+    """A file size in kB below 1 MB, else MB; ``DASH`` for none."""
+    if not n:
+        return DASH
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
 
 
 def group_by_seed(entries: Iterable[dict], key: Callable[[dict], Hashable], seed: Callable[[dict], Hashable],

@@ -1,0 +1,124 @@
+"""What a `svfseg compare` cell was made with (``compare_cell.json``), and refusing to reuse a cell whose settings changed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+
+class CellSettingsChanged(ValueError):
+    """A cell folder was made by an earlier compare with other settings (rerun with ``--force``)."""
+
+
+#: Config keys that do not change what a cell computes (how it is run, shown or interrupted).
+_QUIET_KEYS = ("resume", "threads", "device", "train.progress", "train.stop_after_steps", "train.tensorboard",
+               "train.log_every", "data.workers")
+CELL_RECORD = "compare_cell.json"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def cell_settings(cfg, episodes: Optional[Path]) -> dict:
+    """What made a cell: its config (flat keys, the quiet ones left out) and its test episode file."""
+    from svfseg.config import to_dict
+
+    flat = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in _QUIET_KEYS}
+    out = {"config": json.loads(json.dumps(flat))}  # tuples as lists, as they read back
+    init_head = getattr(cfg.model, "init_head", None)
+    if init_head and (Path(init_head).parent / CELL_RECORD).exists():
+        # a cell started from a shared warm start is another cell when that head was made otherwise
+        out["init_head"] = json.loads((Path(init_head).parent / CELL_RECORD).read_text()).get("config")
+    if episodes is not None:
+        blob = json.loads(Path(episodes).read_text())
+        out["test_episodes"] = {"fingerprint": blob.get("fingerprint"), "count": len(blob.get("episodes", []))}
+    return out
+
+
+def _recorded_settings(run_dir: Path) -> Optional[dict]:
+    """The settings a cell folder records (``compare_cell.json``; else its ``config.yaml``), None when new."""
+    import yaml
+
+    record = run_dir / CELL_RECORD
+    if record.exists():
+        return json.loads(record.read_text())
+    if (run_dir / "config.yaml").exists():  # a cell made before the record, or one still training
+        flat = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+        return {"config": json.loads(json.dumps({k: v for k, v in flat.items() if k not in _QUIET_KEYS}))}
+    return None
+
+
+def settings_differences(have: dict, want: dict) -> list[str]:
+    """``key: was X, now Y`` for every setting that differs (test episodes only where both record them)."""
+    from svfseg.config import ExperimentConfig, to_dict
+
+    # a key an older svfseg did not write yet had its default value then
+    defaults = json.loads(json.dumps(_flat(to_dict(ExperimentConfig()))))
+    a = {**{k: v for k, v in defaults.items() if k in want.get("config", {})}, **have.get("config", {})}
+    b = want.get("config", {})
+    diffs = [f"{k}: was {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
+             for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    if "init_head" in have and "init_head" in want and have["init_head"] != want["init_head"]:
+        diffs.append("the shared warm start (--warm-start) it started from")
+    if "test_episodes" in have and "test_episodes" in want and have["test_episodes"] != want["test_episodes"]:
+        diffs.append(f"test episodes: was {have['test_episodes']}, now {want['test_episodes']}")
+    return diffs
+
+
+def _check_episode_count(path: Path, count: int, option: str, force: bool) -> None:
+    """Refuse (``force``: delete, to be remade) an episode file of ``out`` made with another count."""
+    if not path.exists():
+        return
+    have = len(json.loads(path.read_text()).get("episodes", []))
+    if have == count:
+        return
+    if not force:
+        raise CellSettingsChanged(f"{path}: holds {have} episodes from an earlier compare into this --out, "
+                                  f"this one asks {option} {count}; rerun with --force to remake it and redo the "
+                                  f"cells, or use another --out")
+    logger.warning("compare --force: %s held %d episodes, remaking it with %d", path, have, count)
+    path.unlink()
+
+
+def _check_cell_settings(cfg, episodes: Optional[Path], force: bool) -> Optional[str]:
+    """What ``force`` must redo in a cell made with other settings: "retrain", "rescore" (only the test
+    episodes differ) or None; without ``force`` any difference is refused."""
+    run_dir = cfg.run_dir()
+    have = _recorded_settings(run_dir)
+    if have is None:
+        return None
+    want = cell_settings(cfg, episodes)
+    diffs = settings_differences(have, want)
+    if not diffs:
+        return None
+    if not force:
+        raise CellSettingsChanged(f"{run_dir}: made by an earlier compare with other settings ("
+                                  + "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
+                                  + "); rerun with --force to retrain such cells, or use another --out")
+    retrain = settings_differences({k: v for k, v in have.items() if k != "test_episodes"},
+                                   {k: v for k, v in want.items() if k != "test_episodes"})
+    redo = "retrain" if retrain else "rescore"
+    logger.warning("compare --force: %s was made with other settings (%s); %s", run_dir, "; ".join(diffs[:3]),
+                   "retraining it" if redo == "retrain" else "scoring it again")
+    return redo
+
+
+def _write_cell_record(run_dir: Path, settings: dict) -> None:
+    """``compare_cell.json``: the settings of a finished (and scored) cell, for the next rerun's check."""
+    old = json.loads((run_dir / CELL_RECORD).read_text()) if (run_dir / CELL_RECORD).exists() else {}
+    if "test_episodes" not in settings and "test_episodes" in old:
+        settings = {**settings, "test_episodes": old["test_episodes"]}  # a sweep trial chosen later keeps it
+    tmp = run_dir / f".{CELL_RECORD}.tmp"
+    tmp.write_text(json.dumps(settings, indent=1))
+    tmp.replace(run_dir / CELL_RECORD)
