@@ -222,7 +222,10 @@ LR_GROUPS = ("head", "svf", "backbone")
 #: The smallest image side the backbones' five stride-2 stages take (train crop, test size).
 MIN_SIDE = 32
 #: ``svf:`` options only ``model.regime=svf`` reads; the other staged regimes read only ``svf.stages``.
-_SVF_ONLY = ("skip_1x1", "skip_3x3", "train_bn", "train_bias", "mode", "fold_bn")
+# svf-section options that change what an SVF run trains: set under another staged regime they would be
+# ignored silently, so they are refused. svf.mode and svf.fold_bn only choose how an SVF layer computes (a
+# speed setting a recipe may carry for its svf runs), so a recipe that sets them still serves every regime.
+_SVF_ONLY = ("skip_1x1", "skip_3x3", "train_bn", "train_bias")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
