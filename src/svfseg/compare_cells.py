@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from svfseg.config.schema import flat_keys
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,21 +22,11 @@ _QUIET_KEYS = ("resume", "threads", "device", "train.progress", "train.stop_afte
 CELL_RECORD = "compare_cell.json"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def cell_settings(cfg, episodes: Optional[Path]) -> dict:
     """What made a cell: its config (flat keys, the quiet ones left out) and its test episode file."""
     from svfseg.config import to_dict
 
-    flat = {k: v for k, v in _flat(to_dict(cfg)).items() if k not in _QUIET_KEYS}
+    flat = {k: v for k, v in flat_keys(to_dict(cfg)).items() if k not in _QUIET_KEYS}
     out = {"config": json.loads(json.dumps(flat))}  # tuples as lists, as they read back
     init_head = getattr(cfg.model, "init_head", None)
     if init_head and (Path(init_head).parent / CELL_RECORD).exists():
@@ -54,7 +46,7 @@ def _recorded_settings(run_dir: Path) -> Optional[dict]:
     if record.exists():
         return json.loads(record.read_text())
     if (run_dir / "config.yaml").exists():  # a cell made before the record, or one still training
-        flat = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+        flat = flat_keys(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
         return {"config": json.loads(json.dumps({k: v for k, v in flat.items() if k not in _QUIET_KEYS}))}
     return None
 
@@ -64,7 +56,7 @@ def settings_differences(have: dict, want: dict) -> list[str]:
     from svfseg.config import ExperimentConfig, to_dict
 
     # a key an older svfseg did not write yet had its default value then
-    defaults = json.loads(json.dumps(_flat(to_dict(ExperimentConfig()))))
+    defaults = json.loads(json.dumps(flat_keys(to_dict(ExperimentConfig()))))
     a = {**{k: v for k, v in defaults.items() if k in want.get("config", {})}, **have.get("config", {})}
     b = want.get("config", {})
     diffs = [f"{k}: was {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from svfseg.config.schema import flat_keys
+
 from svfseg.paper_results import paper_backbone, paper_result
 from svfseg.regimes import REGISTRY, regime_label
 from svfseg.report_statistic import AS_PAPER_NOTE, as_paper_entries, own_statistic, paper_statistic, row_statistic
@@ -58,16 +60,6 @@ _RUN_KEYS = {"seed", "name", "output_dir", "resume", "threads", "device", "fold"
              "train.val_episodes_file"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def cell_identity(r: dict, results_file: Path) -> dict:
     """What defines the cell a result belongs to besides its table key: the training recipe (the run's
     ``config.yaml`` without seed, name and the run-only keys), the data (dataset fingerprint) and the
@@ -79,7 +71,7 @@ def cell_identity(r: dict, results_file: Path) -> dict:
     cfg_file = ckpt.parent / "config.yaml" if r.get("checkpoint") else None
     if cfg_file is not None and cfg_file.is_file():
         try:
-            config = {k: v for k, v in _flat(yaml.safe_load(cfg_file.read_text()) or {}).items()
+            config = {k: v for k, v in flat_keys(yaml.safe_load(cfg_file.read_text()) or {}).items()
                       if k not in _RUN_KEYS}
         except (OSError, yaml.YAMLError):
             config = {}

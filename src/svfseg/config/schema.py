@@ -178,6 +178,17 @@ def to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"section.key": value}`` (empty dicts stay values), to compare two configs key by key."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Cross-field checks; each error names the offending key."""
     flat = {k: _get(cfg, k) for k in _CHOICES}
