@@ -258,3 +258,23 @@ def test_reads_the_source_json_the_demo_writes(ckpts, tmp_path):
         assert rec.score_text == f"test mIoU {score} (FB-IoU 55.0%, 1000 episodes)" and rec.problem is None
         assert rec.regime == regime and rec.cell == str(ckpts[regime].parent)
         assert rec.data_text == "synthetic fold 0, 1-shot (data/synthetic-5i)"
+
+
+def test_a_client_that_disconnects_mid_upload_is_one_line_not_a_traceback():
+    """uvicorn logs starlette's ClientDisconnect (a browser gone mid-upload) with a traceback: serve drops it."""
+    import logging
+    import sys
+
+    from svfseg.serve.cli import _drop_client_disconnects
+
+    class ClientDisconnect(Exception):  # the name starlette.requests uses
+        pass
+
+    try:
+        raise ClientDisconnect()
+    except ClientDisconnect:
+        info = sys.exc_info()
+    gone = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application", None, info)
+    other = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "boom", None, None)
+    assert _drop_client_disconnects(gone) is False
+    assert _drop_client_disconnects(other) is True

@@ -102,6 +102,16 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt
 
 
+def _drop_client_disconnects(record: logging.LogRecord) -> bool:
+    """A browser that went away mid-upload (e.g. a file over --max-upload-mb) is not a server error:
+    uvicorn would print starlette's ClientDisconnect with a whole traceback; keep one line instead."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and type(exc).__name__ == "ClientDisconnect":
+        logger.info("a client disconnected during a request (%s)", record.getMessage()[:80])
+        return False
+    return True
+
+
 def run_serve_cli(args: argparse.Namespace) -> int:
     """Start the web app and serve until Ctrl-C or SIGTERM; the temp folder is removed on the way out."""
     if importlib.util.find_spec("gradio") is None:
@@ -122,6 +132,7 @@ def run_serve_cli(args: argparse.Namespace) -> int:
     os.environ["GRADIO_TEMP_DIR"] = str(work_dir / "gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes, one line each
+    logging.getLogger("uvicorn.error").addFilter(_drop_client_disconnects)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         from svfseg.serve.app import CSS, build_app
