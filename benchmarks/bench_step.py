@@ -47,7 +47,7 @@ def bf16_supported() -> bool:
 
 def c_compiler() -> str | None:
     """The C compiler inductor would use, if any."""
-    return next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    return next(filter(None, (shutil.which(c) for c in ("cc", "gcc", "clang"))), None)
 
 
 def setups_for(regime: str, *, compile_ok: bool, bf16_ok: bool) -> dict[str, list[str]]:

@@ -111,3 +111,12 @@ def precision(request):
 def to_dtype(tensors, dtype):
     """The floating tensors of ``tensors`` in ``dtype`` (masks and class ids stay as they are)."""
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
+def error_line(capsys, command):
+    """The CLI's error: exactly one line on stderr after any log lines, and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"svfseg {command}: error: "), err
+    return last

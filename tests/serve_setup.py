@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -141,3 +142,25 @@ def wait_for_server(proc, url: str, log: Path, timeout: float) -> None:
             pass
         time.sleep(0.25)  # polling a port that is not open yet: no event to wait on
     raise AssertionError(f"svfseg serve did not answer on {url} within {timeout} s: {log.read_text()[-3000:]}")
+
+
+# -- fixtures shared by the serve test files (import them by name: pytest finds imported fixtures) --------------
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    """The two tiny checkpoints (svf, frozen) every serve test file uses."""
+    return shared_checkpoints(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Support, masks and queries written as files."""
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def cache():
+    """One model cache per test file."""
+    from svfseg.serve.handlers import ModelCache
+
+    return ModelCache()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_SIZE, tiny_run_args
+from conftest import TINY_SIZE, error_line, tiny_run_args
 from svfseg.cli import main
 
 
@@ -15,15 +15,6 @@ def tiny(root, out, name, *extra):
     # frozen backbone, no validation: the cheapest run that writes every file of a run folder
     return tiny_run_args(root, out, name, "train.tensorboard=false", "train.val_every=0", "model.regime=frozen",
                          "train.epochs=1", *extra)
-
-
-def error_line(capsys, command):
-    """The CLI's error: exactly one line on stderr after any log lines, and no traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"svfseg {command}: error: "), err
-    return last
 
 
 @pytest.fixture(scope="module")

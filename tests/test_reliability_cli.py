@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_run_args
+from conftest import error_line, tiny_run_args
 from svfseg.cli import main
 from svfseg.data.index import build_class_index
 from svfseg.data.io import DataError, read_image, read_list
@@ -29,15 +29,6 @@ def finished(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     assert main(["train", *tiny(data_root, out, "done", "train.epochs=1")]) == 0
     return out / "done"
-
-
-def error_line(capsys, command):
-    """The CLI's error: exactly one line on stderr after any log lines, and no traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"svfseg {command}: error: "), err
-    return last
 
 
 def test_second_train_on_a_held_folder_is_refused_and_writes_nothing(data_root, finished, tmp_path, capsys):

@@ -8,26 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_setup import shared_checkpoints, write_inputs
+from serve_setup import cache, ckpts, inputs  # noqa: F401 (fixtures)
 from svfseg.cli import main
 from svfseg.serve import cli as serve_cli
-from svfseg.serve.handlers import (ModelCache, ServeError, SupportSlot, foreground_iou, painted_mask, read_supports,
+from svfseg.serve.handlers import (ServeError, SupportSlot, foreground_iou, painted_mask, read_supports,
                                    run_request, summary_markdown)
-
-
-@pytest.fixture(scope="session")
-def ckpts(tmp_path_factory):
-    return shared_checkpoints(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return write_inputs(tmp_path_factory.mktemp("inputs"))
-
-
-@pytest.fixture(scope="module")
-def cache():
-    return ModelCache()
 
 
 def _png(path):

@@ -10,27 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_setup import blank_checkpoint, demo_record, shared_checkpoints, write_inputs
+from serve_setup import blank_checkpoint, cache, ckpts, demo_record, inputs  # noqa: F401 (fixtures)
 from svfseg.serve import cli as serve_cli
 from svfseg.serve.auth import PASSWORD_ENV, LoginGuard, resolve_auth
-from svfseg.serve.handlers import ModelCache, ServeError, SupportSlot, run_request, summary_markdown
+from svfseg.serve.handlers import ServeError, SupportSlot, run_request, summary_markdown
 from svfseg.serve.inputs import brush_radius, check_pixels, editor_background, mask_class_choices
 from svfseg.serve.sources import checkpoint_record
-
-
-@pytest.fixture(scope="session")
-def ckpts(tmp_path_factory):
-    return shared_checkpoints(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return write_inputs(tmp_path_factory.mktemp("inputs"))
-
-
-@pytest.fixture(scope="module")
-def cache():
-    return ModelCache()
 
 
 def _slots(inputs, **kw):
