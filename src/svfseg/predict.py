@@ -55,15 +55,18 @@ def read_binary_mask(path: str | os.PathLike, expect_hw: Optional[tuple[int, int
 
 
 def read_mask_array(path: str | os.PathLike) -> np.ndarray:
-    """A mask file's values as int64 (H, W): palette and greyscale as stored, colour as luminance."""
+    """A mask file's values as int64 (H, W), read by :func:`svfseg.data.io.read_mask` (palette and greyscale
+    as stored, colour as luminance, never rotated; a truncated file refused); errors name the file."""
+    from svfseg.data.io import DataError, read_mask
+
     path = Path(path)
     if not path.is_file():
         raise PredictInputError(f"{path}: no such mask file")
     try:
-        with Image.open(path) as im:
-            return np.array(im if im.mode in ("L", "P", "1", "I", "I;16") else im.convert("L")).astype(np.int64)
-    except OSError as e:
-        raise PredictInputError(f"{path}: cannot read it as a mask image ({e})") from None
+        return read_mask(path)
+    except DataError as e:
+        why = str(e).removeprefix(f"{path}: ")
+        raise PredictInputError(f"{path}: cannot read it as a mask image ({why})") from None
 
 
 def binary_mask(arr: np.ndarray, where: str, expect_hw: Optional[tuple[int, int]] = None, *,

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "DataError", "read_image", "read_label", "read_list", "write_list", "list_path", "atomic_dir",
+    "DataError", "read_image", "read_mask", "read_label", "read_list", "write_list", "list_path", "atomic_dir",
     "write_label", "image_size", "incomplete_image", "file_head_and_tail", "exif_orientation", "apply_orientation",
     "MAX_IMAGE_PIXELS", "decoder_complaints",
 ]
@@ -56,6 +56,45 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if img is None:
         raise DataError(f"{path}: expected an RGB image file, found not a readable image")
     return np.ascontiguousarray(apply_orientation(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), orientation))
+
+
+#: Mask modes whose values are read as stored (palette indices, greyscale, 1-bit, 16/32-bit integers).
+_MASK_MODES = ("L", "P", "1", "I", "I;16", "I;16B", "I;16L")
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a user's mask (a support mask, a ground truth) as int64 (H, W): the one mask reader of predict/serve.
+
+    Palette and greyscale values as stored (palette indices, 16-bit values unscaled), a colour
+    mask as its luminance; never rotated by an EXIF orientation (a mask is the pixels as stored,
+    like :func:`read_label`). What is checked is what :func:`read_image` checks: a truncated PNG
+    or JPEG (which Pillow would decode without a word when only its end is missing) and an image
+    over :data:`MAX_IMAGE_PIXELS` are refused.
+
+    Raises:
+        DataError: the file is missing, incomplete, too large, or cannot be decoded.
+    """
+    import io
+    import warnings
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: expected a mask image file, found no file") from None
+    except OSError as e:
+        raise DataError(f"{path}: expected a mask image file, found an unreadable file ({e.strerror})") from None
+    problem = incomplete_image(data)
+    if problem:
+        raise DataError(f"{path}: expected a complete image, found {problem}")
+    _header(data, path)  # the size limit, before a pixel is decoded
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # under our own limit, checked above
+            with Image.open(io.BytesIO(data)) as im:
+                return np.array(im if im.mode in _MASK_MODES else im.convert("L")).astype(np.int64)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: expected a mask image file, found not a readable image ({e})") from None
 
 
 def _header(data_or_path, where, *, strict: bool = False) -> tuple[tuple[int, int], int]:

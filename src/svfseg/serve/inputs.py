@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from svfseg.data.io import DataError, image_size, read_image
-from svfseg.predict import PredictInputError, binary_mask, read_mask_array
+from svfseg.data.io import DataError, image_size, read_image, read_mask
+from svfseg.predict import PredictInputError, binary_mask
 from svfseg.serve.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS
 
 __all__ = ["MAX_SHOTS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_QUERIES", "ServeError", "SupportSlot", "QueryFile",
@@ -120,9 +120,10 @@ def read_mask_upload(path: str, label: str, expect_hw: Optional[tuple[int, int]]
     where = _named(label, path)
     check_pixels(path, label, max_pixels)
     try:
-        arr = read_mask_array(path)
-    except PredictInputError as e:
-        raise ServeError(str(e).replace(str(path), where)) from None
+        arr = read_mask(path)  # the data package's reader: values as stored, a cut-off file refused
+    except DataError as e:
+        reason = str(e).removeprefix(f"{Path(path)}: ")
+        raise ServeError(f"{where}: cannot read it as a mask image ({reason})") from None
     if expect_hw is not None and tuple(arr.shape[:2]) != tuple(expect_hw):
         raise ServeError(f"{where}: mask is {arr.shape[0]}x{arr.shape[1]} but {what} is {expect_hw[0]}x{expect_hw[1]}")
     values = np.unique(arr).tolist()
@@ -291,8 +292,8 @@ def mask_class_choices(path: Optional[str], max_pixels: int = DEFAULT_MAX_PIXELS
         return []
     try:
         check_pixels(path, "mask", max_pixels)
-        values, counts = np.unique(read_mask_array(path), return_counts=True)
-    except (ServeError, PredictInputError, OSError, ValueError):
+        values, counts = np.unique(read_mask(path), return_counts=True)
+    except (ServeError, DataError, OSError, ValueError):
         return []
     classes = set(object_classes(values.tolist()))
     total = int(counts.sum())
