@@ -19,6 +19,11 @@ def test_dotlist_overrides_yaml_and_defaults(tmp_path):
     assert cfg.optim.lr_mult == {"head": 5.0, "svf": 1.0, "backbone": 1.0}
     assert cfg.optim.momentum == 0.9  # default untouched
     assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4  # YAML 1.1 would read "1e-4" as a string
+    # ... and so in the lr_mult map (compare's --backbone-lr 1e-5 writes optim.lr_mult.svf=1e-05)
+    assert load_config(None, ["optim.lr_mult.svf=1e-05", "optim.lr_mult.backbone=1e+20"]).optim.lr_mult == \
+        {"head": 10.0, "svf": 1e-5, "backbone": 1e20}
+    with pytest.raises(ConfigError, match="'optim.lr_mult.svf' must be a number >= 0, found nan"):
+        load_config(None, ["optim.lr_mult.svf=nan"])
 
 
 def test_unknown_key_names_closest_valid_key():

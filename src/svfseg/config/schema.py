@@ -214,7 +214,12 @@ def validate(cfg: ExperimentConfig) -> None:
     if not 0 < lo <= hi:
         raise ConfigError(f"config key 'data.train_scale' must be (min, max) with 0 < min <= max, found {(lo, hi)}")
     for k, v in cfg.optim.lr_mult.items():
-        if not isinstance(v, (int, float)) or v < 0:
+        if isinstance(v, str):  # YAML 1.1 reads "1e-05" (no dot) as a string; the float keys take it too
+            try:
+                v = cfg.optim.lr_mult[k] = float(v)
+            except ValueError:
+                pass
+        if not isinstance(v, (int, float)) or not v >= 0:  # NaN too
             raise ConfigError(f"config key 'optim.lr_mult.{k}' must be a number >= 0, found {v!r}")
     try:
         cfg.svf = SVFPolicy.from_dict(cfg.svf.to_dict())  # runs its checks; stages become a tuple
