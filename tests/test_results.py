@@ -49,3 +49,6 @@ def test_one_std_definition_and_one_percent_format():
     assert seed_stats([5.0]).std == 0.0 and all(math.isnan(v) for v in mean_std([]))
     assert pct(0.61234) == "61.23" and pct(-0.01, signed=True) == "-1.00" and pct(float("nan")) == "–"
     assert pct(None) == "–" and pct(None, missing="n/a") == "n/a"
+    # the web page's one-decimal figures with their unit, from the same function
+    assert pct(0.41234, digits=1, unit="%") == "41.2%" and pct(0.05, digits=0, unit="%") == "5%"
+    assert pct(0.5, True, digits=1, unit="%") == "+50.0%" and pct(None, missing="n/a", unit="%") == "n/a"

@@ -236,13 +236,14 @@ def cmd_episodes(args) -> int:
 
 def cmd_predict(args) -> int:
     from svfseg.predict import predict
+    from svfseg.results import pct
 
     _apply_threads(args)
     results = predict(args.checkpoint, [tuple(s) for s in args.support], args.query, args.out, size=args.size,
                       device=args.device, overwrite=args.overwrite, mask_class=args.mask_class)
     for r in results:
         renamed = " (renamed: another query has the same file name)" if r.get("renamed") else ""
-        print(f"{r['query']}: {r['mask']} ({100 * r['foreground_fraction']:.1f}% foreground), {r['overlay']}"
+        print(f"{r['query']}: {r['mask']} ({pct(r['foreground_fraction'], digits=1, unit='%')} foreground), {r['overlay']}"
               f"{renamed}")
     return 0
 

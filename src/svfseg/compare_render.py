@@ -40,7 +40,7 @@ def compare_markdown(result: dict) -> str:
         diff = DASH if d is None else (f"{pct(d['mean'], True)} [{pct(d['low'], True)}, {pct(d['high'], True)}]"
                                        if d["low"] is not None else f"{pct(d['mean'], True)} [{DASH}]")
         tr = r["trainable"] or {}
-        move = DASH if r["movement_max_stage_mean"] is None else f"{100 * r['movement_max_stage_mean']:.2f}%"
+        move = pct(r["movement_max_stage_mean"], unit="%")
         lr = DASH if r["lr_mult"] is None else f"{r['lr_mult']:g}"
         mem = DASH if not r["peak_memory_bytes"] else f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
         per_seed = ", ".join(pct(v) for v in r["per_seed_miou"].values()) or DASH

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from svfseg.results import pct
+
 logger = logging.getLogger(__name__)
 
 
@@ -250,5 +252,5 @@ def predict(
         Image.fromarray(episode_panel(sup_rgb, sup_mask, rgb, pred.astype(np.uint8))).save(overlay_path)
         results.append({"query": str(path), "mask": str(mask_path), "overlay": str(overlay_path),
                         "foreground_fraction": float(pred.mean()), "renamed": name != Path(path).stem})
-        logger.info("%s -> %s (%.1f%% foreground)", path, mask_path, 100 * pred.mean())
+        logger.info("%s -> %s (%s foreground)", path, mask_path, pct(float(pred.mean()), digits=1, unit="%"))
     return results

@@ -57,11 +57,17 @@ def summarize_runs(values: Iterable[float]) -> dict:
     return {"mean": s.mean if s else math.nan, "std": s.std if s else math.nan, "best": max(vals), "values": vals}
 
 
-def pct(v: object, signed: bool = False, missing: str = DASH) -> str:
-    """A fraction as a percentage with two decimals (``signed``: with its sign); ``missing`` for None/NaN/inf."""
+def pct(v: object, signed: bool = False, missing: str = DASH, *, digits: int = 2, unit: str = "") -> str:
+    """A fraction as a percentage: ``pct(0.6123)`` is ``"61.23"``; ``missing`` for None/NaN/inf.
+
+    Args:
+        signed: with its sign (a difference).
+        digits: decimals; tables of results keep 2, the web page's one-glance figures 1.
+        unit: appended to a number (``"%"`` where no header says the column is in percent).
+    """
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
         return missing
-    return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
+    return f"{100 * v:{'+' if signed else ''}.{digits}f}{unit}"
 
 
 def format_stats(s: Optional[SeedStats], digits: int = 2, *, with_n: bool = False) -> str:

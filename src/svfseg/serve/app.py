@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import gradio as gr
 
+from svfseg.results import markdown_table, pct
 from svfseg.serve.examples import Example
 from svfseg.serve.handlers import (MAX_SHOTS, ModelCache, Request, ServeError, SupportSlot, checkpoint_label,
                                    painted_mask, run_request, summary_markdown)
@@ -84,13 +85,13 @@ def _status(text: str, ok: bool) -> str:
 
 def checkpoint_table(checkpoints: Sequence[str], records: Sequence[CheckpointRecord]) -> str:
     """The served checkpoints with what they were trained on and their recorded test score."""
-    lines = ["| checkpoint | regime | trained on | recorded test score |", "| --- | --- | --- | --- |"]
+    rows = []
     for ck, rec in zip(checkpoints, records):
         score = rec.score_text + (f" (from `{Path(rec.score_from).name}`)" if rec.score_from else "")
         if rec.problem:
             score += f"; {rec.problem}"
-        lines.append(f"| **{checkpoint_label(ck)}** `{ck}` | {rec.regime or '?'} | {rec.data_text} | {score} |")
-    return "\n".join(lines)
+        rows.append([f"**{checkpoint_label(ck)}** `{ck}`", rec.regime or "?", rec.data_text, score])
+    return markdown_table(["checkpoint", "regime", "trained on", "recorded test score"], rows)
 
 
 def _column(req: Optional[Request], i: int):
@@ -100,7 +101,7 @@ def _column(req: Optional[Request], i: int):
     run = req.runs[i]
     items, files = [], []
     for r in run.results:
-        iou = "" if r.iou is None else f" · IoU {100 * r.iou:.1f}%"
+        iou = "" if r.iou is None else f" · IoU {pct(r.iou, digits=1, unit='%')}"
         empty = " · no object found" if r.foreground_fraction == 0 else ""
         items += [(str(r.overlay), f"{r.name}{iou}{empty}"), (str(r.mask), f"{r.name}: mask")]
         files += [str(r.mask), str(r.overlay)]

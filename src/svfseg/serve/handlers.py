@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from svfseg.predict import save_mask_png, segment_query, support_tensors
+from svfseg.results import markdown_table, pct
 from svfseg.serve.inputs import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS, QueryFile, ServeError,
                                  SupportSlot, check_queries, read_ground_truth, read_rgb_upload, read_supports,
                                  unpack_mask)
@@ -274,19 +275,14 @@ def no_object_notices(req: Request) -> list[str]:
     return out
 
 
-def _pct(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
 def summary_markdown(req: Request) -> str:
     """The result table the page shows: per query and checkpoint, foreground fraction and IoU; then timings."""
-    lines = ["| query | checkpoint | foreground | IoU |", "| --- | --- | --- | --- |"]
-    for run in req.runs:
-        for r in run.results:
-            lines.append(f"| {r.name} | {run.label} | {_pct(r.foreground_fraction)} | {_pct(r.iou)} |")
+    table = markdown_table(["query", "checkpoint", "foreground", "IoU"],
+                           [[r.name, run.label, pct(r.foreground_fraction, missing="n/a", digits=1, unit="%"),
+                             pct(r.iou, missing="n/a", digits=1, unit="%")] for run in req.runs for r in run.results])
     timing = "; ".join(f"{run.label}: {run.seconds:.2f} s for {len(run.results)} "
                        f"quer{'y' if len(run.results) == 1 else 'ies'}"
                        + (f" (+ {run.load_seconds:.1f} s loading the model)" if run.load_seconds else "")
                        for run in req.runs)
     notices = "".join(f"{n}\n\n" for n in no_object_notices(req))
-    return notices + "\n".join(lines) + f"\n\n{req.shots}-shot. Time: {timing}." + "".join(f" {n}." for n in req.notes)
+    return notices + table + f"\n\n{req.shots}-shot. Time: {timing}." + "".join(f" {n}." for n in req.notes)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from svfseg.data.io import DataError, image_size, read_image, read_mask
 from svfseg.predict import PredictInputError, binary_mask
+from svfseg.results import pct
 from svfseg.serve.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS
 
 __all__ = ["MAX_SHOTS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_QUERIES", "ServeError", "SupportSlot", "QueryFile",
@@ -297,5 +298,5 @@ def mask_class_choices(path: Optional[str], max_pixels: int = DEFAULT_MAX_PIXELS
         return []
     classes = set(object_classes(values.tolist()))
     total = int(counts.sum())
-    return [(f"{v} ({100 * c / total:.0f}% of the image)", int(v)) for v, c in zip(values.tolist(), counts.tolist())
+    return [(f"{v} ({pct(c / total, digits=0, unit='%')} of the image)", int(v)) for v, c in zip(values.tolist(), counts.tolist())
             if v in classes]

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from svfseg.results import pct
+
 logger = logging.getLogger(__name__)
 
 SOURCE_FILE = "SOURCE.json"  # written by `svfseg demo` beside each checkpoint it copies out of a compare cell
@@ -46,16 +48,16 @@ class CheckpointRecord:
         """``test mIoU 41.0% (FB-IoU 60.0%, 1000 episodes)`` or ``no recorded test score``."""
         if self.test_miou is None:
             return "no recorded test score"
-        extra = [f"FB-IoU {100 * self.test_fb_iou:.1f}%"] if self.test_fb_iou is not None else []
+        extra = [f"FB-IoU {pct(self.test_fb_iou, digits=1, unit='%')}"] if self.test_fb_iou is not None else []
         extra += [f"{self.test_episodes} episodes"] if self.test_episodes else []
-        return f"test mIoU {100 * self.test_miou:.1f}%" + (f" ({', '.join(extra)})" if extra else "")
+        return f"test mIoU {pct(self.test_miou, digits=1, unit='%')}" + (f" ({', '.join(extra)})" if extra else "")
 
     def no_object_reason(self) -> str:
         """The sentence shown when this checkpoint's prediction has no foreground."""
         if self.test_miou is None:
             return f"this checkpoint has no recorded test score (trained on {self.data_text})"
         episodes = f", {self.test_episodes} episodes" if self.test_episodes else ""
-        return (f"this checkpoint scored {100 * self.test_miou:.1f}% mIoU on its test "
+        return (f"this checkpoint scored {pct(self.test_miou, digits=1, unit='%')} mIoU on its test "
                 f"({self.data_text}{episodes})")
 
 
