@@ -110,3 +110,33 @@ def test_lora_trains_merges_and_the_merged_file_scores_the_same(data_root, tmp_p
     assert scores[0]["episode_fingerprint"] == scores[1]["episode_fingerprint"]
     assert scores[0]["miou"] == pytest.approx(scores[1]["miou"], abs=1e-6)
     assert scores[0]["fb_iou"] == pytest.approx(scores[1]["fb_iou"], abs=1e-6)
+
+
+def test_a_diverged_sweep_trial_is_named_in_compare_md_and_json(data_root, tmp_path):
+    """A trial whose loss went NaN is a result of the sweep: compare.md and compare.json say so, in the loss's words.
+
+    lr x1e30: the first updates make the trained BN weights inf, and the loss of the step after is not finite.
+    """
+    import re
+
+    from svfseg.compare import ComparePlan, run_compare
+    from svfseg.compare_render import compare_markdown
+
+    plan = ComparePlan(config=str(RECIPE), regimes=["frozen", "bn"], seeds=[0], out=tmp_path / "sw",
+                       backbone_lr=[1.0, 1e30], test_episodes=2, val_episodes=2,
+                       overrides=[f"data.root={data_root}", f"data.train_crop={SIZE}", f"data.test_size={SIZE}",
+                                  "train.steps_per_epoch=3", "train.batch_size=2", "train.progress=false"])
+    for attempt in range(2):  # the rerun reads the trial's diverged.txt instead of training it again
+        res = run_compare(plan)
+        sweep = res["sweeps"]["bn/fold0/1shot"]
+        assert sweep["chosen"] == 1.0 and sweep["val_miou"]["1e+30"] is None
+        reason = sweep["diverged"]["1e+30"]
+        assert re.match(r"loss is (nan|inf|-inf) \(main .*\) at step \d; training stopped", reason), reason
+        assert list(sweep["diverged"]) == ["1e+30"]
+        md = (plan.out / "compare.md").read_text()
+        assert re.search(r"- bn/fold0/1shot: val mIoU x1: \d+\.\d\d, x1e\+30: diverged \(loss is \S+ \(main [^)]*\) "
+                         r"at step \d\) -> x1\n", md), md
+        assert json.loads((plan.out / "compare.json").read_text())["sweeps"]["bn/fold0/1shot"]["diverged"] == \
+            sweep["diverged"]
+    del res["sweeps"]["bn/fold0/1shot"]["diverged"]  # a compare.json written before the sweep record had it
+    assert "x1e+30: – -> x1" in compare_markdown(res)

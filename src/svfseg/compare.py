@@ -246,15 +246,18 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
     if len(grid) > 1:
         # The sweep: first seed only, chosen on base-class validation episodes; only the chosen
         # trial is then scored on the test episodes (and serves as that seed's cell).
-        trials, moved = {}, {}
+        trials, moved, diverged = {}, {}, {}
         for mult in grid:
             rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None, plan.force)
             trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
             moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
+            if rec.get("status") == "diverged":  # why, in the words of the NonFiniteLoss that run_cell kept
+                marker = Path(rec["run_dir"]) / "diverged.txt"
+                diverged[f"{mult:g}"] = marker.read_text().strip() if marker.is_file() else "non-finite loss"
         scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}
         chosen = max(scored, key=scored.get) if scored else grid[0]
         sweeps[f"{regime}/fold{fold}/{shot}shot"] = {"val_miou": {f"{m:g}": v for m, v in trials.items()},
-                                                     "movement": moved, "chosen": chosen}
+                                                     "movement": moved, "chosen": chosen, "diverged": diverged}
     for seed in plan.seeds:
         cfg = cell_config(plan, fold, shot, regime, seed, chosen)
         rec = run_cell(cfg, test_episode_file(plan, cfg), plan.force)

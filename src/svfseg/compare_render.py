@@ -53,7 +53,7 @@ def compare_markdown(result: dict) -> str:
     if result["sweeps"]:
         lines.append("Backbone lr multiplier chosen on base-class validation episodes (first seed):")
         for k, v in result["sweeps"].items():
-            lines.append(f"- {k}: val mIoU " + ", ".join(f"x{m}: {pct(s)}" for m, s in v["val_miou"].items())
+            lines.append(f"- {k}: val mIoU " + ", ".join(_trial_text(m, s, v) for m, s in v["val_miou"].items())
                          + f" -> x{v['chosen']:g}")
         lines.append("")
     lines.append("Verdicts:")
@@ -68,6 +68,12 @@ def compare_markdown(result: dict) -> str:
     if len(result["folds"]) > 1 or len(result["shots"]) > 1:
         lines += [""] + fold_layout_markdown(result)
     return "\n".join(lines) + "\n"
+
+
+def _trial_text(mult: str, val_miou, sweep: dict) -> str:
+    """``x10: 45.20``, or ``x100: diverged (loss is nan (...) at step 9)`` (the first clause of its diverged.txt)."""
+    why = (sweep.get("diverged") or {}).get(mult)  # an older compare.json has no "diverged"
+    return f"x{mult}: diverged ({why.split(';')[0].strip()})" if why is not None else f"x{mult}: {pct(val_miou)}"
 
 
 def _warm_start_lines(result: dict) -> list[str]:
