@@ -243,8 +243,8 @@ def cmd_predict(args) -> int:
                       device=args.device, overwrite=args.overwrite, mask_class=args.mask_class)
     for r in results:
         renamed = " (renamed: another query has the same file name)" if r.get("renamed") else ""
-        print(f"{r['query']}: {r['mask']} ({pct(r['foreground_fraction'], digits=1, unit='%')} foreground), {r['overlay']}"
-              f"{renamed}")
+        fg = pct(r["foreground_fraction"], digits=1, unit="%")
+        print(f"{r['query']}: {r['mask']} ({fg} foreground), {r['overlay']}{renamed}")
     return 0
 
 
