@@ -140,3 +140,20 @@ def test_a_diverged_sweep_trial_is_named_in_compare_md_and_json(data_root, tmp_p
             sweep["diverged"]
     del res["sweeps"]["bn/fold0/1shot"]["diverged"]  # a compare.json written before the sweep record had it
     assert "x1e+30: – -> x1" in compare_markdown(res)
+
+
+def test_a_trial_whose_weights_went_inf_with_a_finite_loss_is_diverged_not_a_crash(data_root, tmp_path):
+    """lr x1e30 over 2 steps: the BN weights are inf at the epoch's end while the loss seen was finite.
+
+    The save refuses them (NonFiniteWeights); compare records the trial as diverged and goes on.
+    """
+    from svfseg.compare import ComparePlan, run_compare
+
+    plan = ComparePlan(config=str(RECIPE), regimes=["frozen", "bn"], seeds=[0], out=tmp_path / "inf",
+                       backbone_lr=[1.0, 1e30], test_episodes=2, val_episodes=2,
+                       overrides=[f"data.root={data_root}", f"data.train_crop={SIZE}", f"data.test_size={SIZE}",
+                                  "train.steps_per_epoch=2", "train.batch_size=2", "train.progress=false"])
+    sweep = run_compare(plan)["sweeps"]["bn/fold0/1shot"]
+    assert sweep["chosen"] == 1.0 and sweep["val_miou"]["1e+30"] is None
+    assert "hold NaN/inf at step 2" in sweep["diverged"]["1e+30"] and "loss was finite" in sweep["diverged"]["1e+30"]
+    assert "x1e+30: diverged (" in (plan.out / "compare.md").read_text()

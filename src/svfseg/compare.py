@@ -173,6 +173,7 @@ def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
     A cell folder made with other settings (config keys, test episodes; ``compare_cell.json``)
     is refused with the differing keys, or with ``force`` cleared and retrained.
     """
+    from svfseg.engine.checkpoint import NonFiniteWeights
     from svfseg.engine.loop import NonFiniteLoss
     from svfseg.engine.run import train_run
     from svfseg.engine.runfiles import clear_run
@@ -201,9 +202,10 @@ def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
             # without a last.pt, whatever the cell folder holds is from an attempt that never
             # checkpointed: start it afresh
             result = train_run(cfg, argv=["svfseg", "compare"], overwrite=not cfg.resume)
-        except NonFiniteLoss as e:
-            # A diverged cell (e.g. the largest lr of a sweep) is a result, not a crash; the marker
-            # keeps a rerun from training it again.
+        except (NonFiniteLoss, NonFiniteWeights) as e:
+            # A diverged cell (e.g. the largest lr of a sweep: a NaN loss, or inf weights that a
+            # finite loss did not show yet) is a result, not a crash; the marker keeps a rerun from
+            # training it again.
             logger.warning("compare: %s diverged: %s", run_dir, e)
             diverged.write_text(f"{e}\n")
             return {"run_dir": str(run_dir), "status": "diverged"}
@@ -251,7 +253,7 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
             rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None, plan.force)
             trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
             moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
-            if rec.get("status") == "diverged":  # why, in the words of the NonFiniteLoss that run_cell kept
+            if rec.get("status") == "diverged":  # why, in the words of the error that run_cell kept
                 marker = Path(rec["run_dir"]) / "diverged.txt"
                 diverged[f"{mult:g}"] = marker.read_text().strip() if marker.is_file() else "non-finite loss"
         scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}

@@ -28,6 +28,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is truncated, corrupt, foreign, or holds non-finite numbers."""
 
 
+class NonFiniteWeights(CheckpointError):
+    """A state to be saved holds NaN/inf although the loss was finite: training diverged (nothing was written)."""
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (no space, no permission); the previous file is intact."""
 
@@ -211,7 +215,7 @@ def check_finite(blob: Mapping, path: str | os.PathLike, step: Optional[int] = N
     """Refuse to save a state whose model or optimiser tensors hold NaN/inf (it would replace a sane file).
 
     Raises:
-        CheckpointError: naming the first non-finite entries.
+        NonFiniteWeights: naming the first non-finite entries.
     """
     bad = [f"model.{k}" for k, v in blob.get("model", {}).items()
            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
@@ -220,7 +224,7 @@ def check_finite(blob: Mapping, path: str | os.PathLike, step: Optional[int] = N
                 if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         at = f" at step {step}" if step is not None else ""
-        raise CheckpointError(f"{path}: not written: {len(bad)} tensor(s) hold NaN/inf{at} (e.g. {bad[:3]}) "
+        raise NonFiniteWeights(f"{path}: not written: {len(bad)} tensor(s) hold NaN/inf{at} (e.g. {bad[:3]}) "
                               f"although the loss was finite; the last good checkpoint is kept. Lower optim.lr "
                               f"or set optim.grad_clip.")
 

@@ -298,5 +298,5 @@ def mask_class_choices(path: Optional[str], max_pixels: int = DEFAULT_MAX_PIXELS
         return []
     classes = set(object_classes(values.tolist()))
     total = int(counts.sum())
-    return [(f"{v} ({pct(c / total, digits=0, unit='%')} of the image)", int(v)) for v, c in zip(values.tolist(), counts.tolist())
-            if v in classes]
+    return [(f"{v} ({pct(c / total, digits=0, unit='%')} of the image)", int(v))
+            for v, c in zip(values.tolist(), counts.tolist()) if v in classes]
