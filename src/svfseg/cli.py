@@ -159,6 +159,7 @@ def cmd_train(args) -> int:
     from svfseg.config import load_config
     from svfseg.engine.run import train_run
     from svfseg.engine.state import resume_config
+    from svfseg.results import pct
 
     if args.resume is not None and args.config is not None:
         raise UsageError("train: --resume continues a run with its own config.yaml; --config would be ignored: "
@@ -176,7 +177,7 @@ def cmd_train(args) -> int:
         res = train_run(cfg, run_dir=run_dir, argv=getattr(args, "command_line", sys.argv),
                         overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
-        best = f"best mIoU {100 * res.best['miou']:.2f} at step {res.best['step']}" if res.best else "no validation"
+        best = f"best mIoU {pct(res.best['miou'])} at step {res.best['step']}" if res.best else "no validation"
         print(f"{res.status}: step {res.step}/{res.total_steps} in {res.seconds:.0f}s, {best}\n"
               f"run folder: {res.run_dir}\n"
               + (f"next: svfseg test --checkpoint {res.run_dir / 'best.pt'}" if res.status == "finished"
