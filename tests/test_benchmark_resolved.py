@@ -9,6 +9,8 @@ from svfseg.config import load_config
 from svfseg.data import DataError, build_dataset
 from svfseg.data.benchmark import Benchmark, DataSettings
 from svfseg.data.build import build_episodic
+from svfseg.data.check import check_dataset
+from svfseg.data.generalized import build_generalized
 from svfseg.data.meta import META_FILE, load_dataset_meta, write_dataset_meta
 from svfseg.data.splits import class_names, class_split, num_classes, num_folds
 from svfseg.engine.data import benchmark_of, resolve_benchmark
@@ -143,3 +145,19 @@ def test_a_benchmark_of_another_config_is_refused(custom_root, tmp_path):
     other = Benchmark.resolve("pascal", custom_root)
     with pytest.raises(ValueError, match="resolved for another config: expected data.benchmark=custom"):
         tasks.FewShotTask().train_data(cfg, other)
+
+
+def test_semantic_generalized_and_check_read_it_once(custom_root, tmp_path, yaml_reads):
+    cfg = _cfg(custom_root, tmp_path)
+    bench = resolve_benchmark(cfg)
+    semantic = tasks.SemanticTask()
+    train = semantic.train_data(cfg, bench)
+    val = semantic.eval_set(cfg, tmp_path, DistInfo(), bench)
+    generalized = build_generalized(bench, fold=0, shot=1, test_size=48)
+    # Before: 1 per semantic set and 3 for the generalized episodes (split, episodes, small-object rule).
+    assert yaml_reads == [custom_root / META_FILE]
+    assert train.base_classes == val.dataset.base_classes == generalized.base_classes == (2, 3, 4)
+    assert generalized.novel_classes == (1,) and {e.class_id for e in generalized.episodes} == {1}
+    yaml_reads.clear()
+    assert check_dataset(custom_root, "custom", workers=1, progress=False) == []
+    assert len(yaml_reads) == 1  # before: 2 (the class split, then the small-object rule)
