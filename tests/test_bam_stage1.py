@@ -15,6 +15,7 @@ from svfseg.data.io import read_label
 from svfseg.data.semantic import base_label_lut, build_semantic_dataset
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.loop import fit
+from svfseg.engine.state import TrainingState
 from svfseg.engine.model import describe, load_dependencies, preflight
 from svfseg.engine.tasks import EvalSet, SemanticTask
 from svfseg.engine.tasks.semantic import evaluate_semantic as evaluate_base
@@ -36,8 +37,9 @@ def load_base_learner_state(cfg):
 
 
 def fit_base(cfg, model, train, *, run_dir, describe, val_set=None, resume_state=None):
-    return fit(cfg, model, train, task=SemanticTask(), run_dir=run_dir, describe=describe,
-               val=EvalSet(val_set, on="base_val") if val_set is not None else None, resume_state=resume_state)
+    state = TrainingState(cfg, model, run_dir=run_dir, describe=describe, train_items=len(train),
+                          resume_from=resume_state)
+    return fit(cfg, state, train, task=SemanticTask(), val=EvalSet(val_set, on="base_val") if val_set is not None else None)
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -13,6 +13,7 @@ from svfseg.data.samplers import EpochBatchSampler
 from svfseg.engine.evaluator import predictions_at_original_size
 from svfseg.engine.optim import ReferenceDecay, build_optimizer, poly_lr, set_lr
 from svfseg.engine.loop import NonFiniteLoss, fit
+from svfseg.engine.state import TrainingState
 from svfseg.engine.tasks import FewShotTask, EvalSet
 from svfseg.engine.tasks.fewshot import evaluate
 from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
@@ -115,8 +116,9 @@ def _fit(tmp_path, name, *extra, model=None, resume=False, val=True):
     state = ckpt.load(tmp_path / name / "last.pt") if resume else None
     valset = EvalSet(ToyEval(6), (1, 2)) if val else None
     (tmp_path / name).mkdir(exist_ok=True)
-    res = fit(cfg, model, ToyTrain(), task=FewShotTask(), run_dir=tmp_path / name, describe=model.describe(), val=valset,
-              resume_state=state)
+    state = TrainingState(cfg, model, run_dir=tmp_path / name, describe=model.describe(), train_items=len(ToyTrain()),
+                          resume_from=state)
+    res = fit(cfg, state, ToyTrain(), task=FewShotTask(), val=valset)
     return res, model
 
 

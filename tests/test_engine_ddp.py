@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 from svfseg.engine.distributed import DistInfo
 from svfseg.engine.loop import fit
+from svfseg.engine.state import TrainingState
 from svfseg.engine.tasks import FewShotTask, EvalSet
 from svfseg.engine.tasks.fewshot import evaluate
 from conftest import assert_close_to_scale
@@ -25,8 +26,8 @@ def _run(tmp_path, name, info):
     model = ToyFewShot(dropout=0.0)  # dropout masks would differ between 1 and 2 processes
     cfg = toy_config(tmp_path, f"name={name}", "train.epochs=2")
     (tmp_path / name).mkdir(exist_ok=True)
-    res = fit(cfg, model, ToyTrain(n=12), task=FewShotTask(), run_dir=tmp_path / name, describe=model.describe(),
-              val=EvalSet(ToyEval(9), (1, 2)), info=info)
+    state = TrainingState(cfg, model, run_dir=tmp_path / name, describe=model.describe(), train_items=12, info=info)
+    res = fit(cfg, state, ToyTrain(n=12), task=FewShotTask(), val=EvalSet(ToyEval(9), (1, 2)))
     scores = evaluate(model, ToyEval(9), class_ids=(1, 2), device=torch.device("cpu"), info=info)
     return model, res, scores
 

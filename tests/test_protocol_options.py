@@ -8,6 +8,7 @@ from svfseg.data import transforms
 from svfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from svfseg.engine.evaluator import predictions_at_original_size
 from svfseg.engine.loop import fit
+from svfseg.engine.state import TrainingState
 from svfseg.engine.tasks import FewShotTask, ValResult, EvalSet
 from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
 
@@ -48,8 +49,8 @@ def _run(tmp_path, name, *extra):
     cfg = toy_config(tmp_path, f"name={name}", *extra)
     torch.manual_seed(0)
     model = ToyFewShot()
-    return fit(cfg, model, ToyTrain(), task=FixedScore(), run_dir=tmp_path / name, describe=model.describe(),
-               val=EvalSet(ToyEval(2), (1, 2)))
+    state = TrainingState(cfg, model, run_dir=tmp_path / name, describe=model.describe(), train_items=len(ToyTrain()))
+    return fit(cfg, state, ToyTrain(), task=FixedScore(), val=EvalSet(ToyEval(2), (1, 2)))
 
 
 def test_half_epoch_validation_on_short_schedules(tmp_path):

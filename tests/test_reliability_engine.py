@@ -16,7 +16,8 @@ from svfseg.data.index import ClassIndex, ImageRecord
 from svfseg.data.io import DataError
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.loop import fit
-from svfseg.engine.run import load_resume_state
+from svfseg.engine.state import TrainingState
+from svfseg.engine.state import load_resume_state
 from svfseg.engine.runlock import RunLock, RunLocked
 from svfseg.engine.tasks import FewShotTask
 from svfseg.engine.tasks.base import write_results
@@ -62,8 +63,9 @@ def _fit(tmp_path, name, *extra, model=None, resume=None):
     cfg = toy_config(tmp_path, f"name={name}", "train.val_every=0", "train.epochs=2", *extra)
     torch.manual_seed(0)
     model = model or ToyFewShot()
-    res = fit(cfg, model, ToyTrain(), task=FewShotTask(), run_dir=tmp_path / name, describe=model.describe(),
-              val=None, resume_state=resume)
+    state = TrainingState(cfg, model, run_dir=tmp_path / name, describe=model.describe(), train_items=len(ToyTrain()),
+                          resume_from=resume)
+    res = fit(cfg, state, ToyTrain(), task=FewShotTask(), val=None)
     return res, model
 
 

@@ -66,3 +66,23 @@ def test_init_head_refuses_a_missing_or_foreign_file_in_one_line(data_root, tmp_
     rc = main(["train", *tiny_run_args(data_root, tmp_path, "c", f"model.init_head={tmp_path / 'b' / 'best.pt'}")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and "does not fit" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_a_cell_is_redone_when_the_warm_start_it_started_from_was_made_otherwise(tmp_path):
+    from svfseg.compare_cells import CELL_RECORD, _check_cell_settings, _write_cell_record, cell_settings
+    from svfseg.compare_cells import CellSettingsChanged
+    from svfseg.config import ExperimentConfig
+
+    warm = tmp_path / "warm_start"
+    warm.mkdir()
+    (warm / CELL_RECORD).write_text(json.dumps({"config": {"train.steps_per_epoch": 200}}))
+    cfg = ExperimentConfig()
+    cfg.output_dir, cfg.name, cfg.model.init_head = str(tmp_path), "svf_seed0", str(warm / "best.pt")
+    cfg.run_dir().mkdir(parents=True)
+    _write_cell_record(cfg.run_dir(), cell_settings(cfg, None))
+    assert _check_cell_settings(cfg, None, force=False) is None  # same head: the cell is reused
+    # `compare --force --warm-start 300` retrained the shared head: same path, another head
+    (warm / CELL_RECORD).write_text(json.dumps({"config": {"train.steps_per_epoch": 300}}))
+    with pytest.raises(CellSettingsChanged, match=r"the shared warm start \(--warm-start\) it started from"):
+        _check_cell_settings(cfg, None, force=False)
+    assert _check_cell_settings(cfg, None, force=True) == "retrain"

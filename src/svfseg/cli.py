@@ -157,7 +157,8 @@ def _apply_threads(args, cfg=None) -> None:
 
 def cmd_train(args) -> int:
     from svfseg.config import load_config
-    from svfseg.engine.run import resume_config, train_run
+    from svfseg.engine.run import train_run
+    from svfseg.engine.state import resume_config
 
     if args.resume is not None and args.config is not None:
         raise UsageError("train: --resume continues a run with its own config.yaml; --config would be ignored: "

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -175,6 +175,33 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, m
     return state
 
 
+def read_checkpoint(path: str | os.PathLike, require: Sequence[str], expected: str, *, lazy: bool = False,
+                    finite: bool = False) -> dict:
+    """The one "is this a checkpoint of the kind we need" check: :func:`load` (or :func:`peek`) and the entries.
+
+    Args:
+        path: the file.
+        require: entries it must hold (e.g. ``("model", "config", "describe")``).
+        expected: what it should be, for the message ("a resumable svfseg training checkpoint").
+        lazy: memory-map the tensors instead of reading them (only metadata is looked at).
+        finite: also refuse NaN/inf in its ``model`` weights (:func:`check_finite_weights`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: damaged, foreign, without one of ``require``, or (``finite``) non-finite.
+    """
+    state = peek(path) if lazy else load(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected {expected}, found a {type(state).__name__}")
+    missing = [k for k in require if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: expected {expected}, found a file without {missing} "
+                              f"(keys {sorted(state)[:8]})")
+    if finite:
+        check_finite_weights(state["model"], path)
+    return state
+
+
 def _first_sentence(e: BaseException) -> str:
     text = str(e).split("\n")[0].split(". ")[0].strip() or type(e).__name__
     return text[:160]
@@ -214,6 +241,8 @@ def check_finite_weights(model_state: Mapping, path: str | os.PathLike) -> None:
 
 def peek(path: str | os.PathLike) -> dict:
     """A checkpoint's entries with tensors memory-mapped, not read (cheap look at its config)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - e.g. a legacy non-zip file: the full reader names the problem

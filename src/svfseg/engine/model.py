@@ -115,11 +115,8 @@ def _read_dependency(dep, *, lazy: bool) -> dict:
     """A recipe dependency's checkpoint, checked (``lazy``: tensors memory-mapped, only metadata read)."""
     if not dep.path.is_file():
         raise FileNotFoundError(f"{dep.path} does not exist. {dep.how_to_make}")
-    state = ckpt.peek(dep.path) if lazy else ckpt.load(dep.path)
-    if not isinstance(state, dict) or "model" not in state or "describe" not in state:
-        raise ckpt.CheckpointMismatch(f"{dep.path}: not an svfseg training checkpoint (no model/describe entries)")
-    if not lazy:
-        ckpt.check_finite_weights(state["model"], dep.path)
+    state = ckpt.read_checkpoint(dep.path, ("model", "describe"), f"an svfseg training checkpoint ({dep.what})",
+                                 lazy=lazy, finite=not lazy)
     diffs = dep.check(state)
     if diffs:
         raise ckpt.CheckpointMismatch(f"{dep.what} {dep.path} does not fit this run:\n  " + "\n  ".join(diffs))
@@ -162,11 +159,7 @@ def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     """
     from svfseg.models import export_merged
 
-    state = _svfseg_checkpoint(checkpoint)
-    cfg = from_dict(state["config"], source=str(checkpoint))
-    model = build_model(cfg, pretrained=False)
-    ckpt.check_compatible(describe(model, cfg), state["describe"], checkpoint)
-    ckpt.load_model_state(model, state["model"], checkpoint)
+    model, cfg, state = load_for_inference(checkpoint)
     merged = export_merged(model)
     plain_cfg = copy.deepcopy(cfg)
     plain_cfg.model.regime = "frozen"
@@ -194,13 +187,9 @@ def check_merge_out(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ov
 
 
 def _svfseg_checkpoint(checkpoint: str | os.PathLike) -> dict:
-    state = ckpt.load(checkpoint)
-    missing = [k for k in ("model", "config", "describe") if k not in state]
-    if missing:
-        raise ckpt.CheckpointMismatch(f"{checkpoint}: expected an svfseg checkpoint (best.pt/last.pt or a merged "
-                                      f"export), found a file without {missing} (keys {sorted(state)[:8]})")
-    ckpt.check_finite_weights(state["model"], checkpoint)
-    return state
+    """A best.pt/last.pt or merged export, read whole and checked (finite weights)."""
+    return ckpt.read_checkpoint(checkpoint, ("model", "config", "describe"),
+                                "an svfseg checkpoint (best.pt/last.pt or a merged export)", finite=True)
 
 
 def nothing_to_merge(checkpoint: str | os.PathLike) -> Optional[str]:
@@ -231,11 +220,7 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
     Returns:
         (model, config, raw checkpoint dict).
     """
-    state = ckpt.load(checkpoint)
-    if "model" not in state or "config" not in state:
-        raise ckpt.CheckpointMismatch(f"{checkpoint}: not an svfseg checkpoint (no model/config entries; "
-                                      f"found keys {sorted(state)[:8]})")
-    ckpt.check_finite_weights(state["model"], checkpoint)
+    state = _svfseg_checkpoint(checkpoint)
     own_cfg = from_dict(state["config"], source=str(checkpoint))
     if cfg is None:
         cfg = own_cfg
@@ -244,6 +229,7 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
         cfg = copy.deepcopy(cfg)
         cfg.model.regime = "frozen"
     model = build_model(cfg, pretrained=False)
-    ckpt.check_compatible(describe(model, cfg), state.get("describe", {}), checkpoint)
+    # the one place a checkpoint's weights enter a model outside training (engine.state restores a run)
+    ckpt.check_compatible(describe(model, cfg), state["describe"], checkpoint)
     ckpt.load_model_state(model, state["model"], checkpoint)
     return model.to(device).eval(), cfg, state

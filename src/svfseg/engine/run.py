@@ -1,11 +1,13 @@
-"""One training run from a config: run folder, the model's task and data, the model, the loop, resume."""
+"""One training run from a config: run folder, every check before the first write, task, data, model, loop.
+
+What a resume reads, checks and restores is ``engine.state``'s; this module only passes it along.
+"""
 from __future__ import annotations
 
 import contextlib
 import datetime
 import json
 import logging
-import os
 import platform
 import sys
 from pathlib import Path
@@ -14,13 +16,14 @@ from typing import Optional, Sequence
 import torch
 
 import svfseg
-from svfseg.config import ExperimentConfig, dump_yaml, git_commit, load_config, to_dict
+from svfseg.config import ExperimentConfig, dump_yaml, git_commit, to_dict
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
-from svfseg.engine.loop import FitResult, fit, steps_per_epoch
+from svfseg.engine.loop import FitResult, fit
 from svfseg.engine.model import build_model, describe, preflight
-from svfseg.engine.runfiles import clear_run, run_files
+from svfseg.engine.runfiles import clear_run, write_text_atomic
 from svfseg.engine.runlock import RunLock
+from svfseg.engine.state import TrainingState, check_resume_steps, load_resume_state, steps_per_epoch
 from svfseg.engine.tasks import get_task
 from svfseg.models import model_recipe
 
@@ -49,9 +52,7 @@ def write_run_metadata(run_dir: Path, cfg: ExperimentConfig, argv: Optional[Sequ
     if old:
         meta = {**meta, **{k: v for k, v in old.items() if k != "history"}}
     meta["history"] = [*old.get("history", []), start]
-    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    write_text_atomic(meta_path, json.dumps(meta, indent=1))
 
 
 def _read_meta(path: Path) -> dict:
@@ -64,81 +65,6 @@ def _read_meta(path: Path) -> dict:
     if "history" not in meta and "command" in meta:  # written before histories existed
         meta["history"] = [{"resume": False, "command": meta["command"]}]
     return meta
-
-
-def check_resume_steps(state: Optional[dict], total: int, run_dir: Path) -> None:
-    """Refuse a resume whose checkpoint is already past the run's (new) step count."""
-    if state is not None and state.get("step", 0) > total:
-        raise ValueError(f"--resume {run_dir}: the checkpoint is at step {state['step']}, but the config gives "
-                         f"{total} steps in all (train.epochs x steps per epoch); raise train.epochs to continue")
-
-
-def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = True,
-                      overwrite: bool = False) -> Optional[dict]:
-    """The run folder's ``last.pt`` when ``cfg.resume`` is set; None for a fresh run.
-
-    A ``last.pt`` that is missing, truncated or not a training checkpoint falls back to
-    ``last.prev.pt`` (the one it replaced) with a warning; the damaged file is kept as
-    ``last.damaged.pt``.
-
-    Args:
-        cfg: Experiment config (``resume`` read).
-        run_dir: The run folder.
-        is_main: This process may move a damaged ``last.pt`` aside (one process under DDP).
-        overwrite: A fresh run may replace the run files in ``run_dir`` (``train --overwrite``).
-
-    Returns:
-        The loaded checkpoint, or None.
-
-    Raises:
-        FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt`` (nor ``last.prev.pt``).
-        CheckpointError: ``last.pt`` is damaged and there is no good ``last.prev.pt``.
-        FileExistsError: A fresh run would write into a folder that holds run files (any of
-            :data:`~svfseg.engine.runfiles.RUN_FILES`, e.g. a finished run whose ``last.pt`` was
-            deleted) and ``overwrite`` is off.
-    """
-    last = run_dir / "last.pt"
-    if cfg.resume:
-        if not last.exists() and not ckpt.previous_path(last).exists():
-            raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
-        return _load_or_fall_back(last, is_main)
-    if overwrite:
-        return None
-    present = run_files(run_dir)
-    if present:
-        names = ", ".join(p.name for p in present[:6]) + (", ..." if len(present) > 6 else "")
-        resumable = last.exists() or ckpt.previous_path(last).exists()
-        how = (f"continue it with `svfseg train --resume {run_dir}`, " if resumable else
-               "its last.pt is gone, so it cannot be resumed; ")
-        raise FileExistsError(f"{run_dir} already holds a run ({names}); {how}replace it with "
-                              f"`svfseg train --overwrite ...` or start another with name=<new name>")
-    return None
-
-
-def _load_or_fall_back(last: Path, is_main: bool) -> dict:
-    """``last.pt``, or ``last.prev.pt`` with a warning when ``last.pt`` is missing, damaged or foreign."""
-    prev = ckpt.previous_path(last)
-    try:
-        return _training_checkpoint(last)
-    except (ckpt.CheckpointError, FileNotFoundError) as e:
-        if not prev.exists():
-            raise
-        state = _training_checkpoint(prev)
-        logger.warning("resume: %s; continuing from the previous checkpoint %s (step %s)", e, prev.name,
-                       state.get("step"))
-        if is_main and last.exists():
-            # keep the damaged file for a look, out of the way of the next save's rotation
-            os.replace(last, last.with_name(f"{last.stem}.damaged{last.suffix}"))
-        return state
-
-
-def _training_checkpoint(path: Path) -> dict:
-    state = ckpt.load(path)
-    missing = [k for k in ("model", "optimizer", "describe", "step", "rng_per_rank") if k not in state]
-    if missing:
-        raise ckpt.CheckpointError(f"{path}: expected a resumable svfseg training checkpoint, found one without "
-                                   f"{missing}")
-    return state
 
 
 def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Optional[Sequence[str]] = None,
@@ -171,19 +97,20 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
                 ckpt.remove_stale_temporaries(run_dir)
             if overwrite and cfg.resume:
                 raise ValueError(f"{run_dir}: --overwrite starts the run afresh, --resume continues it; give one")
-            state = load_resume_state(cfg, run_dir, is_main=info.is_main, overwrite=overwrite)
-            if state is not None:
-                _warn_config_changes(state["config"], to_dict(cfg))
+            saved = load_resume_state(cfg, run_dir, is_main=info.is_main, overwrite=overwrite)
+            if saved is not None:
+                _warn_config_changes(saved["config"], to_dict(cfg))
             preflight(cfg)
             train_set = task.train_data(cfg)
-            check_resume_steps(state, cfg.train.epochs * steps_per_epoch(cfg, len(train_set)), run_dir)
+            check_resume_steps(saved, cfg.train.epochs * steps_per_epoch(cfg, len(train_set)), run_dir)
             val = task.eval_set(cfg, run_dir, info)
             torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
-            model = build_model(cfg, pretrained=state is None)
-            desc = describe(model, cfg)
-            if state is not None:
-                ckpt.check_compatible(desc, state["describe"], run_dir / "last.pt")
-                ckpt.load_model_state(model, state["model"], run_dir / "last.pt")
+            model = build_model(cfg, pretrained=saved is None)
+            task.check_training(cfg, model, info)
+            # the one restore of a resumed run (weights, optimiser, RNG, counters), before any write
+            state = TrainingState(cfg, model, run_dir=run_dir, describe=describe(model, cfg), info=info,
+                                  train_items=len(train_set), resume_from=saved)
+            del saved
             if info.is_main:
                 check_room_for_checkpoints(run_dir, model)
                 if overwrite:
@@ -191,12 +118,11 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
                     if removed:
                         logger.warning("--overwrite: removed the earlier run's %d file(s) from %s", len(removed),
                                        run_dir)
-                write_run_metadata(run_dir, cfg, argv, resumed=state is not None)
+                write_run_metadata(run_dir, cfg, argv, resumed=state.resumed)
                 logger.info("torch threads: %d (threads=%s; see the README on choosing it)", torch.get_num_threads(),
                             cfg.threads)
             barrier(info)
-            return fit(cfg, model, train_set, task=task, run_dir=run_dir, describe=desc, val=val,
-                       info=info, resume_state=state)
+            return fit(cfg, state, train_set, task=task, val=val)
     finally:
         if own_group:
             cleanup(info)
@@ -225,14 +151,6 @@ def check_room_for_checkpoints(run_dir: Path, model: torch.nn.Module) -> None:
         raise OSError(errno.ENOSPC, f"{run_dir}: expected about {needed / 1e6:.0f} MB free for last.pt and best.pt "
                                     f"before training, found {free / 1e6:.0f} MB; free some space (or set "
                                     f"output_dir=...) and start again")
-
-
-def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """The config of an existing run folder with ``resume=true`` and any further overrides."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (is it a run folder?)")
-    return load_config(path, [*overrides, "resume=true"])
 
 
 def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:

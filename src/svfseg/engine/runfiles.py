@@ -46,3 +46,12 @@ def clear_run(folder: str | os.PathLike) -> list[Path]:
         else:
             p.unlink(missing_ok=True)
     return removed
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` (never half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -81,6 +82,48 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class LogWindow:
+    """The steps since the last CSV row: summed losses, their count, and when the window opened.
+
+    Its :meth:`state` travels in ``last.pt``, so the first row after a resume averages the whole
+    window, the steps before the stop included.
+    """
+
+    def __init__(self, saved: Optional[Mapping] = None):
+        self._open()
+        if saved:
+            self.loss, self.main, self.aux, self.n = saved["loss"], saved["main"], saved["aux"], saved["n"]
+            self.t -= saved.get("seconds", 0.0)
+
+    def _open(self) -> None:
+        self.loss = self.main = self.aux = 0.0
+        self.n, self.t = 0, time.perf_counter()
+
+    def add(self, values: Sequence[float]) -> None:
+        """One step's [loss, main, aux]."""
+        self.loss += values[0]
+        self.main += values[1]
+        self.aux += values[2]
+        self.n += 1
+
+    def state(self) -> dict:
+        """The window as plain numbers (sums, step count, seconds so far), for ``last.pt``."""
+        return {"loss": self.loss, "main": self.main, "aux": self.aux, "n": self.n,
+                "seconds": time.perf_counter() - self.t}
+
+    def flush(self, step: int, epoch: int, lr: float, runlog: Optional[RunLogger], bar, t0: float) -> None:
+        """Write the window's averages as one CSV row (main process) and on the progress bar; start a new one."""
+        n, now = max(self.n, 1), time.perf_counter()
+        row = {"step": step, "epoch": epoch, "loss": self.loss / n, "loss_main": self.main / n,
+               "loss_aux": self.aux / n, "lr": lr, "steps_per_s": n / max(now - self.t, 1e-9)}
+        if runlog is not None:
+            row["elapsed_s"] = now - t0
+            runlog.log_train(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+        self._open()
 
 
 def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:

@@ -42,10 +42,8 @@ def load_head(model: nn.Module, path: str | Path) -> int:
         CheckpointMismatch: the file's head has other keys or shapes than this model's.
     """
     check_head_file(path)
-    blob = ckpt.load(path)
-    if not isinstance(blob.get("model"), dict):
-        raise ckpt.CheckpointError(f"model.init_head={path}: expected an svfseg training checkpoint with model "
-                                   f"weights, found keys {sorted(blob)[:5]}")
+    blob = ckpt.read_checkpoint(path, ("model",), "an svfseg training checkpoint with model weights "
+                                                  "(model.init_head)", finite=True)
     theirs = head_state(blob["model"])
     own = model.state_dict()
     mine = head_state(own)

@@ -1,0 +1,256 @@
+"""A training run's resumable state and its checkpoint life cycle: everything ``--resume`` does, in one file.
+
+:class:`TrainingState` is what continues a run: the model, the optimiser (with the AMP grad scaler
+and SVF's decay towards the pretrained values), the step, the best validation score and the
+validation history, every process's RNG, the data position, the earlier segments' footprint and
+the partial log row. It is written here (``last.pt``, keeping the file it replaces as
+``last.prev.pt``; ``best.pt``), found again here for ``--resume`` (a damaged ``last.pt`` falls back
+to ``last.prev.pt``), checked here and restored here, once: the checkpoint's weights are loaded
+into the model in :meth:`TrainingState._restore` and nowhere else.
+
+The way through: ``svfseg train --resume RUN`` -> :func:`resume_config` (the run's own config) ->
+``engine.run.train_run`` -> :func:`load_resume_state` (the file) -> :class:`TrainingState` (the
+restore) -> ``engine.loop.fit`` (the steps).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from svfseg.config import ExperimentConfig, load_config, to_dict
+from svfseg.engine import checkpoint as ckpt
+from svfseg.engine.distributed import DistInfo, barrier, resolve_device, sync_trainable_batchnorm
+from svfseg.engine.optim import build_optimizer
+from svfseg.engine.runfiles import run_files
+from svfseg.engine.runtime import amp_dtype
+
+logger = logging.getLogger(__name__)
+
+LAST, BEST = "last.pt", "best.pt"
+#: What a ``last.pt`` must hold to continue a run.
+RESUMABLE_KEYS = ("model", "optimizer", "describe", "step", "rng_per_rank")
+
+
+def steps_per_epoch(cfg: ExperimentConfig, n: int) -> int:
+    """Optimiser steps per epoch: ``train.steps_per_epoch`` or pool size // global batch."""
+    steps = cfg.train.steps_per_epoch or n // cfg.train.batch_size
+    if steps < 1:
+        raise ValueError(f"the training pool has {n} episodes, fewer than train.batch_size={cfg.train.batch_size}; "
+                         f"lower the batch size or set train.steps_per_epoch")
+    return steps
+
+
+def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The config of an existing run folder with ``resume=true`` and any further overrides."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (is it a run folder?)")
+    return load_config(path, [*overrides, "resume=true"])
+
+
+def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = True,
+                      overwrite: bool = False) -> Optional[dict]:
+    """The run folder's ``last.pt`` when ``cfg.resume`` is set; None for a fresh run.
+
+    A ``last.pt`` that is missing, truncated or not a training checkpoint falls back to
+    ``last.prev.pt`` (the one it replaced) with a warning; the damaged file is kept as
+    ``last.damaged.pt``.
+
+    Args:
+        cfg: Experiment config (``resume`` read).
+        run_dir: The run folder.
+        is_main: This process may move a damaged ``last.pt`` aside (one process under DDP).
+        overwrite: A fresh run may replace the run files in ``run_dir`` (``train --overwrite``).
+
+    Returns:
+        The loaded checkpoint, or None.
+
+    Raises:
+        FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt`` (nor ``last.prev.pt``).
+        CheckpointError: ``last.pt`` is damaged and there is no good ``last.prev.pt``.
+        FileExistsError: A fresh run would write into a folder that holds run files (any of
+            :data:`~svfseg.engine.runfiles.RUN_FILES`, e.g. a finished run whose ``last.pt`` was
+            deleted) and ``overwrite`` is off.
+    """
+    last = Path(run_dir) / LAST
+    if cfg.resume:
+        if not last.exists() and not ckpt.previous_path(last).exists():
+            raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
+        return _load_or_fall_back(last, is_main)
+    if overwrite:
+        return None
+    present = run_files(run_dir)
+    if present:
+        names = ", ".join(p.name for p in present[:6]) + (", ..." if len(present) > 6 else "")
+        resumable = last.exists() or ckpt.previous_path(last).exists()
+        how = (f"continue it with `svfseg train --resume {run_dir}`, " if resumable else
+               "its last.pt is gone, so it cannot be resumed; ")
+        raise FileExistsError(f"{run_dir} already holds a run ({names}); {how}replace it with "
+                              f"`svfseg train --overwrite ...` or start another with name=<new name>")
+    return None
+
+
+def _load_or_fall_back(last: Path, is_main: bool) -> dict:
+    """``last.pt``, or ``last.prev.pt`` with a warning when ``last.pt`` is missing, damaged or foreign."""
+    prev = ckpt.previous_path(last)
+    try:
+        return ckpt.read_checkpoint(last, RESUMABLE_KEYS, "a resumable svfseg training checkpoint")
+    except (ckpt.CheckpointError, FileNotFoundError) as e:
+        if not prev.exists():
+            raise
+        state = ckpt.read_checkpoint(prev, RESUMABLE_KEYS, "a resumable svfseg training checkpoint")
+        logger.warning("resume: %s; continuing from the previous checkpoint %s (step %s)", e, prev.name,
+                       state.get("step"))
+        if is_main and last.exists():
+            # keep the damaged file for a look, out of the way of the next save's rotation
+            os.replace(last, last.with_name(f"{last.stem}.damaged{last.suffix}"))
+        return state
+
+
+def check_resume_steps(state: Optional[dict], total: int, run_dir: Path) -> None:
+    """Refuse a resume whose checkpoint is already past the run's (new) step count."""
+    if state is not None and state.get("step", 0) > total:
+        raise ValueError(f"--resume {run_dir}: the checkpoint is at step {state['step']}, but the config gives "
+                         f"{total} steps in all (train.epochs x steps per epoch); raise train.epochs to continue")
+
+
+def gather_rng(info: DistInfo) -> list:
+    """RNG states of every process, for the main process to store in a checkpoint.
+
+    Args:
+        info: Process-group info; every process must call this (collective under DDP).
+
+    Returns:
+        One :func:`~svfseg.engine.checkpoint.capture_rng` state per process, in rank order.
+    """
+    state = ckpt.capture_rng()
+    if not info.distributed:
+        return [state]
+    import torch.distributed as dist
+
+    out = [None] * info.world_size
+    dist.all_gather_object(out, state)
+    return out
+
+
+class TrainingState:
+    """The model on its device and everything else that continues the run; restored from ``resume_from``.
+
+    Creating it moves the model to ``info.device`` (trainable BatchNorm synchronised under DDP on
+    GPUs, ``train.channels_last`` applied), seeds the in-model randomness per process and builds the
+    optimiser over the model's parameter groups. Nothing is written.
+
+    Args:
+        cfg: Experiment config.
+        model: The model (not DDP-wrapped); trained in place.
+        run_dir: Run folder (``last.pt``/``best.pt``).
+        describe: Model description stored in checkpoints and checked on resume (``engine.model.describe``).
+        train_items: Size of the training pool (with ``train.batch_size``: the steps per epoch).
+        info: Process-group info (None: one process on ``cfg.device``).
+        resume_from: A loaded ``last.pt`` (:func:`load_resume_state`) to continue; None: step 0.
+
+    Raises:
+        CheckpointMismatch: ``resume_from`` was written for another model, fold or class count.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module, *, run_dir: Path, describe: dict, train_items: int,
+                 info: Optional[DistInfo] = None, resume_from: Optional[dict] = None):
+        info = info or DistInfo(device=resolve_device(cfg.device))
+        self.cfg, self.info, self.run_dir, self.describe = cfg, info, Path(run_dir), describe
+        self.steps_per_epoch = steps_per_epoch(cfg, train_items)
+        self.total = cfg.train.epochs * self.steps_per_epoch
+        # Dropout and other in-model randomness use the global torch RNG: seeded per process, and
+        # its state travels in last.pt so that a resumed run draws the same numbers.
+        torch.manual_seed(cfg.seed + info.rank)
+        model = sync_trainable_batchnorm(model.to(info.device), info)
+        self.model = model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+        oc = cfg.optim
+        self.optimizer, self.reference_decay = build_optimizer(
+            self.model, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay, lr_mult=oc.lr_mult,
+            decay_to_pretrained=("svf",) if cfg.svf.decay_to == "pretrained" else ())
+        self.dtype = amp_dtype(cfg.train.amp, info.device)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.dtype == torch.float16)
+        self.step, self.best, self.history = 0, None, []
+        #: From the checkpoint resumed: the earlier segments' footprint and the partial CSV row.
+        self.earlier_segments: Optional[dict] = None
+        self.log_window: Optional[dict] = None
+        self.resumed = resume_from is not None
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / LAST
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / BEST
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    @property
+    def best_metric(self) -> Optional[float]:
+        return None if self.best is None else self.best["miou"]
+
+    def _restore(self, blob: dict) -> None:
+        """Continue from ``blob``: weights, optimiser, scaler, reference decay, counters, this process's RNG."""
+        path = self.last_path
+        ckpt.check_compatible(self.describe, blob["describe"], path)
+        ckpt.load_model_state(self.model, blob["model"], path)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scaler.load_state_dict(blob["scaler"])
+        if self.reference_decay is not None:
+            self.reference_decay.load_state_dict(blob["reference_decay"])
+        self.step, self.best, self.history = blob["step"], blob.get("best"), list(blob.get("history", []))
+        self.earlier_segments, self.log_window = blob.get("segments"), blob.get("log_window")
+        if blob.get("total_steps") != self.total:
+            logger.warning("resume: the run now has %d steps, the checkpoint was made for %s; the poly schedule "
+                           "changes from here on", self.total, blob.get("total_steps"))
+        rng = blob["rng_per_rank"]
+        ckpt.restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
+        logger.info("resumed %s at step %d/%d (epoch %d)", self.run_dir, self.step, self.total, self.epoch)
+
+    def record_validation(self, scores: dict, best: dict, extra: dict, *, select: bool) -> tuple[dict, bool]:
+        """Add a validation to the history: (its log row, whether it is the best so far; then ``best`` is kept)."""
+        improved = select and (self.best_metric is None or scores["miou"] > self.best_metric)
+        row = {"step": self.step, "epoch": self.epoch, **scores, "best": int(improved)}
+        self.history.append({**row, **extra})
+        if improved:
+            self.best = {"step": self.step, "epoch": self.epoch, **best}
+        return row, improved
+
+    def _weights(self) -> dict:
+        return {"format": ckpt.FORMAT, "model": self.model.state_dict(), "config": to_dict(self.cfg),
+                "describe": self.describe, "step": self.step, "epoch": self.epoch}
+
+    def write_last(self, status: str, *, segments: dict, log_window: dict) -> None:
+        """Write ``last.pt`` (every process calls this: the RNG states are gathered).
+
+        NaN/inf weights with a finite loss never replace the last sane file; the file replaced stays
+        as ``last.prev.pt``, the fallback of ``--resume``.
+        """
+        states = gather_rng(self.info)
+        if self.info.is_main:
+            spe = self.steps_per_epoch
+            blob = {**self._weights(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                    "total_steps": self.total, "log_window": log_window, "segments": segments,
+                    "reference_decay": self.reference_decay.state_dict() if self.reference_decay else None,
+                    "rng_per_rank": states, "best": self.best, "history": self.history, "status": status,
+                    "data_position": {"epoch": self.epoch, "step_in_epoch": self.step % spe, "steps_per_epoch": spe}}
+            ckpt.check_finite(blob, self.last_path, self.step)
+            ckpt.save_atomic(blob, self.last_path, keep_previous=True, verify=True)
+        barrier(self.info)
+
+    def write_best(self, metrics: Optional[dict]) -> None:
+        """Write ``best.pt``: the weights now, with ``metrics`` (main process only)."""
+        if self.info.is_main:
+            blob = {**self._weights(), "metrics": metrics}
+            ckpt.check_finite(blob, self.best_path, self.step)
+            ckpt.save_atomic(blob, self.best_path, verify=True)
