@@ -1,4 +1,4 @@
-"""build_dataset: one keyword-only factory for every benchmark, split and protocol."""
+"""Episodic datasets: ``build_episodic`` (a resolved benchmark + settings) and its keyword form ``build_dataset``."""
 from __future__ import annotations
 
 import json
@@ -13,11 +13,11 @@ from svfseg.data.episodes import DEFAULT_MIN_PIXELS, TRAIN_PROTOCOLS, EpisodeLis
 from svfseg.data.index import load_class_index
 from svfseg.data.io import DataError
 from svfseg.data.episodic import EvalEpisodes, TrainEpisodes
-from svfseg.data.meta import benchmark_meta, load_dataset_meta
-from svfseg.data.splits import CUSTOM, class_split, num_classes
+from svfseg.data.benchmark import Benchmark, DataSettings, check_root_dir
+from svfseg.data.splits import CUSTOM
 from svfseg.data.transforms import TestTransform, TrainTransform
 
-__all__ = ["build_dataset", "default_min_pixels"]
+__all__ = ["build_dataset", "build_episodic", "default_min_pixels", "benchmark_min_pixels"]
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,22 @@ def default_min_pixels(root, benchmark: str) -> int:
     the same fraction of the image (2,048 / 473^2, 0.9%), scaled by the area ratio of the image size
     to 473 px. Synthetic reads the size from its marker; custom takes ``min_pixels`` or ``image_size``
     from ``dataset.yaml``, else the median longer side of the training labels."""
+    return benchmark_min_pixels(Benchmark.resolve(benchmark, root))
+
+
+def benchmark_min_pixels(bench: Benchmark) -> int:
+    """:func:`default_min_pixels` of a resolved benchmark (a custom root's ``dataset.yaml`` is not read again)."""
     from svfseg.data.synthetic import MARKER, scaled_min_pixels
 
-    if benchmark == CUSTOM:
-        meta = load_dataset_meta(root)
+    if bench.name == CUSTOM:
+        meta = bench.meta
         if meta.min_pixels is not None:
             return meta.min_pixels
-        return scaled_min_pixels(meta.image_size or _median_label_side(Path(root)))
-    if benchmark != "synthetic":
+        return scaled_min_pixels(meta.image_size or _median_label_side(bench.root))
+    if bench.name != "synthetic":
         return DEFAULT_MIN_PIXELS
 
-    marker = Path(root) / MARKER
+    marker = bench.root / MARKER
     try:
         size = int(json.loads(marker.read_text())["params"]["size"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -71,12 +76,12 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
                   episodes: EpisodeList | str | os.PathLike | None = None, num_episodes: int = 1000,
                   min_pixels: int | None = None, query_rule: str = "any", workers: int | None = None,
                   upstream_padding: bool = False, order: str = "permuted") -> Dataset:
-    """Build an episodic dataset on a Pascal-layout root.
+    """Build an episodic dataset on a Pascal-layout root (the keyword form of :func:`build_episodic`).
 
     Args:
         root: dataset root (``train.txt``/``val.txt`` lists, images, class-id PNGs).
-        benchmark: "pascal", "coco" or "synthetic".
-        fold: 0..3.
+        benchmark: "pascal", "coco", "synthetic" or "custom".
+        fold: 0..3 (custom: the folds of its ``dataset.yaml``).
         split: "train" (base classes, random episodes per epoch) or "val" (novel classes, fixed episodes).
         shot: supports per episode (K).
         seed: training: seed of every episode and augmentation; val: episode seed when ``episodes`` is None.
@@ -101,32 +106,50 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
         TrainEpisodes (``len`` = query pool size, ``set_epoch``) or EvalEpisodes (``len`` = episodes,
         ``.episodes``).
     """
+    _check_request(split, protocol, shot)
+    bench = Benchmark.resolve(benchmark, check_root_dir(root), convention)
+    settings = DataSettings(protocol=protocol, train_crop=train_crop, train_scale=tuple(train_scale),
+                            test_size=test_size, min_pixels=min_pixels, query_rule=query_rule,
+                            upstream_padding=upstream_padding, workers=workers)
+    return build_episodic(bench, settings, fold=fold, split=split, shot=shot, seed=seed, episodes=episodes,
+                          num_episodes=num_episodes, order=order)
+
+
+def _check_request(split: str, protocol: str, shot) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if protocol not in TRAIN_PROTOCOLS:
         raise ValueError(f"protocol must be one of {TRAIN_PROTOCOLS}, got {protocol!r}")
     if not isinstance(shot, int) or shot < 1:
         raise ValueError(f"shot must be a positive int, got {shot!r}")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: expected a dataset root folder, found none")
-    meta = benchmark_meta(benchmark, root)
-    sp = class_split(benchmark, fold, convention, meta)
-    source = "data.min_pixels"
+
+
+def build_episodic(bench: Benchmark, settings: DataSettings = DataSettings(), *, fold: int, split: str, shot: int,
+                   seed: int = 0, episodes: EpisodeList | str | os.PathLike | None = None, num_episodes: int = 1000,
+                   order: str = "permuted") -> Dataset:
+    """The episodic dataset of ``bench``'s ``fold`` (see :func:`build_dataset` for the arguments).
+
+    The class split comes from ``bench`` (resolved once per run), how items are made from ``settings``.
+    """
+    _check_request(split, settings.protocol, shot)
+    root = check_root_dir(bench.root)
+    benchmark, convention, s = bench.name, bench.convention, settings
+    sp = bench.split(fold)
+    min_pixels, source = s.min_pixels, "data.min_pixels"
     if min_pixels is None:
-        min_pixels, source = default_min_pixels(root, benchmark), f"default for {benchmark}"
+        min_pixels, source = benchmark_min_pixels(bench), f"default for {benchmark}"
     log.info("small-object rule: min_pixels=%d (%s)", min_pixels, source)
-    index = load_class_index(root, split, num_classes(benchmark, meta), workers=workers, benchmark=benchmark)
+    index = load_class_index(root, split, bench.num_classes, workers=s.workers, benchmark=benchmark)
     if split == "train":
         if episodes is not None:
             raise ValueError("episodes= fixes evaluation episodes; training episodes are drawn per epoch "
                              "from (seed, epoch, index): pass it with split='val'")
-        pool = make_pool(index, sp.base, shot=shot, min_pixels=min_pixels, query_rule=query_rule,
-                         exclude_any=sp.novel if protocol == "dagger" else ())
-        log.info("%s fold %d train pool (%s): %d query images", benchmark, fold, protocol, len(pool))
-        tr = TrainTransform(crop=train_crop, scale=(float(train_scale[0]), float(train_scale[1])))
+        pool = make_pool(index, sp.base, shot=shot, min_pixels=min_pixels, query_rule=s.query_rule,
+                         exclude_any=sp.novel if s.protocol == "dagger" else ())
+        log.info("%s fold %d train pool (%s): %d query images", benchmark, fold, s.protocol, len(pool))
+        tr = TrainTransform(crop=s.train_crop, scale=(float(s.train_scale[0]), float(s.train_scale[1])))
         return TrainEpisodes(pool, shot=shot, seed=seed, transform=tr)
-    pool = make_pool(index, sp.novel, shot=shot, min_pixels=min_pixels, query_rule=query_rule)
+    pool = make_pool(index, sp.novel, shot=shot, min_pixels=min_pixels, query_rule=s.query_rule)
     if episodes is None:
         episodes = make_episodes(pool, benchmark=benchmark, fold=fold, shot=shot, seed=seed,
                                  count=num_episodes, convention=convention, order=order)
@@ -139,11 +162,11 @@ def build_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, split: 
     if got != want:
         raise DataError(f"{where}: episode list made for {got}, but the dataset asked for {want}")
     check_episode_contents(episodes, sp.novel, shot, fold, where)
-    if episodes.query_rule != query_rule:
+    if episodes.query_rule != s.query_rule:
         log.warning("episode list made with query_rule=%r, dataset asked for %r: the list's episodes are used "
-                    "as they are", episodes.query_rule, query_rule)
+                    "as they are", episodes.query_rule, s.query_rule)
     log.info("%s fold %d val: %d episodes over %d query images", benchmark, fold, len(episodes), len(pool))
-    return EvalEpisodes(pool, episodes, transform=TestTransform(size=test_size, upstream=upstream_padding))
+    return EvalEpisodes(pool, episodes, transform=TestTransform(size=s.test_size, upstream=s.upstream_padding))
 
 
 def check_episode_contents(episodes: EpisodeList, novel, shot: int, fold: int, where: str) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from svfseg.data.benchmark import Benchmark
 from svfseg.data.index import _scan_one
 from svfseg.data.io import DataError, decoder_complaints, exif_orientation, read_image
-from svfseg.data.splits import CustomClasses, class_split, num_classes, num_folds
 
 __all__ = ["check_dataset"]
 
@@ -51,11 +51,10 @@ def _check_one(args):
     return counts, problems, rotated
 
 
-def _empty_class_problems(benchmark: str, split: str, records, min_pixels: int, convention: str,
-                          meta: CustomClasses | None = None) -> list[str]:
-    out = []
-    for fold in range(num_folds(benchmark, meta)):
-        sp = class_split(benchmark, fold, convention, meta)
+def _empty_class_problems(bench: Benchmark, split: str, records, min_pixels: int) -> list[str]:
+    out, meta = [], bench.classes
+    for fold in range(bench.num_folds):
+        sp = bench.split(fold)
         if split == "train":
             kept = [c for c in records if not any(k in sp.novel for k in c)]
             classes, what = sp.base, "base class in the † training pool"
@@ -80,20 +79,19 @@ def check_dataset(root, benchmark: str, *, convention: str = "interleaved", min_
     ``benchmark="custom"``, a valid ``dataset.yaml``. Images with an EXIF rotation are listed in
     ``notes`` (they are read rotated, as shown; their labels must match the rotated image).
     """
-    from svfseg.data.build import default_min_pixels
-    from svfseg.data.meta import benchmark_meta
+    from svfseg.data.build import benchmark_min_pixels
 
     root = Path(root)
     if not root.is_dir():
         return [f"{root}: expected a dataset root folder, found none"]
     try:
-        meta = benchmark_meta(benchmark, root)
+        bench = Benchmark.resolve(benchmark, root, convention)
     except DataError as e:
         return [str(e)]
-    n_cls = num_classes(benchmark, meta)
+    n_cls = bench.num_classes
     if min_pixels is None:
         try:
-            min_pixels = default_min_pixels(root, benchmark)
+            min_pixels = benchmark_min_pixels(bench)
         except DataError as e:
             return [str(e)]
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
@@ -119,6 +117,5 @@ def check_dataset(root, benchmark: str, *, convention: str = "interleaved", min_
             notes.append(f"{lf}: {len(rotated)} image(s) carry an EXIF rotation, e.g. {rotated[:3]}; every command "
                          f"reads them rotated as they are shown (labels never rotate), so their labels must be "
                          f"drawn on the rotated image")
-        problems += _empty_class_problems(benchmark, split, [c for c, _, _ in results], min_pixels, convention,
-                                          meta)
+        problems += _empty_class_problems(bench, split, [c for c, _, _ in results], min_pixels)
     return problems

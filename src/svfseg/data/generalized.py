@@ -10,20 +10,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from svfseg.data.benchmark import Benchmark, check_root_dir
 from svfseg.data.episodic import binarize, load_pair
 from svfseg.data.index import ClassIndex, load_class_index
 from svfseg.data.io import DataError
 from svfseg.data.semantic import base_label_lut, remap_label
-from svfseg.data.splits import class_split, num_classes
 from svfseg.data.transforms import TestTransform
 
-__all__ = ["generalized_episodes", "GeneralizedEpisodes", "build_generalized_dataset"]
+__all__ = ["generalized_episodes", "GeneralizedEpisodes", "build_generalized_dataset", "build_generalized"]
 
 log = logging.getLogger(__name__)
 
 
-def generalized_episodes(index: ClassIndex, *, benchmark: str, fold: int, shot: int, seed: int = 0,
-                         convention: str = "interleaved", min_pixels: int | None = None, count: int | None = None):
+def generalized_episodes(index: ClassIndex, bench: Benchmark, *, fold: int, shot: int, seed: int = 0,
+                         min_pixels: int | None = None, count: int | None = None):
     """BAM's generalized few-shot episodes: every val image once, base and novel classes together.
 
     For each image (list order) with at least one labelled class: if it shows a base class, the
@@ -31,19 +31,18 @@ def generalized_episodes(index: ClassIndex, *, benchmark: str, fold: int, shot: 
     absent from the image); otherwise among the novel classes it shows. Supports: ``shot``
     other images where that class covers ``>= min_pixels`` pixels (the small-object rule; BAM
     accepts any pixel count). Randomness: ``numpy.random.default_rng(seed)``. ``count`` keeps
-    only the first episodes (quick checks); None keeps one per image.
+    only the first episodes (quick checks); None keeps one per image. ``bench``: the benchmark
+    ``index`` belongs to (its class split; ``min_pixels`` None: its default).
 
     Returns:
         An :class:`~svfseg.data.episodes.EpisodeList` (split "val").
     """
-    from svfseg.data.build import default_min_pixels
+    from svfseg.data.build import benchmark_min_pixels
     from svfseg.data.episodes import Episode, EpisodeList
 
-    from svfseg.data.meta import benchmark_meta
-
-    sp = class_split(benchmark, fold, convention, benchmark_meta(benchmark, index.root))
+    sp = bench.split(fold)
     if min_pixels is None:
-        min_pixels = default_min_pixels(index.root, benchmark)
+        min_pixels = benchmark_min_pixels(bench)
     recs = index.records
     holders = {c: [i for i, r in enumerate(recs) if r.counts.get(c, 0) >= min_pixels] for c in sp.novel}
     short = {c: len(v) for c, v in holders.items() if len(v) < shot + 1}
@@ -64,8 +63,8 @@ def generalized_episodes(index: ClassIndex, *, benchmark: str, fold: int, shot: 
         eps.append(Episode(r.image, c, tuple(recs[int(j)].image for j in sup)))
         if count is not None and len(eps) >= count:
             break
-    return EpisodeList(benchmark, index.split, fold, shot, seed, convention, int(min_pixels), index.fingerprint,
-                       tuple(eps))
+    return EpisodeList(bench.name, index.split, fold, shot, seed, bench.convention, int(min_pixels),
+                       index.fingerprint, tuple(eps))
 
 
 class GeneralizedEpisodes(Dataset):
@@ -80,14 +79,16 @@ class GeneralizedEpisodes(Dataset):
         index: Val class index.
         episodes: From :func:`generalized_episodes`.
         base_classes: Base classes of the fold.
+        novel_classes: Novel classes of the fold (what the generalized score adds to the base classes).
         transform: Test chain.
     """
 
-    def __init__(self, index: ClassIndex, episodes, base_classes: Sequence[int], *,
+    def __init__(self, index: ClassIndex, episodes, base_classes: Sequence[int], *, novel_classes: Sequence[int],
                  transform: TestTransform | None = None):
         episodes.check_dataset(index.fingerprint, legacy=index.legacy_fingerprint)
         self.index, self.episodes, self.root = index, episodes, Path(index.root)
         self.base_classes = tuple(sorted(int(c) for c in base_classes))
+        self.novel_classes = tuple(sorted(int(c) for c in novel_classes))
         self.lut = base_label_lut(self.base_classes, index.num_classes)
         self.transform = transform or TestTransform()
         self._pos = index.position()
@@ -121,16 +122,17 @@ class GeneralizedEpisodes(Dataset):
 def build_generalized_dataset(*, root: str | os.PathLike, benchmark: str, fold: int, shot: int, seed: int = 0,
                               convention: str = "interleaved", test_size: int = 473,
                               count: int | None = None) -> GeneralizedEpisodes:
-    """Generalized-setting evaluation episodes on the val split (see :func:`generalized_episodes`)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: expected a dataset root folder, found none")
-    from svfseg.data.meta import benchmark_meta
+    """Generalized-setting evaluation episodes on the val split (the keyword form of :func:`build_generalized`)."""
+    bench = Benchmark.resolve(benchmark, check_root_dir(root), convention)
+    return build_generalized(bench, fold=fold, shot=shot, seed=seed, test_size=test_size, count=count)
 
-    meta = benchmark_meta(benchmark, root)
-    index = load_class_index(root, "val", num_classes(benchmark, meta))
-    eps = generalized_episodes(index, benchmark=benchmark, fold=fold, shot=shot, seed=seed, convention=convention,
-                               count=count)
-    log.info("%s fold %d generalized: %d episodes", benchmark, fold, len(eps))
-    return GeneralizedEpisodes(index, eps, class_split(benchmark, fold, convention, meta).base,
-                               transform=TestTransform(size=test_size))
+
+def build_generalized(bench: Benchmark, *, fold: int, shot: int, seed: int = 0, test_size: int = 473,
+                      count: int | None = None) -> GeneralizedEpisodes:
+    """Generalized-setting episodes of ``bench``'s ``fold`` (see :func:`generalized_episodes`; the small-object
+    rule is the benchmark's default, as BAM's setting has no ``data.min_pixels``)."""
+    index = load_class_index(check_root_dir(bench.root), "val", bench.num_classes)
+    eps = generalized_episodes(index, bench, fold=fold, shot=shot, seed=seed, count=count)
+    log.info("%s fold %d generalized: %d episodes", bench.name, fold, len(eps))
+    sp = bench.split(fold)
+    return GeneralizedEpisodes(index, eps, sp.base, novel_classes=sp.novel, transform=TestTransform(size=test_size))

@@ -9,9 +9,9 @@ from typing import Optional, Sequence
 import yaml
 
 from svfseg.data.io import DataError
-from svfseg.data.splits import CUSTOM, CustomClasses, consecutive_folds
+from svfseg.data.splits import CustomClasses, consecutive_folds
 
-__all__ = ["META_FILE", "DatasetMeta", "load_dataset_meta", "write_dataset_meta", "benchmark_meta"]
+__all__ = ["META_FILE", "DatasetMeta", "load_dataset_meta", "write_dataset_meta"]
 
 META_FILE = "dataset.yaml"
 FORMAT = "svfseg-dataset-1"
@@ -124,8 +124,3 @@ def write_dataset_meta(root: str | os.PathLike, names: Sequence[str], folds, *, 
     parse_dataset_meta(blob, path)  # never write what could not be read back
     path.write_text(header + yaml.safe_dump(blob, sort_keys=False, allow_unicode=True))
     return path
-
-
-def benchmark_meta(benchmark: str, root: str | os.PathLike) -> Optional[CustomClasses]:
-    """The classes and folds a benchmark's splits need: None for the built-ins, ``dataset.yaml`` for custom."""
-    return load_dataset_meta(root).classes if benchmark == CUSTOM else None

@@ -10,15 +10,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from svfseg.data.benchmark import Benchmark, DataSettings, check_root_dir
 from svfseg.data.episodes import TRAIN_PROTOCOLS
 from svfseg.data.index import ClassIndex, load_class_index
 from svfseg.data.io import DataError
 from svfseg.data.episodic import load_pair
-from svfseg.data.splits import class_split, num_classes
 from svfseg.data.transforms import TestTransform, TrainTransform
 from svfseg.labels import IGNORE_LABEL
 
-__all__ = ["base_label_lut", "remap_label", "SemanticBaseDataset", "collate_semantic", "build_semantic_dataset"]
+__all__ = ["base_label_lut", "remap_label", "SemanticBaseDataset", "collate_semantic", "build_semantic_dataset",
+           "build_semantic"]
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,11 @@ def build_semantic_dataset(*, root: str | os.PathLike, benchmark: str, fold: int
                            protocol: str = "pfenet", convention: str = "interleaved", train_crop: int = 417,
                            train_scale: Sequence[float] = (0.5, 2.0), test_size: int = 417,
                            workers: int | None = None) -> SemanticBaseDataset:
-    """Stage-1 (base learner) data of a fold.
+    """Stage-1 (base learner) data of a fold (the keyword form of :func:`build_semantic`).
 
     Args:
         root: Prepared Pascal-layout root.
-        benchmark: "pascal", "coco" or "synthetic".
+        benchmark: "pascal", "coco", "synthetic" or "custom".
         fold: 0..3 (decides which classes are base).
         split: "train" (random augmentation) or "val" (test chain, original-size labels).
         seed: Augmentation seed (train).
@@ -151,28 +152,39 @@ def build_semantic_dataset(*, root: str | os.PathLike, benchmark: str, fold: int
     Returns:
         A :class:`SemanticBaseDataset`.
     """
+    _check_request(split, protocol)
+    bench = Benchmark.resolve(benchmark, check_root_dir(root), convention)
+    settings = DataSettings(protocol=protocol, train_crop=train_crop, train_scale=tuple(train_scale),
+                            test_size=test_size, workers=workers)
+    return build_semantic(bench, settings, split=split, fold=fold, seed=seed)
+
+
+def _check_request(split: str, protocol: str) -> None:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if protocol not in TRAIN_PROTOCOLS:
         raise ValueError(f"protocol must be one of {TRAIN_PROTOCOLS}, got {protocol!r}")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: expected a dataset root folder, found none")
-    from svfseg.data.meta import benchmark_meta
 
-    meta = benchmark_meta(benchmark, root)
-    sp = class_split(benchmark, fold, convention, meta)
-    index = load_class_index(root, split, num_classes(benchmark, meta), workers=workers)
+
+def build_semantic(bench: Benchmark, settings: DataSettings, *, split: str, fold: int,
+                   seed: int = 0) -> SemanticBaseDataset:
+    """Stage-1 data of ``bench``'s ``fold`` (see :func:`build_semantic_dataset`; ``settings``: protocol,
+    crop, scale, test size, index workers; the class split comes from ``bench``)."""
+    _check_request(split, settings.protocol)
+    s = settings
+    root = check_root_dir(bench.root)
+    sp = bench.split(fold)
+    index = load_class_index(root, split, bench.num_classes, workers=s.workers)
     keep = None
-    if split == "train" and protocol == "dagger":
+    if split == "train" and s.protocol == "dagger":
         novel = set(sp.novel)
         keep = [i for i, r in enumerate(index.records) if not novel.intersection(r.counts)]
     if split == "train":
-        tr = TrainTransform(crop=train_crop, scale=(float(train_scale[0]), float(train_scale[1])), fg_keep=0.0,
+        tr = TrainTransform(crop=s.train_crop, scale=(float(s.train_scale[0]), float(s.train_scale[1])), fg_keep=0.0,
                             crop_tries=1)
         ds = SemanticBaseDataset(index, sp.base, train=True, keep=keep, seed=seed, transform=tr)
     else:
-        ds = SemanticBaseDataset(index, sp.base, train=False, transform=TestTransform(size=test_size))
-    log.info("%s fold %d %s base-class segmentation: %d images, %d classes (background + %d base)", benchmark, fold,
+        ds = SemanticBaseDataset(index, sp.base, train=False, transform=TestTransform(size=s.test_size))
+    log.info("%s fold %d %s base-class segmentation: %d images, %d classes (background + %d base)", bench.name, fold,
              split, len(ds), ds.num_classes, len(sp.base))
     return ds

@@ -78,7 +78,7 @@ def _check_benchmark(benchmark: str, meta: CustomClasses | None = None) -> tuple
     if benchmark == CUSTOM:
         if meta is None:
             raise ValueError("benchmark 'custom' takes its classes from the root's dataset.yaml: expected its "
-                             "metadata (svfseg.data.meta.benchmark_meta), found none")
+                             "metadata (svfseg.data.benchmark.Benchmark.resolve reads it), found none")
         return meta.names
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}: expected one of {sorted(BENCHMARKS) + [CUSTOM]}")

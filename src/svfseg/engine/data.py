@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from svfseg.config import ExperimentConfig
+from svfseg.data.benchmark import Benchmark, DataSettings
 from svfseg.data.collate import collate_episodes
 
 logger = logging.getLogger(__name__)
@@ -30,16 +31,45 @@ def make_loader(dataset: Dataset, *, batch_sampler: Optional[Sampler] = None, sa
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, shuffle=False, drop_last=False, **kw)
 
 
-def train_dataset(cfg: ExperimentConfig) -> Dataset:
-    """The training episodes of ``cfg`` (base classes of ``cfg.fold``)."""
-    from svfseg.data.build import build_dataset
+def resolve_benchmark(cfg: ExperimentConfig) -> Benchmark:
+    """The benchmark of ``cfg``, resolved once per run (a custom root's ``dataset.yaml`` is read here).
+
+    Pass the result down (``bench=``) to everything of the same run that needs the class split,
+    count or names; each function below resolves it itself only when it is not given one.
+    """
+    from svfseg.data.splits import CUSTOM
+
+    if cfg.data.benchmark == CUSTOM:
+        _check_root(cfg)  # its classes live in the root: the hint to prepare it, not a missing-file error
+    return Benchmark.resolve(cfg.data.benchmark, cfg.data.root, cfg.data.convention)
+
+
+def benchmark_of(cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Benchmark:
+    """``bench`` if given (checked to be ``cfg``'s), else ``cfg``'s benchmark resolved now."""
+    if bench is None:
+        return resolve_benchmark(cfg)
+    d = cfg.data
+    if (bench.name, bench.root, bench.convention) != (d.benchmark, Path(d.root), d.convention):
+        raise ValueError(f"benchmark {bench.name} at {bench.root} ({bench.convention}) was resolved for another "
+                         f"config: expected data.benchmark={d.benchmark} at data.root={d.root} ({d.convention})")
+    return bench
+
+
+def data_settings(cfg: ExperimentConfig) -> DataSettings:
+    """How ``cfg``'s datasets make their items (the ``data.*`` keys beyond the benchmark, ``eval.upstream_padding``)."""
+    d = cfg.data
+    return DataSettings(protocol=d.protocol, train_crop=d.train_crop, train_scale=tuple(d.train_scale),
+                        test_size=d.test_size, min_pixels=d.min_pixels, query_rule=d.query_rule,
+                        upstream_padding=cfg.eval.upstream_padding)
+
+
+def train_dataset(cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Dataset:
+    """The training episodes of ``cfg`` (base classes of ``cfg.fold``); ``bench``: its resolved benchmark."""
+    from svfseg.data.build import build_episodic
 
     _check_root(cfg)
-    d = cfg.data
-    return build_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, split="train", shot=cfg.shot,
-                         seed=cfg.seed, protocol=d.protocol, convention=d.convention, train_crop=d.train_crop,
-                         train_scale=d.train_scale, test_size=d.test_size, query_rule=d.query_rule,
-                         min_pixels=d.min_pixels)
+    return build_episodic(benchmark_of(cfg, bench), data_settings(cfg), fold=cfg.fold, split="train", shot=cfg.shot,
+                          seed=cfg.seed)
 
 
 def eval_protocol(cfg: ExperimentConfig, name: Optional[str] = None):
@@ -53,26 +83,24 @@ def eval_protocol(cfg: ExperimentConfig, name: Optional[str] = None):
 
 
 def eval_dataset(cfg: ExperimentConfig, *, fold: Optional[int] = None, seed: int = 0, count: int = 1000,
-                 episodes=None, shot: Optional[int] = None, order: Optional[str] = None) -> Dataset:
+                 episodes=None, shot: Optional[int] = None, order: Optional[str] = None,
+                 bench: Optional[Benchmark] = None) -> Dataset:
     """Fixed evaluation episodes on the val split (novel classes of ``fold``, default ``cfg.fold``).
 
     New episodes walk the query pool in ``order`` (default: the order of ``cfg.eval.protocol``,
-    so validation files and test episodes follow the same protocol).
+    so validation files and test episodes follow the same protocol). ``bench``: the run's
+    resolved benchmark (None: resolved here).
     """
-    from svfseg.data.build import build_dataset
+    from svfseg.data.build import build_episodic
 
     _check_root(cfg)
-    d = cfg.data
-    return build_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold if fold is None else fold,
-                         split="val", shot=cfg.shot if shot is None else shot, seed=seed, protocol=d.protocol,
-                         convention=d.convention, test_size=d.test_size, episodes=episodes, num_episodes=count,
-                         query_rule=d.query_rule, min_pixels=d.min_pixels,
-                         upstream_padding=cfg.eval.upstream_padding,
-                         order=order or eval_protocol(cfg).order)
+    return build_episodic(benchmark_of(cfg, bench), data_settings(cfg), fold=cfg.fold if fold is None else fold,
+                          split="val", shot=cfg.shot if shot is None else shot, seed=seed, episodes=episodes,
+                          num_episodes=count, order=order or eval_protocol(cfg).order)
 
 
 def write_episode_file(cfg: ExperimentConfig, out, *, seed: int = 0, count: int = 1000,
-                       fold: Optional[int] = None, shot: Optional[int] = None):
+                       fold: Optional[int] = None, shot: Optional[int] = None, bench: Optional[Benchmark] = None):
     """Make fixed evaluation episodes for ``cfg`` (its val split, novel classes) and save them to ``out``.
 
     The file is what ``svfseg test --episodes`` reads; it carries the dataset fingerprint, so it is
@@ -81,16 +109,16 @@ def write_episode_file(cfg: ExperimentConfig, out, *, seed: int = 0, count: int 
     Returns:
         The saved :class:`~svfseg.data.episodes.EpisodeList`.
     """
-    episodes = eval_dataset(cfg, fold=fold, seed=seed, count=count, shot=shot).episodes
+    episodes = eval_dataset(cfg, fold=fold, seed=seed, count=count, shot=shot, bench=bench).episodes
     episodes.save(out)
     return episodes
 
 
-def episode_summary(cfg: ExperimentConfig, episodes) -> str:
+def episode_summary(cfg: ExperimentConfig, episodes, bench: Optional[Benchmark] = None) -> str:
     """One line per class: how many of the episodes ask about it, with its name."""
     from collections import Counter
 
-    names = class_names_of(cfg)
+    names = benchmark_of(cfg, bench).class_names
     per = Counter(e.class_id for e in episodes.episodes)
     return ", ".join(f"{c} {names[c - 1]}: {per[c]}" for c in sorted(per))
 
@@ -103,26 +131,15 @@ def _check_root(cfg: ExperimentConfig) -> None:
         raise FileNotFoundError(f"data.root={cfg.data.root!r}: no such folder ({hint}, or set data.root=...)")
 
 
-def benchmark_classes(cfg: ExperimentConfig):
-    """The classes and folds of a custom benchmark (``data.root``'s dataset.yaml); None for the built-ins."""
-    from svfseg.data.meta import benchmark_meta
-
-    return benchmark_meta(cfg.data.benchmark, cfg.data.root)
-
-
-def class_names_of(cfg: ExperimentConfig) -> tuple[str, ...]:
+def class_names_of(cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> tuple[str, ...]:
     """Class names of the config's benchmark (custom: from the root's dataset.yaml), indexed by id - 1."""
-    from svfseg.data.splits import class_names
-
-    return class_names(cfg.data.benchmark, benchmark_classes(cfg))
+    return benchmark_of(cfg, bench).class_names
 
 
-def novel_classes(cfg: ExperimentConfig, fold: Optional[int] = None) -> Sequence[int]:
+def novel_classes(cfg: ExperimentConfig, fold: Optional[int] = None,
+                  bench: Optional[Benchmark] = None) -> Sequence[int]:
     """Novel class ids of a fold (what mIoU averages over)."""
-    from svfseg.data.splits import class_split
-
-    return class_split(cfg.data.benchmark, cfg.fold if fold is None else fold, cfg.data.convention,
-                       benchmark_classes(cfg)).novel
+    return benchmark_of(cfg, bench).split(cfg.fold if fold is None else fold).novel
 
 
 def heldout_base_fold(fold: int, folds: int = 4) -> int:
@@ -135,33 +152,28 @@ def heldout_base_fold(fold: int, folds: int = 4) -> int:
     return (fold + 1) % folds
 
 
-def semantic_dataset(cfg: ExperimentConfig, split: str) -> Dataset:
+def semantic_dataset(cfg: ExperimentConfig, split: str, bench: Optional[Benchmark] = None) -> Dataset:
     """Semantic-segmentation data of ``cfg`` (base classes of ``cfg.fold``; novel pixels are background)."""
-    from svfseg.data.semantic import build_semantic_dataset
+    from svfseg.data.semantic import build_semantic
 
     _check_root(cfg)
-    d = cfg.data
-    return build_semantic_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, split=split, seed=cfg.seed,
-                                  protocol=d.protocol, convention=d.convention, train_crop=d.train_crop,
-                                  train_scale=d.train_scale, test_size=d.test_size)
+    return build_semantic(benchmark_of(cfg, bench), data_settings(cfg), split=split, fold=cfg.fold, seed=cfg.seed)
 
 
-def run_facts(cfg: ExperimentConfig):
+def run_facts(cfg: ExperimentConfig, bench: Optional[Benchmark] = None):
     """What a model's recipe may know of the run ``cfg`` describes (``svfseg.models.recipe.RunFacts``).
 
-    The fold's class split is resolved only when a recipe asks (a custom root's ``dataset.yaml``
-    is read then), so building a model that needs no classes never touches the data root.
+    The fold's class split comes from ``bench`` when given; otherwise it is resolved only when a
+    recipe asks (a custom root's ``dataset.yaml`` is read then), so building a model that needs
+    no classes never touches the data root.
     """
-    from svfseg.data.meta import benchmark_meta
-    from svfseg.data.splits import class_split, num_classes
     from svfseg.models.recipe import ClassFacts, RunFacts
 
     d, m = cfg.data, cfg.model
 
     def classes() -> ClassFacts:
-        meta = benchmark_meta(d.benchmark, d.root)
-        return ClassFacts(tuple(class_split(d.benchmark, cfg.fold, d.convention, meta).base),
-                          num_classes(d.benchmark, meta))
+        b = benchmark_of(cfg, bench)
+        return ClassFacts(tuple(b.split(cfg.fold).base), b.num_classes)
 
     return RunFacts(benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, output_dir=cfg.output_dir, model=m.name,
                     backbone=m.backbone, convention=d.convention, backbone_kwargs=dict(m.backbone_kwargs),

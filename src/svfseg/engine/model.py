@@ -123,14 +123,15 @@ def _read_dependency(dep, *, lazy: bool) -> dict:
     return state
 
 
-def describe(model: nn.Module, cfg: ExperimentConfig) -> dict[str, Any]:
+def describe(model: nn.Module, cfg: ExperimentConfig, bench=None) -> dict[str, Any]:
     """What must match for a checkpoint to load: architecture, regime, benchmark, fold, class count.
 
     Optimiser settings (the policy's ``decay_to``; ``lr_mult`` in svfseg 0.1's policies) and BN
     folding (an exact rewrite with the same state-dict keys) are left out: they do not change
-    the weights' meaning.
+    the weights' meaning. ``bench``: the run's resolved benchmark (``engine.data.resolve_benchmark``;
+    None: resolved here, which reads a custom root's ``dataset.yaml``).
     """
-    from svfseg.data.splits import num_classes
+    from svfseg.engine.data import benchmark_of
 
     d = copy.deepcopy(model.describe()) if hasattr(model, "describe") else {"name": type(model).__name__}
     if isinstance(d.get("svf_policy"), dict):
@@ -138,10 +139,7 @@ def describe(model: nn.Module, cfg: ExperimentConfig) -> dict[str, Any]:
             d["svf_policy"].pop(key, None)
         if d["svf_policy"].get("train") == ["S"]:
             del d["svf_policy"]["train"]  # the default, and what every description before svf.train meant
-    from svfseg.engine.data import benchmark_classes
-
-    d.update(benchmark=cfg.data.benchmark, fold=cfg.fold,
-             num_benchmark_classes=num_classes(cfg.data.benchmark, benchmark_classes(cfg)))
+    d.update(benchmark=cfg.data.benchmark, fold=cfg.fold, num_benchmark_classes=benchmark_of(cfg, bench).num_classes)
     return _plain(d)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
+from svfseg.data.benchmark import Benchmark
 from svfseg.data.collate import collate_episodes
 from svfseg.engine.distributed import DistInfo
 
@@ -64,12 +65,14 @@ class Task:
     #: DDP re-sends buffers every step; only needed where BatchNorm statistics train.
     broadcast_buffers: bool = False
 
-    def train_data(self, cfg: ExperimentConfig) -> Dataset:
-        """Training items of ``cfg``."""
+    def train_data(self, cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Dataset:
+        """Training items of ``cfg`` (``bench``: the run's resolved benchmark, ``engine.data.resolve_benchmark``;
+        None: resolved here)."""
         raise NotImplementedError(f"task {self.name!r} does not train")
 
-    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
-        """Items checkpoints are selected on (None: no validation)."""
+    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo,
+                 bench: Optional[Benchmark] = None) -> Optional[EvalSet]:
+        """Items checkpoints are selected on (None: no validation; ``bench`` as in :meth:`train_data`)."""
         return None
 
     def check_training(self, cfg: ExperimentConfig, model: nn.Module, info: DistInfo) -> None:
@@ -106,8 +109,8 @@ class Task:
         return f"test_{self.name}"
 
     def score(self, checkpoint: str | Path, model: nn.Module, cfg: ExperimentConfig, state: dict,
-              options: TestOptions, out_dir: Path, info: DistInfo) -> dict:
-        """The results of a loaded checkpoint (what ``results.json`` holds)."""
+              options: TestOptions, out_dir: Path, info: DistInfo, bench: Optional[Benchmark] = None) -> dict:
+        """The results of a loaded checkpoint (what ``results.json`` holds; ``bench`` as in :meth:`train_data`)."""
         raise NotImplementedError(f"task {self.name!r} does not test")
 
     def headline(self, results: dict) -> str:

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
-from svfseg.engine.data import (benchmark_classes, class_names_of, eval_dataset, eval_protocol, heldout_base_fold,
-                                novel_classes, train_dataset)
+from svfseg.data.benchmark import Benchmark
+from svfseg.engine.data import benchmark_of, eval_dataset, eval_protocol, heldout_base_fold, train_dataset
 from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
 from svfseg.engine.model import MERGED_FORMAT, describe
@@ -122,10 +122,11 @@ class FewShotTask(Task):
 
     name = "fewshot"
 
-    def train_data(self, cfg: ExperimentConfig) -> Dataset:
-        return train_dataset(cfg)
+    def train_data(self, cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Dataset:
+        return train_dataset(cfg, bench)
 
-    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
+    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo,
+                 bench: Optional[Benchmark] = None) -> Optional[EvalSet]:
         """The validation episodes checkpoints are selected on, fixed in a file in the run folder.
 
         ``train.select_on=test_fold`` (what the published methods do) or ``last`` validates on the test
@@ -136,24 +137,20 @@ class FewShotTask(Task):
 
         if not cfg.train.val_every:
             return None
+        bench = benchmark_of(cfg, bench)
         on = "base_heldout" if cfg.train.select_on == "base_heldout" else "test_fold"
-        if on == "base_heldout":
-            from svfseg.data.splits import num_folds
-
-            fold = heldout_base_fold(cfg.fold, num_folds(cfg.data.benchmark, benchmark_classes(cfg)))
-        else:
-            fold = cfg.fold
+        fold = heldout_base_fold(cfg.fold, bench.num_folds) if on == "base_heldout" else cfg.fold
         path = (Path(cfg.train.val_episodes_file) if cfg.train.val_episodes_file
                 else run_dir / f"val_episodes_{on}.json")
         if not path.exists():
             if info.is_main:
-                ds = eval_dataset(cfg, fold=fold, seed=cfg.train.val_seed, count=cfg.train.val_episodes)
+                ds = eval_dataset(cfg, fold=fold, seed=cfg.train.val_seed, count=cfg.train.val_episodes, bench=bench)
                 ds.episodes.save(path)
             barrier(info)
-        ds = eval_dataset(cfg, fold=fold, episodes=EpisodeList.load(path))
+        ds = eval_dataset(cfg, fold=fold, episodes=EpisodeList.load(path), bench=bench)
         logger.info("validation (%s): %d fixed episodes from %s (fingerprint %s)", on, len(ds), path,
                     ds.episodes.fingerprint)
-        return EvalSet(ds, novel_classes(cfg, fold), on)
+        return EvalSet(ds, bench.split(fold).novel, on)
 
     def loss(self, model, batch, cfg, info, dtype):
         device = info.device
@@ -190,17 +187,19 @@ class FewShotTask(Task):
     def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:  # noqa: D102 - see Task
         return f"test_{'file' if options.episodes else options.protocol or cfg.eval.protocol}_{cfg.shot}shot"
 
-    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo) -> dict:
+    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo,
+              bench: Optional[Benchmark] = None) -> dict:
         """Every run of the protocol (or the one episode file) on the loaded checkpoint."""
         protocol, episodes, save_vis = options.protocol or cfg.eval.protocol, options.episodes, options.save_vis
-        classes = novel_classes(cfg)
+        bench = benchmark_of(cfg, bench)
+        classes = bench.split(cfg.fold).novel
         runs = [(None, None)] if episodes else protocol_runs(cfg, protocol)
         # An episode file is scored with the empty-class rule of the config's protocol.
         proto = eval_protocol(cfg, None if episodes else protocol)
         results = []
         for i, (seed, count) in enumerate(runs):
-            ds = (eval_dataset(cfg, episodes=episodes) if episodes
-                  else eval_dataset(cfg, seed=seed, count=count, order=proto.order))
+            ds = (eval_dataset(cfg, episodes=episodes, bench=bench) if episodes
+                  else eval_dataset(cfg, seed=seed, count=count, order=proto.order, bench=bench))
             name = f"episode seed {seed}" if seed is not None else Path(episodes).name
             r = evaluate(model, ds, class_ids=classes, device=info.device, info=info, amp=cfg.train.amp,
                          batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
@@ -214,7 +213,7 @@ class FewShotTask(Task):
             results.append(r)
         if save_vis and info.is_main:
             logger.info("%d overlays in %s", save_vis, out_dir / "vis")
-        out = _assemble(checkpoint, cfg, state, model, protocol if not episodes else "file", results)
+        out = _assemble(checkpoint, cfg, state, model, protocol if not episodes else "file", results, bench)
         out["empty_class"] = proto.empty_class
         out["order"] = results[0]["order"]
         return out
@@ -256,11 +255,10 @@ def score_checkpoint(
                                                            out_dir=out_dir), info or DistInfo())
 
 
-def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: str, results: list[dict]) -> dict:
-    from svfseg.data.splits import num_folds
-
-    names = class_names_of(cfg)
-    classes = novel_classes(cfg)
+def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: str, results: list[dict],
+              bench: Benchmark) -> dict:
+    names = bench.class_names
+    classes = bench.split(cfg.fold).novel
     per_class_mean = {str(c): _mean([r["per_class"][c] for r in results]) for c in classes}
     runs = [{"seed": r["seed"], "episodes": r["episodes"], "episode_fingerprint": r["episode_fingerprint"],
              "dataset_fingerprint": r.get("dataset_fingerprint"),
@@ -269,10 +267,10 @@ def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: s
     return {
         "checkpoint": str(checkpoint), "step": state.get("step"),
         "benchmark": cfg.data.benchmark, "fold": cfg.fold, "shot": cfg.shot, "protocol": protocol,
-        "train_seed": cfg.seed, "num_folds": num_folds(cfg.data.benchmark, benchmark_classes(cfg)),
+        "train_seed": cfg.seed, "num_folds": bench.num_folds,
         "model": cfg.model.name, "backbone": cfg.model.backbone,
         "regime": cfg.model.regime,
-        "merged": state.get("format") == MERGED_FORMAT, "describe": describe(model, cfg),
+        "merged": state.get("format") == MERGED_FORMAT, "describe": describe(model, cfg, bench),
         "novel_classes": list(classes), "class_names": {str(c): names[c - 1] for c in classes},
         "runs": runs,
         "summary": {"miou": summarize_runs(r["miou"] for r in results),

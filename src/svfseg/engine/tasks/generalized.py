@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
-from svfseg.engine.data import class_names_of
+from svfseg.data.benchmark import Benchmark
+from svfseg.engine.data import benchmark_of
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import at_label_size, evaluation_loop
 from svfseg.engine.runtime import to_device, unwrap
@@ -48,7 +49,6 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
         ``miou_base``, ``miou_novel``, ``miou_total`` (means of per-class IoU over the base, the
         novel and all classes), ``per_class`` {benchmark id: IoU}, ``episodes``, ``tau``, ``seconds``.
     """
-    from svfseg.data.splits import class_split
     from svfseg.models.blocks import resize
 
     info = info or DistInfo(device=device)
@@ -56,12 +56,7 @@ def evaluate_generalized(model: nn.Module, dataset: Dataset, *, device: torch.de
     if not hasattr(net, "forward_parts") or not hasattr(net, "generalized_prediction"):
         raise TypeError(f"evaluate_generalized: {type(net).__name__} does not predict base and novel classes "
                         f"(needs forward_parts and generalized_prediction)")
-    eps = dataset.episodes
-    from svfseg.data.meta import benchmark_meta
-
-    novel = tuple(class_split(eps.benchmark, eps.fold, eps.convention,
-                              benchmark_meta(eps.benchmark, dataset.index.root)).novel)
-    base = tuple(dataset.base_classes)
+    novel, base = tuple(dataset.novel_classes), tuple(dataset.base_classes)
     nb = len(base)
     slot = {c: nb + 1 + i for i, c in enumerate(novel)}  # the novel label of an episode -> its class's slot
     cm = ConfusionMatrix(nb + 1 + len(novel))
@@ -103,19 +98,20 @@ class GeneralizedTask(Task):
         return f"test_generalized_{cfg.shot}shot"
 
     def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo,
-              seed: int = 0) -> dict:
+              bench: Optional[Benchmark] = None, seed: int = 0) -> dict:
         """Generalized-setting score of a checkpoint (episode seed ``seed``)."""
-        from svfseg.data.generalized import build_generalized_dataset
+        from svfseg.data.generalized import build_generalized
 
         d = cfg.data
+        bench = benchmark_of(cfg, bench)
         # eval.num_episodes caps the episode count (one per val image otherwise).
-        ds = build_generalized_dataset(root=d.root, benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, seed=seed,
-                                       convention=d.convention, test_size=d.test_size, count=cfg.eval.num_episodes)
+        ds = build_generalized(bench, fold=cfg.fold, shot=cfg.shot, seed=seed, test_size=d.test_size,
+                               count=cfg.eval.num_episodes)
         r = evaluate_generalized(model, ds, device=info.device, tau=options.tau, info=info, amp=cfg.train.amp,
                                  workers=cfg.data.workers, progress=cfg.train.progress)
         out = {"checkpoint": str(checkpoint), "setting": "generalized", "benchmark": d.benchmark, "fold": cfg.fold,
                "shot": cfg.shot, "seed": seed, "episode_fingerprint": ds.episodes.fingerprint, **r,
-               "class_names": list(class_names_of(cfg)),
+               "class_names": list(bench.class_names),
                "per_class": {str(k): v for k, v in r["per_class"].items()}}
         return out
 

@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
 from svfseg.data.semantic import collate_semantic
-from svfseg.engine.data import class_names_of, semantic_dataset
+from svfseg.data.benchmark import Benchmark
+from svfseg.engine.data import benchmark_of, semantic_dataset
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
 from svfseg.engine.runtime import autocast, to_device
@@ -66,11 +67,11 @@ class SemanticTask(Task):
     # so only the buffer broadcast keeps the running statistics equal across ranks.
     broadcast_buffers = True
 
-    def train_data(self, cfg: ExperimentConfig) -> Dataset:
-        return semantic_dataset(cfg, "train")
+    def train_data(self, cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Dataset:
+        return semantic_dataset(cfg, "train", bench)
 
-    def eval_set(self, cfg, run_dir: Path, info: DistInfo) -> Optional[EvalSet]:
-        return EvalSet(semantic_dataset(cfg, "val"), on="base_val") if cfg.train.val_every else None
+    def eval_set(self, cfg, run_dir: Path, info: DistInfo, bench: Optional[Benchmark] = None) -> Optional[EvalSet]:
+        return EvalSet(semantic_dataset(cfg, "val", bench), on="base_val") if cfg.train.val_every else None
 
     def check_training(self, cfg: ExperimentConfig, model: nn.Module, info: DistInfo) -> None:
         trains_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
@@ -110,14 +111,16 @@ class SemanticTask(Task):
     def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:  # noqa: D102 - see Task
         return "test_base"
 
-    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo) -> dict:
+    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo,
+              bench: Optional[Benchmark] = None) -> dict:
         """Base-class mIoU of a checkpoint on the val split."""
-        ds = semantic_dataset(cfg, "val")
+        bench = benchmark_of(cfg, bench)
+        ds = semantic_dataset(cfg, "val", bench)
         r = evaluate_semantic(model, ds, device=info.device, info=info, amp=cfg.train.amp,
                               batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
                               desc="test (base classes)")
         out = {"checkpoint": str(checkpoint), "stage": cfg.model.name, "benchmark": cfg.data.benchmark,
-               "class_names": list(class_names_of(cfg)),
+               "class_names": list(bench.class_names),
                "fold": cfg.fold, "base_classes": list(ds.base_classes), "step": state.get("step"), **r,
                "per_class": {str(k): v for k, v in r["per_class"].items()}}
         return out
