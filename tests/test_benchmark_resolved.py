@@ -161,3 +161,14 @@ def test_semantic_generalized_and_check_read_it_once(custom_root, tmp_path, yaml
     yaml_reads.clear()
     assert check_dataset(custom_root, "custom", workers=1, progress=False) == []
     assert len(yaml_reads) == 1  # before: 2 (the class split, then the small-object rule)
+
+
+def test_svfseg_train_and_test_each_read_a_custom_root_once(custom_root, tmp_path, yaml_reads):
+    """The commands themselves: `train` resolves the benchmark once for its data, model and checks, `test` once
+    for its model and scoring (they read it 8 times each before the resolved benchmark was passed down)."""
+    args = _tiny(custom_root, tmp_path, "cli", "train.select_on=base_heldout", "eval.seeds=[0]", "eval.num_episodes=2")
+    assert main(["train", *args]) == 0
+    assert yaml_reads == [custom_root / META_FILE]
+    yaml_reads.clear()
+    assert main(["test", "--checkpoint", str(tmp_path / "cli" / "best.pt")]) == 0
+    assert yaml_reads == [custom_root / META_FILE]

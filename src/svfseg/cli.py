@@ -218,7 +218,7 @@ def cmd_test(args) -> int:
 
 def cmd_episodes(args) -> int:
     from svfseg.config import load_config
-    from svfseg.engine.data import episode_summary, write_episode_file
+    from svfseg.engine.data import episode_summary, resolve_benchmark, write_episode_file
 
     if args.count < 1:
         raise UsageError(f"episodes: --count must be >= 1, found {args.count}")
@@ -227,10 +227,11 @@ def cmd_episodes(args) -> int:
                          f"file or pass --overwrite")
     cfg = load_config(args.config, args.overrides)
     _apply_threads(args, cfg)
-    eps = write_episode_file(cfg, args.out, seed=args.seed, count=args.count)
+    bench = resolve_benchmark(cfg)
+    eps = write_episode_file(cfg, args.out, seed=args.seed, count=args.count, bench=bench)
     print(f"wrote {args.out}: {len(eps)} episodes, {eps.benchmark} fold {eps.fold} {eps.shot}-shot, "
           f"episode seed {eps.seed}, min_pixels {eps.min_pixels}, query rule {eps.query_rule}\n"
-          f"classes (episodes): {episode_summary(cfg, eps)}\n"
+          f"classes (episodes): {episode_summary(cfg, eps, bench)}\n"
           f"fingerprint {eps.fingerprint} (dataset {eps.dataset_fingerprint})\n"
           f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
     return 0

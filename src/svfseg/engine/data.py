@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -129,17 +129,6 @@ def _check_root(cfg: ExperimentConfig) -> None:
         hint = ("`svfseg demo` generates it" if cfg.data.benchmark == "synthetic"
                 else f"prepare it with `svfseg prepare {cfg.data.benchmark} ...`")
         raise FileNotFoundError(f"data.root={cfg.data.root!r}: no such folder ({hint}, or set data.root=...)")
-
-
-def class_names_of(cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> tuple[str, ...]:
-    """Class names of the config's benchmark (custom: from the root's dataset.yaml), indexed by id - 1."""
-    return benchmark_of(cfg, bench).class_names
-
-
-def novel_classes(cfg: ExperimentConfig, fold: Optional[int] = None,
-                  bench: Optional[Benchmark] = None) -> Sequence[int]:
-    """Novel class ids of a fold (what mIoU averages over)."""
-    return benchmark_of(cfg, bench).split(cfg.fold if fold is None else fold).novel
 
 
 def heldout_base_fold(fold: int, folds: int = 4) -> int:

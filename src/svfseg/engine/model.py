@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 MERGED_FORMAT = "svfseg-merged-v1"
 
 
-def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
+def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, bench=None) -> nn.Module:
     """The model of ``cfg``: its registered constructor with the keywords its recipe derives.
 
     Args:
@@ -28,6 +28,8 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
         pretrained: load ``model.weights`` into the backbone and the recipe's dependencies
             (checkpoints of other runs). Off when a checkpoint will overwrite every weight
             anyway (test, predict, resume), so those files are not needed.
+        bench: the run's resolved benchmark (``engine.data.resolve_benchmark``), for recipes that
+            need the class split; None: resolved when a recipe asks.
 
     Returns:
         The model on the CPU, in train mode.
@@ -43,7 +45,7 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True) -> nn.Module:
     from svfseg.regimes import regime_spec
 
     spec = regime_spec(m.regime)
-    kwargs = {**recipe.model_kwargs(run_facts(cfg)), **(load_dependencies(cfg) if pretrained else {})}
+    kwargs = {**recipe.model_kwargs(run_facts(cfg, bench)), **(load_dependencies(cfg, bench) if pretrained else {})}
     if spec.model_kwarg:  # the regime's own config section (lora:) goes to the model
         kwargs[spec.model_kwarg] = getattr(cfg, spec.section)
     try:
@@ -77,7 +79,7 @@ def _unknown_option(e: TypeError, cfg: ExperimentConfig) -> Exception:
     return ConfigError(f"config key '{where}.{key}' is not an option of the {what} ({e})")
 
 
-def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
+def load_dependencies(cfg: ExperimentConfig, bench=None) -> dict[str, dict]:
     """The state dicts of the checkpoints ``cfg``'s model is built from, keyed by constructor keyword.
 
     Raises:
@@ -86,7 +88,7 @@ def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
     from svfseg.models import model_recipe
 
     out = {}
-    for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg)):
+    for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg, bench)):
         state = _read_dependency(dep, lazy=False)
         logger.info("%s: %s (step %s, validation mIoU %s)", dep.what, dep.path, state.get("step"),
                     pct((state.get("metrics") or {}).get("miou")))
@@ -94,7 +96,7 @@ def load_dependencies(cfg: ExperimentConfig) -> dict[str, dict]:
     return out
 
 
-def preflight(cfg: ExperimentConfig) -> None:
+def preflight(cfg: ExperimentConfig, bench=None) -> None:
     """Checks that must pass before a run folder is created: the recipe's dependencies exist and fit.
 
     Raises:
@@ -103,7 +105,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     """
     from svfseg.models import model_recipe
 
-    for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg)):
+    for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg, bench)):
         _read_dependency(dep, lazy=True)
     if cfg.model.init_head:
         from svfseg.engine.warmstart import check_head_file
@@ -207,7 +209,7 @@ def nothing_to_merge(checkpoint: str | os.PathLike) -> Optional[str]:
 
 
 def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentConfig] = None,
-                       device: torch.device | str = "cpu") -> tuple[nn.Module, ExperimentConfig, dict]:
+                       device: torch.device | str = "cpu", bench=None) -> tuple[nn.Module, ExperimentConfig, dict]:
     """Model + config from a training checkpoint or a merged export, in eval mode.
 
     Args:
@@ -216,6 +218,7 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
             and class count (a mismatch raises :class:`~svfseg.engine.checkpoint.CheckpointMismatch`
             listing what differs). None: use the checkpoint's own config.
         device: where to put the model.
+        bench: ``cfg``'s resolved benchmark (``engine.data.resolve_benchmark``); None: resolved here.
 
     Returns:
         (model, config, raw checkpoint dict).
@@ -228,8 +231,8 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
         # A merged export is the plain architecture: compare against the frozen-backbone config.
         cfg = copy.deepcopy(cfg)
         cfg.model.regime = "frozen"
-    model = build_model(cfg, pretrained=False)
+    model = build_model(cfg, pretrained=False, bench=bench)
     # the one place a checkpoint's weights enter a model outside training (engine.state restores a run)
-    ckpt.check_compatible(describe(model, cfg), state["describe"], checkpoint)
+    ckpt.check_compatible(describe(model, cfg, bench), state["describe"], checkpoint)
     ckpt.load_model_state(model, state["model"], checkpoint)
     return model.to(device).eval(), cfg, state

@@ -18,6 +18,7 @@ import torch
 import svfseg
 from svfseg.config import ExperimentConfig, dump_yaml, git_commit, to_dict
 from svfseg.engine import checkpoint as ckpt
+from svfseg.engine.data import resolve_benchmark
 from svfseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from svfseg.engine.loop import FitResult, fit
 from svfseg.engine.model import build_model, describe, preflight
@@ -100,15 +101,16 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
             saved = load_resume_state(cfg, run_dir, is_main=info.is_main, overwrite=overwrite)
             if saved is not None:
                 _warn_config_changes(saved["config"], to_dict(cfg))
-            preflight(cfg)
-            train_set = task.train_data(cfg)
+            bench = resolve_benchmark(cfg)  # the class split, read once for the data, the model and its checks
+            preflight(cfg, bench)
+            train_set = task.train_data(cfg, bench)
             check_resume_steps(saved, cfg.train.epochs * steps_per_epoch(cfg, len(train_set)), run_dir)
-            val = task.eval_set(cfg, run_dir, info)
+            val = task.eval_set(cfg, run_dir, info, bench)
             torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
-            model = build_model(cfg, pretrained=saved is None)
+            model = build_model(cfg, pretrained=saved is None, bench=bench)
             task.check_training(cfg, model, info)
             # the one restore of a resumed run (weights, optimiser, RNG, counters), before any write
-            state = TrainingState(cfg, model, run_dir=run_dir, describe=describe(model, cfg), info=info,
+            state = TrainingState(cfg, model, run_dir=run_dir, describe=describe(model, cfg, bench), info=info,
                                   train_items=len(train_set), resume_from=saved)
             del saved
             if info.is_main:

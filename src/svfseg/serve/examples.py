@@ -30,10 +30,11 @@ class Example:
 def _novel_and_names(checkpoint: str):
     from svfseg.config.loading import from_dict
     from svfseg.engine import checkpoint as ckpt
-    from svfseg.engine.data import class_names_of, novel_classes
+    from svfseg.engine.data import resolve_benchmark
 
     cfg = from_dict(ckpt.peek(checkpoint)["config"], source=str(checkpoint))
-    return cfg, list(novel_classes(cfg)), class_names_of(cfg)
+    bench = resolve_benchmark(cfg)
+    return cfg, list(bench.split(cfg.fold).novel), bench.class_names
 
 
 def _write_mask(fg: np.ndarray, path: Path) -> Path:

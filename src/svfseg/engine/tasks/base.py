@@ -91,12 +91,19 @@ class Task:
              info: DistInfo) -> dict:
         """``svfseg test``, one skeleton for every task: load the checkpoint once, :meth:`score` it, write
         ``results.json`` + ``results.md`` (main process) in the results folder, return the results."""
+        from svfseg.config import from_dict
+        from svfseg.engine import checkpoint as ckpt
+        from svfseg.engine.data import resolve_benchmark
         from svfseg.engine.distributed import barrier
         from svfseg.engine.model import load_for_inference
 
-        model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device)
+        if cfg is None:  # the checkpoint's own config, from a memory-mapped look at its metadata
+            own = ckpt.read_checkpoint(checkpoint, ("config",), "an svfseg checkpoint", lazy=True)["config"]
+            cfg = from_dict(own, source=str(checkpoint))
+        bench = resolve_benchmark(cfg)  # once, for the model's description and the scoring
+        model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device, bench=bench)
         out_dir = Path(options.out_dir) if options.out_dir else Path(checkpoint).parent / self.results_folder(cfg, options)
-        out = self.score(checkpoint, model, cfg, state, options, out_dir, info)
+        out = self.score(checkpoint, model, cfg, state, options, out_dir, info, bench=bench)
         out["out_dir"] = str(out_dir)
         write_results(out_dir, out, self.markdown(out), info)
         if info.is_main:
