@@ -17,7 +17,7 @@ from svfseg.engine.data import benchmark_of, resolve_benchmark
 from svfseg.engine.distributed import DistInfo
 from svfseg.engine.model import build_model, describe
 from svfseg.engine import tasks
-from test_custom_dataset import NAMES, RECIPE, _folders, _tiny
+from test_custom_dataset import _tiny, custom_root  # noqa: F401 - custom_root: the module fixture
 
 BUILT_IN = [("pascal", "interleaved"), ("coco", "interleaved"), ("coco", "consecutive"), ("synthetic", "interleaved")]
 
@@ -60,17 +60,6 @@ def test_bad_benchmarks_are_refused_with_what_was_expected(tmp_path):
         Benchmark.resolve("custom", tmp_path)
     with pytest.raises(ValueError, match="dataset.yaml"):
         Benchmark("custom", tmp_path)  # custom without its metadata
-
-
-@pytest.fixture(scope="module")
-def custom_root(tmp_path_factory):
-    base = tmp_path_factory.mktemp("own")
-    images, masks = _folders(base)
-    (base / "names.txt").write_text("\n".join(NAMES) + "\n")
-    root = base / "mine"
-    assert main(["prepare", "custom", "--images", str(images), "--masks", str(masks), "--out", str(root),
-                 "--class-names", str(base / "names.txt"), "--val-fraction", "0.5", "--workers", "1"]) == 0
-    return root
 
 
 @pytest.fixture

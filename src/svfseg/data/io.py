@@ -42,20 +42,26 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         DataError: the file is missing, incomplete, too large, or cannot be decoded.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: expected an RGB image file, found no file") from None
-    except OSError as e:
-        raise DataError(f"{path}: expected an RGB image file, found an unreadable file ({e.strerror})") from None
-    problem = incomplete_image(data)
-    if problem:
-        raise DataError(f"{path}: expected a complete image, found {problem}")
+    data = _checked_bytes(path, "an RGB image file")
     orientation = _header(data, path)[1]
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise DataError(f"{path}: expected an RGB image file, found not a readable image")
     return np.ascontiguousarray(apply_orientation(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), orientation))
+
+
+def _checked_bytes(path: Path, what: str) -> bytes:
+    """The whole file, refused in one line when it is missing, unreadable or a truncated JPEG/PNG."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: expected {what}, found no file") from None
+    except OSError as e:
+        raise DataError(f"{path}: expected {what}, found an unreadable file ({e.strerror})") from None
+    problem = incomplete_image(data)
+    if problem:
+        raise DataError(f"{path}: expected a complete image, found {problem}")
+    return data
 
 
 #: Mask modes whose values are read as stored (palette indices, greyscale, 1-bit, 16/32-bit integers).
@@ -78,15 +84,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     import warnings
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: expected a mask image file, found no file") from None
-    except OSError as e:
-        raise DataError(f"{path}: expected a mask image file, found an unreadable file ({e.strerror})") from None
-    problem = incomplete_image(data)
-    if problem:
-        raise DataError(f"{path}: expected a complete image, found {problem}")
+    data = _checked_bytes(path, "a mask image file")
     _header(data, path)  # the size limit, before a pixel is decoded
     try:
         with warnings.catch_warnings():
