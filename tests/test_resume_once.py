@@ -40,3 +40,4 @@ def test_resume_reads_last_pt_once_and_loads_the_weights_once(data_root, tmp_pat
     # and the one load is the restore: the run continued from step 3 to its end
     finished = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert stopped["step"] == 3 and finished["step"] == 4 and finished["status"] == "finished"
+

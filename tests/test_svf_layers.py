@@ -205,6 +205,22 @@ def test_cache_used_when_s_frozen_even_with_grad(monkeypatch):
     assert count.calls == 2
 
 
+@pytest.mark.parametrize("mode", ["factorized", "reparam", "auto", "tune"])
+def test_without_a_graph_every_mode_runs_one_conv_with_the_cached_weight(mode, monkeypatch):
+    """Evaluation pays the plain layer's cost whatever the training form (the factorized form is two convs)."""
+    count = _Counter(monkeypatch)
+    conv = nn.Conv2d(3, 4, 3)
+    layer = svf_layer_from(conv, mode)
+    x = _randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert layer.choose_mode(x) == "reparam"
+        first, second = layer(x), layer(x)
+        assert _rel_err(first, conv(x)) <= 1e-5 and torch.equal(first, second)
+    assert count.calls == 1  # rebuilt once, then the cache
+    if mode in ("factorized", "reparam"):
+        assert layer.choose_mode(x) == mode  # with a graph to S: the training form asked for
+
+
 def test_eval_mode_with_grad_keeps_graph_to_s():
     conv = nn.Conv2d(3, 4, 3)
     for mode in MODES:

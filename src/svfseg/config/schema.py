@@ -81,7 +81,8 @@ class TrainConfig:
     batch_size: int = 4                # global batch (split evenly over processes)
     steps_per_epoch: Optional[int] = None  # default: training pool size // batch_size
     amp: str = "auto"                  # auto (bf16 if supported else fp16, GPU only) | bf16 | fp16 | off
-    # NHWC tensors for the convolutions (oneDNN on CPUs runs them faster; benchmarks/bench_step.py measures it)
+    # NHWC tensors for the convolutions, in training and in test/predict/serve (oneDNN on CPUs runs them faster;
+    # benchmarks/bench_step.py and bench_eval.py measure it)
     channels_last: bool = False
     aux_weight: float = 1.0
     val_every: int = 1                 # validate every N epochs (0 = never)

@@ -221,7 +221,8 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
         bench: ``cfg``'s resolved benchmark (``engine.data.resolve_benchmark``); None: resolved here.
 
     Returns:
-        (model, config, raw checkpoint dict).
+        (model, config, raw checkpoint dict); the model in ``train.channels_last`` memory format when the
+        config asks for it.
     """
     state = _svfseg_checkpoint(checkpoint)
     own_cfg = from_dict(state["config"], source=str(checkpoint))
@@ -235,4 +236,7 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
     # the one place a checkpoint's weights enter a model outside training (engine.state restores a run)
     ckpt.check_compatible(describe(model, cfg, bench), state["describe"], checkpoint)
     ckpt.load_model_state(model, state["model"], checkpoint)
-    return model.to(device).eval(), cfg, state
+    model = model.to(device).eval()
+    if cfg.train.channels_last:  # the recipe's convolutions run NHWC: at test time too (benchmarks/bench_eval.py)
+        model = model.to(memory_format=torch.channels_last)
+    return model, cfg, state

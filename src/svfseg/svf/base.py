@@ -171,10 +171,12 @@ class SVFLayer(nn.Module):
         (shared by the layers of one `apply_svf` call). Without a graph to S both use the
         cached rebuilt weight, exactly the plain layer's cost.
         """
-        if self.mode in ("reparam", "factorized") and not self._factor_matrices_train():
-            return self.mode
         if not self._needs_graph() or self._factor_matrices_train():
+            # no graph to S (evaluation, frozen S): whatever the mode, the cached rebuilt weight is
+            # one conv, the factorized form two; trained U / Vh get gradients only through the rebuild
             return "reparam"
+        if self.mode in ("reparam", "factorized"):
+            return self.mode
         return choose_form(self, x, self._plans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
