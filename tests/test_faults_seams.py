@@ -598,3 +598,15 @@ def test_a_cell_recorded_before_a_new_config_key_existed_still_matches():
     assert settings_differences(older, want) == []
     changed = {"config": {**older["config"], "train.epochs": 7}}
     assert settings_differences(changed, want) == [f"train.epochs: was 7, now {want['config']['train.epochs']}"]
+
+
+def test_overwrite_remakes_the_validation_episodes_of_the_earlier_run(data_root, tmp_path):
+    """`train --overwrite` with another train.val_episodes validates on the new count, not the old file's."""
+    import json
+
+    run = tmp_path / "ow"
+    assert main(["train", *tiny_run_args(data_root, tmp_path, "ow", "train.val_every=1", "train.val_episodes=2")]) == 0
+    assert main(["train", "--overwrite", *tiny_run_args(data_root, tmp_path, "ow", "train.val_every=1", "train.val_episodes=3")]) == 0
+    assert len(json.loads((run / "val_episodes_test_fold.json").read_text())["episodes"]) == 3
+    history = json.loads((run / "train_summary.json").read_text())["history"]
+    assert {h["episodes"] for h in history} == {3}
