@@ -610,3 +610,18 @@ def test_overwrite_remakes_the_validation_episodes_of_the_earlier_run(data_root,
     assert len(json.loads((run / "val_episodes_test_fold.json").read_text())["episodes"]) == 3
     history = json.loads((run / "train_summary.json").read_text())["history"]
     assert {h["episodes"] for h in history} == {3}
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_new_validation_set_is_refused(data_root, tmp_path, capsys):
+    """The validation episodes are checked before the earlier run's files are deleted (a file of another fold)."""
+    run = tmp_path / "keep"
+    args = tiny_run_args(data_root, tmp_path, "keep", "train.val_every=1", "train.val_episodes=2")
+    assert main(["train", *args]) == 0
+    before = sorted(p.name for p in run.iterdir())
+    other_fold = tmp_path / "fold1.json"
+    assert main(["episodes", "--config", args[1], "--out", str(other_fold), "--count", "2", f"data.root={data_root}",
+                 "fold=1", f"data.test_size={TINY_SIZE}"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--overwrite", *args, f"train.val_episodes_file={other_fold}"]) == 1
+    assert "episode list made for" in error_line(capsys, "train")
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing of the earlier run was deleted

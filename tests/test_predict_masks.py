@@ -66,6 +66,13 @@ def test_16_bit_palette_colour_and_rotated_masks_read_as_stored(tmp_path):
     np.testing.assert_array_equal(read_binary_mask(tmp_path / "m16.png", mask_class=1000), blob)
     Image.fromarray(blob.astype(np.uint16)).save(tmp_path / "m16_01.png")
     np.testing.assert_array_equal(read_binary_mask(tmp_path / "m16_01.png"), blob)
+    # a 16-bit binary mask at full scale (0/65535): PNG (I;16) and big-endian TIFF (I;16B), read as stored
+    Image.fromarray(blob.astype(np.uint16) * 65535).save(tmp_path / "m16_full.png")
+    big_endian = (blob.astype(np.uint16) * 65535).astype(">u2")
+    Image.frombytes("I;16B", (W, H), big_endian.tobytes()).save(tmp_path / "m16_full.tif")
+    for name in ("m16_full.png", "m16_full.tif"):
+        assert sorted(np.unique(read_mask(tmp_path / name)).tolist()) == [0, 65535], name
+        np.testing.assert_array_equal(read_binary_mask(tmp_path / name), blob)
     # palette: the indices, not the colours (index 1 is dark red, luminance 38)
     pal = Image.fromarray(blob.astype(np.uint8), mode="L").convert("P")
     pal.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)

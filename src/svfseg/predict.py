@@ -39,7 +39,7 @@ def read_binary_mask(path: str | os.PathLike, expect_hw: Optional[tuple[int, int
     """A support mask as uint8 {0, 1}.
 
     Accepted without options: values 0/1, 0/255, or 0/1/255 (1 the object, 255 an ignored
-    border), as greyscale, palette or RGB. Any other value (a class-index PNG, an anti-aliased
+    border), as greyscale, palette or RGB, and a 16-bit 0/65535 mask (values as stored). Any other value (a class-index PNG, an anti-aliased
     edge) is refused, since guessing which pixels are the object could silently pick a border;
     ``mask_class=C`` takes the pixels equal to C instead; ``threshold=T`` the pixels >= T (a
     drawn, anti-aliased 0..255 mask: T = 128).
@@ -100,12 +100,14 @@ def binary_mask(arr: np.ndarray, where: str, expect_hw: Optional[tuple[int, int]
         if not fg.any():
             raise PredictInputError(f"{where}: expected pixels of --mask-class {mask_class}, found only values "
                                     f"{sorted(values)[:12]}")
-    elif values <= {0, 1} or values <= {0, 1, 255}:
+    elif values <= {0, 1} or values <= {0, 1, 255} or values <= {0, 65535}:
         fg = arr == 1
-        if not fg.any() and 255 in values:
-            fg = arr == 255  # a 0/255 mask
+        for full in (255, 65535):  # a 0/255 mask, or a 16-bit one (read as stored, not scaled to 8 bits)
+            if not fg.any() and full in values:
+                fg = arr == full
     else:
-        raise PredictInputError(f"{where}: expected a binary mask (values 0/1, 0/255 or 0/1/255), found values "
+        raise PredictInputError(f"{where}: expected a binary mask (values 0/1, 0/255, 0/1/255 or 16-bit 0/65535), "
+                                f"found values "
                                 f"{sorted(values)[:12]}; for a class-index PNG pick the object with --mask-class C")
     if expect_hw is not None and tuple(fg.shape) != tuple(expect_hw):
         raise PredictInputError(f"{where}: mask is {fg.shape[0]}x{fg.shape[1]} but its support image is "

@@ -103,6 +103,9 @@ def fit(cfg: ExperimentConfig, state: TrainingState, train_set: Dataset, *, task
         val: Items checkpoints are selected on; None = no validation (best = last).
     """
     info, tc, oc, spe, run_dir = state.info, cfg.train, cfg.optim, state.steps_per_epoch, state.run_dir
+    if len(train_set) != state.train_items:
+        raise ValueError(f"fit: the training set has {len(train_set)} items, the TrainingState was made for "
+                         f"{state.train_items} (its steps per epoch and schedule); build both from the same set")
     task.check_training(cfg, state.model, info)  # train_run asked already, before its first write
     net = _for_processes(state.model, info, task)
     if info.is_main:

@@ -153,6 +153,12 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def checkpoint_config(checkpoint: str | os.PathLike) -> ExperimentConfig:
+    """The config a checkpoint was made with, from a memory-mapped look at its metadata (no weights read)."""
+    own = ckpt.read_checkpoint(checkpoint, ("config",), "an svfseg checkpoint", lazy=True)["config"]
+    return from_dict(own, source=str(checkpoint))
+
+
 def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the plain-architecture (merged) model of a training checkpoint.
 
@@ -161,12 +167,16 @@ def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     """
     from svfseg.models import export_merged
 
-    model, cfg, state = load_for_inference(checkpoint)
+    from svfseg.engine.data import resolve_benchmark
+
+    cfg = checkpoint_config(checkpoint)
+    bench = resolve_benchmark(cfg)  # once, for both descriptions
+    model, cfg, state = load_for_inference(checkpoint, cfg, bench=bench)
     merged = export_merged(model)
     plain_cfg = copy.deepcopy(cfg)
     plain_cfg.model.regime = "frozen"
     blob = {"format": MERGED_FORMAT, "model": merged.state_dict(), "config": to_dict(plain_cfg),
-            "describe": describe(merged, plain_cfg), "source": str(checkpoint), "step": state.get("step")}
+            "describe": describe(merged, plain_cfg, bench), "source": str(checkpoint), "step": state.get("step")}
     return ckpt.save_atomic(blob, out)
 
 
@@ -233,7 +243,7 @@ def load_for_inference(checkpoint: str | os.PathLike, cfg: Optional[ExperimentCo
         cfg = copy.deepcopy(cfg)
         cfg.model.regime = "frozen"
     model = build_model(cfg, pretrained=False, bench=bench)
-    # the one place a checkpoint's weights enter a model outside training (engine.state restores a run)
+    # a whole checkpoint into a model for scoring (a run's restore is engine.state's; a head warm start, warmstart's)
     ckpt.check_compatible(describe(model, cfg, bench), state["describe"], checkpoint)
     ckpt.load_model_state(model, state["model"], checkpoint)
     model = model.to(device).eval()

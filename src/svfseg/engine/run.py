@@ -105,6 +105,7 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
             preflight(cfg, bench)
             train_set = task.train_data(cfg, bench)
             check_resume_steps(saved, cfg.train.epochs * steps_per_epoch(cfg, len(train_set)), run_dir)
+            val = task.eval_set(cfg, run_dir, info, bench)  # made and checked; its file is written below
             torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
             model = build_model(cfg, pretrained=saved is None, bench=bench)
             task.check_training(cfg, model, info)
@@ -119,11 +120,8 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
                     if removed:
                         logger.warning("--overwrite: removed the earlier run's %d file(s) from %s", len(removed),
                                        run_dir)
-            barrier(info)  # every process sees the folder as cleared
-            # after the clear: a fresh run makes its validation episodes file, a resumed one reads its own
-            # (an earlier run's file, of other settings perhaps, is never reused by `--overwrite`)
-            val = task.eval_set(cfg, run_dir, info, bench)
-            if info.is_main:
+                if val is not None:
+                    val.write()  # new validation episodes, kept for a resume (after the clear: never the old run's)
                 write_run_metadata(run_dir, cfg, argv, resumed=state.resumed)
                 logger.info("torch threads: %d (threads=%s; see the README on choosing it)", torch.get_num_threads(),
                             cfg.threads)

@@ -162,6 +162,7 @@ class TrainingState:
                  info: Optional[DistInfo] = None, resume_from: Optional[dict] = None):
         info = info or DistInfo(device=resolve_device(cfg.device))
         self.cfg, self.info, self.run_dir, self.describe = cfg, info, Path(run_dir), describe
+        self.train_items = train_items
         self.steps_per_epoch = steps_per_epoch(cfg, train_items)
         self.total = cfg.train.epochs * self.steps_per_epoch
         # Dropout and other in-model randomness use the global torch RNG: seeded per process, and

@@ -28,11 +28,10 @@ class Example:
 
 
 def _novel_and_names(checkpoint: str):
-    from svfseg.config.loading import from_dict
-    from svfseg.engine import checkpoint as ckpt
     from svfseg.engine.data import resolve_benchmark
+    from svfseg.engine.model import checkpoint_config
 
-    cfg = from_dict(ckpt.peek(checkpoint)["config"], source=str(checkpoint))
+    cfg = checkpoint_config(checkpoint)
     bench = resolve_benchmark(cfg)
     return cfg, list(bench.split(cfg.fold).novel), bench.class_names
 
@@ -86,10 +85,12 @@ def demo_examples(checkpoints: Sequence[str], out_dir: Path, *, count: int = 3) 
 
     Nothing here stops the server: a root that cannot be read is one warning in the log.
     """
+    from svfseg.engine.model import checkpoint_config
+
     out, seen = [], set()
     for ck in checkpoints:
         try:
-            cfg, _, _ = _novel_and_names(ck)
+            cfg = checkpoint_config(ck)  # which root and fold, before their classes are read
             key = (str(Path(cfg.data.root).resolve()), cfg.fold, cfg.data.benchmark)
             if key in seen:
                 continue

@@ -20,11 +20,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalSet:
-    """Items checkpoints are selected on: the dataset, the classes scored (None: the dataset's), a label."""
+    """Items checkpoints are selected on: the dataset, the classes scored (None: the dataset's), a label.
+
+    ``save_to``: the file its newly made episodes belong in (a resume reads them back). The task only
+    makes and checks them; ``engine.run.train_run`` writes the file once every check has passed and
+    the earlier run's files are gone (``--overwrite``), by :meth:`write`.
+    """
 
     dataset: Dataset
     class_ids: Optional[Sequence[int]] = None
     on: str = "test_fold"
+    save_to: Optional[Path] = None
+
+    def write(self) -> None:
+        """Save the new episodes to ``save_to`` (atomic); nothing when they were read from a file."""
+        if self.save_to is not None:
+            self.dataset.episodes.save(self.save_to)
 
 
 @dataclass
@@ -72,7 +83,9 @@ class Task:
 
     def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo,
                  bench: Optional[Benchmark] = None) -> Optional[EvalSet]:
-        """Items checkpoints are selected on (None: no validation; ``bench`` as in :meth:`train_data`)."""
+        """Items checkpoints are selected on (None: no validation; ``bench`` as in :meth:`train_data`).
+
+        Writes nothing: items that must be kept for a resume go in :attr:`EvalSet.save_to`."""
         return None
 
     def check_training(self, cfg: ExperimentConfig, model: nn.Module, info: DistInfo) -> None:
@@ -91,15 +104,12 @@ class Task:
              info: DistInfo) -> dict:
         """``svfseg test``, one skeleton for every task: load the checkpoint once, :meth:`score` it, write
         ``results.json`` + ``results.md`` (main process) in the results folder, return the results."""
-        from svfseg.config import from_dict
-        from svfseg.engine import checkpoint as ckpt
         from svfseg.engine.data import resolve_benchmark
         from svfseg.engine.distributed import barrier
-        from svfseg.engine.model import load_for_inference
+        from svfseg.engine.model import checkpoint_config, load_for_inference
 
-        if cfg is None:  # the checkpoint's own config, from a memory-mapped look at its metadata
-            own = ckpt.read_checkpoint(checkpoint, ("config",), "an svfseg checkpoint", lazy=True)["config"]
-            cfg = from_dict(own, source=str(checkpoint))
+        if cfg is None:
+            cfg = checkpoint_config(checkpoint)
         bench = resolve_benchmark(cfg)  # once, for the model's description and the scoring
         model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device, bench=bench)
         out_dir = Path(options.out_dir) if options.out_dir else Path(checkpoint).parent / self.results_folder(cfg, options)

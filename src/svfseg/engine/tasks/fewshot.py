@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from svfseg.config import ExperimentConfig
 from svfseg.data.benchmark import Benchmark
 from svfseg.engine.data import benchmark_of, eval_dataset, eval_protocol, heldout_base_fold, train_dataset
-from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier
+from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
 from svfseg.engine.model import MERGED_FORMAT, describe
 from svfseg.engine.runtime import autocast, to_device, unwrap
@@ -132,6 +132,10 @@ class FewShotTask(Task):
         ``train.select_on=test_fold`` (what the published methods do) or ``last`` validates on the test
         fold's novel classes; ``base_heldout`` on val-split episodes of base classes (the novel
         classes of fold ``(fold+1) % 4``), so the test fold is never looked at before testing.
+        A resume reads the run's file back; a fresh run makes new episodes (a file found in the run
+        folder is an earlier run's, `train --overwrite`, made perhaps with other settings) and leaves
+        the writing to the engine (``save_to``). ``train.val_episodes_file`` is read when it exists,
+        else made (every process makes the same episodes from the seed; the main one writes them).
         """
         from svfseg.data.episodes import EpisodeList
 
@@ -140,17 +144,16 @@ class FewShotTask(Task):
         bench = benchmark_of(cfg, bench)
         on = "base_heldout" if cfg.train.select_on == "base_heldout" else "test_fold"
         fold = heldout_base_fold(cfg.fold, bench.num_folds) if on == "base_heldout" else cfg.fold
-        path = (Path(cfg.train.val_episodes_file) if cfg.train.val_episodes_file
-                else run_dir / f"val_episodes_{on}.json")
-        if not path.exists():
-            if info.is_main:
-                ds = eval_dataset(cfg, fold=fold, seed=cfg.train.val_seed, count=cfg.train.val_episodes, bench=bench)
-                ds.episodes.save(path)
-            barrier(info)
-        ds = eval_dataset(cfg, fold=fold, episodes=EpisodeList.load(path), bench=bench)
-        logger.info("validation (%s): %d fixed episodes from %s (fingerprint %s)", on, len(ds), path,
-                    ds.episodes.fingerprint)
-        return EvalSet(ds, bench.split(fold).novel, on)
+        shared = bool(cfg.train.val_episodes_file)
+        path = Path(cfg.train.val_episodes_file) if shared else run_dir / f"val_episodes_{on}.json"
+        if path.exists() and (shared or cfg.resume):
+            ds, save_to = eval_dataset(cfg, fold=fold, episodes=EpisodeList.load(path), bench=bench), None
+        else:
+            ds = eval_dataset(cfg, fold=fold, seed=cfg.train.val_seed, count=cfg.train.val_episodes, bench=bench)
+            save_to = path
+        logger.info("validation (%s): %d fixed episodes %s %s (fingerprint %s)", on, len(ds),
+                    "to be kept in" if save_to else "from", path, ds.episodes.fingerprint)
+        return EvalSet(ds, bench.split(fold).novel, on, save_to=save_to)
 
     def loss(self, model, batch, cfg, info, dtype):
         device = info.device
