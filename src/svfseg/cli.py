@@ -198,7 +198,8 @@ def cmd_test(args) -> int:
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
     elif args.overrides:
-        cfg = config_with_overrides(ckpt.load(args.checkpoint)["config"], args.overrides, str(args.checkpoint))
+        own = ckpt.read_checkpoint(args.checkpoint, ("config",), "an svfseg checkpoint", lazy=True)["config"]
+        cfg = config_with_overrides(own, args.overrides, str(args.checkpoint))  # its metadata only, not the weights
     _apply_threads(args, cfg)
     options = TestOptions(protocol=args.protocol, episodes=args.episodes, save_vis=args.save_vis, out_dir=args.out,
                           tau=args.tau)

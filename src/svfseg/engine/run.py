@@ -24,7 +24,7 @@ from svfseg.engine.loop import FitResult, fit
 from svfseg.engine.model import build_model, describe, preflight
 from svfseg.engine.runfiles import clear_run, write_text_atomic
 from svfseg.engine.runlock import RunLock
-from svfseg.engine.state import TrainingState, check_resume_steps, load_resume_state, steps_per_epoch
+from svfseg.engine.state import TrainingState, load_resume_state
 from svfseg.engine.tasks import get_task
 from svfseg.models import model_recipe
 
@@ -104,12 +104,11 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
             bench = resolve_benchmark(cfg)  # the class split, read once for the data, the model and its checks
             preflight(cfg, bench)
             train_set = task.train_data(cfg, bench)
-            check_resume_steps(saved, cfg.train.epochs * steps_per_epoch(cfg, len(train_set)), run_dir)
             val = task.eval_set(cfg, run_dir, info, bench)  # made and checked; its file is written below
             torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
             model = build_model(cfg, pretrained=saved is None, bench=bench)
             task.check_training(cfg, model, info)
-            # the one restore of a resumed run (weights, optimiser, RNG, counters), before any write
+            # the one restore of a resumed run (step count checked; weights, optimiser, RNG, counters), before any write
             state = TrainingState(cfg, model, run_dir=run_dir, describe=describe(model, cfg, bench), info=info,
                                   train_items=len(train_set), resume_from=saved)
             del saved

@@ -112,13 +112,6 @@ def _load_or_fall_back(last: Path, is_main: bool) -> dict:
         return state
 
 
-def check_resume_steps(state: Optional[dict], total: int, run_dir: Path) -> None:
-    """Refuse a resume whose checkpoint is already past the run's (new) step count."""
-    if state is not None and state.get("step", 0) > total:
-        raise ValueError(f"--resume {run_dir}: the checkpoint is at step {state['step']}, but the config gives "
-                         f"{total} steps in all (train.epochs x steps per epoch); raise train.epochs to continue")
-
-
 def gather_rng(info: DistInfo) -> list:
     """RNG states of every process, for the main process to store in a checkpoint.
 
@@ -156,6 +149,7 @@ class TrainingState:
 
     Raises:
         CheckpointMismatch: ``resume_from`` was written for another model, fold or class count.
+        ValueError: ``resume_from`` is already past the run's step count.
     """
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, *, run_dir: Path, describe: dict, train_items: int,
@@ -203,6 +197,10 @@ class TrainingState:
     def _restore(self, blob: dict) -> None:
         """Continue from ``blob``: weights, optimiser, scaler, reference decay, counters, this process's RNG."""
         path = self.last_path
+        if blob["step"] > self.total:
+            raise ValueError(f"--resume {self.run_dir}: the checkpoint is at step {blob['step']}, but the config "
+                             f"gives {self.total} steps in all (train.epochs x steps per epoch); raise train.epochs "
+                             f"to continue")
         ckpt.check_compatible(self.describe, blob["describe"], path)
         ckpt.load_model_state(self.model, blob["model"], path)
         self.optimizer.load_state_dict(blob["optimizer"])
