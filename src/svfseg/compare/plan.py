@@ -74,7 +74,7 @@ def warm_start_checkpoint(plan: ComparePlan, fold: int, shot: int) -> Optional[P
 
 def _common_overrides(plan: ComparePlan, fold: int, shot: int) -> list[str]:
     return [*plan.overrides, f"fold={fold}", f"shot={shot}", f"output_dir={_cell_dir(plan, fold, shot)}",
-            *([f"threads={plan.threads}"] if plan.threads else [])]
+            *([f"threads={plan.threads}"] if plan.threads is not None else [])]
 
 
 def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int, mult: Optional[float]):

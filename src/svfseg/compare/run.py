@@ -77,9 +77,19 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
 def run_compare(plan: ComparePlan) -> dict:
     """Run every cell of ``plan`` (skipping finished ones), then write compare.json/.md/.png.
 
+    ``plan.threads`` holds for everything the compare computes (episode files, every cell's training and
+    scoring, the warm starts), not only where the cells' configs name it.
+
     Returns:
         The ``compare.json`` content.
     """
+    from svfseg.engine.runtime import threads_for
+
+    with threads_for(plan.threads):
+        return _run_compare(plan)
+
+
+def _run_compare(plan: ComparePlan) -> dict:
     check_plan_lists(plan)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")

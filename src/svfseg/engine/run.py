@@ -24,6 +24,7 @@ from svfseg.engine.loop import FitResult, fit
 from svfseg.engine.model import build_model, describe, preflight
 from svfseg.engine.runfiles import clear_run, write_text_atomic
 from svfseg.engine.runlock import RunLock
+from svfseg.engine.runtime import threads_for
 from svfseg.engine.state import TrainingState, load_resume_state
 from svfseg.engine.tasks import get_task
 from svfseg.models import model_recipe
@@ -93,7 +94,8 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         task = get_task(model_recipe(cfg.model.name).task)
         # The lock comes first (a second process on this folder is refused), then every check:
         # config.yaml and meta.json are written only once the run is known to start.
-        with RunLock(run_dir, "svfseg train") if info.is_main else contextlib.nullcontext():
+        # the threads key holds for the whole run, however it was started (a compare cell, the demo, a script)
+        with threads_for(cfg.threads), RunLock(run_dir, "svfseg train") if info.is_main else contextlib.nullcontext():
             if info.is_main:
                 ckpt.remove_stale_temporaries(run_dir)
             if overwrite and cfg.resume:

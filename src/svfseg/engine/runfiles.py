@@ -13,7 +13,7 @@ from pathlib import Path
 RUN_FILES = ("last.pt", "last.prev.pt", "last.damaged.pt", "best.pt", "config.yaml", "meta.json",
              "train_summary.json", "train_log.csv", "val_log.csv", "trainable.json", "curves.png",
              "trained_backbone.safetensors", "initial_backbone.safetensors", "diverged.txt",
-             "compare_cell.json")
+             "compare_cell.json", "svf_forms.json")
 #: Folders a run (or `svfseg test` next to its checkpoint) writes into its folder.
 RUN_FOLDERS = ("test", "tb", "vis")
 
