@@ -319,6 +319,17 @@ def test_gradcheck_input_s_and_bias(mode, module, shape):
     assert torch.autograd.gradcheck(fn, (x, S, bias))
 
 
+@pytest.mark.parametrize("module, shape", [(nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
+                                           (nn.Conv1d(4, 6, 1), (2, 4, 7)), (nn.Linear(4, 6), (3, 4))])
+def test_factorized_output_takes_an_inplace_op(module, shape):
+    """A ResNet's ReLU(inplace=True) follows the conv: the Function's output must not be a view."""
+    layer = svf_layer_from(module, "factorized")
+    x = _randn(*shape, requires_grad=True)
+    torch.relu_(layer(x)).sum().backward()
+    y = torch.relu(module(x))
+    assert layer.S.grad is not None and torch.allclose(torch.relu(layer(x)), y, atol=1e-5)
+
+
 def test_factorized_training_without_input_grad_or_bias_grad():
     conv = nn.Conv2d(4, 6, 3, padding=1)
     fac, rep = svf_layer_from(conv, "factorized"), svf_layer_from(conv, "reparam")
