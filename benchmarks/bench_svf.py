@@ -189,6 +189,9 @@ def summarize(result: dict) -> dict:
         checks[f"{k}: auto / full fine-tune step (per-round median)"] = (
             s["svf_auto"]["ratio_median"], {"a": 0.82, "b": 1.0}.get(k))
         checks[f"{k}: auto / cost model step"] = (ratio(auto, s["svf_cost_model"]["median_s"]), None)
+        per = r["per_layer_ms"]  # the same timings for every variant: load moves them together
+        checks[f"{k}: auto / per-layer best, per-layer ms"] = (ratio(per["svf_auto"], per["svf_per_layer_best"]), None)
+        checks[f"{k}: auto / factorized, per-layer ms"] = (ratio(per["svf_auto"], per["svf_factorized"]), None)
         if "peak_memory_mb" in r:
             m, i = r["peak_memory_mb"], r["inference"]
             checks[f"{k}: SVF auto / full fine-tune peak memory"] = (
@@ -238,8 +241,9 @@ def markdown(result: dict) -> str:
         for r in result["regimes"]:
             for v, st in r.get("inference", {}).items():
                 diff = r["max_abs_diff"].get(v)
+                shown = "" if diff is None else f"{diff:.2e}"
                 lines.append(f"| ({r['regime']['key']}) | {v} | {1e3 * st['median_s']:.1f} | {st['ratio_median']:.3f} "
-                             f"({st['ratio_min']:.2f}-{st['ratio_max']:.2f}) | {'' if diff is None else f'{diff:.2e}'} |")
+                             f"({st['ratio_min']:.2f}-{st['ratio_max']:.2f}) | {shown} |")
         for r in result["regimes"]:
             if "fp32_noise_floor" in r:
                 lines.append(

@@ -44,8 +44,9 @@ def demo_regime(quick: bool) -> Regime:
     cfg = load_config(recipe_path("pfenet"))
     images, side = (4, 64) if quick else (FULL.batch_size * (1 + cfg.shot), FULL.image_size)  # queries + supports
     layout = ", channels_last" if cfg.train.channels_last else ""
-    return Regime("c", f"demo recipe: EfficientNet-Lite0, {images}x3x{side}x{side}{layout}" + (" (quick)" if quick else ""),
-                  "efficientnet_lite0", 32, (images, 3, side, side), tuple(cfg.svf.stages), cfg.train.channels_last)
+    title = f"demo recipe: EfficientNet-Lite0, {images}x3x{side}x{side}{layout}" + (" (quick)" if quick else "")
+    return Regime("c", title, "efficientnet_lite0", 32, (images, 3, side, side), tuple(cfg.svf.stages),
+                  cfg.train.channels_last)
 
 
 def regimes(quick: bool) -> list[Regime]:

@@ -1,4 +1,4 @@
-"""The `threads` setting holds wherever the work happens: every compare cell's training and scoring and the warm start."""
+"""The `threads` setting holds wherever the work happens: each compare cell's training and scoring, the warm start."""
 import logging
 from pathlib import Path
 

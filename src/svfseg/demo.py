@@ -101,7 +101,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--warm-start", type=int, default=None, metavar="STEPS",
                         help="steps of the shared head warm start (default: plan; 0 = none)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads of every step, and the data generator's processes (default: one per core)")
+                        help="torch CPU threads of every step, and the data generator's processes "
+                             "(default: one per core)")
     return parser
 
 
