@@ -15,6 +15,7 @@ from svfseg.engine.loop import fit
 from svfseg.engine.state import TrainingState
 from svfseg.engine.tasks import EvalSet, FewShotTask
 from svfseg.svf import FormsPlan, SVFConfig, apply_svf, forms_plan, svf_layers
+from svfseg.svf.inject import set_trained_factors
 from test_engine_toys import ToyEval, ToyFewShot, ToyTrain, toy_config
 
 
@@ -94,11 +95,19 @@ def test_a_missing_or_foreign_plan_file_is_refused_before_training(tmp_path):
         TrainingState(cfg, svf_toy(), run_dir=tmp_path / "toy", describe={}, train_items=16)
 
 
-def test_models_without_planned_layers_have_no_plan(tmp_path):
-    res_state = TrainingState(toy_config(tmp_path), ToyFewShot(), run_dir=tmp_path / "toy", describe={},
-                              train_items=16)
-    assert res_state.forms is None and not res_state.forms_pending
-    assert res_state._weights()["svf_forms"] is None
+def test_runs_without_a_form_to_choose_have_no_plan(tmp_path):
+    """Regimes without SVD layers, and SVF training U too (always the rebuilt weight), train without a plan."""
+    trains_u = svf_toy()
+    for _, layer in svf_layers(trains_u):
+        set_trained_factors(layer, ("U", "S"))
+    for name, model in (("plain", ToyFewShot()), ("trains_u", trains_u)):
+        state = TrainingState(toy_config(tmp_path, f"name={name}", "train.epochs=1"), model, run_dir=tmp_path / name,
+                              describe=model.describe(), train_items=16)
+        assert state.forms is None and not state.forms_pending, name
+        (tmp_path / name).mkdir()
+        fit(state.cfg, state, ToyTrain(), task=FewShotTask())
+        assert ckpt.load(tmp_path / name / "last.pt")["svf_forms"] is None
+        assert not (tmp_path / name / "svf_forms.json").exists()
 
 
 def _free_port() -> int:

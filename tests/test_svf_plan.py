@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import svfseg.svf.plan as plan_mod
-from svfseg.svf import FormsPlan, SVFConfig, apply_svf, forms_plan, plan_forms, svf_layers, use_plan
+from svfseg.svf import (FormsPlan, NothingToPlan, SVFConfig, apply_svf, forms_plan, plan_forms, svf_layers,
+                        use_plan)
 
 
 def _net(seed=0, mode="auto"):
@@ -122,15 +123,20 @@ def test_plans_of_two_apply_svf_calls_are_merged_into_one():
     assert all(layer.forms_plan is plan for _, layer in svf_layers(net))
 
 
-def test_plan_forms_refuses_models_without_auto_layers_and_unreached_layers():
-    with pytest.raises(ValueError, match="no SVD layer in mode 'auto'"):
+def test_plan_forms_refuses_models_with_nothing_to_plan_and_keeps_the_old_plan():
+    with pytest.raises(NothingToPlan, match="no SVD layer in mode 'auto' whose S trains"):
         plan_forms(_net(mode="factorized"), _batch())
+    with pytest.raises(NothingToPlan, match="whose S trains"):  # U trains too: always the rebuilt weight
+        plan_forms(apply_svf(nn.Sequential(nn.Conv2d(3, 4, 3)), SVFConfig(train_factors=("U", "S"))), _batch())
     net = _net()
-    for p in net.parameters():
-        p.requires_grad_(False)
     before = forms_plan(net)
-    with pytest.raises(ValueError, match="graph to S"):
-        plan_forms(net, _batch())
+
+    def no_graph():
+        with torch.no_grad():
+            net(_batch())
+
+    with pytest.raises(NothingToPlan, match="graph to S"):
+        plan_forms(net, run=no_graph)
     assert forms_plan(net) is before  # a failed measurement leaves the old plan in place
 
 

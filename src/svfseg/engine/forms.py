@@ -16,7 +16,7 @@ from torch import nn
 
 from svfseg.engine.distributed import DistInfo, broadcast_object
 from svfseg.engine.runfiles import write_text_atomic
-from svfseg.svf import FormsPlan, forms_plan, plan_forms, use_plan
+from svfseg.svf import FormsPlan, NothingToPlan, forms_plan, plan_forms, use_plan
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,11 @@ def measure_forms(model: nn.Module, run_forward: Callable[[], object], info: Dis
                         "chooses every form")
             data = FormsPlan(frozen=True).to_dict()
         else:
-            data = plan_forms(model, run=run_forward).to_dict()
+            try:
+                data = plan_forms(model, run=run_forward).to_dict()
+            except NothingToPlan as e:  # e.g. every planned layer runs under no_grad in this model's forward
+                logger.info("svf forms: %s; the cost model chooses every form", e)
+                data = FormsPlan(frozen=True).to_dict()
     data = broadcast_object(data, info)
     return use_plan(model, FormsPlan.from_dict(data, where="the svf forms plan from rank 0"))
 

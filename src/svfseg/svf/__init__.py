@@ -29,12 +29,13 @@ from svfseg.svf.layers import (
     svf_layer_from,
 )
 from svfseg.svf.plan import FormsPlan
-from svfseg.svf.planning import forms_plan, plan_forms, use_plan
+from svfseg.svf.planning import NothingToPlan, forms_plan, plan_forms, use_plan
 from svfseg.svf.state import load_svf, load_svf_state_dict, save_svf, svf_state_dict
 
 __all__ = [
     "FoldedBatchNorm",
     "FormsPlan",
+    "NothingToPlan",
     "SVDFactors",
     "SVFConfig",
     "SVFConv1d",

@@ -20,9 +20,19 @@ logger = logging.getLogger(__name__)
 PLANNED_MODES = ("auto", "tune")
 
 
+class NothingToPlan(ValueError):
+    """`plan_forms` found no "auto" SVD layer with a training form to choose."""
+
+
 def planned_layers(model: nn.Module) -> list[SVFLayer]:
-    """The SVD layers of ``model`` whose training form follows a forms plan (mode "auto"), in module order."""
-    return [layer for _, layer in svf_layers(model) if layer.mode in PLANNED_MODES]
+    """The SVD layers of ``model`` whose training form follows a forms plan, in module order.
+
+    Mode "auto" with S trainable and U, Vh frozen: a layer whose U or Vh trains always runs the
+    rebuilt-weight form (the factorized Function has no gradient for them), one with S frozen has
+    nothing to choose.
+    """
+    return [layer for _, layer in svf_layers(model)
+            if layer.mode in PLANNED_MODES and layer.S.requires_grad and not layer._factor_matrices_train()]
 
 
 def forms_plan(model: nn.Module) -> FormsPlan | None:
@@ -96,12 +106,15 @@ def plan_forms(model: nn.Module, example_input: Any = None, *, run: Callable[[],
         The frozen plan (`FormsPlan.save` writes it; `use_plan` installs it elsewhere).
 
     Raises:
-        ValueError: the model has no "auto" SVD layer, or none was called with a graph to S.
+        NothingToPlan: the model has no "auto" SVD layer training S (and only S), or none was called
+            with a graph to S.
+        ValueError: neither or both of ``example_input`` and ``run``.
     """
     layers = planned_layers(model)
     if not layers:
-        raise ValueError(f"plan_forms: {type(model).__name__} has no SVD layer in mode 'auto' "
-                         f"(apply_svf with SVFConfig(mode='auto') first)")
+        raise NothingToPlan(f"plan_forms: {type(model).__name__} has no SVD layer in mode 'auto' whose S trains "
+                            f"(and not U or Vh: those run the rebuilt-weight form); apply_svf with "
+                            f"SVFConfig(mode='auto') first")
     if (example_input is None) == (run is None):
         raise ValueError("plan_forms: give example_input or run=, not both or neither")
     if run is None:
@@ -124,8 +137,8 @@ def plan_forms(model: nn.Module, example_input: Any = None, *, run: Callable[[],
     if not plan.forms:
         for layer, old in zip(layers, before):
             layer.forms_plan = old
-        raise ValueError("plan_forms: no 'auto' SVD layer was called with a graph to S during the forward (is S "
-                         "frozen, or the forward run under no_grad / inference_mode?)")
+        raise NothingToPlan("plan_forms: no 'auto' SVD layer was called with a graph to S during the forward (is "
+                            "the forward run under no_grad / inference_mode?)")
     logger.info("svf forms: measured %d layer geometries in %.1f s: %s", len(plan), time.perf_counter() - t0,
                 ", ".join(f"{form} {n}" for form, n in sorted(plan.counts().items())))
     return plan.freeze()
