@@ -6,6 +6,7 @@ import torch
 
 from conftest import assert_close_to_scale
 from svfseg.engine.adapt import EpisodeAdapter, adapted_evaluation
+from svfseg.engine.adapt.batched import runner_for
 from svfseg.engine.adapt.pseudo import ONE_SHOT_COPIES, augment_pairs, make_bank, plan_pseudo_episodes
 from svfseg.engine.distributed import DistInfo
 from svfseg.models import create_model
@@ -168,7 +169,7 @@ class _Episodes(torch.utils.data.Dataset):
 def _adapted_params_per_episode(dataset, params):
     """The adapted parameters at each prediction (one episode at a time: svf+head; batched: svf)."""
     ad = adapter_of(model_of("frozen"), params)
-    runner = ad.batched(ad.settings.parallel) if params == "svf" else ad
+    runner = runner_for(ad, ad.settings.parallel) if params == "svf" else ad
     seen = []
     predict = runner.predict
 
@@ -232,7 +233,7 @@ def test_batched_adaptation_is_the_sequential_one_per_episode():
         ad.adapt(imgs[e], masks[e], 1, steps=3, lr=1e-2, generator=g)
         sequential.append([p.detach().clone() for p in ad.params])
         logits.append(ad.predict(queries[e:e + 1], imgs[e:e + 1], masks[e:e + 1]))
-    batched = ad.batched(4)
+    batched = runner_for(ad, 4)
     batched.reset()
     # a prediction between steps (how the choice scores several step counts) must not disturb the next step
     batched.adapt(imgs, masks, steps=3, lr=1e-2, generators=gens(), on_step=lambda s: batched.predict(queries, imgs, masks))
