@@ -249,7 +249,7 @@ MIN_SIDE = 32
 # svf-section options that change what an SVF run trains: set under another staged regime they would be
 # ignored silently, so they are refused. svf.mode and svf.fold_bn only choose how an SVF layer computes (a
 # speed setting a recipe may carry for its svf runs), so a recipe that sets them still serves every regime.
-_SVF_ONLY = ("skip_1x1", "skip_3x3", "train_bn", "train_bias")
+_SVF_ONLY = ("skip_1x1", "skip_3x3", "train_bn", "train_bias", "rank_multiple")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 

@@ -177,6 +177,8 @@ def describe(model: nn.Module, cfg: ExperimentConfig, bench=None) -> dict[str, A
             d["svf_policy"].pop(key, None)
         if d["svf_policy"].get("train") == ["S"]:
             del d["svf_policy"]["train"]  # the default, and what every description before svf.train meant
+        if d["svf_policy"].get("rank_multiple") == 1:
+            del d["svf_policy"]["rank_multiple"]  # likewise: exact, as before the option
     d.update(benchmark=cfg.data.benchmark, fold=cfg.fold, num_benchmark_classes=benchmark_of(cfg, bench).num_classes)
     return _plain(d)
 
