@@ -240,7 +240,8 @@ def cmd_episodes(args) -> int:
           f"episode seed {eps.seed}, min_pixels {eps.min_pixels}, query rule {eps.query_rule}\n"
           f"classes (episodes): {episode_summary(cfg, eps, bench)}\n"
           f"fingerprint {eps.fingerprint} (dataset {eps.dataset_fingerprint})\n"
-          f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
+          + (f"queries from the given list {eps.query_list}\n" if eps.query_list else "")
+          + f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
     return 0
 
 
