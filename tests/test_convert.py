@@ -75,6 +75,32 @@ def test_svfseg_to_upstream_to_svfseg_round_trips_bitwise(name, targets):
     assert set(back) == set(own) and all(torch.equal(back[k], own[k]) for k in own)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_upstream_module_keeps_its_order(name, targets):
+    # Names and shapes cannot tell two equal-shaped convs of one block apart (beta_conv.i.0 / .2, the ASPP's
+    # 3x3 branches); the order can: both sides register a Sequential's layers in the order they run, so within
+    # every upstream module the mapped svfseg keys must come in the manifest's order.
+    manifest, (fmt, _, _) = _manifest(name), CASES[name]
+    keymap = FORMATS[fmt]
+    mapped = list(dict.fromkeys(keymap.upstream_key(k) for k in targets(name).state_dict()))
+    for top in {k.split(".")[0] for k, _, _ in manifest.keys}:
+        ours = [k for k in mapped if k.split(".")[0] == top]
+        theirs = [k for k, _, _ in manifest.keys if k.split(".")[0] == top and k in set(mapped)]
+        assert ours == theirs, top
+
+
+def test_bam_aspp_branches_keep_their_rates(targets):
+    # chunbolang/BAM model/ASPP.py: layer6_0 the image pooling 1x1, layer6_1 a 1x1, layer6_2/3/4 3x3 at 6/12/18
+    model = targets("bam_resnet50_deep_pascal_1shot")
+    rates = {"ASPP_meta.layer6_1.0.weight": 1, "ASPP_meta.layer6_2.0.weight": 6,
+             "ASPP_meta.layer6_3.0.weight": 12, "ASPP_meta.layer6_4.0.weight": 18}
+    by_upstream = {FORMATS["bam"].upstream_key(k): k for k in model.state_dict()}
+    for up, rate in rates.items():
+        conv = model.get_submodule(by_upstream[up].rsplit(".", 1)[0])
+        assert conv.dilation == (rate, rate), up
+    assert by_upstream["ASPP_meta.layer6_0.0.weight"] == "aspp.image_pool.0.weight"
+
+
 def test_bam_copies_must_agree_to_go_upstream(targets):
     own = dict(targets("bam_resnet50_deep_pascal_1shot").state_dict())
     own["base_learner.backbone.layer4.0.conv1.weight"] = own["base_learner.backbone.layer4.0.conv1.weight"] + 1
