@@ -55,7 +55,8 @@ def read_init_file(path: str | Path, *, lazy: bool = False) -> dict:
     blob = ckpt.read_checkpoint(path, ("model", "describe"), "an svfseg model file (model.init_from)",
                                 lazy=lazy, finite=not lazy)
     regime = ckpt.upgrade_description(blob["describe"]).get("regime")
-    if regime in REGISTRY and REGISTRY[regime].mergeable:
+    spec = REGISTRY.get(regime)
+    if spec is not None and spec.mergeable:
         raise ckpt.CheckpointMismatch(
             f"model.init_from={path}: expected a plain-architecture backbone, found a model.regime={regime} one "
             f"(decomposed or wrapped); merge it first: svfseg merge --checkpoint {path} --out merged.pt, then "
