@@ -94,3 +94,19 @@ def test_init_from_refuses_another_fold_and_an_svf_checkpoint(converted, tmp_pat
     torch.save(blob, svf_file)
     with pytest.raises(ValueError, match="model.regime=svf one .*svfseg merge --checkpoint"):
         build_model(load_config(RECIPE, [*base, f"model.init_from={svf_file}"]))
+
+
+def test_init_from_a_converted_bam_needs_no_stage1_checkpoint(tmp_path):
+    # BAM's stage-1 base learner comes with the converted file, so model.base_checkpoint is not read
+    up = Manifest.load(FIXTURES / "bam_resnet50_deep_pascal_1shot.json").fake_state(seed=2)
+    src = tmp_path / "bam.pth"
+    torch.save({"state_dict": up}, src)
+    conv = tmp_path / "bam.pt"
+    assert main(["convert", "--from", "bam", str(src), "--out", str(conv)]) == 0
+    recipe = RECIPE.parent / "bam_resnet50.yaml"
+    cfg = load_config(recipe, [f"model.init_from={conv}", "model.regime=svf", f"output_dir={tmp_path / 'none'}"])
+    model = build_model(cfg)
+    key = FORMATS["bam"].upstream_key
+    base = {k: v for k, v in model.state_dict().items() if k.startswith("base_learner.")}
+    assert base and all(torch.equal(v, up[key(k)]) for k, v in base.items())
+    assert any(True for _ in svf_layers(model.backbone)) and not any(True for _ in svf_layers(model.base_learner))
