@@ -53,6 +53,17 @@ class EpisodeAdapter:
         fixed = not self.model.describe().get("shot_independent", True)
         self.fixed_shot: Optional[int] = getattr(self.model, "shot", None) if fixed else None
         self._first_trained = self._first_trained_stage()
+        self._batched = None
+
+    def batched(self, episodes: int):
+        """The :class:`~svfseg.engine.adapt.batched.BatchedSVFAdapter` of this adapter for ``episodes`` at once
+        (made once: it holds its own copy of the working model)."""
+        from svfseg.engine.adapt.batched import BatchedSVFAdapter
+
+        if self._batched is None or self._batched.episodes != episodes:
+            self.reset()  # the copy starts from the starting values, whatever this adapter did last
+            self._batched = BatchedSVFAdapter(self, episodes)
+        return self._batched
 
     @property
     def trainable_count(self) -> int:
