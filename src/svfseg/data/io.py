@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -282,6 +284,35 @@ def read_list(path: str | os.PathLike) -> list[tuple[str, str]]:
 def write_list(path: str | os.PathLike, pairs: list[tuple[str, str]]) -> None:
     """Write a list file in the PFENet/BAM format."""
     Path(path).write_text("".join(f"{a} {b}\n" for a, b in pairs))
+
+
+#: In a prepared root: which given list file made each split's list (``svfseg prepare --val-list``).
+LIST_SOURCES = "list_sources.json"
+
+
+def list_record(path: str | os.PathLike, images: int) -> dict:
+    """What a root records of a given list file: its name, sha256 and the images it listed."""
+    path = Path(path)
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "images": images}
+
+
+def write_list_sources(root: str | os.PathLike, records: dict[str, dict]) -> None:
+    """Record the given list files of a root being prepared (nothing when none was given)."""
+    if records:
+        (Path(root) / LIST_SOURCES).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+
+
+def list_source(root: str | os.PathLike, split: str) -> str:
+    """``"val_data_list.txt (sha256 0123456789ab, 1,000 images)"``: the file that made ``split``'s list, or ""."""
+    path = Path(root) / LIST_SOURCES
+    if not path.is_file():
+        return ""  # svfseg made the lists
+    try:
+        rec = json.loads(path.read_text()).get(split)
+        return "" if rec is None else f"{rec['file']} (sha256 {str(rec['sha256'])[:12]}, {int(rec['images']):,} images)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: expected {{split: {{file, sha256, images}}}} (written by svfseg prepare), could not "
+                        f"read it ({e})") from None
 
 
 def _new_dir(parent: Path, prefix: str) -> Path:

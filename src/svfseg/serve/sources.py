@@ -32,6 +32,7 @@ class CheckpointRecord:
     test_episodes: Optional[int] = None
     score_from: Optional[str] = None  # the file the score was read from
     cell: Optional[str] = None  # the run folder a demo checkpoint was copied from
+    converted_from: Optional[str] = None  # `svfseg convert`: the upstream file, its format and sha256
     problem: Optional[str] = None  # why a file beside the checkpoint could not be used
 
     @property
@@ -41,7 +42,8 @@ class CheckpointRecord:
             return "unknown training data"
         parts = [self.benchmark] + ([f"fold {self.fold}"] if self.fold is not None else [])
         text = " ".join(parts) + (f", {self.shot}-shot" if self.shot is not None else "")
-        return text + (f" ({self.data_root})" if self.data_root else "")
+        text += f" ({self.data_root})" if self.data_root else ""
+        return text + (f"; converted from {self.converted_from}" if self.converted_from else "")
 
     @property
     def score_text(self) -> str:
@@ -81,8 +83,12 @@ def _from_checkpoint(path: Path) -> dict:
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
     regime = model.get("regime")
     merged = state.get("format") == MERGED_FORMAT
-    return {"regime": "merged export" if merged else regime, "benchmark": data.get("benchmark"),
-            "data_root": data.get("root"), "fold": cfg.get("fold"), "shot": cfg.get("shot"), "merged": merged}
+    source = state.get("converted_from") if isinstance(state.get("converted_from"), dict) else None
+    converted = (f"{source.get('format')} `{source.get('file')}` (sha256 {str(source.get('sha256'))[:12]})"
+                 if source else None)
+    return {"regime": ("converted" if source else "merged export") if merged else regime,
+            "benchmark": data.get("benchmark"), "data_root": data.get("root"), "fold": cfg.get("fold"),
+            "shot": cfg.get("shot"), "merged": merged, "converted_from": converted}
 
 
 def _from_source_json(file: Path) -> dict:
