@@ -97,3 +97,20 @@ def test_16_bit_palette_colour_and_rotated_masks_read_as_stored(tmp_path):
         np.testing.assert_array_equal(read_mask_array(tmp_path / name), read_mask(tmp_path / name))
     _, masks = read_supports([SupportSlot(str(tmp_path / "rgb.png"), str(tmp_path / "m16_01.png"))])
     np.testing.assert_array_equal(masks[0], blob)
+
+
+def test_sizes_are_width_x_height_in_predict_and_serve(tmp_path, capsys):
+    # A 112-wide, 86-high image (as every image viewer calls it) and a 60-wide, 40-high mask: numpy's (H, W)
+    # order would say "40x60" and "86x112", the transposed sizes.
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (86, 112, 3), dtype=np.uint8)).save(tmp_path / "s.png")
+    small = np.zeros((40, 60), np.uint8)
+    small[10:30, 10:50] = 255
+    Image.fromarray(small).save(tmp_path / "m.png")
+    assert main(["predict", "--checkpoint", str(tmp_path / "missing.pt"), "--support", str(tmp_path / "s.png"),
+                 str(tmp_path / "m.png"), "--query", str(tmp_path / "s.png"), "--out", str(tmp_path / "out")]) == 1
+    line = error_line(capsys, "predict")
+    assert f"{tmp_path / 'm.png'}: mask is 60x40 but its support image is 112x86 (width x height)" in line
+    with pytest.raises(ServeError, match=r"support 1 mask \(m.png\): mask is 60x40 but its support image is 112x86 "
+                                         r"\(width x height\)"):
+        read_supports([SupportSlot(str(tmp_path / "s.png"), str(tmp_path / "m.png"))])

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from svfseg.data.io import DataError, image_size, read_image, read_mask
+from svfseg.data.io import DataError, image_size, read_image, read_mask, wxh
 from svfseg.predict import PredictInputError, binary_mask
 from svfseg.results import pct
 from svfseg.serve.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS
@@ -126,7 +126,7 @@ def read_mask_upload(path: str, label: str, expect_hw: Optional[tuple[int, int]]
         reason = str(e).removeprefix(f"{Path(path)}: ")
         raise ServeError(f"{where}: cannot read it as a mask image ({reason})") from None
     if expect_hw is not None and tuple(arr.shape[:2]) != tuple(expect_hw):
-        raise ServeError(f"{where}: mask is {arr.shape[0]}x{arr.shape[1]} but {what} is {expect_hw[0]}x{expect_hw[1]}")
+        raise ServeError(f"{where}: mask is {wxh(arr.shape)} but {what} is {wxh(expect_hw)} (width x height)")
     values = np.unique(arr).tolist()
     if not is_binary(values):
         if _is_jpeg(path):
