@@ -8,7 +8,8 @@ from conftest import error_line
 from svfseg.cli import main
 from svfseg.data.io import DataError, read_mask
 from svfseg.predict import read_binary_mask, read_mask_array
-from svfseg.serve.inputs import (ServeError, SupportSlot, check_queries, mask_class_choices, read_ground_truth,
+from svfseg.serve.classes import mask_classes
+from svfseg.serve.inputs import (ServeError, SupportSlot, check_queries, read_ground_truth,
                                  read_supports)
 
 H, W = 40, 48
@@ -52,7 +53,7 @@ def test_serve_refuses_a_cut_off_mask_naming_it(files, cut):
     with pytest.raises(ServeError, match=r"ground truth of s \(s_gt.png\): cannot read it as a mask image .*"
                                          r"truncated PNG"):
         read_ground_truth([str(files / "s_gt.png")], check_queries([str(files / "s.png")]))
-    assert mask_class_choices(str(files / cut)) == []  # the picker stays hidden; Run says what is wrong
+    assert mask_classes(str(files / cut)) == []  # the picker stays hidden; Run says what is wrong
     with pytest.raises(DataError, match=rf"{cut}: expected a complete image, found a truncated PNG"):
         read_mask(files / cut)
 

@@ -92,6 +92,14 @@ def test_painted_strokes_are_a_mask(ckpts, inputs, cache, tmp_path):
     a = run_request(cache, [str(ckpts["svf"])], [painted], [str(inputs["query"])], [], tmp_path / "a")
     b = run_request(cache, [str(ckpts["svf"])], [uploaded], [str(inputs["query"])], [], tmp_path / "b")
     np.testing.assert_array_equal(_png(a.runs[0].results[0].mask), _png(b.runs[0].results[0].mask))
+    # both given: the uploaded mask is used, and the summary says so
+    tiny = np.zeros((48, 64), bool)
+    tiny[:3, :3] = True  # strokes that would give another mask
+    both = SupportSlot(str(inputs["support"]), str(inputs["mask"]), painted=tiny)
+    c = run_request(cache, [str(ckpts["svf"])], [both], [str(inputs["query"])], [], tmp_path / "c")
+    np.testing.assert_array_equal(_png(c.runs[0].results[0].mask), _png(b.runs[0].results[0].mask))
+    assert "support 1 used its uploaded mask support_mask.png, not the painted strokes" in summary_markdown(c)
+    assert "painted" not in summary_markdown(b)
     # strokes on a canvas of another scale are resized to the image
     big = np.kron(fg, np.ones((2, 2), bool))
     _, masks = read_supports([SupportSlot(str(inputs["support"]), painted=big)])
