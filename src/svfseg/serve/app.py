@@ -36,7 +36,6 @@ CSS = """
 #gallery-a .caption-label, #gallery-b .caption-label, #query-previews .caption-label { white-space: normal; overflow: visible; text-overflow: clip;
   max-width: 100%; overflow-wrap: anywhere; }
 #checkpoint-info td:nth-child(2), #checkpoint-info th:nth-child(2) { white-space: nowrap; }
-#checkpoint-info code { overflow-wrap: anywhere; }
 .fit-content .grid-wrap { min-height: 0 !important; max-height: none !important; overflow-y: visible !important; }
 """
 # After Segment (or an example) the status line goes to the top of the window: the result table, the timings
@@ -173,7 +172,7 @@ def build_app(cache: ModelCache, checkpoints: Sequence[str], work_dir: Path, *, 
                               file_types=["image"], elem_id="queries")
             gts = gr.File(label="Ground-truth masks (optional, named like the queries)", file_count="multiple",
                           file_types=["image"], elem_id="ground-truth")
-        thumbs = gr.Gallery(label="Queries (ground truth in green)", columns=6, fit_columns=False, format="png",
+        thumbs = gr.Gallery(label="Queries (ground truth in green)", columns=4, fit_columns=False, format="png",
                             interactive=False, object_fit="contain", visible=False, elem_id="query-previews",
                             elem_classes="fit-content")
         thumbs_note = gr.Markdown(elem_id="query-notes")
