@@ -4,7 +4,7 @@ import json
 import pytest
 
 from svfseg.cli import main
-from svfseg.paper_results import paper_backbone, paper_result
+from svfseg.report.paper import paper_backbone, paper_result
 from svfseg.report import report_table
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import TINY_SIZE
 from svfseg.cli import main
-from svfseg.stats import paired_t_interval
+from svfseg.compare.statistics import paired_t_interval
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pfenet_efficientnet_lite0.yaml"
 SIZE = TINY_SIZE  # the side of the shared `data_root` (conftest)
@@ -120,7 +120,7 @@ def test_a_diverged_sweep_trial_is_named_in_compare_md_and_json(data_root, tmp_p
     import re
 
     from svfseg.compare import ComparePlan, run_compare
-    from svfseg.compare_render import compare_markdown
+    from svfseg.compare.render import compare_markdown
 
     plan = ComparePlan(config=str(RECIPE), regimes=["frozen", "bn"], seeds=[0], out=tmp_path / "sw",
                        backbone_lr=[1.0, 1e30], test_episodes=2, val_episodes=2,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from svfseg.compare import compare_markdown
-from svfseg.compare_folds import fold_layout
-from svfseg.compare_variants import Arm, expand_arms, folder_name, parse_vary
+from svfseg.compare.folds import fold_layout
+from svfseg.compare.variants import Arm, expand_arms, folder_name, parse_vary
 
 
 def _trains(regime):
@@ -65,7 +65,7 @@ def test_fold_layout_is_the_papers_table_per_shot():
 
 
 def fold_layout_markdown_lines():
-    from svfseg.compare_folds import fold_layout_markdown
+    from svfseg.compare.folds import fold_layout_markdown
 
     return fold_layout_markdown(_result())
 

@@ -69,8 +69,8 @@ def test_init_head_refuses_a_missing_or_foreign_file_in_one_line(data_root, tmp_
 
 
 def test_a_cell_is_redone_when_the_warm_start_it_started_from_was_made_otherwise(tmp_path):
-    from svfseg.compare_cells import CELL_RECORD, _check_cell_settings, _write_cell_record, cell_settings
-    from svfseg.compare_cells import CellSettingsChanged
+    from svfseg.compare.cells import CELL_RECORD, _check_cell_settings, _write_cell_record, cell_settings
+    from svfseg.compare.cells import CellSettingsChanged
     from svfseg.config import ExperimentConfig
 
     warm = tmp_path / "warm_start"

@@ -18,7 +18,7 @@ from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_siz
 from svfseg.engine.model import MERGED_FORMAT, describe
 from svfseg.engine.runtime import autocast, to_device, unwrap
 from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult
-from svfseg.losses import fewshot_loss, valid_pixel_count
+from svfseg.engine.losses import fewshot_loss, valid_pixel_count
 from svfseg.metrics import IoUAccumulator
 from svfseg.results import STD_NOTE, markdown_table, pct, summarize_runs
 

@@ -17,7 +17,7 @@ from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
 from svfseg.engine.runtime import autocast, to_device
 from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult
-from svfseg.losses import cross_entropy_sum, valid_pixel_count
+from svfseg.engine.losses import cross_entropy_sum, valid_pixel_count
 from svfseg.metrics import ConfusionMatrix
 from svfseg.results import markdown_table, pct
 

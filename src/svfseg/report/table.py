@@ -8,9 +8,9 @@ from typing import Iterable, Optional, Sequence
 
 from svfseg.config.schema import flat_keys
 
-from svfseg.paper_results import paper_backbone, paper_result
+from svfseg.report.paper import paper_backbone, paper_result
 from svfseg.regimes import REGISTRY, regime_label
-from svfseg.report_statistic import AS_PAPER_NOTE, as_paper_entries, own_statistic, paper_statistic, row_statistic
+from svfseg.report.statistic import AS_PAPER_NOTE, as_paper_entries, own_statistic, paper_statistic, row_statistic
 from svfseg.results import DASH, STD_NOTE, SeedStats, format_stats, group_by_seed, markdown_table, seed_stats
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def report(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, as_
     """Build the table from run folders / results files; optionally write it to ``out``.
 
     ``as_paper``: each cell is the paper's statistic recomputed from the run's logs (see
-    :mod:`svfseg.report_statistic`) instead of svfseg's mean over test seeds.
+    :mod:`svfseg.report.statistic`) instead of svfseg's mean over test seeds.
     """
     files = find_results(paths)
     if not files:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from svfseg.compare_folds import fold_layout_markdown
+from svfseg.compare.folds import fold_layout_markdown
 from svfseg.results import DASH, STD_NOTE, markdown_table, pct, size_text
 
 

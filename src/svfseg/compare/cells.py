@@ -1,9 +1,11 @@
-"""What a `svfseg compare` cell was made with (``compare_cell.json``), and refusing to reuse a cell whose settings changed."""
+"""One `svfseg compare` cell: trained, skipped or resumed, then scored; what it was made with (``compare_cell.json``),
+and refusing to reuse a cell whose settings changed."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -114,3 +116,79 @@ def _write_cell_record(run_dir: Path, settings: dict) -> None:
     tmp = run_dir / f".{CELL_RECORD}.tmp"
     tmp.write_text(json.dumps(settings, indent=1))
     tmp.replace(run_dir / CELL_RECORD)
+
+
+class CellInterrupted(RuntimeError):
+    """A cell stopped on Ctrl-C/SIGTERM: the compare stops too (a rerun resumes that cell)."""
+
+
+def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
+    """Train (or skip / resume) one cell and score it on ``episodes``; its record for ``compare.json``.
+
+    A finished cell (``train_summary.json`` says finished) is not retrained, and not rescored
+    when ``test/results.json`` exists; a cell with a ``last.pt`` but no finished summary is
+    resumed. ``episodes`` None: train only (a sweep trial that was not chosen is never tested).
+    A cell folder made with other settings (config keys, test episodes; ``compare_cell.json``)
+    is refused with the differing keys, or with ``force`` cleared and retrained.
+    """
+    from svfseg.engine.checkpoint import NonFiniteWeights
+    from svfseg.engine.loop import NonFiniteLoss
+    from svfseg.engine.run import train_run
+    from svfseg.engine.runfiles import clear_run
+    from svfseg.engine.tasks import TestOptions
+    from svfseg.engine.testing import score_with_task
+
+    run_dir = cfg.run_dir()
+    if force and cfg.train.val_episodes_file:
+        _check_episode_count(Path(cfg.train.val_episodes_file), cfg.train.val_episodes, "--val-episodes", True)
+    redo = _check_cell_settings(cfg, episodes, force)
+    if redo == "retrain":
+        clear_run(run_dir)
+    elif redo == "rescore":
+        shutil.rmtree(run_dir / "test", ignore_errors=True)
+    summary_path, results_path = run_dir / "train_summary.json", run_dir / "test" / "results.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    done = summary is not None and summary.get("status") == "finished"
+    diverged = run_dir / "diverged.txt"
+    if diverged.exists():
+        return {"run_dir": str(run_dir), "status": "diverged"}
+    if not done:
+        if (run_dir / "last.pt").exists():
+            cfg.resume = True
+            logger.info("compare: resuming %s", run_dir)
+        try:
+            # without a last.pt, whatever the cell folder holds is from an attempt that never
+            # checkpointed: start it afresh
+            result = train_run(cfg, argv=["svfseg", "compare"], overwrite=not cfg.resume)
+        except (NonFiniteLoss, NonFiniteWeights) as e:
+            # A diverged cell (e.g. the largest lr of a sweep: a NaN loss, or inf weights that a
+            # finite loss did not show yet) is a result, not a crash; the marker keeps a rerun from
+            # training it again.
+            logger.warning("compare: %s diverged: %s", run_dir, e)
+            diverged.write_text(f"{e}\n")
+            return {"run_dir": str(run_dir), "status": "diverged"}
+        summary = json.loads(summary_path.read_text())
+        if result.status != "finished":
+            if cfg.train.stop_after_steps is None:  # a signal, not the planned stop of a test
+                raise CellInterrupted(f"{run_dir} stopped at step {result.step}; rerun the same command to resume")
+            return {"run_dir": str(run_dir), "status": result.status}
+    fp = summary.get("footprint") or {}
+    steps = max(summary.get("step") or 0, 1)
+    rec = {"run_dir": str(run_dir), "status": "finished",
+           "val_miou": (summary.get("best") or {}).get("miou"), "train_seconds": summary.get("seconds"),
+           "seconds_per_step": (summary.get("seconds") or 0) / steps,
+           "trainable": fp.get("trainable"), "adapter_bytes": (fp.get("adapter") or {}).get("bytes"),
+           "peak_memory_bytes": fp.get("peak_memory_bytes"), "movement": fp.get("movement"),
+           "movement_max_stage_mean": fp.get("movement_max_stage_mean"),
+           "gradient_scale_step1": fp.get("gradient_scale_step1")}
+    if episodes is None:
+        _write_cell_record(run_dir, cell_settings(cfg, None))
+        return rec
+    if not results_path.exists() or not done:
+        # the same entry as `svfseg test`: the task the model's recipe scores it with
+        score_with_task(run_dir / "best.pt", cfg, options=TestOptions(episodes=episodes, out_dir=run_dir / "test"))
+    run = json.loads(results_path.read_text())["runs"][0]
+    rec.update(miou=run["miou"], fb_iou=run["fb_iou"], episodes=run["episodes"],
+               episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"])
+    _write_cell_record(run_dir, cell_settings(cfg, episodes))
+    return rec

@@ -1,0 +1,112 @@
+"""Running a compare: the warm starts, each regime's sweep and seeds, then compare.json/.md/.png."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from svfseg.compare.cells import CellInterrupted, _check_episode_count, run_cell
+from svfseg.compare.plan import (WARM_START_SEED, ComparePlan, cell_config, check_plan_lists, warm_start_checkpoint,
+                                 warm_start_config)
+from svfseg.compare.plot import plot_compare
+from svfseg.compare.render import compare_markdown
+from svfseg.compare.summary import summarize
+from svfseg.compare.variants import Arm
+from svfseg.regimes import regime_spec
+
+logger = logging.getLogger(__name__)
+
+
+def run_warm_start(plan: ComparePlan, fold: int, shot: int) -> dict:
+    """Train (or reuse) the warm start of (fold, shot); its record for ``compare.json``."""
+    cfg = warm_start_config(plan, fold, shot)
+    rec = run_cell(cfg, None, plan.force)
+    if rec.get("status") != "finished":
+        raise RuntimeError(f"compare: the warm start {cfg.run_dir()} did not finish ({rec.get('status')}); "
+                           f"rerun the same command to resume it")
+    return {"fold": fold, "shot": shot, "steps": plan.warm_start, "seed": WARM_START_SEED,
+            "checkpoint": str(warm_start_checkpoint(plan, fold, shot)), "train_seconds": rec.get("train_seconds")}
+
+
+def test_episode_file(plan: ComparePlan, cfg) -> Path:
+    """The one test episode file of ``cfg``'s (fold, shot), made on first use."""
+    from svfseg.engine.data import eval_dataset
+    from svfseg.engine.tasks.fewshot import protocol_runs
+
+    path = plan.out / "episodes" / f"test_fold{cfg.fold}_{cfg.shot}shot.json"
+    seed, count = protocol_runs(cfg, cfg.eval.protocol)[0]
+    _check_episode_count(path, plan.test_episodes or count, "--test-episodes", plan.force)
+    if not path.exists():
+        ds = eval_dataset(cfg, seed=seed, count=plan.test_episodes or count)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.episodes.save(path)
+    return path
+
+
+def _trains_backbone(regime: str) -> bool:
+    return regime_spec(regime).backbone_grad
+
+
+def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict) -> None:
+    """The sweep (if any) and then every seed of one regime at one (fold, shot); appends to ``cells``/``sweeps``."""
+    trains = _trains_backbone(plan.arms.get(regime, Arm(regime, regime)).regime)  # a --vary row: its regime
+    grid = plan.backbone_lr if trains and len(plan.backbone_lr) > 1 else [None]
+    chosen = grid[0]
+    if len(grid) > 1:
+        # The sweep: first seed only, chosen on base-class validation episodes; only the chosen
+        # trial is then scored on the test episodes (and serves as that seed's cell).
+        trials, moved, diverged = {}, {}, {}
+        for mult in grid:
+            rec = run_cell(cell_config(plan, fold, shot, regime, plan.seeds[0], mult), None, plan.force)
+            trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
+            moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
+            if rec.get("status") == "diverged":  # why, in the words of the error that run_cell kept
+                marker = Path(rec["run_dir"]) / "diverged.txt"
+                diverged[f"{mult:g}"] = marker.read_text().strip() if marker.is_file() else "non-finite loss"
+        scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}
+        chosen = max(scored, key=scored.get) if scored else grid[0]
+        sweeps[f"{regime}/fold{fold}/{shot}shot"] = {"val_miou": {f"{m:g}": v for m, v in trials.items()},
+                                                     "movement": moved, "chosen": chosen, "diverged": diverged}
+    for seed in plan.seeds:
+        cfg = cell_config(plan, fold, shot, regime, seed, chosen)
+        rec = run_cell(cfg, test_episode_file(plan, cfg), plan.force)
+        cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen, **rec})
+
+
+def run_compare(plan: ComparePlan) -> dict:
+    """Run every cell of ``plan`` (skipping finished ones), then write compare.json/.md/.png.
+
+    Returns:
+        The ``compare.json`` content.
+    """
+    check_plan_lists(plan)
+    if plan.reference not in plan.regimes:
+        raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
+    for name in plan.regimes:  # a typo in a regime or an override fails now, not hours in
+        cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None)
+    if plan.warm_start < 0:
+        raise ValueError(f"--warm-start: expected a number of steps >= 0, found {plan.warm_start}")
+    plan.out.mkdir(parents=True, exist_ok=True)
+    cells, sweeps, warm = [], {}, []
+    stopped = False
+    try:
+        for fold in plan.folds:
+            for shot in plan.shots:
+                if plan.warm_start:
+                    warm.append(run_warm_start(plan, fold, shot))
+                for name in plan.regimes:
+                    _run_regime(plan, fold, shot, name, cells, sweeps)
+    except CellInterrupted as e:
+        logger.warning("compare: %s", e)
+        stopped = True
+    result = summarize(plan, cells, sweeps)
+    result["stopped"] = stopped
+    result["variants"] = {a.label: {"regime": a.regime, "overrides": list(a.overrides)} for a in plan.arms.values()}
+    result["warm_start"] = warm
+    (plan.out / "compare.json").write_text(json.dumps(result, indent=1, default=str))
+    (plan.out / "compare.md").write_text(compare_markdown(result))
+    plot_compare(result, plan.out / "compare.png")
+    return result
+
+
