@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import error_line
 from svfseg.cli import main
-from svfseg.data.io import DataError, read_mask
+from svfseg.data.io import DataError, read_image, read_mask
 from svfseg.predict import read_binary_mask, read_mask_array
 from svfseg.serve.classes import mask_classes
 from svfseg.serve.inputs import (ServeError, SupportSlot, check_queries, read_ground_truth,
@@ -115,3 +115,12 @@ def test_sizes_are_width_x_height_in_predict_and_serve(tmp_path, capsys):
     with pytest.raises(ServeError, match=r"support 1 mask \(m.png\): mask is 60x40 but its support image is 112x86 "
                                          r"\(width x height\)"):
         read_supports([SupportSlot(str(tmp_path / "s.png"), str(tmp_path / "m.png"))])
+
+
+def test_a_file_that_is_no_image_is_one_plain_line(tmp_path):
+    (tmp_path / "notes.png").write_bytes(b"not an image")
+    for read, what in ((read_mask, "a mask image file"), (read_image, "an RGB image file")):
+        with pytest.raises(DataError) as e:
+            read(tmp_path / "notes.png")
+        assert str(e.value) == (f"{tmp_path / 'notes.png'}: expected {what}, found a file that cannot be decoded as "
+                                f"an image")

@@ -8,9 +8,6 @@ from serve_setup import write_inputs
 from svfseg.serve.inputs import SupportSlot
 from svfseg.serve.previews import GIVEN_COLOUR, PREVIEW_SIDE, THUMB_SIDE, query_thumbnails, support_preview
 
-pytest.importorskip("gradio")  # page_events and results_view build Gradio updates
-
-
 @pytest.fixture
 def files(tmp_path):
     paths = write_inputs(tmp_path)
@@ -87,6 +84,7 @@ def test_query_thumbnails_pair_ground_truths_by_name_and_say_sizes_as_width_x_he
 
 
 def test_checkpoint_pickers_offer_everything_but_the_other_ones_choice():
+    pytest.importorskip("gradio")  # page_events builds Gradio updates
     from svfseg.serve.page_events import NO_COMPARE, checkpoint_choices, other_picker_update
 
     cks = ["a.pt", "b.pt", "c.pt"]
@@ -96,6 +94,7 @@ def test_checkpoint_pickers_offer_everything_but_the_other_ones_choice():
 
 
 def test_only_an_error_is_cleared_when_an_input_changes():
+    pytest.importorskip("gradio")
     from svfseg.serve.page_events import clear_stale_error
     from svfseg.serve.results_view import status_markdown
 

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DataError", "read_image", "read_mask", "read_label", "read_list", "write_list", "list_path", "atomic_dir",
@@ -98,8 +98,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as im:
                 return np.array(im if im.mode in _MASK_MODES else im.convert("L")).astype(np.int64)
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: expected a mask image file, found a file that cannot be decoded as an image "
-                        f"({e})") from None
+        # Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" says nothing more than this line
+        why = "" if isinstance(e, UnidentifiedImageError) else f" ({e})"
+        raise DataError(f"{path}: expected a mask image file, found a file that cannot be decoded as an "
+                        f"image{why}") from None
 
 
 def _header(data_or_path, where, *, strict: bool = False) -> tuple[tuple[int, int], int]:
