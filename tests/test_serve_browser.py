@@ -5,7 +5,6 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from serve_browser import (NEEDS_BROWSER, WAIT, browser, fetch_png, in_view, open_page, pick,  # noqa: F401
