@@ -165,24 +165,27 @@ class _Episodes(torch.utils.data.Dataset):
                 "class_id": 1 + i % 2, "query_name": f"q{i}", "support_names": ["s0", "s1", "s2"]}
 
 
-def _adapted_params_per_episode(dataset, params="svf+head"):
+def _adapted_params_per_episode(dataset, params):
+    """The adapted parameters at each prediction (one episode at a time: svf+head; batched: svf)."""
     ad = adapter_of(model_of("frozen"), params)
+    runner = ad.batched(ad.settings.parallel) if params == "svf" else ad
     seen = []
-    predict = ad.predict
+    predict = runner.predict
 
     def spy(*args, **kw):
-        seen.append([p.detach().clone() for p in ad.params])
+        seen.append([p.detach().clone() for p in runner.params])
         return predict(*args, **kw)
 
-    ad.predict = spy
+    runner.predict = spy
     adapted_evaluation(ad, dataset, class_ids=[1, 2], counts=[2], lr=1e-2, seed=0, info=DistInfo())
     return seen
 
 
-def test_the_query_image_and_label_cannot_move_the_adapted_parameters():
-    clean = _adapted_params_per_episode(_Episodes(3))
-    poisoned = _adapted_params_per_episode(_Episodes(3, poison=True))
-    assert len(clean) == len(poisoned) == 3
+@pytest.mark.parametrize("params", ["svf+head", "svf"])
+def test_the_query_image_and_label_cannot_move_the_adapted_parameters(params):
+    clean = _adapted_params_per_episode(_Episodes(3), params)
+    poisoned = _adapted_params_per_episode(_Episodes(3, poison=True), params)
+    assert len(clean) == len(poisoned) == (3 if params == "svf+head" else 1)
     for a, b in zip(clean, poisoned):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
         assert all(torch.isfinite(x).all() for x in b)
