@@ -12,12 +12,12 @@ from typing import Iterator
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DataError", "read_image", "read_mask", "read_label", "read_list", "write_list", "list_path", "atomic_dir",
     "write_label", "image_size", "incomplete_image", "file_head_and_tail", "exif_orientation", "apply_orientation",
-    "MAX_IMAGE_PIXELS", "decoder_complaints",
+    "MAX_IMAGE_PIXELS", "decoder_complaints", "wxh",
 ]
 
 
@@ -29,6 +29,12 @@ class DataError(ValueError):
 #: a decompression bomb) is refused before it is decoded.
 MAX_IMAGE_PIXELS = 120_000_000
 _ORIENTATION_TAG = 0x0112
+
+
+def wxh(hw) -> str:
+    """An (H, W, ...) shape as people read an image's size, width first: a 112-wide, 86-high image is "112x86"
+    (every image viewer says it so; numpy's (H, W) order would read as a transposed image)."""
+    return f"{hw[1]}x{hw[0]}"
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -48,7 +54,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     orientation = _header(data, path)[1]
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
-        raise DataError(f"{path}: expected an RGB image file, found not a readable image")
+        raise DataError(f"{path}: expected an RGB image file, found a file that cannot be decoded as an image")
     return np.ascontiguousarray(apply_orientation(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), orientation))
 
 
@@ -94,7 +100,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as im:
                 return np.array(im if im.mode in _MASK_MODES else im.convert("L")).astype(np.int64)
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: expected a mask image file, found not a readable image ({e})") from None
+        # Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" says nothing more than this line
+        why = "" if isinstance(e, UnidentifiedImageError) else f" ({e})"
+        raise DataError(f"{path}: expected a mask image file, found a file that cannot be decoded as an "
+                        f"image{why}") from None
 
 
 def _header(data_or_path, where, *, strict: bool = False) -> tuple[tuple[int, int], int]:

@@ -19,7 +19,8 @@ from svfseg.data.sources import coco as coco_src
 from svfseg.data.sources import voc as voc_src
 from svfseg.data.check import check_dataset
 from svfseg.data.index import load_class_index
-from svfseg.data.io import DataError, atomic_dir, list_record, read_list, write_label, write_list, write_list_sources
+from svfseg.data.io import (DataError, atomic_dir, list_record, read_list, write_label, write_list,
+                             write_list_sources, wxh)
 from svfseg.data.splits import num_classes
 
 __all__ = ["prepare_pascal", "prepare_coco", "check_dataset", "add_prepare_arguments", "run_prepare"]
@@ -61,7 +62,7 @@ def _pascal_label_job(args) -> str | None:
         with Image.open(img) as im:
             w, h = im.size
         if label.shape != (h, w):
-            return f"{image_id}: label {label.shape[0]}x{label.shape[1]} differs from image {img} {h}x{w}"
+            return f"{image_id}: label {wxh(label.shape)} differs from image {img} {w}x{h} (width x height)"
         write_label(Path(out) / f"{image_id}.png", label)
     except (DataError, OSError) as e:
         return str(e)

@@ -34,6 +34,7 @@ class CheckpointRecord:
     cell: Optional[str] = None  # the run folder a demo checkpoint was copied from
     converted_from: Optional[str] = None  # `svfseg convert`: the upstream file, its format and sha256
     problem: Optional[str] = None  # why a file beside the checkpoint could not be used
+    class_names: tuple[str, ...] = ()  # its benchmark's names, indexed by class id - 1; () when unknown
 
     @property
     def data_text(self) -> str:
@@ -135,12 +136,27 @@ def _from_results_json(checkpoint: Path) -> dict:
     return {}
 
 
+def _class_names(benchmark: Optional[str], root: Optional[str]) -> tuple[str, ...]:
+    """The class names of a checkpoint's benchmark (a custom root's from its dataset.yaml); () when unknown."""
+    if benchmark is None:
+        return ()
+    from svfseg.data.benchmark import Benchmark
+
+    try:
+        return tuple(Benchmark.resolve(benchmark, root or ".").class_names)
+    except Exception as e:  # noqa: BLE001 - names are a convenience: the class picker falls back to ids
+        logger.warning("no class names for benchmark %s at %s: %s", benchmark, root,
+                       (str(e).splitlines() or [type(e).__name__])[0])
+        return ()
+
+
 def checkpoint_record(path: str | os.PathLike) -> CheckpointRecord:
     """Training data and recorded test score of ``path``.
 
     The score comes from ``SOURCE.json`` beside the checkpoint (what the demo writes), else from
     the run folder's ``test/results.json`` or ``test_*/results.json`` of the same checkpoint;
-    the training data from the checkpoint's own config. Nothing here raises: a file that cannot
+    the training data from the checkpoint's own config, the class names from its benchmark (a custom root's
+    ``dataset.yaml``, relative to the working folder as training stored it). Nothing here raises: a file that cannot
     be used is named in ``problem`` (and the log), and the page says "no recorded test score".
     """
     p = Path(path)
@@ -157,4 +173,5 @@ def checkpoint_record(path: str | os.PathLike) -> CheckpointRecord:
         problems.append(str(e))
     for text in problems:
         logger.warning("%s", text)
-    return CheckpointRecord(path=str(path), problem="; ".join(problems) or None, **fields)
+    names = _class_names(fields.get("benchmark"), fields.get("data_root"))
+    return CheckpointRecord(path=str(path), problem="; ".join(problems) or None, class_names=names, **fields)
