@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     pd.add_argument("--mask-class", type=int, metavar="C",
                     help="support masks are class-index PNGs: the object is the pixels of value C")
+    add_adapt_arguments(pd)
 
     r = sub.add_parser("report", help="gather fold results into the paper's table, paper numbers beside")
     r.add_argument("runs", nargs="+", type=Path, help="run folders or results.json files")
@@ -274,7 +275,14 @@ def cmd_predict(args) -> int:
 
     _apply_threads(args)
     results = predict(args.checkpoint, [tuple(s) for s in args.support], args.query, args.out, size=args.size,
-                      device=args.device, overwrite=args.overwrite, mask_class=args.mask_class)
+                      device=args.device, overwrite=args.overwrite, mask_class=args.mask_class, adapt=args.adapt,
+                      adapt_steps=args.adapt_steps, adapt_lr=args.adapt_lr, progress=True)
+    a = results[0]["adapted"] if results else None
+    if a is not None:
+        how = ("no adaptation: not adapting scored best on validation" if not a["steps"]
+               else f"{a['steps']} steps at lr {a['lr']:g} ({'given' if a['source'] == 'given' else 'chosen on validation'})")
+        print(f"adapted {a['params']} ({a['trainable']:,} values) to the {len(args.support)} support(s): {how}, "
+              f"{a['seconds']:.1f} s")
     for r in results:
         renamed = " (renamed: another query has the same file name)" if r.get("renamed") else ""
         fg = pct(r["foreground_fraction"], digits=1, unit="%")
