@@ -1,4 +1,4 @@
-"""Command-line entry point: `svfseg demo|compare|prepare|train|test|episodes|predict|report|merge|serve`."""
+"""Command-line entry point: `svfseg demo|compare|prepare|train|test|episodes|predict|report|merge|serve|convert`."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   svfseg report runs/*
   svfseg merge --checkpoint runs/RUN/best.pt --out model_merged.pt
   svfseg serve                         # web app on 127.0.0.1:7860: the demo's svf and frozen checkpoints
+  svfseg convert --from pfenet train_epoch_107.pth --fold 0 --out pfenet_fold0.pt   # a published model
 """
 
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--tau", type=float, default=0.9, help="generalized setting: novel-class threshold (default 0.9)")
     te.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shot=5 data.root=...")
     _add_threads(te)
+    add_adapt_arguments(te)
 
     ep = sub.add_parser("episodes", help="write a fixed evaluation episode file (for `svfseg test --episodes`)")
     ep.add_argument("--config", type=Path, required=True, help="recipe YAML (data.root, fold, shot, ...)")
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     pd.add_argument("--mask-class", type=int, metavar="C",
                     help="support masks are class-index PNGs: the object is the pixels of value C")
+    add_adapt_arguments(pd)
 
     r = sub.add_parser("report", help="gather fold results into the paper's table, paper numbers beside")
     r.add_argument("runs", nargs="+", type=Path, help="run folders or results.json files")
@@ -138,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     from svfseg.serve.cli import add_serve_arguments
 
     add_serve_arguments(sv)
+
+    cv = sub.add_parser("convert", help="a published PFENet / BAM checkpoint as an svfseg model file")
+    from svfseg.convert import add_convert_arguments
+
+    add_convert_arguments(cv)
     return p
 
 
@@ -185,6 +193,27 @@ def cmd_train(args) -> int:
     return 0 if res.status == "finished" else 130
 
 
+def add_adapt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--adapt PARAMS``, ``--adapt-steps N``, ``--adapt-lr LR`` of `test` and `predict` (the ``adapt:`` section)."""
+    from svfseg.regimes import ADAPT_NAMES
+
+    parser.add_argument("--adapt", metavar="PARAMS", default=None,
+                        help=f"fine-tune on each episode's own supports before predicting its query: one of "
+                             f"{', '.join(ADAPT_NAMES)} or a '+' combination (svf+head); steps and lr are chosen on "
+                             f"base-class validation episodes unless given")
+    parser.add_argument("--adapt-steps", type=int, default=None, metavar="N",
+                        help="adaptation steps per episode (default: chosen on validation)")
+    parser.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
+                        help="adaptation learning rate (default: chosen on validation)")
+    return parser
+
+
+def adapt_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``adapt.*`` overrides that ``--adapt``, ``--adapt-steps`` and ``--adapt-lr`` stand for."""
+    pairs = (("params", args.adapt), ("steps", args.adapt_steps), ("lr", args.adapt_lr))
+    return [f"adapt.{key}={value}" for key, value in pairs if value is not None]
+
+
 def cmd_test(args) -> int:
     from svfseg.config import config_with_overrides, load_config
     from svfseg.engine import checkpoint as ckpt
@@ -194,6 +223,7 @@ def cmd_test(args) -> int:
 
     if args.protocol is not None and args.episodes is not None:
         raise UsageError("test: --protocol makes episodes from its seeds, --episodes reads a file of them; give one")
+    args.overrides = [*args.overrides, *adapt_overrides(args)]
     cfg = None
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
@@ -234,7 +264,8 @@ def cmd_episodes(args) -> int:
           f"episode seed {eps.seed}, min_pixels {eps.min_pixels}, query rule {eps.query_rule}\n"
           f"classes (episodes): {episode_summary(cfg, eps, bench)}\n"
           f"fingerprint {eps.fingerprint} (dataset {eps.dataset_fingerprint})\n"
-          f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
+          + (f"queries from the given list {eps.query_list}\n" if eps.query_list else "")
+          + f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
     return 0
 
 
@@ -244,7 +275,14 @@ def cmd_predict(args) -> int:
 
     _apply_threads(args)
     results = predict(args.checkpoint, [tuple(s) for s in args.support], args.query, args.out, size=args.size,
-                      device=args.device, overwrite=args.overwrite, mask_class=args.mask_class)
+                      device=args.device, overwrite=args.overwrite, mask_class=args.mask_class, adapt=args.adapt,
+                      adapt_steps=args.adapt_steps, adapt_lr=args.adapt_lr, progress=True)
+    a = results[0]["adapted"] if results else None
+    if a is not None:
+        how = ("no adaptation: not adapting scored best on validation" if not a["steps"]
+               else f"{a['steps']} steps at lr {a['lr']:g} ({'given' if a['source'] == 'given' else 'chosen on validation'})")
+        print(f"adapted {a['params']} ({a['trainable']:,} values) to the {len(args.support)} support(s): {how}, "
+              f"{a['seconds']:.1f} s")
     for r in results:
         renamed = " (renamed: another query has the same file name)" if r.get("renamed") else ""
         fg = pct(r["foreground_fraction"], digits=1, unit="%")
@@ -285,6 +323,12 @@ def cmd_serve(args) -> int:
     return run_serve_cli(args)
 
 
+def cmd_convert(args) -> int:
+    from svfseg.convert import run_convert_cli
+
+    return run_convert_cli(args)
+
+
 def cmd_demo(args) -> int:
     from svfseg.demo import run_demo_cli
 
@@ -305,7 +349,7 @@ class UsageError(ValueError):
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "report": cmd_report,
             "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo, "serve": cmd_serve,
-            "episodes": cmd_episodes, "compare": cmd_compare}
+            "episodes": cmd_episodes, "compare": cmd_compare, "convert": cmd_convert}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

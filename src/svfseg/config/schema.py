@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from svfseg.policies import SVF_MODES, LoRAConfig, SVFPolicy
-from svfseg.regimes import REGIME_NAMES, REGISTRY
+from svfseg.policies import SVF_MODES, AdaptSettings, LoRAConfig, SVFPolicy
+from svfseg.regimes import REGIME_NAMES, REGISTRY, adapt_name
 
 #: How the backbone trains (``model.regime``): the names of ``svfseg.regimes`` (what each trains is declared there).
 REGIMES = REGIME_NAMES
@@ -46,6 +46,10 @@ class ModelConfig:
     base_checkpoint: Optional[str] = None  # BAM stage 2: the stage-1 best.pt ({fold}, {benchmark}, ... filled in)
     head: dict = field(default_factory=dict)  # extra keyword arguments for the head
     init_head: Optional[str] = None    # warm start: a checkpoint whose head (all but the backbone) starts this run
+    # start from every weight of a model file (`svfseg convert` / `svfseg merge` output, a run's best.pt of a
+    # plain-backbone regime): its backbone goes in before model.regime decomposes it; no model.weights or
+    # base_checkpoint is read
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -137,6 +141,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    adapt: AdaptSettings = field(default_factory=AdaptSettings)  # test-time adaptation on each episode's supports
 
     def run_name(self) -> str:
         """The run folder name: explicit ``name`` or one derived from the main choices."""
@@ -226,9 +231,16 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.svf = SVFPolicy.from_dict(cfg.svf.to_dict())  # runs its checks; stages become a tuple
     except ValueError as e:
         raise ConfigError(f"config section 'svf': {e}") from None
+    try:
+        cfg.adapt = AdaptSettings(**{**cfg.adapt.to_dict(), "params": adapt_name(cfg.adapt.params)})
+    except ValueError as e:
+        raise ConfigError(f"config section 'adapt': {e}") from None
     if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"config section 'lora': expected r >= 1, alpha > 0, 0 <= dropout < 1, found "
                           f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}")
+    if cfg.model.init_head and cfg.model.init_from:
+        raise ConfigError("config keys 'model.init_head' and 'model.init_from' are both set: init_from already "
+                          "gives the head (and the backbone); keep one")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"config key 'optim.grad_clip' must be > 0 or null, found {cfg.optim.grad_clip}")
     _validate_more(cfg)
@@ -242,7 +254,7 @@ MIN_SIDE = 32
 # svf-section options that change what an SVF run trains: set under another staged regime they would be
 # ignored silently, so they are refused. svf.mode and svf.fold_bn only choose how an SVF layer computes (a
 # speed setting a recipe may carry for its svf runs), so a recipe that sets them still serves every regime.
-_SVF_ONLY = ("skip_1x1", "skip_3x3", "train_bn", "train_bias")
+_SVF_ONLY = ("skip_1x1", "skip_3x3", "train_bn", "train_bias", "rank_multiple")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
