@@ -200,7 +200,7 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", pro
     """
     from svfseg.engine.runtime import threads_for
 
-    with threads_for(threads):  # the data, every cell, the warm start, the scoring and the kept checkpoints
+    with threads_for(threads):  # the data, every cell, the warm start, the scoring, the adaptation stage
         return _run_demo(plan, root=root, out=out, head=head, progress=progress, threads=threads)
 
 
