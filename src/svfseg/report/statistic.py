@@ -12,7 +12,6 @@ Both pick a maximum over noisy draws, so both are optimistic next to a mean over
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -48,18 +47,14 @@ def paper_statistic(results: dict, results_path: Path) -> Optional[dict]:
         ``{"miou", "fb_iou", "statistic"}`` (mIoU and FB-IoU in %; FB-IoU of the same
         validation, or the best FB-IoU over the seeds as BAM prints it).
     """
+    from svfseg.engine.runfolder import RunFolder
+
     # `svfseg test` writes RUN/test_*/results.json; the checkpoint path is as it was typed.
-    candidates = [results_path.parent.parent / "train_summary.json"]
+    candidates = [RunFolder(results_path.parent.parent)]
     if results.get("checkpoint"):
-        candidates.append(Path(results["checkpoint"]).parent / "train_summary.json")
-    summary = {}
-    for path in candidates:
-        try:
-            summary = json.loads(path.read_text())
-            break
-        except (OSError, ValueError):
-            continue
-    if isinstance(summary, dict):
+        candidates.append(RunFolder(Path(results["checkpoint"]).parent))
+    summary = next((s for s in (c.read_summary() for c in candidates) if s is not None), None)
+    if summary is not None:
         vals = _test_fold_validations(summary)
         if vals:
             top = max(vals, key=lambda h: h["miou"])

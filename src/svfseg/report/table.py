@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from svfseg.config.schema import flat_keys
+from svfseg.engine.runfolder import RESULTS_FILE, RunFolder
 
 from svfseg.report.paper import paper_backbone, paper_result
 from svfseg.regimes import REGISTRY, regime_label
@@ -27,7 +28,7 @@ def find_results(paths: Iterable[str | Path]) -> list[Path]:
         if p.is_file() and p.name.endswith(".json"):
             found.append(p)
         elif p.is_dir():
-            found += sorted(p.rglob("results.json"))
+            found += sorted(p.rglob(RESULTS_FILE))
         else:
             raise FileNotFoundError(f"report: {p} is neither a run folder nor a results.json file")
     return found
@@ -68,7 +69,7 @@ def cell_identity(r: dict, results_file: Path) -> dict:
 
     config = {}
     ckpt = Path(r.get("checkpoint", ""))
-    cfg_file = ckpt.parent / "config.yaml" if r.get("checkpoint") else None
+    cfg_file = RunFolder(ckpt.parent).config if r.get("checkpoint") else None
     if cfg_file is not None and cfg_file.is_file():
         try:
             config = {k: v for k, v in flat_keys(yaml.safe_load(cfg_file.read_text()) or {}).items()
