@@ -253,7 +253,7 @@ def load_for_inference_run(checkpoint: str | os.PathLike, run: ResolvedRun, devi
         memory format when the config asks for it.
     """
     state = state if state is not None else _svfseg_checkpoint(checkpoint)
-    if state.get("format") == MERGED_FORMAT and run.cfg.model.regime != PLAIN_REGIME:
+    if state.get("format") == MERGED_FORMAT:
         # A merged export is the plain architecture: compare against the frozen-backbone config.
         run = run.with_config(_plain_config(run.cfg))
     model = build_model(run, pretrained=False)

@@ -5,7 +5,8 @@ Every command that writes or reads a run's files asks a :class:`RunFolder` for t
 (a cell's status and record), ``report`` (the summary beside a result), ``serve`` (a checkpoint's
 recorded results) and ``demo`` (the checkpoints it keeps). No other module joins a run file's name.
 
-Torch-free: ``report`` and ``serve`` read run folders without loading the engine.
+It imports the standard library and the run lock only (``tests/test_layers.py``, ``tests/test_torch_free.py``):
+anything may ask it without an import cycle.
 """
 from __future__ import annotations
 
