@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from svfseg.compare.variants import Arm, folder_name
 from svfseg.engine.runfolder import RunFolder
+from svfseg.regimes import NO_ADAPTATION
 
 
 @dataclass
@@ -32,6 +33,9 @@ class ComparePlan:
         threads: torch CPU threads of every cell (None: torch's default).
         force: Retrain (rescore) the cells an earlier compare into ``out`` made with other settings
             (otherwise refused, naming the differing keys).
+        adapt: ``adapt.params`` choices every finished cell is also scored with on its test episodes
+            (``none`` = the plain score, always there); each choice's steps and lr are chosen on the
+            first seed's base-class validation episodes and reused for the other seeds.
     """
 
     config: str
@@ -49,6 +53,7 @@ class ComparePlan:
     warm_start: int = 0
     threads: Optional[int] = None
     force: bool = False
+    adapt: list[str] = field(default_factory=lambda: [NO_ADAPTATION])
 
 
 def lr_overrides(mult: Optional[float]) -> list[str]:
@@ -78,8 +83,10 @@ def _common_overrides(plan: ComparePlan, fold: int, shot: int) -> list[str]:
             *([f"threads={plan.threads}"] if plan.threads else [])]
 
 
-def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int, mult: Optional[float]):
-    """The config of one cell: recipe, the plan's overrides, then the cell's own keys."""
+def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int, mult: Optional[float],
+                extra: Sequence[str] = ()):
+    """The config of one cell: recipe, the plan's overrides, then the cell's own keys (and ``extra``, e.g. the
+    ``adapt.*`` keys its adaptation rows are scored with)."""
     from svfseg.config import load_config
 
     eps = plan.out / "episodes"
@@ -90,7 +97,7 @@ def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int,
         f"name={_cell_name(regime, mult, seed)}",
         "train.select_on=base_heldout", "train.val_every=1", f"train.val_episodes={plan.val_episodes}",
         f"train.val_episodes_file={eps / f'val_base_fold{fold}_{shot}shot.json'}", *lr_overrides(mult),
-        *([f"model.init_head={warm}"] if warm else [])])
+        *([f"model.init_head={warm}"] if warm else []), *extra])
 
 
 def warm_start_config(plan: ComparePlan, fold: int, shot: int):
@@ -103,9 +110,16 @@ def warm_start_config(plan: ComparePlan, fold: int, shot: int):
 
 
 def check_plan_lists(plan: ComparePlan) -> None:
-    """Refuse empty or repeated seeds, regimes, folds and shots (a repeated seed is no second pair)."""
+    """Refuse empty or repeated seeds, regimes, folds, shots and adaptations (a repeated seed is no second pair)."""
+    from svfseg.regimes import adapt_name, adapt_trains
+
+    try:  # canonical names (head+svf -> svf+head), so a repeat is seen and folders are named one way; the plain
+        # score (no adaptation) is always there, once
+        plan.adapt = [NO_ADAPTATION, *[adapt_name(p) for p in plan.adapt if adapt_trains(p)]]
+    except ValueError as e:
+        raise ValueError(f"compare: --adapt: {e}") from None
     for option, values in (("--seeds", plan.seeds), ("--regimes", plan.regimes), ("--folds", plan.folds),
-                           ("--shots", plan.shots)):
+                           ("--shots", plan.shots), ("--adapt", plan.adapt)):
         if not values:
             raise ValueError(f"compare: {option}: expected at least one value, found none")
         repeated = sorted({v for v in values if values.count(v) > 1})

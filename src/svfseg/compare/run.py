@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from svfseg.compare.adapt import adapt_rows, score_adaptations
 from svfseg.compare.cells import CellInterrupted, _check_episode_count, run_cell
 from svfseg.compare.plan import (WARM_START_SEED, ComparePlan, cell_config, check_plan_lists, warm_start_checkpoint,
                                  warm_start_config)
@@ -52,8 +53,10 @@ def _trains_backbone(regime: str) -> bool:
     return regime_spec(regime).backbone_grad
 
 
-def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict) -> None:
-    """The sweep (if any) and then every seed of one regime at one (fold, shot); appends to ``cells``/``sweeps``."""
+def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict, adapted: list,
+                choices: dict) -> None:
+    """The sweep (if any), then every seed of one regime at one (fold, shot) and its adaptation scores; appends to
+    ``cells``/``sweeps``/``adapted`` (``choices``: the adaptation settings the first seed chose)."""
     trains = _trains_backbone(plan.arms.get(regime, Arm(regime, regime)).regime)  # a --vary row: its regime
     grid = plan.backbone_lr if trains and len(plan.backbone_lr) > 1 else [None]
     chosen = grid[0]
@@ -74,8 +77,11 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
                                                      "movement": moved, "chosen": chosen, "diverged": diverged}
     for seed in plan.seeds:
         cfg = cell_config(plan, fold, shot, regime, seed, chosen)
-        rec = run_cell(cfg, test_episode_file(plan, cfg), plan.force)
+        episodes = test_episode_file(plan, cfg)
+        rec = run_cell(cfg, episodes, plan.force)
         cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen, **rec})
+        if rec.get("status") == "finished":
+            adapted += score_adaptations(plan, fold, shot, regime, seed, chosen, rec, episodes, choices)
 
 
 def run_compare(plan: ComparePlan, *, lock: Optional[RunLock] = None) -> dict:
@@ -111,7 +117,7 @@ def compare_lock(out: Path, what: str = "svfseg compare") -> RunLock:
 
 def _run_locked(plan: ComparePlan) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
-    cells, sweeps, warm = [], {}, []
+    cells, sweeps, warm, adapted, choices = [], {}, [], [], {}
     stopped = False
     try:
         for fold in plan.folds:
@@ -119,7 +125,7 @@ def _run_locked(plan: ComparePlan) -> dict:
                 if plan.warm_start:
                     warm.append(run_warm_start(plan, fold, shot))
                 for name in plan.regimes:
-                    _run_regime(plan, fold, shot, name, cells, sweeps)
+                    _run_regime(plan, fold, shot, name, cells, sweeps, adapted, choices)
     except CellInterrupted as e:
         logger.warning("compare: %s", e)
         stopped = True
@@ -127,6 +133,10 @@ def _run_locked(plan: ComparePlan) -> dict:
     result["stopped"] = stopped
     result["variants"] = {a.label: {"regime": a.regime, "overrides": list(a.overrides)} for a in plan.arms.values()}
     result["warm_start"] = warm
+    result["adapt"] = list(plan.adapt)
+    result["adapt_rows"] = adapt_rows(plan, adapted, cells)
+    result["adapt_choices"] = choices
+    result["adapted"] = adapted
     write_json_atomic(plan.out / "compare.json", result, default=str)
     write_text_atomic(plan.out / "compare.md", compare_markdown(result))
     plot_compare(result, plan.out / "compare.png")

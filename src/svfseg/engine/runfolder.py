@@ -35,6 +35,8 @@ _FILES = {"last": "last.pt", "previous": "last.prev.pt", "damaged": "last.damage
 #: Folders a run (or `svfseg test` next to its checkpoint) writes into its folder.
 _FOLDERS = {"tensorboard": "tb", "test": "test", "vis": "vis"}
 _VAL_EPISODES = "val_episodes_"
+#: A compare cell's scores with test-time adaptation: ``test_adapt-<adapt.params>/`` (``compare --adapt``).
+_ADAPT_TEST = "test_adapt-"
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -178,6 +180,10 @@ class RunFolder:
         """A results folder beside the checkpoints (``test``: a compare cell's; ``test_<protocol>_<K>shot``: `test`'s)."""
         return self.path / name
 
+    def adapt_test_dir(self, params: str) -> Path:
+        """A compare cell's results scored with test-time adaptation of ``params`` (``compare --adapt``)."""
+        return self.path / f"{_ADAPT_TEST}{params}"
+
     def results(self, name: str = "test") -> Path:
         """``results.json`` of :meth:`test_dir`."""
         return results_file(self.test_dir(name))
@@ -252,7 +258,7 @@ class RunFolder:
 
 
 def _is_run_file(p: Path) -> bool:
-    return (p.name in _FILES.values() or p.name in _FOLDERS.values()
+    return (p.name in _FILES.values() or p.name in _FOLDERS.values() or p.name.startswith(_ADAPT_TEST)
             or (p.name.startswith(_VAL_EPISODES) and p.suffix == ".json"))
 
 
