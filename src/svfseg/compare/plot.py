@@ -15,7 +15,7 @@ def plot_compare(result: dict, out: Path) -> Optional[Path]:
 
     from scipy.stats import t as student_t
 
-    from svfseg.engine.runfolder import RunFolder
+    from svfseg.engine.runfolder import RunFolder, write_atomic
     from svfseg.engine.runlog import read_csv
 
     rows = result["rows"]
@@ -44,6 +44,6 @@ def plot_compare(result: dict, out: Path) -> Optional[Path]:
     if bx.lines:
         bx.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out

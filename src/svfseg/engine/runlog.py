@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from svfseg.engine.runfolder import RunFolder
+from svfseg.engine.runfolder import RunFolder, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,6 @@ def plot_curves(run_dir: str | os.PathLike | RunFolder, out: Optional[Path] = No
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out) if out else folder.curves
-    fig.savefig(out, dpi=90)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return out
