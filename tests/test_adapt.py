@@ -6,6 +6,7 @@ import torch
 
 from conftest import assert_close_to_scale
 from svfseg.engine.adapt import EpisodeAdapter, adapted_evaluation
+from svfseg.engine.adapt.batched import runner_for
 from svfseg.engine.adapt.pseudo import ONE_SHOT_COPIES, augment_pairs, make_bank, plan_pseudo_episodes
 from svfseg.engine.distributed import DistInfo
 from svfseg.models import create_model
@@ -165,24 +166,27 @@ class _Episodes(torch.utils.data.Dataset):
                 "class_id": 1 + i % 2, "query_name": f"q{i}", "support_names": ["s0", "s1", "s2"]}
 
 
-def _adapted_params_per_episode(dataset, params="svf+head"):
+def _adapted_params_per_episode(dataset, params):
+    """The adapted parameters at each prediction (one episode at a time: svf+head; batched: svf)."""
     ad = adapter_of(model_of("frozen"), params)
+    runner = runner_for(ad, ad.settings.parallel) if params == "svf" else ad
     seen = []
-    predict = ad.predict
+    predict = runner.predict
 
     def spy(*args, **kw):
-        seen.append([p.detach().clone() for p in ad.params])
+        seen.append([p.detach().clone() for p in runner.params])
         return predict(*args, **kw)
 
-    ad.predict = spy
+    runner.predict = spy
     adapted_evaluation(ad, dataset, class_ids=[1, 2], counts=[2], lr=1e-2, seed=0, info=DistInfo())
     return seen
 
 
-def test_the_query_image_and_label_cannot_move_the_adapted_parameters():
-    clean = _adapted_params_per_episode(_Episodes(3))
-    poisoned = _adapted_params_per_episode(_Episodes(3, poison=True))
-    assert len(clean) == len(poisoned) == 3
+@pytest.mark.parametrize("params", ["svf+head", "svf"])
+def test_the_query_image_and_label_cannot_move_the_adapted_parameters(params):
+    clean = _adapted_params_per_episode(_Episodes(3), params)
+    poisoned = _adapted_params_per_episode(_Episodes(3, poison=True), params)
+    assert len(clean) == len(poisoned) == (3 if params == "svf+head" else 1)
     for a, b in zip(clean, poisoned):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
         assert all(torch.isfinite(x).all() for x in b)
@@ -212,3 +216,31 @@ def test_zero_steps_through_the_adapter_scores_exactly_the_plain_test():
     ad = adapter_of(model, "svf")
     r = adapted_evaluation(ad, ds, class_ids=[1, 2], counts=[0], lr=None, seed=0, info=DistInfo())[0]
     assert r["miou"] == plain["miou"] and r["per_episode"] == plain["per_episode"]
+
+
+def test_batched_adaptation_is_the_sequential_one_per_episode():
+    """E episodes adapted in one pass (each sample with its own episode's singular values) = E separate adaptations."""
+    model = model_of("frozen", dtype=torch.float64)
+    ad = adapter_of(model, "svf")
+    items = [_Episodes(3)[i] for i in range(3)]
+    imgs = torch.stack([it["support_imgs"] for it in items]).double()
+    masks = torch.stack([it["support_masks"] for it in items])
+    queries = torch.stack([it["query_img"] for it in items]).double()
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    sequential, logits = [], []
+    for e, g in enumerate(gens()):
+        ad.reset()
+        ad.adapt(imgs[e], masks[e], 1, steps=3, lr=1e-2, generator=g)
+        sequential.append([p.detach().clone() for p in ad.params])
+        logits.append(ad.predict(queries[e:e + 1], imgs[e:e + 1], masks[e:e + 1]))
+    batched = runner_for(ad, 4)
+    batched.reset()
+    # a prediction between steps (how the choice scores several step counts) must not disturb the next step
+    batched.adapt(imgs, masks, steps=3, lr=1e-2, generators=gens(), on_step=lambda s: batched.predict(queries, imgs, masks))
+    for e in range(3):
+        moved = [(s - p0).abs().max() for s, p0 in zip(sequential[e], ad._start)]
+        assert max(moved) > 1e-4  # it did adapt
+        for s, p in zip(sequential[e], batched.params):
+            assert_close_to_scale(p[e], s, 1e-9, f"episode {e}")
+    assert_close_to_scale(batched.predict(queries, imgs, masks), torch.cat(logits), 1e-9, "logits")
+    assert all(torch.equal(p[3], p0[3]) for p, p0 in zip(batched.params, batched._start))  # the unused row stays

@@ -1,4 +1,4 @@
-"""Command-line entry point: `svfseg demo|compare|prepare|train|test|episodes|predict|report|merge|serve`."""
+"""Command-line entry point: `svfseg demo|compare|prepare|train|test|episodes|predict|report|merge|serve|convert`."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   svfseg report runs/*
   svfseg merge --checkpoint runs/RUN/best.pt --out model_merged.pt
   svfseg serve                         # web app on 127.0.0.1:7860: the demo's svf and frozen checkpoints
+  svfseg convert --from pfenet train_epoch_107.pth --fold 0 --out pfenet_fold0.pt   # a published model
 """
 
 
@@ -139,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     from svfseg.serve.cli import add_serve_arguments
 
     add_serve_arguments(sv)
+
+    cv = sub.add_parser("convert", help="a published PFENet / BAM checkpoint as an svfseg model file")
+    from svfseg.convert import add_convert_arguments
+
+    add_convert_arguments(cv)
     return p
 
 
@@ -259,7 +265,8 @@ def cmd_episodes(args) -> int:
           f"episode seed {eps.seed}, min_pixels {eps.min_pixels}, query rule {eps.query_rule}\n"
           f"classes (episodes): {episode_summary(run, eps)}\n"
           f"fingerprint {eps.fingerprint} (dataset {eps.dataset_fingerprint})\n"
-          f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
+          + (f"queries from the given list {eps.query_list}\n" if eps.query_list else "")
+          + f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
     return 0
 
 
@@ -310,6 +317,12 @@ def cmd_serve(args) -> int:
     return run_serve_cli(args)
 
 
+def cmd_convert(args) -> int:
+    from svfseg.convert import run_convert_cli
+
+    return run_convert_cli(args)
+
+
 def cmd_demo(args) -> int:
     from svfseg.demo import run_demo_cli
 
@@ -330,7 +343,7 @@ class UsageError(ValueError):
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "report": cmd_report,
             "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo, "serve": cmd_serve,
-            "episodes": cmd_episodes, "compare": cmd_compare}
+            "episodes": cmd_episodes, "compare": cmd_compare, "convert": cmd_convert}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

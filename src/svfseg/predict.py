@@ -110,8 +110,10 @@ def binary_mask(arr: np.ndarray, where: str, expect_hw: Optional[tuple[int, int]
                                 f"found values "
                                 f"{sorted(values)[:12]}; for a class-index PNG pick the object with --mask-class C")
     if expect_hw is not None and tuple(fg.shape) != tuple(expect_hw):
-        raise PredictInputError(f"{where}: mask is {fg.shape[0]}x{fg.shape[1]} but its support image is "
-                                f"{expect_hw[0]}x{expect_hw[1]}")
+        from svfseg.data.io import wxh
+
+        raise PredictInputError(f"{where}: mask is {wxh(fg.shape)} but its support image is {wxh(expect_hw)} "
+                                f"(width x height)")
     if not allow_empty and not fg.any():
         raise PredictInputError(f"{where}: the support mask has no foreground pixel (expected 1 or 255 where "
                                 f"the object is)")

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from svfseg.data.io import wxh
 from svfseg.predict import save_mask_png, segment_query, support_tensors
 from svfseg.results import markdown_table, pct
 from svfseg.serve.inputs import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS, QueryFile, ServeError,
-                                 SupportSlot, check_queries, read_ground_truth, read_rgb_upload, read_supports,
-                                 unpack_mask)
+                                 SupportSlot, check_queries, ground_truth_class, read_ground_truth, read_rgb_upload,
+                                 read_supports, unpack_mask)
+from svfseg.serve.previews import fit_within
 from svfseg.serve.sources import CheckpointRecord, checkpoint_record
 
 logger = logging.getLogger(__name__)
@@ -122,6 +124,7 @@ class QueryResult:
     overlay: Path
     foreground_fraction: float
     iou: Optional[float] = None
+    hw: tuple[int, int] = (0, 0)  # the query's (height, width); shown as width x height
 
 
 @dataclass
@@ -160,13 +163,8 @@ def checkpoint_label(path: str | os.PathLike) -> str:
 def _overlay_png(rgb: np.ndarray, pred: np.ndarray, path: Path) -> Path:
     from svfseg.engine.vis import overlay
 
-    h, w = pred.shape
-    if max(h, w) > OVERLAY_SIDE:
-        s = OVERLAY_SIDE / max(h, w)
-        hw = (max(1, round(w * s)), max(1, round(h * s)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(hw, Image.BILINEAR))
-        pred = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize(hw, Image.NEAREST))
-    Image.fromarray(overlay(rgb, pred.astype(np.uint8), RED)).save(path)
+    rgb, pred = fit_within(rgb, pred.astype(np.uint8), OVERLAY_SIDE)
+    Image.fromarray(overlay(rgb, pred, RED)).save(path)
     return path
 
 
@@ -210,7 +208,7 @@ def _segment_one(cache: ModelCache, m: _Model, query: QueryFile, rgb: np.ndarray
     mask_path = save_mask_png(pred, m.folder / f"{query.name}_mask.png")
     overlay_path = _overlay_png(rgb, pred, m.folder / f"{query.name}_overlay.png")
     iou = foreground_iou(pred, gt) if gt is not None else None
-    m.run.results.append(QueryResult(query.name, mask_path, overlay_path, float(pred.mean()), iou))
+    m.run.results.append(QueryResult(query.name, mask_path, overlay_path, float(pred.mean()), iou, rgb.shape[:2]))
 
 
 def run_request(cache: ModelCache, checkpoints: Sequence[str], slots: Sequence[SupportSlot], query_paths: Sequence[str],
@@ -244,9 +242,7 @@ def run_request(cache: ModelCache, checkpoints: Sequence[str], slots: Sequence[S
         raise ServeError("the same checkpoint picked twice; pick another one to compare with (or none)")
     queries = check_queries(query_paths, max_pixels=max_pixels, max_queries=max_queries)
     sup_rgb, sup_mask = read_supports(slots, max_pixels=max_pixels)
-    picked = {s.mask_class for s in slots if s.used and s.mask and s.mask_class is not None}
-    gts = read_ground_truth(gt_paths, queries, max_pixels=max_pixels,
-                            mask_class=picked.pop() if len(picked) == 1 else None)
+    gts = read_ground_truth(gt_paths, queries, max_pixels=max_pixels, mask_class=ground_truth_class(slots))
     out_dir = Path(out_dir)
     models = _prepare_models(cache, checkpoints, sup_rgb, sup_mask, out_dir, size)
     for q in queries:
@@ -260,6 +256,8 @@ def run_request(cache: ModelCache, checkpoints: Sequence[str], slots: Sequence[S
         for f in sorted(p for p in out_dir.rglob("*.png")):
             zf.write(f, f.relative_to(out_dir).as_posix())
     notes = [f"{len(gts)} of {len(queries)} queries have a ground truth"] if gts else []
+    notes += [f"support {i} used its uploaded mask {Path(s.mask).name}, not the painted strokes"
+              for i, s in enumerate(slots, 1) if s.mask and s.painted is not None]
     return Request([m.run for m in models], zip_path, len(sup_rgb), notes)
 
 
@@ -276,9 +274,11 @@ def no_object_notices(req: Request) -> list[str]:
 
 
 def summary_markdown(req: Request) -> str:
-    """The result table the page shows: per query and checkpoint, foreground fraction and IoU; then timings."""
-    table = markdown_table(["query", "checkpoint", "foreground", "IoU"],
-                           [[r.name, run.label, pct(r.foreground_fraction, missing="n/a", digits=1, unit="%"),
+    """The result table the page shows: per query and checkpoint, its size (width x height), foreground fraction and
+    IoU; then timings and notes."""
+    table = markdown_table(["query", "size", "checkpoint", "foreground", "IoU"],
+                           [[r.name, wxh(r.hw), run.label,
+                             pct(r.foreground_fraction, missing="n/a", digits=1, unit="%"),
                              pct(r.iou, missing="n/a", digits=1, unit="%")] for run in req.runs for r in run.results])
     timing = "; ".join(f"{run.label}: {run.seconds:.2f} s for {len(run.results)} "
                        f"quer{'y' if len(run.results) == 1 else 'ies'}"

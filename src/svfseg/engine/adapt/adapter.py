@@ -53,6 +53,7 @@ class EpisodeAdapter:
         fixed = not self.model.describe().get("shot_independent", True)
         self.fixed_shot: Optional[int] = getattr(self.model, "shot", None) if fixed else None
         self._first_trained = self._first_trained_stage()
+        self.batched_runner = None  # a BatchedSVFAdapter made from this adapter (batched.runner_for), kept for reuse
 
     @property
     def trainable_count(self) -> int:

@@ -64,44 +64,66 @@ def adapted_evaluation(adapter: EpisodeAdapter, dataset: Dataset, *, class_ids: 
     An adaptation of ``max(counts)`` steps is run per episode and the query is predicted after each
     step count in ``counts`` (0: before the first step). Intersections and unions are summed per
     class as in `svfseg test`; each episode's counts are kept too (``per_episode``: dataset index,
-    class, [inter_fg, union_fg, inter_bg, union_bg]) for paired bootstraps over episodes.
+    class, [inter_fg, union_fg, inter_bg, union_bg]) for paired bootstraps over episodes. Singular
+    values are adapted ``adapter.settings.parallel`` episodes at a time (`batched`); everything else
+    one episode at a time.
 
     Returns:
         Step count -> :meth:`IoUAccumulator.compute` plus ``per_episode``, ``seconds`` (the whole pass) and
         ``seconds_per_episode``.
     """
+    from svfseg.engine.adapt.batched import batchable, runner_for
+
     device = info.device
     counts = sorted(set(int(c) for c in counts))
     accs = {c: IoUAccumulator(class_ids) for c in counts}
     records: dict[int, list] = {c: [] for c in counts}
     adapted = 0.0
+    parallel = adapter.settings.parallel if batchable(adapter) else 1
+    batched = runner_for(adapter, parallel) if parallel > 1 else None
 
     def on_batch(net, batch: dict, indices: Sequence[int]) -> None:
         nonlocal adapted
         query, supports, masks = to_device(batch, ("query_img", "support_imgs", "support_masks"), device)
-        labels = batch["query_label_orig"]
-        for b, index in enumerate(indices):
-            cid = int(batch["class_id"][b])
-            ids = torch.tensor([cid], device=device)
+        labels, cids = batch["query_label_orig"], [int(c) for c in batch["class_id"]]
 
-            def score(step: int) -> None:
-                logits = adapter.predict(query[b:b + 1], supports[b:b + 1], masks[b:b + 1], ids)
-                pred = predictions_at_original_size(logits, batch["query_valid_hw"][b:b + 1], [tuple(labels[b].shape)],
-                                                    upstream=upstream_padding)[0]
-                got = accs[step].update(pred.cpu(), labels[b], cid)
-                records[step].append([int(index), cid, *[int(v) for v in got]])
+        def score(step: int, logits: torch.Tensor, rows: Sequence[int]) -> None:
+            preds = predictions_at_original_size(logits, batch["query_valid_hw"][list(rows)],
+                                                 [tuple(labels[b].shape) for b in rows], upstream=upstream_padding)
+            for pred, b in zip(preds, rows):
+                got = accs[step].update(pred.cpu(), labels[b], cids[b])
+                records[step].append([int(indices[b]), cids[b], *[int(v) for v in got]])
 
-            t0 = time.perf_counter()
-            adapter.reset()
+        t0 = time.perf_counter()
+        if batched is not None and query.shape[-2:] == supports.shape[-2:]:
+            rows = list(range(len(indices)))
+
+            def predict_all(step: int) -> None:
+                score(step, batched.predict(query, supports, masks), rows)
+
+            batched.reset()
             if 0 in counts:
-                score(0)
-            adapter.adapt(supports[b], masks[b], cid, steps=counts[-1], lr=lr or 0.0,
-                          generator=episode_generator(seed, index),
-                          on_step=lambda step: score(step) if step in accs else None)
-            adapted += time.perf_counter() - t0
+                predict_all(0)
+            batched.adapt(supports, masks, steps=counts[-1], lr=lr or 0.0,
+                          generators=[episode_generator(seed, i) for i in indices],
+                          on_step=lambda step: predict_all(step) if step in accs else None)
+        else:
+            for b, index in enumerate(indices):
+                ids = torch.tensor([cids[b]], device=device)
 
-    seconds = evaluation_loop(adapter.model, dataset, on_batch, info=info, device=device, amp=amp, batch_size=1,
-                              progress=progress, desc=desc)
+                def predict_one(step: int, b: int = b, ids: torch.Tensor = ids) -> None:
+                    score(step, adapter.predict(query[b:b + 1], supports[b:b + 1], masks[b:b + 1], ids), [b])
+
+                adapter.reset()
+                if 0 in counts:
+                    predict_one(0)
+                adapter.adapt(supports[b], masks[b], cids[b], steps=counts[-1], lr=lr or 0.0,
+                              generator=episode_generator(seed, index),
+                              on_step=lambda step: predict_one(step) if step in accs else None)
+        adapted += time.perf_counter() - t0
+
+    seconds = evaluation_loop(batched.model if batched is not None else adapter.model, dataset, on_batch, info=info,
+                              device=device, amp=amp, batch_size=parallel, progress=progress, desc=desc)
     out = {}
     for c, acc in accs.items():
         acc.load_tensor(all_reduce_sum(acc.as_tensor(), info))
@@ -109,6 +131,7 @@ def adapted_evaluation(adapter: EpisodeAdapter, dataset: Dataset, *, class_ids: 
         r["per_episode"] = sorted(all_gather_objects(records[c], info))
         r["seconds"] = seconds
         r["seconds_per_episode"] = adapted / max(len(records[c]), 1)
+        r["episodes_per_pass"] = parallel
         out[c] = r
     return out
 
