@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -311,7 +312,9 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "repor
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (errors print one line, no traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    _take_late_overrides(parser, args, extras)
     args.command_line = ["svfseg", *argv]  # what meta.json records, also when main() is called in-process
     _setup_logging(args.verbose)
     from svfseg.config import ConfigError
@@ -342,6 +345,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"svfseg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+#: A ``key=value`` config override as users type it (``fold=1``, ``optim.lr_mult.svf=10``).
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def _take_late_overrides(parser: argparse.ArgumentParser, args, extras: Sequence[str]) -> None:
+    """Append to ``args.overrides`` the ``key=value`` items argparse left over; refuse anything else.
+
+    argparse fills a ``nargs="*"`` positional from one run of positionals only, so in
+    ``episodes --config C fold=1 --count 5 shot=5`` the ``shot=5`` after the option is left over.
+    The first run is always the earliest, so appending keeps the order typed (a later override wins).
+    """
+    late = [x for x in extras if _OVERRIDE.match(x)] if hasattr(args, "overrides") else []
+    rest = [x for x in extras if x not in late]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
 
 
 def error_line(e: BaseException) -> str:

@@ -7,13 +7,11 @@ import math
 from pathlib import Path
 
 from svfseg.compare.cells import CellInterrupted, _check_episode_count, run_cell
-from svfseg.compare.plan import (WARM_START_SEED, ComparePlan, cell_config, check_plan_lists, warm_start_checkpoint,
-                                 warm_start_config)
+from svfseg.compare.plan import (WARM_START_SEED, ComparePlan, cell_config, check_owned_keys, check_plan_lists,
+                                 sweep_grid, warm_start_checkpoint, warm_start_config)
 from svfseg.compare.plot import plot_compare
 from svfseg.compare.render import compare_markdown
 from svfseg.compare.summary import summarize
-from svfseg.compare.variants import Arm
-from svfseg.regimes import regime_spec
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +42,9 @@ def test_episode_file(plan: ComparePlan, cfg) -> Path:
     return path
 
 
-def _trains_backbone(regime: str) -> bool:
-    return regime_spec(regime).backbone_grad
-
-
 def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict) -> None:
     """The sweep (if any) and then every seed of one regime at one (fold, shot); appends to ``cells``/``sweeps``."""
-    trains = _trains_backbone(plan.arms.get(regime, Arm(regime, regime)).regime)  # a --vary row: its regime
-    grid = plan.backbone_lr if trains and len(plan.backbone_lr) > 1 else [None]
+    grid = sweep_grid(plan, regime)
     chosen = grid[0]
     if len(grid) > 1:
         # The sweep: first seed only, chosen on base-class validation episodes; only the chosen
@@ -81,6 +74,7 @@ def run_compare(plan: ComparePlan) -> dict:
         The ``compare.json`` content.
     """
     check_plan_lists(plan)
+    check_owned_keys(plan)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for name in plan.regimes:  # a typo in a regime or an override fails now, not hours in

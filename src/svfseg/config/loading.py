@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from svfseg.config.aliases import combine_layers, deep_update, strip_regime_aliases
-from svfseg.config.schema import ConfigError, ExperimentConfig, to_dict, validate
+from svfseg.config.schema import ConfigError, ExperimentConfig, flat_keys, to_dict, validate
 
 
 def from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
@@ -164,6 +164,15 @@ def parse_dotlist(items: Sequence[str]) -> dict:
                 raise ConfigError(f"command-line override '{item}' conflicts with an earlier override of '{p}'")
         node[parts[-1]] = value
     return out
+
+
+def keys_set_by(overrides: Sequence[str]) -> dict[str, Any]:
+    """The dotted keys ``key=value`` overrides set, with their values, as the config reads them.
+
+    ``optim.lr_mult={svf: 2}`` sets ``optim.lr_mult.svf``; svfseg 0.1's ``model.backbone_mode`` and
+    ``svf.enabled`` set ``model.regime`` (the aliases' own keys are left out).
+    """
+    return flat_keys(strip_regime_aliases(combine_layers({}, parse_dotlist(overrides), "command line", warn=False)))
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

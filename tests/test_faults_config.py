@@ -1,0 +1,86 @@
+"""Issue 30, items 2, 5, 6 and 7: overrides and config values refused (or accepted) in one line, before any work."""
+from pathlib import Path
+
+import pytest
+
+from conftest import error_line
+from svfseg.cli import main
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "pfenet_efficientnet_lite0.yaml"
+
+
+# ---------------------------------------------------------------- item 6: overrides anywhere on the line
+
+
+def test_overrides_are_read_anywhere_on_the_command_line(tmp_path, capsys):
+    # fold=9 after an option: read as an override (refused by the config check, which names it), not
+    # argparse's "unrecognized arguments"
+    out = str(tmp_path / "e.json")
+    assert main(["episodes", "--config", str(RECIPE), "shot=1", "--count", "5", "--out", out, "fold=9"]) == 2
+    assert "'fold' must be 0..3, found 9" in error_line(capsys, "episodes")
+    assert main(["train", "--config", str(RECIPE), "name=x", "--threads", "1", "shot=0"]) == 2
+    assert "'shot' must be >= 1, found 0" in error_line(capsys, "train")
+    assert main(["test", "--checkpoint", str(tmp_path / "none.pt"), "--config", str(RECIPE), "shot=1",
+                 "--protocol", "hsnet", "fold=9"]) == 2
+    assert "found 9" in error_line(capsys, "test")
+    # the later of two overrides of one key wins, as typed
+    assert main(["episodes", "--config", str(RECIPE), "fold=9", "--count", "5", "--out", out, "fold=7"]) == 2
+    assert "found 7" in error_line(capsys, "episodes")
+    # what is not an override is still refused by argparse
+    with pytest.raises(SystemExit):
+        main(["episodes", "--config", str(RECIPE), "--out", out, "fold=1", "--count", "5", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", "--checkpoint", "c.pt", "--support", "a", "b", "--query", "q", "--out", "o", "fold=1"])
+
+
+# ---------------------------------------------------------------- item 2: keys compare owns
+
+
+def _compare(tmp_path, *extra):
+    return ["compare", "--config", str(RECIPE), "--regimes", "frozen,svf", "--seeds", "0", "--out",
+            str(tmp_path / "cmp"), f"data.root={tmp_path / 'no-data'}", *extra]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["fold=2", "shot=5"], "the override 'fold=2' sets fold, which compare sets in every cell (it would be replaced): "
+                           "use --folds 2"),
+    (["--vary", "fold=1|2"], "--vary fold=1|2 varies fold, which compare sets in every cell of 'svf' (the rows would "
+                             "not differ as labelled): use --folds 1 2"),
+    (["--vary", "svf:seed=1|2"], "use --seeds 1,2"),
+    (["--vary", "svf:model.regime=svf|full"], "use --regimes svf,full"),
+    (["model.regime=full"], "use --regimes full"),
+    (["model.backbone_mode=train"], "sets model.regime"),  # svfseg 0.1's alias of model.regime
+    (["train.val_episodes=50"], "use --val-episodes 50"),
+    (["--vary", "svf:train.val_episodes=5|9"], "use --val-episodes 5,9"),
+    (["train.val_episodes_file=v.json"], "set its size with --val-episodes N"),
+    (["name=mine"], "compare names each cell's folder"),
+    (["output_dir=elsewhere"], "use --out elsewhere"),
+    (["--backbone-lr", "1,10", "optim.lr_mult.svf=5"], "--backbone-lr 1,10 sets it per cell"),
+    (["--backbone-lr", "1,10", "optim.lr_mult={backbone: 5}"], "sets optim.lr_mult.backbone"),
+    (["--backbone-lr", "1,10", "--vary", "svf:optim.lr_mult.svf=1|2"], "varies optim.lr_mult.svf"),
+    (["--warm-start", "2", "model.init_head=h.pt"], "--warm-start starts every cell from the head it trains"),
+    (["--threads", "1", "threads=2"], "use --threads 2"),
+    (["--folds", "0", "1", "fold=0"], "use --folds 0"),  # the override after a list option, too
+])
+def test_compare_refuses_overrides_of_the_keys_it_sets(tmp_path, capsys, extra, expected):
+    assert main(_compare(tmp_path, *extra)) == 1
+    line = error_line(capsys, "compare")
+    assert expected in line, line
+    assert not (tmp_path / "cmp").exists()  # refused before anything is made
+
+
+def test_compare_keeps_overrides_of_keys_it_sets_only_sometimes(tmp_path):
+    from svfseg.compare import ComparePlan, cell_config
+    from svfseg.compare.plan import check_owned_keys
+
+    # no sweep: the recipe's multipliers are the user's; no --threads: `threads` is the user's; no warm start
+    plan = ComparePlan(config=str(RECIPE), regimes=["frozen", "svf"], seeds=[0], out=tmp_path,
+                       overrides=["optim.lr_mult.svf=5", "threads=2", "model.init_head=h.pt", "train.epochs=3"])
+    check_owned_keys(plan)
+    cfg = cell_config(plan, 0, 1, "svf", 0, None)
+    assert cfg.optim.lr_mult["svf"] == 5 and cfg.threads == 2 and cfg.model.init_head == "h.pt"
+    assert cfg.train.epochs == 3 and cfg.train.select_on == "base_heldout" and cfg.seed == 0
+    # a sweep owns the multipliers of the rows that train the backbone only
+    plan.backbone_lr, plan.overrides, plan.regimes = [1.0, 10.0], ["optim.lr_mult.head=3"], ["frozen"]
+    check_owned_keys(plan)
