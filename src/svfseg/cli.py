@@ -195,6 +195,8 @@ def cmd_test(args) -> int:
 
     if args.protocol is not None and args.episodes is not None:
         raise UsageError("test: --protocol makes episodes from its seeds, --episodes reads a file of them; give one")
+    if args.save_vis < 0:
+        raise UsageError(f"test: --save-vis must be >= 0 (overlay PNGs to write), found {args.save_vis}")
     cfg = None
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
@@ -222,8 +224,11 @@ def cmd_episodes(args) -> int:
     from svfseg.config import load_config
     from svfseg.engine.data import episode_summary, resolve_benchmark, write_episode_file
 
-    if args.count < 1:
-        raise UsageError(f"episodes: --count must be >= 1, found {args.count}")
+    from svfseg.data.episodes import MAX_EPISODES
+
+    if not 1 <= args.count <= MAX_EPISODES:
+        raise UsageError(f"episodes: --count must be 1 .. {MAX_EPISODES:,} (50x the largest protocol's 20,000), "
+                         f"found {args.count:,}")
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"episodes: --out {args.out} exists (runs may have been scored on it); choose another "
                          f"file or pass --overwrite")

@@ -73,12 +73,14 @@ def run_compare(plan: ComparePlan) -> dict:
     Returns:
         The ``compare.json`` content.
     """
+    from svfseg.engine.model import check_model_names
+
     check_plan_lists(plan)
     check_owned_keys(plan)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for name in plan.regimes:  # a typo in a regime or an override fails now, not hours in
-        cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None)
+        check_model_names(cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None))
     if plan.warm_start < 0:
         raise ValueError(f"--warm-start: expected a number of steps >= 0, found {plan.warm_start}")
     plan.out.mkdir(parents=True, exist_ok=True)

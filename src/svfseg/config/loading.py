@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import subprocess
 import types
 import typing
@@ -198,6 +199,12 @@ def parse_dotlist(items: Sequence[str]) -> dict:
     """``["fold=1", "optim.lr=0.005", "svf.stages=[layer3,layer4]"]`` -> nested dict (YAML values)."""
     out: dict = {}
     for item in items:
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # a name the file system gave as bytes: config.yaml could not record it
+            shown = os.fsencode(item).decode("utf-8", "backslashreplace")
+            raise ConfigError(f"command-line override '{shown}': expected UTF-8 text (the run records it in "
+                              f"config.yaml), found a name that is not UTF-8; rename the file or folder") from None
         if "=" not in item:
             raise ConfigError(f"command-line override '{item}' must look like key=value (e.g. fold=1)")
         key, raw = item.split("=", 1)
