@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--tau", type=float, default=0.9, help="generalized setting: novel-class threshold (default 0.9)")
     te.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. shot=5 data.root=...")
     _add_threads(te)
+    add_adapt_arguments(te)
 
     ep = sub.add_parser("episodes", help="write a fixed evaluation episode file (for `svfseg test --episodes`)")
     ep.add_argument("--config", type=Path, required=True, help="recipe YAML (data.root, fold, shot, ...)")
@@ -186,6 +187,27 @@ def cmd_train(args) -> int:
     return 0 if res.status == "finished" else 130
 
 
+def add_adapt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--adapt PARAMS``, ``--adapt-steps N``, ``--adapt-lr LR`` of `test` and `predict` (the ``adapt:`` section)."""
+    from svfseg.regimes import ADAPT_NAMES
+
+    parser.add_argument("--adapt", metavar="PARAMS", default=None,
+                        help=f"fine-tune on each episode's own supports before predicting its query: one of "
+                             f"{', '.join(ADAPT_NAMES)} or a '+' combination (svf+head); steps and lr are chosen on "
+                             f"base-class validation episodes unless given")
+    parser.add_argument("--adapt-steps", type=int, default=None, metavar="N",
+                        help="adaptation steps per episode (default: chosen on validation)")
+    parser.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
+                        help="adaptation learning rate (default: chosen on validation)")
+    return parser
+
+
+def adapt_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``adapt.*`` overrides that ``--adapt``, ``--adapt-steps`` and ``--adapt-lr`` stand for."""
+    pairs = (("params", args.adapt), ("steps", args.adapt_steps), ("lr", args.adapt_lr))
+    return [f"adapt.{key}={value}" for key, value in pairs if value is not None]
+
+
 def cmd_test(args) -> int:
     from svfseg.config import config_with_overrides, load_config
     from svfseg.engine import checkpoint as ckpt
@@ -197,6 +219,7 @@ def cmd_test(args) -> int:
         raise UsageError("test: --protocol makes episodes from its seeds, --episodes reads a file of them; give one")
     if args.save_vis < 0:
         raise UsageError(f"test: --save-vis must be >= 0 (overlay PNGs to write), found {args.save_vis}")
+    args.overrides = [*args.overrides, *adapt_overrides(args)]
     cfg = None
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)

@@ -1,4 +1,4 @@
-"""The settings of the svf and lora regimes (`SVFPolicy`, `LoRAConfig`): torch-free, built by the config, applied by the models."""
+"""The settings of the svf and lora regimes (`SVFPolicy`, `LoRAConfig`) and of test-time adaptation (`AdaptSettings`): torch-free."""
 
 from __future__ import annotations
 
@@ -121,3 +121,79 @@ class LoRAConfig:
     r: int = 4
     alpha: float = 4.0
     dropout: float = 0.0
+
+
+#: Optimisers of test-time adaptation (``adapt.optimizer``).
+ADAPT_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class AdaptSettings:
+    """The ``adapt:`` section: fine-tune part of the model on each test episode's own supports, then predict its query.
+
+    From the K supports alone, pseudo-episodes are made: each support in turn is the query and the
+    others its supports (K >= 2), or a support is the query of an augmented copy of itself (K = 1,
+    and for K >= 2 too with ``augment``). What ``params`` names trains for ``steps`` steps on the
+    cross-entropy of the model's prediction, the episode's query is predicted, and the model is
+    restored exactly before the next episode. The query's image and label play no part before the
+    prediction. What each ``params`` choice trains is declared in ``svfseg.regimes`` (``ADAPT_REGISTRY``).
+
+    Attributes:
+        params: ``none`` (the plain test), ``svf``, ``bn``, ``bitfit``, ``lora``, ``head``, ``full``, or a
+            ``+`` combination (``svf+head``).
+        steps: Optimiser steps per episode; None: chosen from ``grid_steps`` on base-class validation episodes.
+        lr: Learning rate; None: chosen from ``grid_lr`` on base-class validation episodes. The choice always
+            includes not adapting at all (0 steps), so a harmful adaptation is not chosen.
+        optimizer: ``adam`` or ``sgd`` (momentum 0.9).
+        augment: For K >= 2, also pair each support with an augmented copy of itself (K = 1 always does).
+        batch: Pseudo-episodes per step (0: all of them, one step = one pass over the supports).
+        grid_lr: The learning rates tried on validation when ``lr`` is None.
+        grid_steps: The step counts tried on validation when ``steps`` is None (one adaptation of the largest
+            count is scored after each of them).
+        val_episodes: Base-class validation episodes the choice is made on.
+        seed: Seed of the augmentations (each episode's generator is seeded by this and its index).
+        parallel: Episodes adapted in one batched pass, each with its own singular values (``params=svf``
+            only; the others adapt one episode at a time). Faster on a CPU; memory grows with it; 1: one at a time.
+    """
+
+    params: str = "none"
+    steps: Optional[int] = None
+    lr: Optional[float] = None
+    optimizer: str = "adam"
+    augment: bool = False
+    batch: int = 0
+    grid_lr: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    grid_steps: tuple[int, ...] = (5, 10)
+    val_episodes: int = 100
+    seed: int = 0
+    parallel: int = 4
+
+    def __post_init__(self) -> None:
+        self.grid_lr = tuple(float(v) for v in self.grid_lr)
+        self.grid_steps = tuple(int(v) for v in self.grid_steps)
+        if self.optimizer not in ADAPT_OPTIMIZERS:
+            raise ValueError(f"adapt.optimizer: expected one of {list(ADAPT_OPTIMIZERS)}, found {self.optimizer!r}")
+        if self.steps is not None and int(self.steps) < 0:
+            raise ValueError(f"adapt.steps: expected >= 0 or null (chosen on validation), found {self.steps}")
+        if self.lr is not None and not float(self.lr) > 0:
+            raise ValueError(f"adapt.lr: expected > 0 or null (chosen on validation), found {self.lr}")
+        if not self.grid_lr or any(not v > 0 for v in self.grid_lr):
+            raise ValueError(f"adapt.grid_lr: expected learning rates > 0, found {list(self.grid_lr)}")
+        if not self.grid_steps or any(v < 1 for v in self.grid_steps):
+            raise ValueError(f"adapt.grid_steps: expected step counts >= 1, found {list(self.grid_steps)}")
+        for key in ("batch", "val_episodes", "seed"):
+            if int(getattr(self, key)) < 0:
+                raise ValueError(f"adapt.{key}: expected >= 0, found {getattr(self, key)}")
+        if int(self.parallel) < 1:
+            raise ValueError(f"adapt.parallel: expected >= 1 episodes per pass, found {self.parallel}")
+
+    @property
+    def chosen_on_validation(self) -> bool:
+        """Whether ``steps`` or ``lr`` is left to the choice on base-class validation episodes."""
+        return self.steps is None or (self.lr is None and self.steps != 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (configs, results)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["grid_lr"], d["grid_steps"] = list(self.grid_lr), list(self.grid_steps)
+        return d

@@ -110,3 +110,84 @@ def alias01_of(name: str) -> tuple[bool, str]:
 def legacy_modes() -> list[str]:
     """The values svfseg 0.1's ``model.backbone_mode`` took in configs."""
     return sorted({s.alias01[1] for s in _SPECS if s.alias01 is not None})
+
+
+# -- test-time adaptation: what `adapt.params` fine-tunes on an episode's own supports ----------------------
+
+
+@dataclass(frozen=True)
+class AdaptSpec:
+    """One choice of ``adapt.params``: what is fine-tuned on a test episode's supports before its query is predicted.
+
+    Choices combine with ``+`` (``svf+head``). The behaviour (preparing a model, collecting what trains)
+    is registered against the same names in ``svfseg.engine.adapt.targets``.
+
+    Attributes:
+        name: the ``adapt.params`` value (one part of a combination).
+        trains: what trains, in words (for help, errors and tables).
+        backbone: it trains something in the backbone (which then runs with a graph).
+        head: it trains the few-shot head (every parameter outside the backbone that trained as the head).
+        whole_backbone: it trains every backbone weight (no other backbone part can be added to it).
+    """
+
+    name: str
+    trains: str
+    backbone: bool = False
+    head: bool = False
+    whole_backbone: bool = False
+
+
+_ADAPT_SPECS = (
+    AdaptSpec("none", "nothing (the plain test)"),
+    AdaptSpec("svf", "the singular values of svf.stages (the model's own, or decomposed once when it trained "
+                     "another regime)", backbone=True),
+    AdaptSpec("bn", "the BN affine parameters of svf.stages (statistics frozen)", backbone=True),
+    AdaptSpec("bitfit", "the biases of svf.stages (the BN shift where a conv has none)", backbone=True),
+    AdaptSpec("lora", "LoRA adapters on the ungrouped convs of svf.stages (the lora: section)", backbone=True),
+    AdaptSpec("head", "the few-shot head", head=True),
+    AdaptSpec("full", "every backbone weight (BN statistics frozen)", backbone=True, whole_backbone=True),
+)
+
+#: ``adapt.params`` part -> spec, in declaration order.
+ADAPT_REGISTRY: dict[str, AdaptSpec] = {s.name: s for s in _ADAPT_SPECS}
+#: The single ``adapt.params`` values (combinations join them with ``+``).
+ADAPT_NAMES: tuple[str, ...] = tuple(ADAPT_REGISTRY)
+
+
+def adapt_parts(text: str, *, where: str = "adapt.params") -> tuple[AdaptSpec, ...]:
+    """The specs of an ``adapt.params`` value such as ``"svf"`` or ``"svf+head"``, in declaration order.
+
+    Raises:
+        ValueError: an unknown part, a repeated part, ``none`` combined with another, or ``full`` combined
+            with another backbone part (it already trains every backbone weight); the message says where.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: expected one of {list(ADAPT_NAMES)} or a '+' combination such as 'svf+head', "
+                         f"found {text!r}")
+    names = [p.strip() for p in text.split("+")]
+    unknown = [n for n in names if n not in ADAPT_REGISTRY]
+    if unknown:
+        raise ValueError(f"{where}: {unknown[0]!r} is not one of {list(ADAPT_NAMES)} (found {text!r})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: a part is repeated in {text!r}")
+    specs = tuple(s for s in _ADAPT_SPECS if s.name in names)
+    if len(specs) > 1 and any(s.name == "none" for s in specs):
+        raise ValueError(f"{where}: 'none' cannot be combined with other parts (found {text!r})")
+    if any(s.whole_backbone for s in specs) and sum(s.backbone for s in specs) > 1:
+        raise ValueError(f"{where}: 'full' already trains every backbone weight; combine it only with 'head' "
+                         f"(found {text!r})")
+    return specs
+
+
+def adapt_name(text: str) -> str:
+    """The canonical spelling of an ``adapt.params`` value (parts in declaration order): ``head+svf`` -> ``svf+head``."""
+    return "+".join(s.name for s in adapt_parts(text))
+
+
+#: The ``adapt.params`` value that adapts nothing (the plain test).
+NO_ADAPTATION = _ADAPT_SPECS[0].name
+
+
+def adapt_trains(text: str) -> bool:
+    """Whether an ``adapt.params`` value fine-tunes anything (``none`` does not)."""
+    return any(s.backbone or s.head for s in adapt_parts(text))

@@ -21,14 +21,20 @@ class CellSettingsChanged(ValueError):
 #: Config keys that do not change what a cell computes (how it is run, shown or interrupted).
 _QUIET_KEYS = ("resume", "threads", "device", "train.progress", "train.stop_after_steps", "train.tensorboard",
                "train.log_every", "data.workers")
+#: Config sections that do not change what a cell trains or its plain test score (adaptation is scored apart).
+_QUIET_SECTIONS = ("adapt.",)
 CELL_RECORD = "compare_cell.json"
+
+
+def _quiet(key: str) -> bool:
+    return key in _QUIET_KEYS or key.startswith(_QUIET_SECTIONS)
 
 
 def cell_settings(cfg, episodes: Optional[Path]) -> dict:
     """What made a cell: its config (flat keys, the quiet ones left out) and its test episode file."""
     from svfseg.config import to_dict
 
-    flat = {k: v for k, v in flat_keys(to_dict(cfg)).items() if k not in _QUIET_KEYS}
+    flat = {k: v for k, v in flat_keys(to_dict(cfg)).items() if not _quiet(k)}
     out = {"config": json.loads(json.dumps(flat))}  # tuples as lists, as they read back
     init_head = getattr(cfg.model, "init_head", None)
     if init_head and (Path(init_head).parent / CELL_RECORD).exists():
@@ -49,7 +55,7 @@ def _recorded_settings(run_dir: Path) -> Optional[dict]:
         return json.loads(record.read_text())
     if (run_dir / "config.yaml").exists():  # a cell made before the record, or one still training
         flat = flat_keys(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-        return {"config": json.loads(json.dumps({k: v for k, v in flat.items() if k not in _QUIET_KEYS}))}
+        return {"config": json.loads(json.dumps({k: v for k, v in flat.items() if not _quiet(k)}))}
     return None
 
 
@@ -184,11 +190,14 @@ def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
     if episodes is None:
         _write_cell_record(run_dir, cell_settings(cfg, None))
         return rec
-    if not results_path.exists() or not done:
-        # the same entry as `svfseg test`: the task the model's recipe scores it with
-        score_with_task(run_dir / "best.pt", cfg, options=TestOptions(episodes=episodes, out_dir=run_dir / "test"))
+    if not results_path.exists() or not done or "per_episode" not in json.loads(results_path.read_text())["runs"][0]:
+        # the same entry as `svfseg test`: the task the model's recipe scores it with; each episode's counts are
+        # kept for the paired bootstraps of the adaptation rows (results from before them are scored again)
+        score_with_task(run_dir / "best.pt", cfg, options=TestOptions(episodes=episodes, out_dir=run_dir / "test",
+                                                                      per_episode=True))
     run = json.loads(results_path.read_text())["runs"][0]
     rec.update(miou=run["miou"], fb_iou=run["fb_iou"], episodes=run["episodes"],
-               episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"])
+               episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"],
+               results=str(results_path))
     _write_cell_record(run_dir, cell_settings(cfg, episodes))
     return rec

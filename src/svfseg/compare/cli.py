@@ -8,6 +8,7 @@ from svfseg.compare.plan import ComparePlan, trains_backbone
 from svfseg.compare.render import compare_markdown
 from svfseg.compare.run import run_compare
 from svfseg.compare.variants import expand_arms
+from svfseg.regimes import NO_ADAPTATION
 
 
 def _floats(text: str) -> list[float]:
@@ -40,6 +41,10 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="extra rows: REGIME (default: every regime that trains the backbone, except the reference) "
                         "once per value of KEY, e.g. --vary 'svf:svf.train=[S]|[U,S]|[S,V]' or "
                         "--vary 'svf:svf.stages=[layer4]|[layer3,layer4]'; repeat for more keys (every combination)")
+    p.add_argument("--adapt", default=NO_ADAPTATION, metavar="PARAMS,...",
+                   help="also score every cell after fine-tuning on each test episode's own supports: comma-separated "
+                        "adapt.params choices (none, svf, bn, bitfit, lora, head, full, or '+' combinations), e.g. "
+                        "none,svf,full; steps and lr chosen on the first seed's base-class validation episodes")
     p.add_argument("--force", action="store_true",
                    help="retrain (rescore) the cells an earlier compare into --out made with other settings")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every cell")
@@ -63,7 +68,8 @@ def run_compare_cli(args: argparse.Namespace) -> int:
                        folds=lists["folds"], shots=lists["shots"], overrides=overrides, out=args.out,
                        reference=args.reference, backbone_lr=args.backbone_lr, test_episodes=args.test_episodes,
                        val_episodes=args.val_episodes, warm_start=args.warm_start, threads=args.threads,
-                       arms={a.label: a for a in arms if a.overrides}, force=args.force)
+                       arms={a.label: a for a in arms if a.overrides}, force=args.force,
+                       adapt=[NO_ADAPTATION, *[a.strip() for a in args.adapt.split(",") if a.strip()]])
     result = run_compare(plan)
     print(compare_markdown(result))
     return 130 if result.get("stopped") else 0

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from svfseg.compare.variants import Arm, folder_name
-from svfseg.regimes import regime_spec
+from svfseg.regimes import NO_ADAPTATION, regime_spec
 
 
 @dataclass
@@ -32,6 +32,9 @@ class ComparePlan:
         threads: torch CPU threads of every cell (None: torch's default).
         force: Retrain (rescore) the cells an earlier compare into ``out`` made with other settings
             (otherwise refused, naming the differing keys).
+        adapt: ``adapt.params`` choices every finished cell is also scored with on its test episodes
+            (``none`` = the plain score, always there); each choice's steps and lr are chosen on the
+            first seed's base-class validation episodes and reused for the other seeds.
     """
 
     config: str
@@ -49,6 +52,7 @@ class ComparePlan:
     warm_start: int = 0
     threads: Optional[int] = None
     force: bool = False
+    adapt: list[str] = field(default_factory=lambda: [NO_ADAPTATION])
 
 
 def lr_overrides(mult: Optional[float]) -> list[str]:
@@ -151,13 +155,15 @@ def _as_overrides(keys: dict[str, Owned]) -> list[str]:
     return [f"{k}={o.value}" for k, o in keys.items()]
 
 
-def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int, mult: Optional[float]):
-    """The config of one cell: recipe, the plan's overrides, the row's ``--vary`` overrides, then compare's keys."""
+def cell_config(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int, mult: Optional[float],
+                extra: Sequence[str] = ()):
+    """The config of one cell: recipe, the plan's overrides, the row's ``--vary`` overrides, then compare's keys
+    (and ``extra``, e.g. the ``adapt.*`` keys its adaptation rows are scored with)."""
     from svfseg.config import load_config
 
     arm = plan.arms.get(regime, Arm(regime, regime))
     return load_config(plan.config, [*plan.overrides, *arm.overrides,
-                                     *_as_overrides(cell_keys(plan, fold, shot, regime, seed, mult))])
+                                     *_as_overrides(cell_keys(plan, fold, shot, regime, seed, mult)), *extra])
 
 
 def check_owned_keys(plan: ComparePlan) -> None:
@@ -210,14 +216,21 @@ def warm_start_config(plan: ComparePlan, fold: int, shot: int):
     from svfseg.config import load_config
 
     return load_config(plan.config, [
-        *plan.overrides, *_as_overrides(_common_keys(plan, fold, shot)), f"seed={WARM_START_SEED}", "model.regime=frozen", "name=warm_start",
-        "train.epochs=1", f"train.steps_per_epoch={plan.warm_start}", "train.val_every=0", "train.select_on=last"])
+        *plan.overrides, *_as_overrides(_common_keys(plan, fold, shot)), f"seed={WARM_START_SEED}",
+        "model.regime=frozen", "name=warm_start", "train.epochs=1", f"train.steps_per_epoch={plan.warm_start}", "train.val_every=0", "train.select_on=last"])
 
 
 def check_plan_lists(plan: ComparePlan) -> None:
-    """Refuse empty or repeated seeds, regimes, folds and shots (a repeated seed is no second pair)."""
+    """Refuse empty or repeated seeds, regimes, folds, shots and adaptations (a repeated seed is no second pair)."""
+    from svfseg.regimes import adapt_name, adapt_trains
+
+    try:  # canonical names (head+svf -> svf+head), so a repeat is seen and folders are named one way; the plain
+        # score (no adaptation) is always there, once
+        plan.adapt = [NO_ADAPTATION, *[adapt_name(p) for p in plan.adapt if adapt_trains(p)]]
+    except ValueError as e:
+        raise ValueError(f"compare: --adapt: {e}") from None
     for option, values in (("--seeds", plan.seeds), ("--regimes", plan.regimes), ("--folds", plan.folds),
-                           ("--shots", plan.shots)):
+                           ("--shots", plan.shots), ("--adapt", plan.adapt)):
         if not values:
             raise ValueError(f"compare: {option}: expected at least one value, found none")
         repeated = sorted({v for v in values if values.count(v) > 1})

@@ -65,9 +65,57 @@ def compare_markdown(result: dict) -> str:
                   + ", ".join(Path(c["run_dir"]).name for c in result["diverged"])]
     if result["incomplete"]:
         lines += ["", f"{len(result['incomplete'])} cell(s) did not finish; rerun the same command to resume them."]
+    if result.get("adapt_rows"):
+        lines += [""] + adapt_markdown(result["adapt_rows"])
     if len(result["folds"]) > 1 or len(result["shots"]) > 1:
         lines += [""] + fold_layout_markdown(result)
     return "\n".join(lines) + "\n"
+
+
+def _interval_text(d) -> str:
+    if d is None:
+        return DASH
+    if d.get("low") is None:
+        return f"{pct(d['mean'], True)} [{DASH}]"
+    return f"{pct(d['mean'], True)} [{pct(d['low'], True)}, {pct(d['high'], True)}]"
+
+
+ADAPT_NOTE = ("Adaptation: before its query is predicted, each test episode fine-tunes what the row names on its own "
+              "supports (leave-one-out pseudo-episodes; 1-shot: augmented copies), then the model is restored. Steps "
+              "and lr were chosen on the first seed's base-class validation episodes (not adapting was a candidate). "
+              "Two intervals pair each row with the same trained models scored without adaptation: **by episodes**, "
+              "a paired bootstrap over the test episodes (2,000 resamples; it covers which episodes were drawn, the "
+              "trained models fixed); **by seeds**, a paired t over training seeds (it covers the training noise; "
+              "needs two seeds). A row beats no adaptation only when every interval shown is above 0.")
+
+
+def adapt_markdown(rows: dict) -> list[str]:
+    """compare.md's section on test-time adaptation: one row per (regime, adapt.params), then the verdicts."""
+    header = ["row", f"mIoU (%) mean ± std ({STD_NOTE})", "without adaptation (%)", "Δ by episodes [95% CI]",
+              "Δ by seeds [95% CI]", "chosen (first seed)", "values adapted", "s / episode (without)"]
+    table = []
+    for label, r in rows.items():
+        secs = DASH if r["seconds_per_episode"] is None else (
+            f"{r['seconds_per_episode']:.2f} ({r['plain_seconds_per_episode']:.3f})"
+            if r["plain_seconds_per_episode"] is not None else f"{r['seconds_per_episode']:.2f}")
+        table.append([label, f"{pct(r['miou_mean'])} ± {pct(r['miou_std'])}", pct(r["plain_miou_mean"]),
+                      _interval_text(r["diff_by_episode"]), _interval_text(r["diff_by_seed"]),
+                      "; ".join(f"{k}: {v}" for k, v in r["chosen"].items()),
+                      f"{r['trainable']:,}" if r.get("trainable") is not None else DASH, secs])
+    words = {"better": "beats no adaptation beyond every interval",
+             "worse": "is worse than no adaptation beyond every interval",
+             "within": "does not differ from no adaptation beyond the intervals",
+             "unknown": "has no interval"}
+    lines = ["## Adaptation on each episode's supports", "", ADAPT_NOTE, "", markdown_table(header, table), "",
+             "Verdicts (adaptation):"]
+    for label, r in rows.items():
+        e = r["diff_by_episode"]
+        span = "" if e is None else f": {_interval_text(e)} by episodes ({e['n']} episodes)"
+        t = r["diff_by_seed"]
+        if t is not None and t.get("low") is not None:
+            span += f", {_interval_text(t)} by seeds ({t['n']} seeds)"
+        lines.append(f"- **{label}** {words[r['verdict']]}{span}.")
+    return lines
 
 
 def _trial_text(mult: str, val_miou, sweep: dict) -> str:

@@ -6,6 +6,7 @@ import logging
 import math
 from pathlib import Path
 
+from svfseg.compare.adapt import adapt_rows, score_adaptations
 from svfseg.compare.cells import CellInterrupted, _check_episode_count, run_cell
 from svfseg.compare.plan import (WARM_START_SEED, ComparePlan, cell_config, check_owned_keys, check_plan_lists,
                                  sweep_grid, warm_start_checkpoint, warm_start_config)
@@ -42,8 +43,10 @@ def test_episode_file(plan: ComparePlan, cfg) -> Path:
     return path
 
 
-def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict) -> None:
-    """The sweep (if any) and then every seed of one regime at one (fold, shot); appends to ``cells``/``sweeps``."""
+def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict, adapted: list,
+                choices: dict) -> None:
+    """The sweep (if any), then every seed of one regime at one (fold, shot) and its adaptation scores; appends to
+    ``cells``/``sweeps``/``adapted`` (``choices``: the adaptation settings the first seed chose)."""
     grid = sweep_grid(plan, regime)
     chosen = grid[0]
     if len(grid) > 1:
@@ -63,8 +66,11 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
                                                      "movement": moved, "chosen": chosen, "diverged": diverged}
     for seed in plan.seeds:
         cfg = cell_config(plan, fold, shot, regime, seed, chosen)
-        rec = run_cell(cfg, test_episode_file(plan, cfg), plan.force)
+        episodes = test_episode_file(plan, cfg)
+        rec = run_cell(cfg, episodes, plan.force)
         cells.append({"regime": regime, "seed": seed, "fold": fold, "shot": shot, "lr_mult": chosen, **rec})
+        if rec.get("status") == "finished":
+            adapted += score_adaptations(plan, fold, shot, regime, seed, chosen, rec, episodes, choices)
 
 
 def run_compare(plan: ComparePlan) -> dict:
@@ -84,7 +90,7 @@ def run_compare(plan: ComparePlan) -> dict:
     if plan.warm_start < 0:
         raise ValueError(f"--warm-start: expected a number of steps >= 0, found {plan.warm_start}")
     plan.out.mkdir(parents=True, exist_ok=True)
-    cells, sweeps, warm = [], {}, []
+    cells, sweeps, warm, adapted, choices = [], {}, [], [], {}
     stopped = False
     try:
         for fold in plan.folds:
@@ -92,7 +98,7 @@ def run_compare(plan: ComparePlan) -> dict:
                 if plan.warm_start:
                     warm.append(run_warm_start(plan, fold, shot))
                 for name in plan.regimes:
-                    _run_regime(plan, fold, shot, name, cells, sweeps)
+                    _run_regime(plan, fold, shot, name, cells, sweeps, adapted, choices)
     except CellInterrupted as e:
         logger.warning("compare: %s", e)
         stopped = True
@@ -100,6 +106,10 @@ def run_compare(plan: ComparePlan) -> dict:
     result["stopped"] = stopped
     result["variants"] = {a.label: {"regime": a.regime, "overrides": list(a.overrides)} for a in plan.arms.values()}
     result["warm_start"] = warm
+    result["adapt"] = list(plan.adapt)
+    result["adapt_rows"] = adapt_rows(plan, adapted, cells)
+    result["adapt_choices"] = choices
+    result["adapted"] = adapted
     (plan.out / "compare.json").write_text(json.dumps(result, indent=1, default=str))
     (plan.out / "compare.md").write_text(compare_markdown(result))
     plot_compare(result, plan.out / "compare.png")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from svfseg.policies import SVF_MODES, LoRAConfig, SVFPolicy
-from svfseg.regimes import REGIME_NAMES, REGISTRY
+from svfseg.policies import SVF_MODES, AdaptSettings, LoRAConfig, SVFPolicy
+from svfseg.regimes import REGIME_NAMES, REGISTRY, adapt_name
 
 #: How the backbone trains (``model.regime``): the names of ``svfseg.regimes`` (what each trains is declared there).
 REGIMES = REGIME_NAMES
@@ -137,6 +137,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    adapt: AdaptSettings = field(default_factory=AdaptSettings)  # test-time adaptation on each episode's supports
 
     def run_name(self) -> str:
         """The run folder name: explicit ``name`` or one derived from the main choices."""
@@ -226,6 +227,10 @@ def validate(cfg: ExperimentConfig) -> None:
         cfg.svf = SVFPolicy.from_dict(cfg.svf.to_dict())  # runs its checks; stages become a tuple
     except ValueError as e:
         raise ConfigError(f"config section 'svf': {e}") from None
+    try:
+        cfg.adapt = AdaptSettings(**{**cfg.adapt.to_dict(), "params": adapt_name(cfg.adapt.params)})
+    except ValueError as e:
+        raise ConfigError(f"config section 'adapt': {e}") from None
     if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"config section 'lora': expected r >= 1, alpha > 0, 0 <= dropout < 1, found "
                           f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}")

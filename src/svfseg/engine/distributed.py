@@ -80,6 +80,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return comm.to(t.device)
 
 
+def all_gather_objects(items: list, info: DistInfo) -> list:
+    """Every process's ``items`` joined into one list (the list itself in a single process)."""
+    if not info.distributed:
+        return list(items)
+    parts: list = [None] * info.world_size
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()

@@ -16,10 +16,12 @@ RUN_FILES = ("last.pt", "last.prev.pt", "last.damaged.pt", "best.pt", "config.ya
              "compare_cell.json")
 #: Folders a run (or `svfseg test` next to its checkpoint) writes into its folder.
 RUN_FOLDERS = ("test", "tb", "vis")
+#: A compare cell's scores with test-time adaptation: ``test_adapt-<adapt.params>/`` (``compare --adapt``).
+ADAPT_TEST_PREFIX = "test_adapt-"
 
 
 def _is_run_file(p: Path) -> bool:
-    return (p.name in RUN_FILES or p.name in RUN_FOLDERS
+    return (p.name in RUN_FILES or p.name in RUN_FOLDERS or p.name.startswith(ADAPT_TEST_PREFIX)
             or (p.name.startswith("val_episodes_") and p.suffix == ".json"))
 
 

@@ -42,6 +42,31 @@ class EpisodeFeatures:
         return self.support_fg.shape[1]
 
 
+@dataclass
+class ImageFeatures:
+    """Backbone features of N images, each usable as a query and as a support (see ``FewShotModel.image_features``).
+
+    Attributes:
+        unmasked: Stage name -> (N, C, h, w) features of the plain images (the query role, and the
+            support role before ``masked_support_stage``).
+        masked: Stage name -> (N, C, h, w) features from ``masked_support_stage`` on, each image
+            multiplied by its own foreground mask (the support role).
+        fg: (N, H, W) foreground masks, float in {0, 1}.
+    """
+
+    unmasked: dict[str, torch.Tensor]
+    masked: dict[str, torch.Tensor]
+    fg: torch.Tensor
+
+    def episodes(self, stages: Sequence[str], query: Sequence[int], supports: Sequence[Sequence[int]]) -> EpisodeFeatures:
+        """The features of the episodes whose query is image ``query[b]`` and whose supports are ``supports[b]``."""
+        q = torch.as_tensor(list(query), device=self.fg.device)
+        s = torch.as_tensor([list(row) for row in supports], device=self.fg.device)
+        support_of = {st: self.masked.get(st, self.unmasked.get(st)) for st in stages}
+        return EpisodeFeatures(query={st: self.unmasked[st][q] for st in stages},
+                               support={st: support_of[st][s] for st in stages}, support_fg=self.fg[s])
+
+
 class FewShotModel(nn.Module):
     """Base of the few-shot segmentation models: backbone regimes and the shared backbone pass.
 
@@ -204,8 +229,10 @@ class FewShotModel(nn.Module):
         raise NotImplementedError
 
     def _backbone_context(self) -> contextlib.AbstractContextManager:
-        # Frozen backbone: no graph at all, so the frozen regime costs what PFENet costs.
-        return contextlib.nullcontext() if get_regime(self.regime).spec.backbone_grad else torch.no_grad()
+        # Frozen backbone: no graph at all, so the frozen regime costs what PFENet costs. A backbone
+        # given something to train after it was built (test-time adaptation) runs with a graph.
+        grad = get_regime(self.regime).spec.backbone_grad or any(p.requires_grad for p in self.backbone.parameters())
+        return contextlib.nullcontext() if grad else torch.no_grad()
 
     def extract_features(
         self, query_img: torch.Tensor, support_imgs: torch.Tensor, support_masks: torch.Tensor
@@ -241,6 +268,66 @@ class FewShotModel(nn.Module):
         query = {s: q_out[s] for s in wanted}
         support = {s: s_out[s].reshape(b, k, *s_out[s].shape[1:]) for s in wanted}
         return EpisodeFeatures(query=query, support=support, support_fg=fg)
+
+    def image_features(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        *,
+        keep: Sequence[str] = (),
+        reuse: ImageFeatures | None = None,
+        start: str | None = None,
+    ) -> ImageFeatures:
+        """Each image's backbone features both as a query and as a support (with its own mask), in one pass.
+
+        What :meth:`extract_features` computes for an episode, per image instead: the stages before
+        ``masked_support_stage`` run once and serve both roles; only the masked stages run twice.
+        Test-time adaptation builds its leave-one-out pseudo-episodes from these (each support the
+        query of the others) instead of running the backbone K - 1 times per image.
+
+        Args:
+            images: (N, 3, H, W) normalised images.
+            masks: (N, H, W) labels in {0, 1, 255}; only 1 is foreground.
+            keep: Extra stages whose (unmasked) outputs to keep, e.g. the input of ``start`` for a later call.
+            reuse: Features of the same images from an earlier call: stages before ``start`` are taken
+                from it instead of being run (they must not have changed since).
+            start: First stage to run when ``reuse`` is given; at most ``masked_support_stage``.
+
+        Returns:
+            The features; run under the caller's grad mode (no backbone-context switch here).
+        """
+        names = list(self.backbone.stage_names)
+        wanted = sorted(set(self.feature_stages), key=names.index)
+        split = names.index(self.masked_support_stage) if self.masked_support_stage is not None else len(names)
+        late = [s for s in wanted if names.index(s) >= split]
+        feeder = names[split - 1] if late and split > 0 else None
+        need = sorted(set(wanted) | set(keep) | ({feeder} if feeder else set()), key=names.index)
+        begin = 0
+        out: dict[str, torch.Tensor] = {}
+        if reuse is not None:
+            begin = names.index(start) if start is not None else len(names)
+            if late and begin > split:
+                raise ValueError(f"image_features: start={start!r} is past the masked stage "
+                                 f"{self.masked_support_stage!r}; the masked stages cannot be reused")
+            out = {s: reuse.unmasked[s] for s in need if names.index(s) < begin}
+            if begin == len(names) or not late and all(names.index(s) < begin for s in need):
+                return ImageFeatures(out, reuse.masked, reuse.fg)
+        fg = foreground(masks, dtype=images.dtype)
+        early = [s for s in need if begin <= names.index(s) < split]
+        if early:
+            x = images if begin == 0 else reuse.unmasked[names[begin - 1]]
+            out.update(self.backbone.forward_stages(x, early, start=names[begin]))
+        masked: dict[str, torch.Tensor] = {}
+        if late:
+            # the masked stages see each image twice, plain (query role) and masked (support role): one batch
+            post = [s for s in need if names.index(s) >= split]
+            x = out[feeder] if feeder else images
+            n = x.shape[0]
+            both = self.backbone.forward_stages(torch.cat([x, x * resize(fg.unsqueeze(1), x.shape[-2:])]),
+                                                sorted(set(post) | set(late), key=names.index), start=names[split])
+            out.update({s: v[:n] for s, v in both.items() if s in post})
+            masked = {s: both[s][n:] for s in late}
+        return ImageFeatures(out, masked, fg)
 
     def _run_pair(
         self, q: torch.Tensor, s: torch.Tensor, stages: Iterable[str], start: str

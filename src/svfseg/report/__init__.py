@@ -6,7 +6,8 @@ recomputes the paper's from a run's logs for ``--as-paper``), ``paper`` holds th
 from __future__ import annotations
 
 from svfseg.report.paper import paper_backbone, paper_result
-from svfseg.report.table import as_paper_table, find_results, load_entries, report, report_table
+from svfseg.report.table import (METHOD_NAMES, REGIME_SUFFIX, as_paper_table, cell_differences, cell_identity,
+                                 find_results, load_entries, report, report_table)
 
-__all__ = ["as_paper_table", "find_results", "load_entries", "paper_backbone", "paper_result", "report",
-           "report_table"]
+__all__ = ["METHOD_NAMES", "REGIME_SUFFIX", "as_paper_table", "cell_differences", "cell_identity", "find_results",
+           "load_entries", "paper_backbone", "paper_result", "report", "report_table"]

@@ -58,6 +58,7 @@ class SVFLayer(nn.Module):
         # A plain tuple, not a submodule: the BN stays registered where it was (its keys).
         self._folded: tuple[FoldedBatchNorm, ...] = ()
         self.tune_cache: TuneCache = TuneCache()
+        self._per_sample: torch.Tensor | None = None  # set only inside `forward_per_sample`
 
     # --- facts -----------------------------------------------------------------
     @property
@@ -193,8 +194,41 @@ class SVFLayer(nn.Module):
     def _forward_reparam(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_per_sample(self, x: torch.Tensor, singular_values: torch.Tensor) -> torch.Tensor:
+        """The layer with each sample's own singular values: ``y_n = U diag(s_n) Vh x_n + bias``.
+
+        For training many copies of one model at once (test-time adaptation of a batch of episodes,
+        each with its own singular values) without copying the layer: ``singular_values`` stands
+        in for ``S``, and gradients reach it rather than ``S``. Computed in the factorized form
+        (V-projection, per-sample scale, U-projection); a folded BatchNorm applies as usual.
+
+        Args:
+            x: A batched input (N, ...), as :meth:`forward` takes it.
+            singular_values: (N, groups, rank), or (groups, rank) shared by every sample.
+        """
+        n = x.shape[0]
+        per = singular_values.expand(n, *self.S.shape) if singular_values.dim() == self.S.dim() else singular_values
+        if tuple(per.shape) != (n, *self.S.shape):
+            raise ValueError(f"{type(self).__name__}.forward_per_sample: expected singular values of shape "
+                             f"({n}, {', '.join(map(str, self.S.shape))}), found {tuple(singular_values.shape)}")
+        self._per_sample = per
+        try:
+            return self._forward_factorized(x)
+        finally:
+            self._per_sample = None
+
+    def _run_per_sample(self, x: torch.Tensor, geo: Geometry) -> torch.Tensor:
+        U, bias = self._factors()
+        z = v_project(x, self._v_weight(), geo)
+        scale = self._per_sample.reshape(z.shape[0], -1).to(z.dtype)
+        shape = [z.shape[0]] + [1] * (z.ndim - 1)
+        shape[1 if geo.spatial is not None else -1] = scale.shape[1]
+        return project(z * scale.reshape(shape), U, bias, geo.spatial)
+
     def _run_factorized(self, x: torch.Tensor, geo: Geometry) -> torch.Tensor:
         """The factorized form on an already padded input."""
+        if self._per_sample is not None:
+            return self._run_per_sample(x, geo)
         if self._needs_graph():
             dtype = autocast_dtype(x.device.type)
             U, v_weight, bias = self.U, self._v_weight(), self.bias

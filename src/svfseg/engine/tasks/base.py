@@ -57,6 +57,7 @@ class TestOptions:
     save_vis: int = 0                  # overlay PNGs to write
     out_dir: Optional[Path] = None     # results folder (default: next to the checkpoint)
     tau: float = 0.9                   # novel-class threshold (generalized setting)
+    per_episode: bool = False          # keep each episode's counts in results.json (few-shot; for paired bootstraps)
 
 
 class Task:

@@ -12,14 +12,16 @@ from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
 from svfseg.data.benchmark import Benchmark
+from svfseg.engine.adapt.run import Adaptation
 from svfseg.engine.data import benchmark_of, eval_dataset, eval_protocol, heldout_base_fold, train_dataset
-from svfseg.engine.distributed import DistInfo, all_reduce_sum
+from svfseg.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
 from svfseg.engine.model import MERGED_FORMAT, describe
 from svfseg.engine.runtime import autocast, to_device, unwrap
 from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult
 from svfseg.engine.losses import fewshot_loss, valid_pixel_count
 from svfseg.metrics import IoUAccumulator
+from svfseg.regimes import NO_ADAPTATION, adapt_trains
 from svfseg.results import STD_NOTE, markdown_table, pct, summarize_runs
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ def evaluate(
     num_vis: int = 0,
     upstream_padding: bool = False,
     empty_class: str = "drop",
+    per_episode: bool = False,
 ) -> dict:
     """Score a few-shot model on fixed episodes.
 
@@ -73,12 +76,15 @@ def evaluate(
         upstream_padding: score with PFENet/BAM's geometry (the dataset must have been built
             with it too: ``eval.upstream_padding``).
         empty_class: how a class without episodes counts (see :meth:`IoUAccumulator.compute`).
+        per_episode: also return each episode's counts (``per_episode``: dataset index, class,
+            [inter_fg, union_fg, inter_bg, union_bg]), for paired bootstraps over episodes.
 
     Returns:
-        :meth:`IoUAccumulator.compute` plus ``seconds`` and ``episode_fingerprint``.
+        :meth:`IoUAccumulator.compute` plus ``seconds`` and ``episode_fingerprint`` (and ``per_episode``).
     """
     info = info or DistInfo(device=device)
     acc = IoUAccumulator(class_ids)
+    records: list = []
 
     def on_batch(net: nn.Module, batch: dict, indices: Sequence[int]) -> None:
         logits = forward_episode(net, batch, device)
@@ -86,7 +92,9 @@ def evaluate(
         preds = predictions_at_original_size(logits, batch["query_valid_hw"], [tuple(x.shape) for x in labels],
                                              upstream=upstream_padding)
         for b, (pred, gt) in enumerate(zip(preds, labels)):
-            acc.update(pred.cpu(), gt, int(batch["class_id"][b]))
+            counts = acc.update(pred.cpu(), gt, int(batch["class_id"][b]))
+            if per_episode:
+                records.append([int(indices[b]), int(batch["class_id"][b]), *[int(v) for v in counts]])
             if vis_dir is not None and indices[b] < num_vis:
                 from svfseg.engine.vis import save_episode_overlay
 
@@ -104,6 +112,8 @@ def evaluate(
     result["seconds"] = seconds
     episodes = getattr(dataset, "episodes", None)
     result["episode_fingerprint"] = getattr(episodes, "fingerprint", None)
+    if per_episode:
+        result["per_episode"] = sorted(all_gather_objects(records, info))
     return result
 
 
@@ -188,7 +198,8 @@ class FewShotTask(Task):
                      val.on, 100 * r["miou"], 100 * r["fb_iou"], r["episodes"]))
 
     def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:  # noqa: D102 - see Task
-        return f"test_{'file' if options.episodes else options.protocol or cfg.eval.protocol}_{cfg.shot}shot"
+        adapt = f"_adapt-{cfg.adapt.params}" if adapt_trains(cfg.adapt.params) else ""
+        return f"test_{'file' if options.episodes else options.protocol or cfg.eval.protocol}_{cfg.shot}shot{adapt}"
 
     def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo,
               bench: Optional[Benchmark] = None) -> dict:
@@ -200,15 +211,21 @@ class FewShotTask(Task):
         # An episode file is scored with the empty-class rule of the config's protocol.
         proto = eval_protocol(cfg, None if episodes else protocol)
         results = []
+        adaptation = Adaptation.prepare(model, cfg, bench, info) if adapt_trains(cfg.adapt.params) else None
         for i, (seed, count) in enumerate(runs):
             ds = (eval_dataset(cfg, episodes=episodes, bench=bench) if episodes
                   else eval_dataset(cfg, seed=seed, count=count, order=proto.order, bench=bench))
             name = f"episode seed {seed}" if seed is not None else Path(episodes).name
-            r = evaluate(model, ds, class_ids=classes, device=info.device, info=info, amp=cfg.train.amp,
-                         batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
-                         desc=f"test {name}", vis_dir=out_dir / "vis" if save_vis and i == 0 else None,
-                         num_vis=save_vis, upstream_padding=cfg.eval.upstream_padding,
-                         empty_class=proto.empty_class)
+            if adaptation is not None and adaptation.choice.steps:
+                r = adaptation.score(ds, classes, cfg, info, desc=f"test {name} (adapt {cfg.adapt.params})",
+                                     empty_class=proto.empty_class)
+            else:  # the plain test (also when the validation chose not to adapt)
+                r = evaluate(model, ds, class_ids=classes, device=info.device, info=info, amp=cfg.train.amp,
+                             batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
+                             desc=f"test {name}", vis_dir=out_dir / "vis" if save_vis and i == 0 else None,
+                             num_vis=save_vis, upstream_padding=cfg.eval.upstream_padding,
+                             empty_class=proto.empty_class, per_episode=options.per_episode or adaptation is not None)
+                r["seconds_per_episode"] = r["seconds"] / max(r["episodes"], 1)
             r.update(seed=ds.episodes.seed, episode_count=len(ds), order=ds.episodes.order,
                      dataset_fingerprint=ds.episodes.dataset_fingerprint)
             logger.info("%s: mIoU %.2f  FB-IoU %.2f  (%d episodes, fingerprint %s)", name, 100 * r["miou"],
@@ -219,6 +236,7 @@ class FewShotTask(Task):
         out = _assemble(checkpoint, cfg, state, model, protocol if not episodes else "file", results, bench)
         out["empty_class"] = proto.empty_class
         out["order"] = results[0]["order"]
+        out["adapt"] = adaptation.record() if adaptation is not None else {"params": NO_ADAPTATION}
         return out
 
     def headline(self, results: dict) -> str:  # noqa: D102 - see Task
@@ -266,7 +284,9 @@ def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: s
     runs = [{"seed": r["seed"], "episodes": r["episodes"], "episode_fingerprint": r["episode_fingerprint"],
              "dataset_fingerprint": r.get("dataset_fingerprint"),
              "miou": r["miou"], "fb_iou": r["fb_iou"], "seconds": r["seconds"],
-             "per_class": {str(c): v for c, v in r["per_class"].items()}} for r in results]
+             "seconds_per_episode": r.get("seconds_per_episode"),
+             "per_class": {str(c): v for c, v in r["per_class"].items()},
+             **({"per_episode": r["per_episode"]} if "per_episode" in r else {})} for r in results]
     return {
         "checkpoint": str(checkpoint), "step": state.get("step"),
         "benchmark": cfg.data.benchmark, "fold": cfg.fold, "shot": cfg.shot, "protocol": protocol,
@@ -298,6 +318,19 @@ def _rules_note(out: dict) -> str:
     return "; " + ", ".join(parts) if parts else ""
 
 
+def _adapt_note(adapt: dict) -> list[str]:
+    """The results.md paragraph on test-time adaptation (none without it)."""
+    if not adapt_trains(adapt.get("params", NO_ADAPTATION)):
+        return []
+    c = adapt["chosen"]
+    how = ("as given" if c["source"] == "given" else
+           f"chosen on {c['val_episodes']} base-class validation episodes (fold {c['val_fold']}'s classes; "
+           + ", ".join(f"{k}: {pct(v)}" for k, v in c["trials"].items()) + ")")
+    what = "no adaptation (the plain test)" if not c["steps"] else f"{c['steps']} {adapt['optimizer']} steps at lr {c['lr']:g}"
+    return [f"Adapted on each episode's supports: **{adapt['params']}** ({adapt['trainable']:,} values), {what}, {how}.",
+            ""]
+
+
 def results_markdown(out: dict) -> str:
     """The Markdown report of one ``svfseg test`` run."""
     s = out["summary"]
@@ -310,6 +343,7 @@ def results_markdown(out: dict) -> str:
         + _rules_note(out) + ".",
         "",
     ]
+    lines += _adapt_note(out.get("adapt") or {})
     rows = [[f"episode seed {r['seed']}", str(r["episodes"]), f"`{r['episode_fingerprint']}`", pct(r["miou"]),
              pct(r["fb_iou"])] for r in out["runs"]]
     if len(out["runs"]) > 1:
