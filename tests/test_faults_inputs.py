@@ -154,3 +154,64 @@ def test_recipes_that_loop_repeat_a_key_or_are_not_utf8_are_one_line(tmp_path, c
     assert main(["episodes", "--config", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "e.json")]) == 2
     line = error_line(capsys, "episodes")
     assert expected in line and "a.yaml" in line, line
+
+
+# ---------------------------------------------------------------- item 6: names, S files, a full disk
+
+
+def test_a_file_name_that_is_not_utf8_is_named(tmp_path):
+    import os
+
+    from svfseg.cli import error_line as cli_error_line
+    from svfseg.data.custom import prepare_custom
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    name = os.fsdecode(b"caf\xe9")  # a Latin-1 name on a UTF-8 file system
+    for folder, suffix in ((images, ".png"), (masks, ".png")):
+        Image.fromarray(_square(1)).save(folder / f"{name}{suffix}")
+    with pytest.raises(DataError, match=r"caf\\xe9.png: expected a UTF-8 file name"):
+        prepare_custom(images, masks, tmp_path / "out", workers=1)
+    # any other text write that meets such a name: the CLI's line names it instead of "surrogates not allowed"
+    e = UnicodeEncodeError("utf-8", f"a b\nJPEGImages/{name}.jpg x\nc", 16, 17, "surrogates not allowed")
+    assert cli_error_line(e) == ("expected UTF-8 names, found one that is not UTF-8 in 'JPEGImages/caf\\xe9.jpg x'; "
+                                 "rename that file or folder")
+
+
+@pytest.fixture(scope="module")
+def svf_run(data_root, tmp_path_factory):
+    from conftest import tiny_run_args
+
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["train", *tiny_run_args(data_root, out, "svf", "model.regime=svf", "svf.stages=[layer2]",
+                                         "train.epochs=1", "train.val_every=0", "train.tensorboard=false")]) == 0
+    return out / "svf"
+
+
+def test_an_s_file_given_as_a_checkpoint_says_what_it_is(svf_run, tmp_path, capsys):
+    s_file = svf_run / "trained_backbone.safetensors"
+    image = tmp_path / "i.png"
+    Image.fromarray(np.zeros((SIDE, SIDE, 3), np.uint8)).save(image)
+    Image.fromarray(_square(255)).save(tmp_path / "m.png")
+    for command, args in (("test", ["--checkpoint", str(s_file)]),
+                          ("merge", ["--checkpoint", str(s_file), "--out", str(tmp_path / "m.pt")]),
+                          ("predict", ["--checkpoint", str(s_file), "--support", str(image), str(tmp_path / "m.png"),
+                                       "--query", str(image), "--out", str(tmp_path / "o")]),
+                          ("serve", ["--checkpoint", str(s_file), "--port", "1"])):
+        assert main([command, *args]) == 1, command
+        line = error_line(capsys, command)
+        assert f"{s_file}: expected an svfseg checkpoint" in line and "an S file" in line, line
+        assert "svfseg.load_svf" in line and "unknown model" not in line
+
+
+def test_merge_onto_a_full_disk_says_to_run_it_again_not_to_resume(svf_run, tmp_path, capsys, monkeypatch):
+    from collections import namedtuple
+
+    from svfseg.engine import checkpoint
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
+    assert main(["merge", "--checkpoint", str(svf_run / "best.pt"), "--out", str(tmp_path / "m.pt")]) == 1
+    line = error_line(capsys, "merge")
+    assert "free some space and run the merge again (nothing was written)" in line and "resume" not in line
+    assert not (tmp_path / "m.pt").exists()

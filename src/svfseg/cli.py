@@ -396,6 +396,13 @@ def _take_late_overrides(parser: argparse.ArgumentParser, args, extras: Sequence
 
 def error_line(e: BaseException) -> str:
     """The message of an anticipated error; an OSError as ``<file>: <what went wrong>``."""
+    if isinstance(e, UnicodeEncodeError) and isinstance(e.object, str) and "surrogates" in e.reason:
+        # a file name the file system gave as bytes that are not UTF-8, met while writing text: name it
+        start = e.object.rfind("\n", 0, e.start) + 1
+        end = e.object.find("\n", e.start)
+        where = e.object[start:end if end >= 0 else len(e.object)][:200]
+        return (f"expected UTF-8 names, found one that is not UTF-8 in "
+                f"'{os.fsencode(where).decode('utf-8', 'backslashreplace')}'; rename that file or folder")
     if isinstance(e, OSError) and type(e).__str__ is OSError.__str__ and e.strerror:
         where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
         return f"{where}: {e.strerror}" if where else e.strerror

@@ -188,20 +188,19 @@ def check_owned_keys(plan: ComparePlan) -> None:
     for label, arm in plan.arms.items():
         for key, value in keys_set_by(list(arm.overrides)).items():
             if key in rows[label]:
-                values = [_shown(v) for v in _values_of(plan, label, key)]
+                values = [_shown(v) for v in _values_of(plan, key)]
                 raise ValueError(f"compare: --vary {key}={'|'.join(values)} varies {key}, which compare sets in "
                                  f"every cell of {arm.regime!r} (the rows would not differ as labelled): "
                                  f"{rows[label][key].instead(values)}")
 
 
-def _values_of(plan: ComparePlan, label: str, key: str) -> list[Any]:
-    """The values ``key`` takes over the ``--vary`` rows of row ``label``'s regime, in order."""
+def _values_of(plan: ComparePlan, key: str) -> list[Any]:
+    """The values ``key`` takes over the ``--vary`` rows, in order (those of its ``--vary`` option)."""
     from svfseg.config import keys_set_by
 
-    regime = plan.arms[label].regime
     seen: list[Any] = []
     for arm in plan.arms.values():
-        value = keys_set_by(list(arm.overrides)).get(key) if arm.regime == regime else None
+        value = keys_set_by(list(arm.overrides)).get(key)
         if value is not None and value not in seen:
             seen.append(value)
     return seen

@@ -48,6 +48,12 @@ def _by_stem(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path
     for p in sorted(folder.iterdir()):
         if not p.is_file() or p.suffix.lower() not in suffixes or p.name.startswith("."):
             continue
+        try:
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:  # the list files and the class index record every name as UTF-8 text
+            shown = os.fsencode(p).decode("utf-8", "backslashreplace")
+            raise DataError(f"{shown}: expected a UTF-8 file name (the root's train.txt/val.txt list it), found "
+                            f"bytes that are not UTF-8; rename the file") from None
         if p.stem in out:
             raise DataError(f"{folder}: expected one {what[:-1]} per name, found {out[p.stem].name} and {p.name}")
         out[p.stem] = p

@@ -208,7 +208,7 @@ def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     plain_cfg.model.regime = "frozen"
     blob = {"format": MERGED_FORMAT, "model": merged.state_dict(), "config": to_dict(plain_cfg),
             "describe": describe(merged, plain_cfg, bench), "source": str(checkpoint), "step": state.get("step")}
-    return ckpt.save_atomic(blob, out)
+    return ckpt.save_atomic(blob, out, then="run the merge again (nothing was written)")
 
 
 def check_merge_out(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> None:
