@@ -1,0 +1,51 @@
+"""Issue 30, item 9: what had not been tried: `report` over a multi-fold compare with a warm start,
+`prepare custom` on hostile folders, serve's API with malformed bodies and its login under a brute force."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from svfseg.cli import main
+
+
+# ---------------------------------------------------------------- report on a multi-fold compare with --warm-start
+
+
+def _cell(out, fold, name, seed, *, warm=True, warm_steps=2, miou=0.5):
+    """A compare cell as `svfseg compare --warm-start` leaves it (paths relative to where compare ran)."""
+    folder = out / "runs" / f"fold{fold}_1shot"
+    if warm:
+        (folder / "warm_start").mkdir(parents=True, exist_ok=True)
+        (folder / "warm_start" / "config.yaml").write_text(
+            f"fold: {fold}\nseed: 10000\nname: warm_start\noutput_dir: {folder}\nmodel:\n  regime: frozen\n"
+            f"train:\n  epochs: 1\n  steps_per_epoch: {warm_steps}\n")
+        (folder / "warm_start" / "best.pt").write_bytes(b"")
+    run = folder / name
+    (run / "test").mkdir(parents=True)
+    init = f"{out.name}/runs/fold{fold}_1shot/warm_start/best.pt" if warm else "null"
+    (run / "config.yaml").write_text(f"fold: {fold}\nseed: {seed}\nname: {name}\noutput_dir: {folder}\n"
+                                     f"model:\n  regime: svf\n  init_head: {init}\n"
+                                     f"train:\n  val_episodes_file: {out}/episodes/val_base_fold{fold}_1shot.json\n")
+    (run / "test" / "results.json").write_text(json.dumps({
+        "checkpoint": str(run / "best.pt"), "benchmark": "pascal", "backbone": "resnet50_deep", "model": "pfenet",
+        "regime": "svf", "shot": 1, "fold": fold, "protocol": "hsnet", "train_seed": seed,
+        "runs": [{"episodes": 1000, "dataset_fingerprint": "d1"}], "summary": {"miou": {"mean": miou}}}))
+    return run / "test" / "results.json"
+
+
+def test_report_keeps_the_folds_of_a_warm_started_compare_in_one_row(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    files = [_cell(out, f, f"svf_seed{s}", s, miou=0.4 + 0.1 * s) for f in (0, 1) for s in (0, 1)]
+    assert main(["report", *map(str, files)]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| pascal")]
+    assert len(rows) == 1, text  # one row: fold 0 and fold 1 of one experiment (each fold its own warm start file)
+    assert "| PFENet + SVF | 45.00 ± 7.07 / 69.27 | 45.00 ± 7.07 / 73.55 |" in rows[0], rows[0]
+    # a cold start, or a warm start of another length, is another experiment: never averaged as a seed
+    other = [_cell(tmp_path / "cold", 0, "svf_seed2", 2, warm=False),
+             _cell(tmp_path / "long", 0, "svf_seed3", 3, warm_steps=50)]
+    assert main(["report", *map(str, files + other)]) == 0
+    text = capsys.readouterr().out
+    assert len([line for line in text.splitlines() if line.startswith("| pascal")]) == 3, text
+    assert "train.steps_per_epoch': 2" in text and "train.steps_per_epoch': 50" in text
