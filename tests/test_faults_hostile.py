@@ -49,3 +49,26 @@ def test_report_keeps_the_folds_of_a_warm_started_compare_in_one_row(tmp_path, c
     text = capsys.readouterr().out
     assert len([line for line in text.splitlines() if line.startswith("| pascal")]) == 3, text
     assert "train.steps_per_epoch': 2" in text and "train.steps_per_epoch': 50" in text
+
+
+# ---------------------------------------------------------------- serve --auth under a burst of guesses
+
+
+def test_a_burst_of_guesses_cannot_queue_the_real_user_out(caplog):
+    import asyncio
+
+    from svfseg.serve.auth import LoginGuard
+
+    # Measured on a loopback server first: 60 parallel guesses, their clients gone after 3 s, kept the right
+    # password waiting over 120 s (each queued guess still held the login for its 8 s).
+    guard = LoginGuard("ann", "s3cret", base=0.01, cap=0.02, max_waiting=3)
+
+    async def burst():
+        guesses = await asyncio.gather(*(guard.check("ann", f"guess{i}") for i in range(50)))
+        checked = guard.failures
+        return guesses, checked, await guard.check("ann", "s3cret")
+
+    guesses, checked, ok = asyncio.run(burst())
+    assert not any(guesses) and checked == 3  # three checked in turn (rate-limited), 47 refused at once, unchecked
+    assert sum("refused unchecked" in r.getMessage() for r in caplog.records) == 47
+    assert ok and guard.failures == 0 and guard.waiting == 0
