@@ -72,3 +72,49 @@ def test_a_burst_of_guesses_cannot_queue_the_real_user_out(caplog):
     assert not any(guesses) and checked == 3  # three checked in turn (rate-limited), 47 refused at once, unchecked
     assert sum("refused unchecked" in r.getMessage() for r in caplog.records) == 47
     assert ok and guard.failures == 0 and guard.waiting == 0
+
+
+# ---------------------------------------------------------------- prepare custom on hostile folders
+
+
+def _folders(tmp_path, ids, side=40):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for i, c in enumerate(ids):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(
+            images / f"i{i}.png")
+        m = np.zeros((side, side), np.uint8)
+        m[5:30, 5:30] = c
+        Image.fromarray(m).save(masks / f"i{i}.png")
+    return images, masks
+
+
+def test_prepare_custom_names_what_is_wrong_with_hostile_folders(tmp_path):
+    from svfseg.data.custom import prepare_custom
+    from svfseg.data.io import DataError
+
+    images, masks = _folders(tmp_path, [1, 2, 3, 200] * 6)
+    # class ids with a gap: C would be 200, with 196 classes that no mask shows (785 fold problems before)
+    with pytest.raises(DataError, match=r"masks: expected class ids 1..C with each id in some mask .* found ids "
+                                        r"\[1, 2, 3, 200\]: 196 id\(s\) below 200 in no mask"):
+        prepare_custom(images, masks, tmp_path / "out", workers=1)
+    # more ids than the class-name file names
+    (tmp_path / "names.txt").write_text("a\nb\nc\n")
+    with pytest.raises(DataError, match=r"i3.png: expected class ids 0..3 or 255 \(the class-name file has 3 names\), "
+                                        r"found \[200\]"):
+        prepare_custom(images, masks, tmp_path / "out", class_names=tmp_path / "names.txt", workers=1)
+    # a folder that is a symbolic link to itself
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(DataError, match="loop: expected a folder of images, found a symbolic link that leads nowhere"):
+        prepare_custom(tmp_path / "loop", masks, tmp_path / "out", workers=1)
+    # a looping link inside the folder is not an image: skipped, and its mask is then named as unpaired
+    (images / "i0.png").unlink()
+    (images / "i0.png").symlink_to(images / "i0.png")
+    with pytest.raises(DataError, match=r"1 mask\(s\) without an image .*\['i0'\]"):
+        prepare_custom(images, masks, tmp_path / "out", workers=1)
+    # one class: no novel/base split
+    (tmp_path / "one").mkdir()
+    one_i, one_m = _folders(tmp_path / "one", [1] * 8)
+    with pytest.raises(DataError, match="expected at least 2 classes"):
+        prepare_custom(one_i, one_m, tmp_path / "out1", workers=1)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out1").exists()
