@@ -151,6 +151,9 @@ def test_episode_counts_beyond_the_limit_are_refused_at_once_and_long_lists_log_
     assert "--count must be 1 .. 1,000,000" in error_line(capsys, "episodes") and not out.exists()
     with pytest.raises(ValueError, match="episode count must be 1 .. 1,000,000, got 1,000,001"):
         episodes.make_episodes(None, benchmark="synthetic", fold=0, shot=1, seed=0, count=CONFIG_MAX + 1)
+    for option in ("--test-episodes", "--val-episodes"):  # refused before the first cell, not after it trained
+        assert main([*_compare(tmp_path, option, "100000000000")]) == 1
+        assert f"compare: {option}: expected 1 .. 1,000,000 episodes" in error_line(capsys, "compare")
     monkeypatch.setattr(episodes, "PROGRESS_FROM", 10)  # a long list, made short
     caplog.set_level("INFO", logger="svfseg.data.episodes")
     assert main(["episodes", "--config", str(RECIPE), f"data.root={data_root}", "--count", "20", "--out",

@@ -220,7 +220,8 @@ def warm_start_config(plan: ComparePlan, fold: int, shot: int):
 
 
 def check_plan_lists(plan: ComparePlan) -> None:
-    """Refuse empty or repeated seeds, regimes, folds, shots and adaptations (a repeated seed is no second pair)."""
+    """Refuse empty or repeated seeds, regimes, folds, shots and adaptations (a repeated seed is no second pair),
+    and episode counts beyond what an episode list holds."""
     from svfseg.regimes import adapt_name, adapt_trains
 
     try:  # canonical names (head+svf -> svf+head), so a repeat is seen and folders are named one way; the plain
@@ -235,5 +236,10 @@ def check_plan_lists(plan: ComparePlan) -> None:
         repeated = sorted({v for v in values if values.count(v) > 1})
         if repeated:
             raise ValueError(f"compare: {option}: expected distinct values, found {values} (repeats {repeated})")
+    from svfseg.data.episodes import MAX_EPISODES
+
+    for option, count in (("--test-episodes", plan.test_episodes), ("--val-episodes", plan.val_episodes)):
+        if count is not None and not 1 <= count <= MAX_EPISODES:
+            raise ValueError(f"compare: {option}: expected 1 .. {MAX_EPISODES:,} episodes, found {count:,}")
 
 
