@@ -28,6 +28,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert source["test_episodes"] == res["plan"]["eval_episodes"] and source["benchmark"] == "synthetic"
     assert "| frozen |" in printed and "| svf |" in printed and "Verdicts" in printed
     assert "svfseg prepare pascal" in printed  # tells the user what to run next
+    # the adaptation stage: the kept SVF checkpoint with and without adaptation on the same test episodes
+    (stage,) = res["adaptation"]
+    row = stage["rows"]["svf checkpoint + adapt svf"]
+    assert stage["shot"] == 2 and row["diff_by_episode"]["n"] == res["plan"]["adapt"]["test_episodes"]
+    assert row["chosen"] and set(row["trials"]) == {"none", "lr=0.01 steps=1"} and row["trainable"] > 0
+    assert "## Adaptation on each episode's supports" in printed and "**svf checkpoint + adapt svf**" in printed
     # a second run reuses the cached data and replaces its own previous outputs
     assert main(["demo", "--quick", "--root", str(tmp_path / "data"), "--out", str(out), "--steps", "1"]) == 0
     assert json.loads((out / "demo_results.json").read_text())["plan"]["steps"] == 1

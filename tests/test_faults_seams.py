@@ -484,7 +484,7 @@ def test_prepare_check_reports_rotated_images_and_the_size_they_are_read_at(data
     assert main(["prepare", "synthetic", "--check", str(root), "--workers", "1"]) == 1
     text = caplog.text
     assert "2 image(s) carry an EXIF rotation" in text
-    assert f"{lbl1}: expected the size of its image {img1.name} {w}x{h}, found {h}x{w}" in text
+    assert f"{lbl1}: expected the size of its image {img1.name} {h}x{w}, found {w}x{h} (width x height)" in text
     assert "3 problem(s)" not in text and f"{lbl0}:" not in text
     assert pairs[0][0] in text.split("EXIF rotation, e.g.")[1].splitlines()[0]  # the square one is named
 

@@ -25,7 +25,7 @@ ROOT = Path(svfseg.__file__).resolve().parent
 
 #: Entry points: the layer above engine/ (ARCHITECTURE.md's top row, and the web app).
 ENTRY_POINTS = ("svfseg.cli", "svfseg.__main__", "svfseg.demo", "svfseg.compare", "svfseg.predict",
-                "svfseg.report", "svfseg.serve")
+                "svfseg.report", "svfseg.serve", "svfseg.convert")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ RULES = (
          never=tuple(e for e in ENTRY_POINTS if e != "svfseg.compare")),
     Rule("report/ imports no other entry point", ("svfseg.report",),
          never=tuple(e for e in ENTRY_POINTS if e != "svfseg.report")),
+    Rule("convert/ imports no other entry point", ("svfseg.convert",),
+         never=tuple(e for e in ENTRY_POINTS if e != "svfseg.convert")),
     Rule("engine/ imports nothing above it (the entry points)", ("svfseg.engine",), never=ENTRY_POINTS),
 )
 

@@ -6,9 +6,10 @@ from PIL import Image
 
 from conftest import error_line
 from svfseg.cli import main
-from svfseg.data.io import DataError, read_mask
+from svfseg.data.io import DataError, read_image, read_mask
 from svfseg.predict import read_binary_mask, read_mask_array
-from svfseg.serve.inputs import (ServeError, SupportSlot, check_queries, mask_class_choices, read_ground_truth,
+from svfseg.serve.classes import mask_classes
+from svfseg.serve.inputs import (ServeError, SupportSlot, check_queries, read_ground_truth,
                                  read_supports)
 
 H, W = 40, 48
@@ -52,7 +53,7 @@ def test_serve_refuses_a_cut_off_mask_naming_it(files, cut):
     with pytest.raises(ServeError, match=r"ground truth of s \(s_gt.png\): cannot read it as a mask image .*"
                                          r"truncated PNG"):
         read_ground_truth([str(files / "s_gt.png")], check_queries([str(files / "s.png")]))
-    assert mask_class_choices(str(files / cut)) == []  # the picker stays hidden; Run says what is wrong
+    assert mask_classes(str(files / cut)) == []  # the picker stays hidden; Run says what is wrong
     with pytest.raises(DataError, match=rf"{cut}: expected a complete image, found a truncated PNG"):
         read_mask(files / cut)
 
@@ -97,3 +98,29 @@ def test_16_bit_palette_colour_and_rotated_masks_read_as_stored(tmp_path):
         np.testing.assert_array_equal(read_mask_array(tmp_path / name), read_mask(tmp_path / name))
     _, masks = read_supports([SupportSlot(str(tmp_path / "rgb.png"), str(tmp_path / "m16_01.png"))])
     np.testing.assert_array_equal(masks[0], blob)
+
+
+def test_sizes_are_width_x_height_in_predict_and_serve(tmp_path, capsys):
+    # A 112-wide, 86-high image (as every image viewer calls it) and a 60-wide, 40-high mask: numpy's (H, W)
+    # order would say "40x60" and "86x112", the transposed sizes.
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (86, 112, 3), dtype=np.uint8)).save(tmp_path / "s.png")
+    small = np.zeros((40, 60), np.uint8)
+    small[10:30, 10:50] = 255
+    Image.fromarray(small).save(tmp_path / "m.png")
+    assert main(["predict", "--checkpoint", str(tmp_path / "missing.pt"), "--support", str(tmp_path / "s.png"),
+                 str(tmp_path / "m.png"), "--query", str(tmp_path / "s.png"), "--out", str(tmp_path / "out")]) == 1
+    line = error_line(capsys, "predict")
+    assert f"{tmp_path / 'm.png'}: mask is 60x40 but its support image is 112x86 (width x height)" in line
+    with pytest.raises(ServeError, match=r"support 1 mask \(m.png\): mask is 60x40 but its support image is 112x86 "
+                                         r"\(width x height\)"):
+        read_supports([SupportSlot(str(tmp_path / "s.png"), str(tmp_path / "m.png"))])
+
+
+def test_a_file_that_is_no_image_is_one_plain_line(tmp_path):
+    (tmp_path / "notes.png").write_bytes(b"not an image")
+    for read, what in ((read_mask, "a mask image file"), (read_image, "an RGB image file")):
+        with pytest.raises(DataError) as e:
+            read(tmp_path / "notes.png")
+        assert str(e.value) == (f"{tmp_path / 'notes.png'}: expected {what}, found a file that cannot be decoded as "
+                                f"an image")

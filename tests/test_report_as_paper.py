@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,25 @@ def test_as_paper_without_logs_is_a_one_line_error(tmp_path, capsys):
         report([run], as_paper=True)
     assert main(["report", str(run), "--as-paper"]) == 1
     assert "as-paper" in capsys.readouterr().err
+
+
+def test_as_paper_names_the_validation_settings_of_the_recipe(tmp_path):
+    # a PFENet Pascal run validates as PFENet's train.py: every 2 epochs on 5,000 episodes at seed 321
+    from svfseg.config import dump_yaml, load_config
+    from svfseg.report.statistic import paper_statistic
+
+    val = [{"step": s, "on": "test_fold", "miou": m, "fb_iou": m} for s, m in ((10, 0.5), (20, 0.6))]
+    runs = [_run(tmp_path, f"pf{f}", fold=f, miou_runs=[0.6], history=val) for f in range(4)]
+    recipe = Path(__file__).resolve().parents[1] / "src/svfseg/configs/pascal/pfenet_resnet50.yaml"
+    for run in runs:
+        (run / "config.yaml").write_text(dump_yaml(load_config(recipe)))
+    res = runs[0] / "test_bam_1shot" / "results.json"
+    stat = paper_statistic(json.loads(res.read_text()), res)["statistic"]
+    assert stat == "max over 2 validations on the test fold (5,000 episodes at seed 321, every 2 epoch(s); optimistic)"
+    bam = Path(__file__).resolve().parents[1] / "src/svfseg/configs/coco/svf_authors/bam_resnet50.yaml"
+    (runs[1] / "config.yaml").write_text(dump_yaml(load_config(bam)))
+    res = runs[1] / "test_bam_1shot" / "results.json"
+    assert paper_statistic(json.loads(res.read_text()), res)["statistic"] == (
+        "max over 2 validations on the test fold (1,000 episodes at seed 321, every 1 epoch(s) and half-way through "
+        "each; optimistic)")
+    assert "5,000 episodes at seed 321" in report(runs, as_paper=True)

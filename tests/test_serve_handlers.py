@@ -73,7 +73,7 @@ def test_ground_truth_gives_iou(ckpts, inputs, cache, tmp_path):
     assert f"{100 * r_q.iou:.1f}%" in summary_markdown(req)
     assert foreground_iou(np.zeros((4, 4)), np.zeros((4, 4))) is None
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "query_mask.png")
-    with pytest.raises(ServeError, match=r"query_mask.png\): mask is 10x10 but the query is 48x64"):
+    with pytest.raises(ServeError, match=r"query_mask.png\): mask is 10x10 but the query is 64x48 \(width x height\)"):
         run_request(cache, [str(ckpts["svf"])], slots, [str(inputs["query"])], [str(tmp_path / "query_mask.png")],
                     tmp_path / "r2")
     with pytest.raises(ServeError, match="ground truth support_mask.png: no query named 'support'"):
@@ -92,6 +92,14 @@ def test_painted_strokes_are_a_mask(ckpts, inputs, cache, tmp_path):
     a = run_request(cache, [str(ckpts["svf"])], [painted], [str(inputs["query"])], [], tmp_path / "a")
     b = run_request(cache, [str(ckpts["svf"])], [uploaded], [str(inputs["query"])], [], tmp_path / "b")
     np.testing.assert_array_equal(_png(a.runs[0].results[0].mask), _png(b.runs[0].results[0].mask))
+    # both given: the uploaded mask is used, and the summary says so
+    tiny = np.zeros((48, 64), bool)
+    tiny[:3, :3] = True  # strokes that would give another mask
+    both = SupportSlot(str(inputs["support"]), str(inputs["mask"]), painted=tiny)
+    c = run_request(cache, [str(ckpts["svf"])], [both], [str(inputs["query"])], [], tmp_path / "c")
+    np.testing.assert_array_equal(_png(c.runs[0].results[0].mask), _png(b.runs[0].results[0].mask))
+    assert "support 1 used its uploaded mask support_mask.png, not the painted strokes" in summary_markdown(c)
+    assert "painted" not in summary_markdown(b)
     # strokes on a canvas of another scale are resized to the image
     big = np.kron(fg, np.ones((2, 2), bool))
     _, masks = read_supports([SupportSlot(str(inputs["support"]), painted=big)])
@@ -108,7 +116,7 @@ def test_bad_inputs_are_one_line_errors_naming_the_input(ckpts, inputs, cache, t
         (ck, [SupportSlot(sup, str(inputs["empty"]))], q, r"support 1 mask \(empty.png\): the support mask has no "
                                                             r"foreground pixel"),
         (ck, [SupportSlot(sup, str(tmp_path / "small.png"))], q, r"support 1 mask \(small.png\): mask is 20x20 but "
-                                                                 r"its support image is 48x64"),
+                                                                 r"its support image is 64x48 \(width x height\)"),
         (ck, [SupportSlot(str(tmp_path / "broken.png"), msk)], q, r"support 1 image \(broken.png\): cannot read it"),
         (ck, [SupportSlot(sup, msk)], [str(tmp_path / "broken.png")], r"query \(broken.png\): cannot read it"),
         (ck, [SupportSlot(sup)], q, "support 1: no mask; upload its mask or paint"),

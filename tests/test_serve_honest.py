@@ -14,7 +14,8 @@ from serve_setup import blank_checkpoint, cache, ckpts, demo_record, inputs  # n
 from svfseg.serve import cli as serve_cli
 from svfseg.serve.auth import PASSWORD_ENV, LoginGuard, resolve_auth
 from svfseg.serve.handlers import ServeError, SupportSlot, run_request, summary_markdown
-from svfseg.serve.inputs import brush_radius, check_pixels, editor_background, mask_class_choices
+from svfseg.serve.classes import class_choices, default_class, mask_classes
+from svfseg.serve.inputs import brush_radius, check_pixels, editor_background
 from svfseg.serve.sources import checkpoint_record
 
 
@@ -52,6 +53,7 @@ def test_record_from_source_json_results_json_or_nothing(ckpts, tmp_path):
     rec = checkpoint_record(ckpts["svf"])
     assert rec.score_text == "no recorded test score" and rec.regime == "svf" and rec.data_text.startswith(
         "synthetic fold 0, 1-shot")
+    assert len(rec.class_names) == 20 and rec.class_names[6] == "hexagon-waves"  # the class picker's names
     # a SOURCE.json with a percentage where a fraction belongs is named, not shown as 4100%
     (tmp_path / "demo" / "svf" / "SOURCE.json").write_text(json.dumps(demo_record("svf", 41)))
     rec = checkpoint_record(demo)
@@ -133,9 +135,12 @@ def test_class_index_mask_with_a_picked_class_equals_its_binary_mask(ckpts, inpu
     labels[fg] = 7
     labels[:6, :6] = 3  # another object in the same mask
     Image.fromarray(labels).save(tmp_path / "classes.png")
-    assert mask_class_choices(str(tmp_path / "classes.png")) == [("3 (1% of the image)", 3),
-                                                                  ("7 (14% of the image)", 7)]
-    assert mask_class_choices(str(inputs["mask"])) == []  # binary: no picker
+    classes = mask_classes(str(tmp_path / "classes.png"))
+    assert class_choices(classes) == [("3 (1% of the image)", 3), ("7 (14% of the image)", 7)]
+    names = [f"name{i}" for i in range(1, 6)]  # the checkpoint's data names classes 1..5 only
+    assert class_choices(classes, names) == [("3 name3 (1% of the image)", 3), ("7 (14% of the image)", 7)]
+    assert default_class(classes) == 7  # the largest, not the first
+    assert mask_classes(str(inputs["mask"])) == []  # binary: no picker
     sup, q = str(inputs["support"]), [str(inputs["query"])]
     with pytest.raises(ServeError, match=r"support 1 mask \(classes.png\): a class-index mask \(classes 3, 7\); pick "
                                          r"the object's class in the 'object class' box"):
@@ -158,7 +163,7 @@ def test_class_index_mask_with_a_picked_class_equals_its_binary_mask(ckpts, inpu
     with pytest.raises(ServeError, match=r"support 1 mask \(mask.jpg\): a JPEG mask \(\d+ grey levels.*save the "
                                          r"mask as PNG"):
         run_request(cache, [str(ckpts["svf"])], [SupportSlot(sup, str(tmp_path / "mask.jpg"))], q, [], tmp_path / "f")
-    assert mask_class_choices(str(tmp_path / "mask.jpg")) == []
+    assert mask_classes(str(tmp_path / "mask.jpg")) == []
 
 
 # 19: ground truth pairs by name only
@@ -222,9 +227,9 @@ def test_brush_and_canvas_follow_the_image(tmp_path):
     bg = editor_background(str(tmp_path / "big.png"), 1024)
     assert bg.shape == (683, 1024, 3) and brush_radius(bg.shape) == 27
     assert brush_radius((48, 64)) == 2
-    from svfseg.serve.app import BRUSH_COLOUR, _editor_update
+    from svfseg.serve.page_events import BRUSH_COLOUR, editor_update
 
-    update = _editor_update(str(tmp_path / "big.png"), 25_000_000)
+    update = editor_update(str(tmp_path / "big.png"), 25_000_000)
     assert update["value"]["background"].shape == (683, 1024, 3)
     assert update["brush"].default_size == 27 and update["brush"].default_color == BRUSH_COLOUR
     assert 0 < BRUSH_COLOUR[1] < 1  # translucent

@@ -1,4 +1,4 @@
-"""Command-line entry point: `svfseg demo|compare|prepare|train|test|episodes|predict|report|merge|serve`."""
+"""Command-line entry point: `svfseg demo|compare|prepare|train|test|episodes|predict|report|merge|serve|convert`."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   svfseg report runs/*
   svfseg merge --checkpoint runs/RUN/best.pt --out model_merged.pt
   svfseg serve                         # web app on 127.0.0.1:7860: the demo's svf and frozen checkpoints
+  svfseg convert --from pfenet train_epoch_107.pth --fold 0 --out pfenet_fold0.pt   # a published model
 """
 
 
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     pd.add_argument("--mask-class", type=int, metavar="C",
                     help="support masks are class-index PNGs: the object is the pixels of value C")
+    add_adapt_arguments(pd)
 
     r = sub.add_parser("report", help="gather fold results into the paper's table, paper numbers beside")
     r.add_argument("runs", nargs="+", type=Path, help="run folders or results.json files")
@@ -140,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     from svfseg.serve.cli import add_serve_arguments
 
     add_serve_arguments(sv)
+
+    cv = sub.add_parser("convert", help="a published PFENet / BAM checkpoint as an svfseg model file")
+    from svfseg.convert import add_convert_arguments
+
+    add_convert_arguments(cv)
     return p
 
 
@@ -263,7 +270,8 @@ def cmd_episodes(args) -> int:
           f"episode seed {eps.seed}, min_pixels {eps.min_pixels}, query rule {eps.query_rule}\n"
           f"classes (episodes): {episode_summary(cfg, eps, bench)}\n"
           f"fingerprint {eps.fingerprint} (dataset {eps.dataset_fingerprint})\n"
-          f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
+          + (f"queries from the given list {eps.query_list}\n" if eps.query_list else "")
+          + f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
     return 0
 
 
@@ -273,7 +281,14 @@ def cmd_predict(args) -> int:
 
     _apply_threads(args)
     results = predict(args.checkpoint, [tuple(s) for s in args.support], args.query, args.out, size=args.size,
-                      device=args.device, overwrite=args.overwrite, mask_class=args.mask_class)
+                      device=args.device, overwrite=args.overwrite, mask_class=args.mask_class, adapt=args.adapt,
+                      adapt_steps=args.adapt_steps, adapt_lr=args.adapt_lr, progress=True)
+    a = results[0]["adapted"] if results else None
+    if a is not None:
+        how = ("no adaptation: not adapting scored best on validation" if not a["steps"]
+               else f"{a['steps']} steps at lr {a['lr']:g} ({'given' if a['source'] == 'given' else 'chosen on validation'})")
+        print(f"adapted {a['params']} ({a['trainable']:,} values) to the {len(args.support)} support(s): {how}, "
+              f"{a['seconds']:.1f} s")
     for r in results:
         renamed = " (renamed: another query has the same file name)" if r.get("renamed") else ""
         fg = pct(r["foreground_fraction"], digits=1, unit="%")
@@ -314,6 +329,12 @@ def cmd_serve(args) -> int:
     return run_serve_cli(args)
 
 
+def cmd_convert(args) -> int:
+    from svfseg.convert import run_convert_cli
+
+    return run_convert_cli(args)
+
+
 def cmd_demo(args) -> int:
     from svfseg.demo import run_demo_cli
 
@@ -334,7 +355,7 @@ class UsageError(ValueError):
 
 COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "report": cmd_report,
             "merge": cmd_merge, "prepare": cmd_prepare, "demo": cmd_demo, "serve": cmd_serve,
-            "episodes": cmd_episodes, "compare": cmd_compare}
+            "episodes": cmd_episodes, "compare": cmd_compare, "convert": cmd_convert}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -43,6 +43,10 @@ class SVFPolicy:
         train: Which SVD factors train, any non-empty subset of ``("U", "S", "V")``. ``("S",)``
             is SVF (the default); the SVF paper's ablations also train U and/or V (the factor
             matrices; the layers then run the rebuilt-weight form and still merge exactly).
+        rank_multiple: 1 (default) decomposes exactly. 4 rebuilds the SVF authors' network: their
+            svf.py floors every rank to a multiple of 4 in every conv of the backbone (the stages
+            outside ``stages`` stay frozen, as rank-floored weights), so the 27-column stem conv keeps
+            rank 24 and the frozen stem's features change (a warning says which layers lose rank).
     """
 
     stages: tuple[str, ...] = ("layer2", "layer3", "layer4")
@@ -54,8 +58,12 @@ class SVFPolicy:
     fold_bn: Optional[bool] = None
     decay_to: str = "pretrained"
     train: tuple[str, ...] = ("S",)
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise ValueError(f"SVFPolicy.rank_multiple: expected an int >= 1 (1: exact, 4: the SVF authors' "
+                             f"floor), got {self.rank_multiple!r}")
         if isinstance(self.train, str):
             self.train = (self.train,)
         wrong = [f for f in self.train if f not in SVF_FACTORS]

@@ -29,7 +29,7 @@ def adapt_key(regime: str, params: str, fold: int, shot: int) -> str:
     return f"{regime}/{params}/fold{fold}/{shot}shot"
 
 
-def _reusable(results: Path, cfg, episodes: Path) -> Optional[dict]:
+def reusable_results(results: Path, cfg, episodes: Path) -> Optional[dict]:
     """Earlier results of this adaptation when they were made with the same settings on the same episodes."""
     if not results.is_file():
         return None
@@ -60,7 +60,7 @@ def score_adaptations(plan: ComparePlan, fold: int, shot: int, regime: str, seed
             extra += [f"adapt.steps={chosen['steps']}"] + ([f"adapt.lr={chosen['lr']}"] if chosen["lr"] else [])
         cfg = cell_config(plan, fold, shot, regime, seed, mult, extra)
         out_dir = Path(cell["run_dir"]) / ADAPT_FOLDER.format(params=params)
-        res = _reusable(out_dir / "results.json", cfg, episodes)
+        res = reusable_results(out_dir / "results.json", cfg, episodes)
         if res is None:
             logger.info("compare: %s seed %d: adapting on each episode's supports (%s)", key, seed, params)
             res, _ = score_with_task(Path(cell["run_dir"]) / "best.pt", cfg,
@@ -115,8 +115,8 @@ def adapt_rows(plan: ComparePlan, adapted: list[dict], cells: list[dict]) -> dic
                 "plain_miou_mean": mean_std(ref_seed.values())[0],
                 "diff_by_episode": None if by_episode is None else by_episode.__dict__,
                 "diff_by_seed": None if by_seed is None else by_seed.__dict__,
-                "verdict": _verdict(by_episode, by_seed),
-                "chosen": {f"fold{a['fold']}/{a['shot']}shot": _choice_text(a["steps"], a["lr"])
+                "verdict": adapt_verdict(by_episode, by_seed),
+                "chosen": {f"fold{a['fold']}/{a['shot']}shot": choice_text(a["steps"], a["lr"])
                            for a in mine if a["seed"] == plan.seeds[0]},
                 "trainable": mine[0].get("trainable"),
                 "seconds_per_episode": _mean([a["seconds_per_episode"] for a in mine]),
@@ -137,11 +137,11 @@ def _mean(values) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
-def _choice_text(steps: int, lr: Optional[float]) -> str:
+def choice_text(steps: int, lr: Optional[float]) -> str:
     return "none" if not steps else f"{steps} steps at lr {lr:g}"
 
 
-def _verdict(by_episode: Optional[PairedInterval], by_seed: Optional[PairedInterval]) -> str:
+def adapt_verdict(by_episode: Optional[PairedInterval], by_seed: Optional[PairedInterval]) -> str:
     """better / worse / within / unknown: beyond both intervals that exist (the seeds' one needs two seeds)."""
     verdicts = [i.verdict() for i in (by_episode, by_seed) if i is not None and i.verdict() != "unknown"]
     if not verdicts:

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from svfseg.config.aliases import combine_layers, deep_update, strip_regime_aliases
-from svfseg.config.schema import ConfigError, ExperimentConfig, flat_keys, to_dict, validate
+from svfseg.config.schema import REGIMES, ConfigError, ExperimentConfig, flat_keys, to_dict, validate
 
 
 def from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
@@ -234,8 +234,45 @@ def keys_set_by(overrides: Sequence[str]) -> dict[str, Any]:
     return flat_keys(strip_regime_aliases(combine_layers({}, parse_dotlist(overrides), "command line", warn=False)))
 
 
+#: A recipe's per-regime layer: ``by_regime: {frozen: {...}, svf: {...}}``.
+BY_REGIME = "by_regime"
+
+
+def regime_layer(recipe: dict, command_line: dict, source: str) -> dict:
+    """The recipe with its ``by_regime`` entry for the run's regime layered on top (and the key dropped).
+
+    The run's regime is the one the command line gives, else the recipe's; the layer goes under the
+    command line, so ``optim.lr=...`` on the command line still wins. It lets one recipe train each
+    regime as a reference code trains it (the SVF authors' frozen baselines and their +SVF runs use
+    other schedules), so ``svfseg compare --regimes frozen,svf`` compares them like for like.
+
+    Raises:
+        ConfigError: ``by_regime`` is not a mapping of regime names to config sections, sets
+            ``model.regime`` itself, or comes from the command line.
+    """
+    if BY_REGIME in command_line:
+        raise ConfigError(f"command line: '{BY_REGIME}' is a recipe key (one config section per regime); set the "
+                          f"keys themselves on the command line")
+    layers = recipe.get(BY_REGIME)
+    if layers is None:
+        return recipe
+    recipe = {k: v for k, v in recipe.items() if k != BY_REGIME}
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ConfigError(f"{source}: '{BY_REGIME}' must map regime names to config sections, found {layers!r}")
+    unknown = sorted(set(layers) - set(REGIMES))
+    if unknown:
+        raise ConfigError(f"{source}: '{BY_REGIME}.{unknown[0]}' is not a regime (one of {list(REGIMES)})")
+    regime = strip_regime_aliases(combine_layers(recipe, command_line, "command line", warn=False))
+    layer = layers.get((regime.get("model") or {}).get("regime", ExperimentConfig().model.regime))
+    if not layer:
+        return recipe
+    if {"regime", "backbone_mode"} & set(layer.get("model") or {}) or "enabled" in (layer.get("svf") or {}):
+        raise ConfigError(f"{source}: '{BY_REGIME}' entries apply once the regime is chosen; they cannot set it")
+    return combine_layers(recipe, layer, f"{source} {BY_REGIME}")
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Defaults <- YAML recipe (``path``) <- dotlist overrides.
+    """Defaults <- YAML recipe (``path``) <- its ``by_regime`` entry for the run's regime <- dotlist overrides.
 
     Args:
         path: a recipe YAML file, or None for the defaults only.
@@ -248,8 +285,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         ConfigError: unknown key (with the closest valid one), wrong type or value.
     """
     merged = read_yaml(path) if path is not None else {}
-    if overrides:
-        merged = combine_layers(merged, parse_dotlist(overrides), "command line")
+    command_line = parse_dotlist(overrides) if overrides else {}
+    merged = regime_layer(merged, command_line, str(path))
+    if command_line:
+        merged = combine_layers(merged, command_line, "command line")
     cfg = ExperimentConfig()
     _merge(cfg, strip_regime_aliases(merged), prefix="", source=str(path) if path is not None else "command line")
     validate(cfg)

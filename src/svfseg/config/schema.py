@@ -46,6 +46,10 @@ class ModelConfig:
     base_checkpoint: Optional[str] = None  # BAM stage 2: the stage-1 best.pt ({fold}, {benchmark}, ... filled in)
     head: dict = field(default_factory=dict)  # extra keyword arguments for the head
     init_head: Optional[str] = None    # warm start: a checkpoint whose head (all but the backbone) starts this run
+    # start from every weight of a model file (`svfseg convert` / `svfseg merge` output, a run's best.pt of a
+    # plain-backbone regime): its backbone goes in before model.regime decomposes it; no model.weights or
+    # base_checkpoint is read
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -234,6 +238,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.lora.r < 1 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1:
         raise ConfigError(f"config section 'lora': expected r >= 1, alpha > 0, 0 <= dropout < 1, found "
                           f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}")
+    if cfg.model.init_head and cfg.model.init_from:
+        raise ConfigError("config keys 'model.init_head' and 'model.init_from' are both set: init_from already "
+                          "gives the head (and the backbone); keep one")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"config key 'optim.grad_clip' must be > 0 or null, found {cfg.optim.grad_clip}")
     _validate_more(cfg)
@@ -247,7 +254,7 @@ MIN_SIDE = 32
 # svf-section options that change what an SVF run trains: set under another staged regime they would be
 # ignored silently, so they are refused. svf.mode and svf.fold_bn only choose how an SVF layer computes (a
 # speed setting a recipe may carry for its svf runs), so a recipe that sets them still serves every regime.
-_SVF_ONLY = ("skip_1x1", "skip_3x3", "train_bn", "train_bias")
+_SVF_ONLY = ("skip_1x1", "skip_3x3", "train_bn", "train_bias", "rank_multiple")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -344,7 +351,8 @@ def _validate_counts_and_names(cfg: ExperimentConfig) -> None:
     named = {"model.name": "a registered model (e.g. pfenet)", "model.backbone": "a backbone (e.g. resnet50_deep)",
              "data.root": "a prepared dataset folder (e.g. data/pascal)", "output_dir": "a folder (e.g. runs)",
              "model.weights": "a weight file, imagenet or null", "model.base_checkpoint": "a checkpoint file or null",
-             "model.init_head": "a checkpoint file or null", "train.val_episodes_file": "an episode file or null",
+             "model.init_head": "a checkpoint file or null", "model.init_from": "a model file or null",
+             "train.val_episodes_file": "an episode file or null",
              "eval.episodes": "an episode file or null"}
     for k, what in named.items():
         v = _get(cfg, k)

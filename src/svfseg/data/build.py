@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from svfseg.data.episodes import DEFAULT_MIN_PIXELS, TRAIN_PROTOCOLS, EpisodeList, make_episodes, make_pool
 from svfseg.data.index import load_class_index
-from svfseg.data.io import DataError
+from svfseg.data.io import DataError, list_source
 from svfseg.data.episodic import EvalEpisodes, TrainEpisodes
 from svfseg.data.benchmark import Benchmark, DataSettings, check_root_dir
 from svfseg.data.splits import CUSTOM
@@ -152,7 +152,8 @@ def build_episodic(bench: Benchmark, settings: DataSettings = DataSettings(), *,
     pool = make_pool(index, sp.novel, shot=shot, min_pixels=min_pixels, query_rule=s.query_rule)
     if episodes is None:
         episodes = make_episodes(pool, benchmark=benchmark, fold=fold, shot=shot, seed=seed,
-                                 count=num_episodes, convention=convention, order=order)
+                                 count=num_episodes, convention=convention, order=order,
+                                 query_list=list_source(root, split))
     where = "episode list"
     if episodes is not None and not isinstance(episodes, EpisodeList):
         where = str(episodes)

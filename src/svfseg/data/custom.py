@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from svfseg.data.io import DataError, atomic_dir, image_size, read_label, write_label, write_list
+from svfseg.data.io import DataError, atomic_dir, image_size, read_label, write_label, write_list, wxh
 from svfseg.data.meta import write_dataset_meta
 from svfseg.labels import IGNORE_LABEL
 
@@ -98,8 +98,8 @@ def _read_masks(pairs, n_classes: Optional[int]) -> tuple[list[np.ndarray], int,
             problems.append(f"{img}: expected a readable image, found {e}")
             continue
         if hw != label.shape:
-            problems.append(f"{msk}: expected the size of its image {img.name} {hw[0]}x{hw[1]}, "
-                            f"found {label.shape[0]}x{label.shape[1]}")
+            problems.append(f"{msk}: expected the size of its image {img.name} {wxh(hw)}, "
+                            f"found {wxh(label.shape)} (width x height)")
         values = np.unique(label)
         fg = values[(values > 0) & (values != IGNORE_LABEL)]
         if n_classes is not None and fg.size and int(fg.max()) > n_classes:

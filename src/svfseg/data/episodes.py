@@ -150,7 +150,9 @@ class EpisodeList:
 
     ``query_rule`` names the query-class rule of the pool (see :func:`make_pool`); files written
     before it was recorded load as ``"min_pixels"``, the rule that made them. ``order`` is how
-    the queries were walked (``QUERY_ORDERS``; files without it were permuted).
+    the queries were walked (``QUERY_ORDERS``; files without it were permuted). ``query_list`` names
+    the given list file the root's split list was made from (``svfseg prepare --val-list``), ""
+    when svfseg made the list.
     """
 
     benchmark: str
@@ -164,6 +166,7 @@ class EpisodeList:
     episodes: tuple[Episode, ...] = field(repr=False)
     query_rule: str = LEGACY_QUERY_RULE
     order: str = "permuted"
+    query_list: str = ""
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -180,6 +183,8 @@ class EpisodeList:
             del d["query_rule"]
         if self.order == "permuted":
             del d["order"]  # likewise for lists made before the field existed
+        if not self.query_list:
+            del d["query_list"]  # likewise
         return d
 
     @property
@@ -213,7 +218,8 @@ class EpisodeList:
             eps = tuple(Episode(str(q), int(c), tuple(str(s) for s in sup)) for q, c, sup in blob["episodes"])
             out = cls(blob["benchmark"], blob["split"], int(blob["fold"]), int(blob["shot"]), int(blob["seed"]),
                       blob["convention"], int(blob["min_pixels"]), blob["dataset_fingerprint"], eps,
-                      str(blob.get("query_rule", LEGACY_QUERY_RULE)), str(blob.get("order", "permuted")))
+                      str(blob.get("query_rule", LEGACY_QUERY_RULE)), str(blob.get("order", "permuted")),
+                      str(blob.get("query_list", "")))
             stored = blob["fingerprint"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: expected an svfseg episode list (JSON), could not read it: {e}") from None
@@ -260,7 +266,7 @@ class EpisodeList:
 
 
 def make_episodes(pool: EpisodePool, *, benchmark: str, fold: int, shot: int, seed: int, count: int,
-                  convention: str = "interleaved", order: str = "permuted") -> EpisodeList:
+                  convention: str = "interleaved", order: str = "permuted", query_list: str = "") -> EpisodeList:
     """Evaluation episodes: a pure function of (pool data, fold, shot, seed, count, order).
 
     With ``order="permuted"`` queries are visited in a fresh seeded permutation of the pool on
@@ -269,6 +275,7 @@ def make_episodes(pool: EpisodePool, *, benchmark: str, fold: int, shot: int, se
     loaders: with more pool images than episodes, as on COCO, only the first ``count`` images
     are queries). For each query the class and supports come from :func:`sample_episode`. The
     first ``n`` episodes do not depend on ``count`` (a longer list extends a shorter one).
+    ``query_list`` is recorded as it is (the given list the pool's list file was made from).
     """
     if not 1 <= count <= MAX_EPISODES:
         raise ValueError(f"episode count must be 1 .. {MAX_EPISODES:,}, got {count:,}")
@@ -290,7 +297,7 @@ def make_episodes(pool: EpisodePool, *, benchmark: str, fold: int, shot: int, se
             if len(eps) == count:
                 break
     return EpisodeList(benchmark, pool.index.split, fold, shot, seed, convention, pool.min_pixels,
-                       pool.index.fingerprint, tuple(eps), pool.query_rule, order)
+                       pool.index.fingerprint, tuple(eps), pool.query_rule, order, query_list)
 
 
 @dataclass(frozen=True)

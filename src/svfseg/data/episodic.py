@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from svfseg.data.episodes import EpisodeList, EpisodePool, sample_episode
-from svfseg.data.io import DataError, read_image, read_label
+from svfseg.data.io import DataError, read_image, read_label, wxh
 from svfseg.data.transforms import TestTransform, TrainTransform
 from svfseg.labels import IGNORE_LABEL
 
@@ -27,8 +27,8 @@ def load_pair(root: Path, image_rel: str, label_rel: str) -> tuple[np.ndarray, n
     img = read_image(root / image_rel)
     lbl = read_label(root / label_rel)
     if img.shape[:2] != lbl.shape:
-        raise DataError(f"{root / label_rel}: expected the size of {image_rel} {img.shape[0]}x{img.shape[1]}, "
-                        f"found {lbl.shape[0]}x{lbl.shape[1]}")
+        raise DataError(f"{root / label_rel}: expected the size of {image_rel} {wxh(img.shape)}, "
+                        f"found {wxh(lbl.shape)} (width x height)")
     return img, lbl
 
 

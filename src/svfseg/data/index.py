@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from svfseg.data.io import (DataError, file_head_and_tail, image_size, incomplete_image, list_path, read_label,
-                            read_list)
+                            read_list, wxh)
 from svfseg.labels import IGNORE_LABEL
 
 __all__ = ["ImageRecord", "ClassIndex", "load_class_index", "build_class_index", "check_command", "CACHE_DIR",
@@ -134,7 +134,7 @@ def _scan_one(args) -> tuple[tuple[int, int], dict[int, int], list[str]]:
             ihw = image_size(img_path)
             if ihw != hw:
                 problems.append(f"{lbl_path}: expected the size of its image {img_path.name} "
-                                f"{ihw[0]}x{ihw[1]}, found {hw[0]}x{hw[1]}")
+                                f"{wxh(ihw)}, found {wxh(hw)} (width x height)")
             # the header reads fine on a cut-off file: its end must be there too (tail read, cheap)
             cut = incomplete_image(file_head_and_tail(img_path))
             if cut:

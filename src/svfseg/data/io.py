@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -10,12 +12,12 @@ from typing import Iterator, Optional
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DataError", "read_image", "read_mask", "read_label", "read_list", "write_list", "list_path", "atomic_dir",
     "write_label", "image_size", "incomplete_image", "file_head_and_tail", "exif_orientation", "apply_orientation",
-    "MAX_IMAGE_PIXELS", "decoder_complaints",
+    "MAX_IMAGE_PIXELS", "decoder_complaints", "wxh",
 ]
 
 
@@ -29,6 +31,12 @@ MAX_IMAGE_PIXELS = 120_000_000
 _ORIENTATION_TAG = 0x0112
 #: What an empty file is called in every message about it.
 EMPTY_FILE = "an empty file (0 bytes)"
+
+
+def wxh(hw) -> str:
+    """An (H, W, ...) shape as people read an image's size, width first: a 112-wide, 86-high image is "112x86"
+    (every image viewer says it so; numpy's (H, W) order would read as a transposed image)."""
+    return f"{hw[1]}x{hw[0]}"
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -48,7 +56,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     orientation = _header(data, path)[1]
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
-        raise DataError(f"{path}: expected an RGB image file, found not a readable image")
+        raise DataError(f"{path}: expected an RGB image file, found a file that cannot be decoded as an image")
     return np.ascontiguousarray(apply_orientation(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), orientation))
 
 
@@ -103,7 +111,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: expected a mask image file, found not a readable image ({e})") from None
+        # Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" says nothing more than this line
+        why = "" if isinstance(e, UnidentifiedImageError) else f" ({e})"
+        raise DataError(f"{path}: expected a mask image file, found a file that cannot be decoded as an "
+                        f"image{why}") from None
     return _mask_values(im, path)
 
 
@@ -333,6 +344,35 @@ def read_list(path: str | os.PathLike) -> list[tuple[str, str]]:
 def write_list(path: str | os.PathLike, pairs: list[tuple[str, str]]) -> None:
     """Write a list file in the PFENet/BAM format."""
     Path(path).write_text("".join(f"{a} {b}\n" for a, b in pairs))
+
+
+#: In a prepared root: which given list file made each split's list (``svfseg prepare --val-list``).
+LIST_SOURCES = "list_sources.json"
+
+
+def list_record(path: str | os.PathLike, images: int) -> dict:
+    """What a root records of a given list file: its name, sha256 and the images it listed."""
+    path = Path(path)
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "images": images}
+
+
+def write_list_sources(root: str | os.PathLike, records: dict[str, dict]) -> None:
+    """Record the given list files of a root being prepared (nothing when none was given)."""
+    if records:
+        (Path(root) / LIST_SOURCES).write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+
+
+def list_source(root: str | os.PathLike, split: str) -> str:
+    """``"val_data_list.txt (sha256 0123456789ab, 1,000 images)"``: the file that made ``split``'s list, or ""."""
+    path = Path(root) / LIST_SOURCES
+    if not path.is_file():
+        return ""  # svfseg made the lists
+    try:
+        rec = json.loads(path.read_text()).get(split)
+        return "" if rec is None else f"{rec['file']} (sha256 {str(rec['sha256'])[:12]}, {int(rec['images']):,} images)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: expected {{split: {{file, sha256, images}}}} (written by svfseg prepare), could not "
+                        f"read it ({e})") from None
 
 
 def _new_dir(parent: Path, prefix: str) -> Path:

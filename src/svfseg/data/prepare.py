@@ -19,7 +19,8 @@ from svfseg.data.sources import coco as coco_src
 from svfseg.data.sources import voc as voc_src
 from svfseg.data.check import check_dataset
 from svfseg.data.index import load_class_index
-from svfseg.data.io import DataError, atomic_dir, read_list, write_label, write_list
+from svfseg.data.io import (DataError, atomic_dir, list_record, read_list, write_label, write_list,
+                             write_list_sources, wxh)
 from svfseg.data.splits import num_classes
 
 __all__ = ["prepare_pascal", "prepare_coco", "check_dataset", "add_prepare_arguments", "run_prepare"]
@@ -61,7 +62,7 @@ def _pascal_label_job(args) -> str | None:
         with Image.open(img) as im:
             w, h = im.size
         if label.shape != (h, w):
-            return f"{image_id}: label {label.shape[0]}x{label.shape[1]} differs from image {img} {h}x{w}"
+            return f"{image_id}: label {wxh(label.shape)} differs from image {img} {w}x{h} (width x height)"
         write_label(Path(out) / f"{image_id}.png", label)
     except (DataError, OSError) as e:
         return str(e)
@@ -108,10 +109,13 @@ def prepare_pascal(voc, sbd, out, *, sbd_val: bool = False, train_list=None, val
     voc = voc_src.find_voc(voc)
     sbd = voc_src.find_sbd(sbd) if sbd else None
     train, val, kind = voc_src.pascal_lists(voc, sbd, sbd_val=sbd_val)
+    sources = {}
     if train_list is not None:
         train, kind = _ids_from_list(Path(train_list)), "given"
+        sources["train"] = list_record(train_list, len(train))
     if val_list is not None:
         val = _ids_from_list(Path(val_list))
+        sources["val"] = list_record(val_list, len(val))
     _warn_count("val list", len(val), voc_src.KNOWN_COUNTS["val"])
     _warn_count(f"train list ({kind})", len(train), voc_src.KNOWN_COUNTS.get(kind))
     ids = sorted(set(train) | set(val))
@@ -125,6 +129,7 @@ def prepare_pascal(voc, sbd, out, *, sbd_val: bool = False, train_list=None, val
         for split, lst in (("train", train), ("val", val)):
             write_list(tmp / f"{split}.txt", [(f"JPEGImages/{i}.jpg", f"{LABEL_DIR}/{i}.png") for i in lst])
             load_class_index(tmp, split, num_classes("pascal"), workers=workers, cache_as=out)
+        write_list_sources(tmp, sources)
     log.info("wrote %s", out)
     return Path(out)
 
@@ -138,13 +143,32 @@ def _coco_label_job(args) -> str | None:
     return None
 
 
-def prepare_coco(coco, out, *, copy_images: bool = False, workers: int | None = None) -> Path:
+def _coco_images_in_list(path: Path, images: list[dict], ann: Path) -> list[dict]:
+    """The images of a PFENet/BAM COCO list file (``<folder>/<file name> <label path>`` per line), in its order."""
+    by_name = {im["file_name"]: im for im in images}
+    out = []
+    for entry, (img, _) in enumerate(read_list(path), 1):
+        name = Path(img).name
+        if name not in by_name:
+            raise DataError(f"{path}: entry {entry}: expected an image of {ann.name}, found {img!r} (is the list "
+                            f"for the other split?)")
+        out.append(by_name[name])
+    return out
+
+
+def prepare_coco(coco, out, *, train_list=None, val_list=None, copy_images: bool = False,
+                 workers: int | None = None) -> Path:
     """Build a COCO-20i root from COCO 2014 (``train2014/``, ``val2014/``, ``annotations/instances_*2014.json``).
 
-    Every image of the json is listed (also those without annotations); ids are contiguous 1..80 in
-    category-id order; overlaps and ``iscrowd`` are resolved as :mod:`svfseg.data.sources.coco` documents.
+    Every image of the json is listed (also those without annotations), sorted by file name; or, with
+    ``train_list`` / ``val_list`` (PFENet's and BAM's ``lists/coco/*_data_list.txt``), the images of that
+    file in its order, so that the upstream test protocols walk the same queries in the same order
+    (``list_sources.json`` in the root records the file). Ids are contiguous 1..80 in category-id order;
+    overlaps and ``iscrowd`` are resolved as :mod:`svfseg.data.sources.coco` documents.
     """
     coco = Path(coco)
+    given = {"train": train_list, "val": val_list}
+    sources = {}
     with atomic_dir(out) as tmp:
         (tmp / LABEL_DIR).mkdir()
         for split in ("train", "val"):
@@ -155,6 +179,9 @@ def prepare_coco(coco, out, *, copy_images: bool = False, workers: int | None = 
             images, anns, cat_map = coco_src.load_coco_annotations(ann)
             if len(cat_map) != num_classes("coco"):
                 raise DataError(f"{ann}: expected 80 categories, found {len(cat_map)}")
+            if given[split] is not None:
+                images = _coco_images_in_list(Path(given[split]), images, ann)
+                sources[split] = list_record(given[split], len(images))
             jobs = [(im, anns.get(im["id"], []), cat_map, str(tmp / LABEL_DIR / f"{Path(im['file_name']).stem}.png"))
                     for im in images]
             errors = [e for e in _run_jobs(_coco_label_job, jobs, _workers(workers), f"{split} masks") if e]
@@ -163,8 +190,9 @@ def prepare_coco(coco, out, *, copy_images: bool = False, workers: int | None = 
             _place_images(coco / folder, tmp / folder, [im["file_name"] for im in images], copy_images)
             write_list(tmp / f"{split}.txt", [(f"{folder}/{im['file_name']}",
                                                f"{LABEL_DIR}/{Path(im['file_name']).stem}.png") for im in images])
-            _warn_count(f"{split} list", len(images), coco_src.KNOWN_COUNTS[split])
+            _warn_count(f"{split} list", len(images), None if given[split] else coco_src.KNOWN_COUNTS[split])
             load_class_index(tmp, split, num_classes("coco"), workers=workers, cache_as=out)
+        write_list_sources(tmp, sources)
     log.info("wrote %s", out)
     return Path(out)
 
@@ -179,8 +207,11 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--voc", type=Path, help="pascal: VOC2012 (or VOCdevkit) folder")
     parser.add_argument("--sbd", type=Path, help="pascal: SBD folder (dataset/cls/*.mat, train.txt, val.txt)")
     parser.add_argument("--sbd-val", action="store_true", help="pascal: also train on SBD val (trainaug list)")
-    parser.add_argument("--train-list", type=Path, help="pascal: use this PFENet/BAM train list as it is")
-    parser.add_argument("--val-list", type=Path, help="pascal: use this PFENet/BAM val list as it is")
+    parser.add_argument("--train-list", type=Path,
+                        help="pascal/coco: use this PFENet/BAM train list as it is (its images, in its order)")
+    parser.add_argument("--val-list", type=Path,
+                        help="pascal/coco: use this PFENet/BAM val list as it is (its images, in its order: "
+                             "--protocol bam/pfenet then walk upstream's queries in upstream's order)")
     parser.add_argument("--coco", type=Path, help="coco: folder with train2014/, val2014/, annotations/")
     parser.add_argument("--copy-images", action="store_true", help="copy images instead of linking the folder")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: cores, at most 8)")
@@ -224,7 +255,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             if args.coco is None:
                 log.error("prepare coco: --coco is required")
                 return 2
-            prepare_coco(args.coco, args.out, copy_images=args.copy_images, workers=args.workers)
+            prepare_coco(args.coco, args.out, train_list=args.train_list, val_list=args.val_list,
+                         copy_images=args.copy_images, workers=args.workers)
         elif args.benchmark == "custom":
             if args.images is None or args.masks is None:
                 log.error("prepare custom: --images DIR and --masks DIR are required")

@@ -17,6 +17,8 @@ from svfseg.results import pct
 
 logger = logging.getLogger(__name__)
 
+#: A plain-architecture model file: `svfseg merge` output, and `svfseg convert` output (which also holds a
+#: ``converted_from`` record: the upstream file's name, sha256 and format).
 MERGED_FORMAT = "svfseg-merged-v1"
 
 
@@ -38,20 +40,27 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, bench=None) -
 
     m = cfg.model
     recipe = model_recipe(m.name)
-    weights = m.weights if pretrained else None
+    # model.init_from gives every weight: no backbone file, no other run's checkpoint is read
+    init = m.init_from if pretrained else None
+    weights = m.weights if pretrained and not init else None
     if weights and weights != "imagenet" and not Path(weights).is_file():
         raise FileNotFoundError(f"model.weights={weights!r}: no such file (download the backbone weights the "
                                 f"recipe names, or set model.weights=null to start from random weights)")
     from svfseg.regimes import regime_spec
 
     spec = regime_spec(m.regime)
-    kwargs = {**recipe.model_kwargs(run_facts(cfg, bench)), **(load_dependencies(cfg, bench) if pretrained else {})}
+    kwargs = {**recipe.model_kwargs(run_facts(cfg, bench)),
+              **(load_dependencies(cfg, bench) if pretrained and not init else {})}
     if spec.model_kwarg:  # the regime's own config section (lora:) goes to the model
         kwargs[spec.model_kwarg] = getattr(cfg, spec.section)
+    backbone, blob = m.backbone, None
+    if init:
+        backbone, blob = _init_backbone(cfg, init)
     try:
-        model = create_model(m.name, backbone=m.backbone, weights=weights, regime=m.regime,
+        model = create_model(m.name, backbone=backbone, weights=weights, regime=m.regime,
                              svf_policy=cfg.svf if spec.staged else None,
-                             backbone_kwargs=dict(m.backbone_kwargs) or None, **{**kwargs, **m.head})
+                             backbone_kwargs=(dict(m.backbone_kwargs) or None) if blob is None else None,
+                             **{**kwargs, **m.head})
     except TypeError as e:
         raise _unknown_option(e, cfg) from None
     except ValueError as e:  # a head's own check of one of its options ("reduce_dim: expected ...")
@@ -61,7 +70,16 @@ def build_model(cfg: ExperimentConfig, *, pretrained: bool = True, bench=None) -
 
             raise ConfigError(f"config key 'model.head.{option}': {why}") from None
         raise
-    if pretrained and m.init_head:
+    if blob is not None:
+        from svfseg.engine.warmstart import init_from_differences, load_head
+
+        diffs = init_from_differences(describe(model, cfg, bench), blob["describe"])
+        if diffs:
+            raise ckpt.CheckpointMismatch(f"model.init_from={init} describes another model than this run's (the "
+                                          f"regime aside): " + "; ".join(diffs))
+        logger.info("model.init_from: backbone and %d other tensors from %s", load_head(
+            model, init, blob, key="model.init_from"), init)
+    elif pretrained and m.init_head:
         from svfseg.engine.warmstart import load_head
 
         logger.info("warm start: %d head tensors from %s", load_head(model, m.init_head), m.init_head)
@@ -90,6 +108,20 @@ def check_model_names(cfg: ExperimentConfig) -> None:
     if regime_spec(cfg.model.regime).staged and missing:
         raise ConfigError(f"config key 'svf.stages' must name stages of {cfg.model.backbone} {list(stages)}, found "
                           f"{missing}")
+
+
+def _init_backbone(cfg: ExperimentConfig, path: str) -> tuple[nn.Module, dict]:
+    """The plain backbone of ``cfg`` holding the weights of the ``model.init_from`` file, and the file.
+
+    The weights go in before the run's regime decomposes (SVF) or wraps (LoRA) the backbone.
+    """
+    from svfseg.engine.warmstart import backbone_state, read_init_file
+    from svfseg.models.backbones import create_backbone
+
+    blob = read_init_file(path)
+    backbone = create_backbone(cfg.model.backbone, **dict(cfg.model.backbone_kwargs))
+    ckpt.load_model_state(backbone, backbone_state(blob["model"]), path)
+    return backbone, blob
 
 
 def _unknown_option(e: TypeError, cfg: ExperimentConfig) -> Exception:
@@ -136,12 +168,16 @@ def preflight(cfg: ExperimentConfig, bench=None) -> None:
     """
     from svfseg.models import model_recipe
 
-    for dep in model_recipe(cfg.model.name).dependencies(run_facts(cfg, bench)):
+    for dep in [] if cfg.model.init_from else model_recipe(cfg.model.name).dependencies(run_facts(cfg, bench)):
         _read_dependency(dep, lazy=True)
     if cfg.model.init_head:
         from svfseg.engine.warmstart import check_head_file
 
         check_head_file(cfg.model.init_head)
+    if cfg.model.init_from:
+        from svfseg.engine.warmstart import read_init_file
+
+        read_init_file(cfg.model.init_from, lazy=True)
 
 
 def _read_dependency(dep, *, lazy: bool) -> dict:
@@ -172,6 +208,8 @@ def describe(model: nn.Module, cfg: ExperimentConfig, bench=None) -> dict[str, A
             d["svf_policy"].pop(key, None)
         if d["svf_policy"].get("train") == ["S"]:
             del d["svf_policy"]["train"]  # the default, and what every description before svf.train meant
+        if d["svf_policy"].get("rank_multiple") == 1:
+            del d["svf_policy"]["rank_multiple"]  # likewise: exact, as before the option
     d.update(benchmark=cfg.data.benchmark, fold=cfg.fold, num_benchmark_classes=benchmark_of(cfg, bench).num_classes)
     return _plain(d)
 
@@ -241,6 +279,10 @@ def nothing_to_merge(checkpoint: str | os.PathLike) -> Optional[str]:
 
     state = _svfseg_checkpoint(checkpoint)
     if state.get("format") == MERGED_FORMAT:
+        source = state.get("converted_from")
+        if isinstance(source, dict):
+            return (f"{checkpoint} is a converted {source.get('format')} model ({source.get('file')}): the plain "
+                    f"architecture already")
         return f"{checkpoint} is already a merged export"
     regime = ckpt.upgrade_description(state["describe"]).get("regime")
     if regime not in REGISTRY or not REGISTRY[regime].mergeable:

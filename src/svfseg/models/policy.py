@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from svfseg.policies import SVFPolicy
-from svfseg.svf import SVFConfig, apply_svf, svf_layers, trained_factor_parameters
+from svfseg.svf import (SVFConfig, apply_svf, decompose_weight, floored_rank, full_rank, rebuild_weight, svf_layers,
+                        trained_factor_parameters)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SVFPolicy", "apply_policy", "folds_bn", "svf_config"]
+__all__ = ["SVFPolicy", "apply_policy", "floor_ranks_outside", "folds_bn", "svf_config"]
 
 
 def folds_bn(policy: SVFPolicy) -> bool:
@@ -40,7 +42,30 @@ def svf_config(policy: SVFPolicy, backbone: nn.Module | None = None) -> SVFConfi
         train_bias=policy.train_bias,
         fold_bn=pairs,
         train_factors=policy.train,
+        rank_multiple=policy.rank_multiple,
     )
+
+
+def floor_ranks_outside(backbone: nn.Module, policy: SVFPolicy) -> list[str]:
+    """Replace every conv / linear weight outside ``policy.stages`` by its rank-floored rebuild, in place.
+
+    The SVF authors decompose every backbone conv at the floored rank and freeze the S of the stages
+    they do not train; a frozen SVD layer computes its rebuilt weight, so the plain layer holding that
+    weight is the same network. Returns ``"name in -> out"`` for each layer that lost rank.
+    """
+    lossy = []
+    with torch.no_grad():
+        for name, m in backbone.named_modules():
+            if type(m) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) or name.split(".")[0] in policy.stages:
+                continue
+            groups = getattr(m, "groups", 1)
+            full = full_rank(m.weight.shape, groups)
+            kept = floored_rank(full, policy.rank_multiple)
+            if kept < full:
+                U, S, Vh = decompose_weight(m.weight, groups, rank_multiple=policy.rank_multiple)
+                m.weight.copy_(rebuild_weight(U, S, Vh, m.weight.shape))
+                lossy.append(f"{name} {full} -> {kept}")
+    return lossy
 
 
 def apply_policy(backbone: nn.Module, policy: SVFPolicy) -> nn.Module:
@@ -68,8 +93,17 @@ def apply_policy(backbone: nn.Module, policy: SVFPolicy) -> nn.Module:
         )
     for p in backbone.parameters():
         p.requires_grad_(False)
+    lossy = floor_ranks_outside(backbone, policy) if policy.rank_multiple > 1 else []
     apply_svf(backbone, svf_config(policy, backbone))
     layers = list(svf_layers(backbone))
+    if policy.rank_multiple > 1:
+        lossy += [f"{name} {full_rank(layer.weight_shape, layer.groups)} -> {layer.rank}" for name, layer in layers
+                  if layer.rank < full_rank(layer.weight_shape, layer.groups)]
+        logger.warning("svf.rank_multiple=%d floors every backbone rank to a multiple of %d, as the SVF authors' "
+                       "svf.py: %s", policy.rank_multiple, policy.rank_multiple,
+                       f"{len(lossy)} layer(s) lose rank and change their output, so the network no longer computes "
+                       f"its pretrained features ({', '.join(lossy)})" if lossy else "no layer of this backbone "
+                       "loses rank (exact)")
     if not layers:
         raise ValueError(
             f"SVFPolicy: no layer of stages {list(policy.stages)} in {type(backbone).__name__} "

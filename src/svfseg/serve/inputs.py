@@ -9,15 +9,14 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from svfseg.data.io import DataError, image_size, read_image, read_mask
+from svfseg.data.io import DataError, image_size, read_image, read_mask, wxh
 from svfseg.predict import PredictInputError, binary_mask
-from svfseg.results import pct
 from svfseg.serve.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS
 
 __all__ = ["MAX_SHOTS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_QUERIES", "ServeError", "SupportSlot", "QueryFile",
            "check_pixels", "read_rgb_upload", "object_classes", "is_binary", "read_mask_upload", "read_supports",
            "check_queries", "gt_key", "read_ground_truth", "unpack_mask", "editor_background", "brush_radius",
-           "mask_class_choices"]
+           "is_jpeg", "support_mask", "ground_truth_class"]
 
 GT_SUFFIXES = ("_mask", "_gt", "_label")  # "cat.png" is the ground truth of query "cat.jpg", so is "cat_mask.png"
 _JPEG_MAGIC = b"\xff\xd8"
@@ -101,7 +100,8 @@ def object_classes(values) -> list[int]:
     return [] if is_binary(values) else [v for v in values if v not in (0, 255)]
 
 
-def _is_jpeg(path: str) -> bool:
+def is_jpeg(path: str) -> bool:
+    """Whether the file starts as a JPEG does (its name may say PNG)."""
     try:
         with open(path, "rb") as f:
             return f.read(2) == _JPEG_MAGIC
@@ -126,10 +126,10 @@ def read_mask_upload(path: str, label: str, expect_hw: Optional[tuple[int, int]]
         reason = str(e).removeprefix(f"{Path(path)}: ")
         raise ServeError(f"{where}: cannot read it as a mask image ({reason})") from None
     if expect_hw is not None and tuple(arr.shape[:2]) != tuple(expect_hw):
-        raise ServeError(f"{where}: mask is {arr.shape[0]}x{arr.shape[1]} but {what} is {expect_hw[0]}x{expect_hw[1]}")
+        raise ServeError(f"{where}: mask is {wxh(arr.shape)} but {what} is {wxh(expect_hw)} (width x height)")
     values = np.unique(arr).tolist()
     if not is_binary(values):
-        if _is_jpeg(path):
+        if is_jpeg(path):
             raise ServeError(f"{where}: a JPEG mask ({len(values)} grey levels: JPEG blurs the edges into values "
                              f"between 0 and 255); save the mask as PNG")
         if mask_class is None:
@@ -166,22 +166,36 @@ def read_supports(slots: Sequence[SupportSlot], *, max_pixels: int = DEFAULT_MAX
         if not slot.image:
             raise ServeError(f"support {i}: a mask but no image; upload the image the mask belongs to")
         rgb = read_rgb_upload(slot.image, f"support {i} image", max_pixels)
-        if slot.mask:
-            mask = read_mask_upload(slot.mask, f"support {i} mask", rgb.shape[:2], max_pixels=max_pixels,
-                                    mask_class=slot.mask_class)
-        elif slot.painted is not None:
-            painted = np.asarray(slot.painted, dtype=bool)
-            if painted.shape != rgb.shape[:2]:
-                painted = _resize_painted(painted, rgb.shape[:2])
-            try:
-                mask = binary_mask(painted.astype(np.uint8), f"support {i} painted mask")
-            except PredictInputError as e:
-                raise ServeError(str(e)) from None
-        else:
-            raise ServeError(f"support {i}: no mask; upload its mask or paint the object on the image")
         rgbs.append(rgb)
-        masks.append(mask)
+        masks.append(support_mask(i, slot, rgb.shape[:2], max_pixels=max_pixels))
     return rgbs, masks
+
+
+def support_mask(i: int, slot: SupportSlot, hw: tuple[int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS
+                 ) -> np.ndarray:
+    """Support ``i``'s mask as {0, 1} at the image's (H, W) ``hw``: the uploaded file (by its picked class),
+    else the painted strokes (scaled to the image).
+
+    Raises:
+        ServeError: no mask, an unreadable or too large file, another size than ``hw``, an empty mask.
+    """
+    if slot.mask:
+        return read_mask_upload(slot.mask, f"support {i} mask", hw, max_pixels=max_pixels, mask_class=slot.mask_class)
+    if slot.painted is None:
+        raise ServeError(f"support {i}: no mask; upload its mask or paint the object on the image")
+    painted = np.asarray(slot.painted, dtype=bool)
+    if painted.shape != tuple(hw):
+        painted = _resize_painted(painted, hw)
+    try:
+        return binary_mask(painted.astype(np.uint8), f"support {i} painted mask")
+    except PredictInputError as e:
+        raise ServeError(str(e)) from None
+
+
+def ground_truth_class(slots: Sequence[SupportSlot]) -> Optional[int]:
+    """The class a class-index ground truth is read as: the one class picked for the supports, else None."""
+    picked = {s.mask_class for s in slots if s.used and s.mask and s.mask_class is not None}
+    return picked.pop() if len(picked) == 1 else None
 
 
 def check_queries(paths: Sequence[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -282,21 +296,41 @@ def brush_radius(shape: Sequence[int]) -> int:
     return max(2, round(min(shape[:2]) / 25))
 
 
+@dataclass(frozen=True)
+class AdaptRequest:
+    """Fine-tune ``params`` on the request's supports before segmenting (None steps/lr: the checkpoint's recorded
+    choice, else the defaults)."""
 
-def mask_class_choices(path: Optional[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[str, int]]:
-    """The page's class picker for an uploaded mask: ``("15 (23% of the image)", 15)`` per class present.
+    params: str
+    steps: Optional[int] = None
+    lr: Optional[float] = None
 
-    [] for a binary mask, a JPEG (its blurred values are no classes: the Run message says to save
-    it as PNG), an unreadable file or one above ``max_pixels``.
+
+def adapt_choices() -> list[tuple[str, str]]:
+    """The page's adaptation picker: (label, ``adapt.params``), "no" first."""
+    from svfseg.regimes import ADAPT_REGISTRY, NO_ADAPTATION
+
+    return [("no", NO_ADAPTATION)] + [(f"{s.name}: {s.trains}", s.name) for s in ADAPT_REGISTRY.values()
+                                      if s.backbone or s.head]
+
+
+def adapt_request(params: Optional[str], steps, lr) -> Optional[AdaptRequest]:
+    """The page's adaptation inputs as a request (None: do not adapt), checked.
+
+    Raises:
+        ServeError: an unknown choice, steps outside 0..MAX_ADAPT_STEPS, or a learning rate that is not > 0.
     """
-    if not path or _is_jpeg(path):
-        return []
+    from svfseg.regimes import adapt_name, adapt_trains
+    from svfseg.serve.limits import MAX_ADAPT_STEPS
+
     try:
-        check_pixels(path, "mask", max_pixels)
-        values, counts = np.unique(read_mask(path), return_counts=True)
-    except (ServeError, DataError, OSError, ValueError):
-        return []
-    classes = set(object_classes(values.tolist()))
-    total = int(counts.sum())
-    return [(f"{v} ({pct(c / total, digits=0, unit='%')} of the image)", int(v))
-            for v, c in zip(values.tolist(), counts.tolist()) if v in classes]
+        if not params or not adapt_trains(params):
+            return None
+        params = adapt_name(params)
+    except ValueError as e:
+        raise ServeError(f"adapt: {e}") from None
+    if steps is not None and (not float(steps).is_integer() or not 0 <= steps <= MAX_ADAPT_STEPS):
+        raise ServeError(f"adapt: expected steps 0..{MAX_ADAPT_STEPS}, found {steps}")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and lr == lr):
+        raise ServeError(f"adapt: expected a learning rate > 0, found {lr}")
+    return AdaptRequest(params, None if steps is None else int(steps), None if lr is None else float(lr))

@@ -5,7 +5,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,7 +32,12 @@ class CheckpointRecord:
     test_episodes: Optional[int] = None
     score_from: Optional[str] = None  # the file the score was read from
     cell: Optional[str] = None  # the run folder a demo checkpoint was copied from
+    converted_from: Optional[str] = None  # `svfseg convert`: the upstream file, its format and sha256
     problem: Optional[str] = None  # why a file beside the checkpoint could not be used
+    class_names: tuple[str, ...] = ()  # its benchmark's names, indexed by class id - 1; () when unknown
+    # adapt.params -> {"steps", "lr", "source"}: adaptation settings chosen on validation for this checkpoint
+    # (`svfseg demo` records its adaptation stage's choices in SOURCE.json)
+    adapt_choices: dict = field(default_factory=dict)
 
     @property
     def data_text(self) -> str:
@@ -41,7 +46,8 @@ class CheckpointRecord:
             return "unknown training data"
         parts = [self.benchmark] + ([f"fold {self.fold}"] if self.fold is not None else [])
         text = " ".join(parts) + (f", {self.shot}-shot" if self.shot is not None else "")
-        return text + (f" ({self.data_root})" if self.data_root else "")
+        text += f" ({self.data_root})" if self.data_root else ""
+        return text + (f"; converted from {self.converted_from}" if self.converted_from else "")
 
     @property
     def score_text(self) -> str:
@@ -81,8 +87,12 @@ def _from_checkpoint(path: Path) -> dict:
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
     regime = model.get("regime")
     merged = state.get("format") == MERGED_FORMAT
-    return {"regime": "merged export" if merged else regime, "benchmark": data.get("benchmark"),
-            "data_root": data.get("root"), "fold": cfg.get("fold"), "shot": cfg.get("shot"), "merged": merged}
+    source = state.get("converted_from") if isinstance(state.get("converted_from"), dict) else None
+    converted = (f"{source.get('format')} `{source.get('file')}` (sha256 {str(source.get('sha256'))[:12]})"
+                 if source else None)
+    return {"regime": ("converted" if source else "merged export") if merged else regime,
+            "benchmark": data.get("benchmark"), "data_root": data.get("root"), "fold": cfg.get("fold"),
+            "shot": cfg.get("shot"), "merged": merged, "converted_from": converted}
 
 
 def _from_source_json(file: Path) -> dict:
@@ -100,6 +110,12 @@ def _from_source_json(file: Path) -> dict:
     for key in ("regime", "benchmark", "data_root", "fold", "shot"):
         if src.get(key) is not None:
             out[key] = src[key]
+    choices = src.get("adapt") or {}
+    if not isinstance(choices, dict) or not all(isinstance(c, dict) and isinstance(c.get("steps"), int)
+                                                and (c.get("lr") is None or isinstance(c["lr"], (int, float)))
+                                                for c in choices.values()):
+        raise ValueError(f"{where}: expected 'adapt' to map adapt.params to {{steps, lr, source}}, found {choices!r}")
+    out["adapt_choices"] = choices
     return out
 
 
@@ -129,12 +145,27 @@ def _from_results_json(checkpoint: Path) -> dict:
     return {}
 
 
+def _class_names(benchmark: Optional[str], root: Optional[str]) -> tuple[str, ...]:
+    """The class names of a checkpoint's benchmark (a custom root's from its dataset.yaml); () when unknown."""
+    if benchmark is None:
+        return ()
+    from svfseg.data.benchmark import Benchmark
+
+    try:
+        return tuple(Benchmark.resolve(benchmark, root or ".").class_names)
+    except Exception as e:  # noqa: BLE001 - names are a convenience: the class picker falls back to ids
+        logger.warning("no class names for benchmark %s at %s: %s", benchmark, root,
+                       (str(e).splitlines() or [type(e).__name__])[0])
+        return ()
+
+
 def checkpoint_record(path: str | os.PathLike) -> CheckpointRecord:
     """Training data and recorded test score of ``path``.
 
     The score comes from ``SOURCE.json`` beside the checkpoint (what the demo writes), else from
     the run folder's ``test/results.json`` or ``test_*/results.json`` of the same checkpoint;
-    the training data from the checkpoint's own config. Nothing here raises: a file that cannot
+    the training data from the checkpoint's own config, the class names from its benchmark (a custom root's
+    ``dataset.yaml``, relative to the working folder as training stored it). Nothing here raises: a file that cannot
     be used is named in ``problem`` (and the log), and the page says "no recorded test score".
     """
     p = Path(path)
@@ -151,4 +182,5 @@ def checkpoint_record(path: str | os.PathLike) -> CheckpointRecord:
         problems.append(str(e))
     for text in problems:
         logger.warning("%s", text)
-    return CheckpointRecord(path=str(path), problem="; ".join(problems) or None, **fields)
+    names = _class_names(fields.get("benchmark"), fields.get("data_root"))
+    return CheckpointRecord(path=str(path), problem="; ".join(problems) or None, class_names=names, **fields)

@@ -95,6 +95,9 @@ class SVFConfig:
             SVF. Trained U / Vh become parameters (same state-dict keys), the layer then runs
             the rebuilt-weight form (gradients reach U and Vh through the rebuild), merges
             exactly, and `save_svf` writes them too.
+        rank_multiple: 1 keeps every singular value (exact). N > 1 floors each layer's rank to a
+            multiple of N (the SVF authors' svf.py uses 4): a layer whose rank is not a multiple
+            loses its smallest singular values and changes its output.
     """
 
     target_modules: ModuleSelector = field(default=None, metadata={"help": "layers to decompose"})
@@ -113,6 +116,7 @@ class SVFConfig:
         default=None, metadata={"help": "(conv, batchnorm) name pairs to fold"}
     )
     train_factors: Sequence[str] = field(default=("S",), metadata={"help": "factors that train: U, S, V"})
+    rank_multiple: int = field(default=1, metadata={"help": "floor ranks to a multiple of this (1: exact)"})
 
     def __post_init__(self) -> None:
         self.target_modules = _check_selector("target_modules", self.target_modules)
@@ -127,6 +131,8 @@ class SVFConfig:
         if not factors or any(f not in FACTORS for f in factors) or len(set(factors)) != len(factors):
             raise ValueError(f"SVFConfig.train_factors: expected a non-empty subset of {FACTORS}, found {factors!r}")
         self.train_factors = tuple(f for f in FACTORS if f in factors)
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise ValueError(f"SVFConfig.rank_multiple: expected an int >= 1, found {self.rank_multiple!r}")
         if self.fold_bn is not None:
             pairs = []
             for pair in self.fold_bn:

@@ -46,19 +46,32 @@ def full_rank(weight_shape: Sequence[int], groups: int = 1) -> int:
     return min(m, n)
 
 
+def floored_rank(rank: int, multiple: int = 1) -> int:
+    """``rank`` floored to a multiple of ``multiple``, at least 1 (1: ``rank`` itself).
+
+    ``multiple=4`` is the SVF authors' rule (their svf.py ``round_to_nearest`` at ratio 1): a 3x3 conv
+    from 3 channels (27 columns) keeps rank 24, so its rebuilt weight, and the features after it, change.
+    """
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"rank multiple: expected an int >= 1, found {multiple!r}")
+    return max(1, rank // multiple * multiple)
+
+
 @torch.no_grad()
 def decompose_weight(
-    weight: torch.Tensor, groups: int = 1, svd_dtype: torch.dtype = torch.float64
+    weight: torch.Tensor, groups: int = 1, svd_dtype: torch.dtype = torch.float64, rank_multiple: int = 1
 ) -> SVDFactors:
-    """Decomposes a conv/linear weight exactly, one SVD per group, keeping the full rank.
+    """Decomposes a conv/linear weight, one SVD per group: exactly (full rank) unless ``rank_multiple`` > 1.
 
     Args:
         weight: (out, in/groups, *kernel) or (out, in) tensor.
         groups: conv groups; group i owns out channels [i*out/groups, (i+1)*out/groups).
         svd_dtype: dtype the SVD is computed in; the factors come back in weight.dtype.
+        rank_multiple: keep the leading ``floored_rank(r, rank_multiple)`` singular triplets (lossy
+            where that is below r; 1 keeps them all).
 
     Returns:
-        SVDFactors with rank r = min(out/groups, in/groups * prod(kernel)).
+        SVDFactors with rank r = min(out/groups, in/groups * prod(kernel)), floored as above.
     """
     if not weight.is_floating_point():
         raise TypeError(f"expected a floating point weight, found {weight.dtype}")
@@ -67,6 +80,8 @@ def decompose_weight(
     g, m, n = grouped_matrix_shape(weight.shape, groups)
     mats = weight.detach().reshape(g, m, n).to(svd_dtype)
     u, s, vh = _svd(mats)
+    r = floored_rank(s.shape[-1], rank_multiple)
+    u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
     dtype = weight.dtype
     return SVDFactors(u.to(dtype).contiguous(), s.to(dtype).contiguous(), vh.to(dtype).contiguous())
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from svfseg.svf.config import SVFConfig, selector_matches
-from svfseg.svf.decompose import check_exact
+from svfseg.svf.decompose import check_exact, full_rank
 from svfseg.svf.fold import FoldedBatchNorm, check_pairs, refuse_trainable, trainable_bn_error
 from svfseg.svf.layers import SUPPORTED_TYPES, SVFLayer, svf_layer_from
 from svfseg.svf.tune import TuneCache
@@ -182,8 +182,9 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None) -> nn.Module:
     tune_cache = TuneCache()  # equal layers of this model are timed once (mode="tune")
     with _one_lapack_thread(any(m.weight.device.type == "cpu" for _, m in targets.values())):
         for key, (name, module) in targets.items():
-            layer = svf_layer_from(module, config.mode, config.svd_dtype)
-            check_exact(module.weight, (layer.U, layer.S, layer.Vh), where=name)
+            layer = svf_layer_from(module, config.mode, config.svd_dtype, config.rank_multiple)
+            if layer.rank == full_rank(module.weight.shape, getattr(module, "groups", 1)):  # floored: lossy by design
+                check_exact(module.weight, (layer.U, layer.S, layer.Vh), where=name)
             layer.svf_config = config
             layer.tune_cache = tune_cache
             replacements[key] = layer

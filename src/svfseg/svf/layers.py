@@ -73,19 +73,20 @@ class _SVFConvNd(SVFLayer):
 
     @classmethod
     def from_conv(
-        cls, conv: nn.Module, mode: str = "auto", svd_dtype: torch.dtype = torch.float64
+        cls, conv: nn.Module, mode: str = "auto", svd_dtype: torch.dtype = torch.float64, rank_multiple: int = 1
     ) -> "_SVFConvNd":
-        """Decomposes an nn.ConvNd exactly (full rank, per group).
+        """Decomposes an nn.ConvNd exactly (full rank, per group; floored with ``rank_multiple`` > 1).
 
         Args:
             conv: the nn.Conv1d/2d/3d to decompose (left unchanged).
             mode: forward form, see `SVFConfig.mode`.
             svd_dtype: dtype of the SVD computation.
+            rank_multiple: see `SVFConfig.rank_multiple`.
 
         Returns:
             The SVD layer, on the conv's device and dtype.
         """
-        U, S, Vh = decompose_weight(conv.weight, conv.groups, svd_dtype)
+        U, S, Vh = decompose_weight(conv.weight, conv.groups, svd_dtype, rank_multiple)
         bias = None if conv.bias is None else conv.bias.detach().clone()
         layer = cls(
             U, S, Vh, bias,
@@ -194,19 +195,20 @@ class SVFLinear(SVFLayer):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, mode: str = "auto", svd_dtype: torch.dtype = torch.float64
+        cls, linear: nn.Linear, mode: str = "auto", svd_dtype: torch.dtype = torch.float64, rank_multiple: int = 1
     ) -> "SVFLinear":
-        """Decomposes an nn.Linear exactly (full rank).
+        """Decomposes an nn.Linear exactly (full rank; floored with ``rank_multiple`` > 1).
 
         Args:
             linear: the layer to decompose (left unchanged).
             mode: forward form, see `SVFConfig.mode`.
             svd_dtype: dtype of the SVD computation.
+            rank_multiple: see `SVFConfig.rank_multiple`.
 
         Returns:
             The SVD layer, on the linear layer's device and dtype.
         """
-        U, S, Vh = decompose_weight(linear.weight, 1, svd_dtype)
+        U, S, Vh = decompose_weight(linear.weight, 1, svd_dtype, rank_multiple)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         layer = cls(
             U, S, Vh, bias, in_features=linear.in_features, out_features=linear.out_features,
@@ -248,7 +250,7 @@ class SVFLinear(SVFLayer):
 
 
 def svf_layer_from(
-    module: nn.Module, mode: str = "auto", svd_dtype: torch.dtype = torch.float64
+    module: nn.Module, mode: str = "auto", svd_dtype: torch.dtype = torch.float64, rank_multiple: int = 1
 ) -> SVFLayer:
     """Decomposes a supported plain layer (exact type nn.Conv1d/2d/3d or nn.Linear).
 
@@ -256,16 +258,17 @@ def svf_layer_from(
         module: the layer.
         mode: forward form.
         svd_dtype: dtype of the SVD computation.
+        rank_multiple: see `SVFConfig.rank_multiple` (1: exact).
 
     Returns:
         The matching SVF layer.
     """
     kind = type(module)
     if kind is nn.Linear:
-        return SVFLinear.from_linear(module, mode, svd_dtype)
+        return SVFLinear.from_linear(module, mode, svd_dtype, rank_multiple)
     for dim, conv_cls in _CONV_CLS.items():
         if kind is conv_cls:
-            return _SVF_CONV_BY_DIM[dim].from_conv(module, mode, svd_dtype)
+            return _SVF_CONV_BY_DIM[dim].from_conv(module, mode, svd_dtype, rank_multiple)
     raise TypeError(
         f"expected nn.Conv1d/2d/3d or nn.Linear (exact type), found {kind.__module__}.{kind.__qualname__}"
     )

@@ -162,6 +162,15 @@ class BatchedSVFAdapter:
         return resize(self.model.forward_head(ep)[0], query_img.shape[-2:])
 
 
+def runner_for(adapter: EpisodeAdapter, episodes: int) -> BatchedSVFAdapter:
+    """The batched runner of ``adapter`` for ``episodes`` at once, made once (it holds its own copy of the model)."""
+    runner = adapter.batched_runner
+    if runner is None or runner.episodes != episodes:
+        adapter.reset()  # the copy starts from the starting values, whatever the adapter did last
+        runner = adapter.batched_runner = BatchedSVFAdapter(adapter, episodes)
+    return runner
+
+
 def _offsets(banks: Sequence[SupportBank]) -> list[int]:
     out, at = [], 0
     for b in banks:

@@ -73,7 +73,7 @@ def adapted_evaluation(adapter: EpisodeAdapter, dataset: Dataset, *, class_ids: 
         Step count -> :meth:`IoUAccumulator.compute` plus ``per_episode``, ``seconds`` (the whole pass) and
         ``seconds_per_episode``.
     """
-    from svfseg.engine.adapt.batched import batchable
+    from svfseg.engine.adapt.batched import batchable, runner_for
 
     device = info.device
     counts = sorted(set(int(c) for c in counts))
@@ -81,7 +81,7 @@ def adapted_evaluation(adapter: EpisodeAdapter, dataset: Dataset, *, class_ids: 
     records: dict[int, list] = {c: [] for c in counts}
     adapted = 0.0
     parallel = adapter.settings.parallel if batchable(adapter) else 1
-    batched = adapter.batched(parallel) if parallel > 1 else None
+    batched = runner_for(adapter, parallel) if parallel > 1 else None
 
     def on_batch(net, batch: dict, indices: Sequence[int]) -> None:
         nonlocal adapted

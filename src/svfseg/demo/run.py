@@ -13,6 +13,7 @@ rule), every regime scored on the same 1,000 test episodes, and the verdict read
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from svfseg.demo.adaptation import AdaptPlan, adaptation_markdown, run_adaptation
 from svfseg.regimes import regime_spec
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ REGIMES = ("frozen", "svf", "full")
 KEPT = ("svf", "frozen")  # the regimes whose first-seed checkpoint the demo keeps (serve, predict)
 # What a demo folder may hold (a killed demo is resumed, a finished one replaced; anything else is refused).
 _OWN = {DEMO_MARKER, "demo_results.md", "compare.json", "compare.md", "compare.png", "runs", "episodes", "svf",
-        "frozen"}
+        "frozen", "adaptation"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class DemoPlan:
     seeds: tuple[int, ...]
     backbone_lr: tuple[float, ...]
     warm_start: int = 0
+    adapt: Optional[AdaptPlan] = None
+    adapt_shots: tuple[int, ...] = ()
 
 
 # One warm start + 3 seeds x (frozen + svf and full with 2 sweep trials on the first seed) = 1 + 11 trainings
@@ -54,15 +58,23 @@ class DemoPlan:
 # foreground, which is the whole budget of a cell: the shared warm start pays for that once, so every
 # cell's steps go into adapting the backbone. Sized from benchmarks/bench_step.py and measured end to
 # end (README, "The demo").
+# Then the kept SVF checkpoint adapted on each 5-shot episode's supports: singular values and, as the peer, the
+# head, each with its steps and lr chosen on 20 base-class validation episodes (3 lrs x 5 or 10 steps, or none),
+# scored on 150 test episodes (benchmarks/bench_adapt.py: ~0.5 and ~0.3 s per episode; about 3 minutes, which keeps
+# the demo under 8 minutes on 2 idle Intel Xeon cores). Every other choice of adapt.params is in the README's table
+# (`svfseg demo --adapt svf,bn,bitfit,lora,head,full --adapt-shots 1 5 --adapt-episodes 300`).
 FULL = DemoPlan(n_train=2000, n_val=500, image_size=112, steps=60, batch_size=8, eval_episodes=1000,
-                val_episodes=100, seeds=(0, 1, 2), backbone_lr=(1.0, 100.0), warm_start=200)
+                val_episodes=100, seeds=(0, 1, 2), backbone_lr=(1.0, 100.0), warm_start=200,
+                adapt=AdaptPlan(params=("svf", "head"), shot=5, test_episodes=150, val_episodes=20))
 QUICK = DemoPlan(n_train=120, n_val=60, image_size=64, steps=2, batch_size=2, eval_episodes=6, val_episodes=4,
-                 seeds=(0,), backbone_lr=(1.0,), warm_start=2)
+                 seeds=(0,), backbone_lr=(1.0,), warm_start=2,
+                 adapt=AdaptPlan(params=("svf",), shot=2, test_episodes=4, val_episodes=4, grid_lr=(1e-2,),
+                                 grid_steps=(1,)))
 
 
 def recipe_path(head: str) -> Path:
     """The demo's recipe, ``configs/synthetic/<head>_efficientnet_lite0.yaml`` (shipped inside the package)."""
-    path = Path(__file__).resolve().parent / "configs" / "synthetic" / f"{head}_efficientnet_lite0.yaml"
+    path = Path(__file__).resolve().parents[1] / "configs" / "synthetic" / f"{head}_efficientnet_lite0.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"demo recipe {path} is missing (a broken install?)")
     return path
@@ -101,7 +113,30 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--warm-start", type=int, default=None, metavar="STEPS",
                         help="steps of the shared head warm start (default: plan; 0 = none)")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: one per core)")
+    parser.add_argument("--adapt", default=None, metavar="PARAMS,...",
+                        help="adapt.params rows of the adaptation stage (default svf,head; 'none' skips the stage)")
+    parser.add_argument("--adapt-shots", type=int, nargs="+", default=None, metavar="K",
+                        help="shots of the adaptation stage (default 5)")
+    parser.add_argument("--adapt-episodes", type=int, default=None, metavar="N",
+                        help="test episodes of the adaptation stage (default 150)")
     return parser
+
+
+def _adapt_choices(plan: DemoPlan, args: argparse.Namespace) -> DemoPlan:
+    """The plan with ``--adapt`` / ``--adapt-shots`` / ``--adapt-episodes`` applied (one adaptation stage per shot)."""
+    from svfseg.regimes import adapt_name, adapt_trains
+
+    adapt = plan.adapt
+    if args.adapt is not None:
+        try:
+            params = tuple(adapt_name(p) for p in args.adapt.split(",") if p.strip() and adapt_trains(p))
+        except ValueError as e:
+            raise ValueError(f"demo: --adapt: {e}") from None
+        adapt = dataclasses.replace(adapt, params=params) if params else None
+    if adapt is not None and args.adapt_episodes is not None:
+        adapt = dataclasses.replace(adapt, test_episodes=args.adapt_episodes)
+    shots = tuple(args.adapt_shots) if args.adapt_shots else ((adapt.shot,) if adapt else ())
+    return dataclasses.replace(plan, adapt=adapt, adapt_shots=shots)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -119,6 +154,7 @@ def run_demo_cli(args: argparse.Namespace) -> int:
                                 ("warm_start", args.warm_start)) if v is not None}
     if change:
         plan = DemoPlan(**{**plan.__dict__, **change})
+    plan = _adapt_choices(plan, args)
     suffix = "-quick" if args.quick else ""
     root = args.root or Path(f"data/synthetic-5i{suffix}")
     out = args.out or Path(f"runs/demo{suffix}")
@@ -143,7 +179,8 @@ def _clear_previous(out: Path) -> None:
 
 def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", progress: bool = True,
              threads: Optional[int] = None) -> dict:
-    """Generate data, run the compare of frozen / SVF / full, print its table and verdicts.
+    """Generate data, run the compare of frozen / SVF / full, adapt the kept SVF checkpoint on each test episode's
+    supports, print the tables and verdicts.
 
     Args:
         plan: sizes (FULL or QUICK).
@@ -164,7 +201,7 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", pro
     t_total = time.perf_counter()
     root, out = Path(root), Path(out)
     _clear_previous(out)
-    n = 3
+    n = 4 if plan.adapt is not None and plan.adapt_shots else 3
     _stage(1, n, f"synthetic-5i at {root} ({plan.n_train} train + {plan.n_val} val images, {plan.image_size} px; "
                  f"generated once, about ten seconds; reused afterwards)")
     t = time.perf_counter()
@@ -178,14 +215,28 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", pro
                  f"{plan.eval_episodes} episodes (recipe {recipe_path(head)})")
     result = run_compare(cplan)
     stable = {name: _stable_checkpoint(result, out, name, root) for name in KEPT}
-    _stage(3, n, "results")
-    demo = {"head": head, "backbone": "efficientnet_lite0", "fold": 0, "shot": 1, "plan": plan.__dict__,
+    t_compare = time.perf_counter() - t_total - t_data
+    stages = []
+    if n == 4 and stable["svf"] is not None:
+        a = plan.adapt
+        _stage(3, n, f"test-time adaptation of the SVF checkpoint at {', '.join(map(str, plan.adapt_shots))}-shot: "
+                     f"{', '.join(a.params)} on each episode's own supports (steps and lr chosen on {a.val_episodes} "
+                     f"base-class validation episodes; not adapting is a candidate), {a.test_episodes} test episodes")
+        for shot in plan.adapt_shots:
+            stages.append(run_adaptation(stable["svf"], dataclasses.replace(a, shot=shot), root=root, out=out,
+                                         image_size=plan.image_size, progress=progress))
+    if stages:
+        _record_adapt_choices(out / "svf" / "SOURCE.json", stages[0])
+    _stage(n, n, "results")
+    demo = {"head": head, "backbone": "efficientnet_lite0", "fold": 0, "shot": 1, "plan": dataclasses.asdict(plan),
             "data_root": str(root), "data_seconds": t_data, "compare": str(out / "compare.json"),
             "svf_checkpoint": str(stable["svf"]) if stable["svf"] else None,
             "frozen_checkpoint": str(stable["frozen"]) if stable["frozen"] else None, "rows": result["rows"],
-            "sweeps": result["sweeps"], "total_seconds": time.perf_counter() - t_total}
-    md = compare_markdown(result) + (f"\nTotal wall time {demo['total_seconds']:.0f} s "
-                                     f"(data {t_data:.0f} s).\n")
+            "sweeps": result["sweeps"], "adaptation": stages, "compare_seconds": t_compare,
+            "total_seconds": time.perf_counter() - t_total}
+    md = compare_markdown(result) + "".join("\n" + adaptation_markdown(stage) for stage in stages) + (
+        f"\nTotal wall time {demo['total_seconds']:.0f} s (data {t_data:.0f} s, compare {t_compare:.0f} s, "
+        f"adaptation {demo['total_seconds'] - t_compare - t_data:.0f} s).\n")
     (out / "demo_results.md").write_text(md)
     (out / DEMO_MARKER).write_text(json.dumps(demo, indent=1, default=str))
     print(md)
@@ -222,6 +273,18 @@ def _stable_checkpoint(result: dict, out: Path, regime: str, root: Path) -> Opti
               "data_root": str(root), "benchmark": "synthetic", "fold": cell["fold"], "shot": cell["shot"]}
     (dest / "SOURCE.json").write_text(json.dumps(source, indent=1, default=str))
     return dest / "best.pt"
+
+
+def _record_adapt_choices(source_file: Path, stage: dict) -> None:
+    """Add the adaptation stage's choices to the SVF checkpoint's SOURCE.json (`svfseg serve` adapts with them)."""
+    src = json.loads(source_file.read_text())
+    src["adapt"] = {r["adapt"]: {"steps": int(r["steps"]), "lr": r["lr"],
+                                 "source": f"chosen by svfseg demo on {stage['plan']['val_episodes']} base-class "
+                                           f"validation episodes at {stage['shot']}-shot"}
+                    for r in stage["rows"].values()}
+    tmp = source_file.with_name(f".{source_file.name}.tmp")
+    tmp.write_text(json.dumps(src, indent=1, default=str))
+    tmp.replace(source_file)
 
 
 def _next_steps(out: Path, demo: dict) -> str:
