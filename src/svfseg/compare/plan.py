@@ -216,7 +216,8 @@ def warm_start_config(plan: ComparePlan, fold: int, shot: int):
 
     return load_config(plan.config, [
         *plan.overrides, *_as_overrides(_common_keys(plan, fold, shot)), f"seed={WARM_START_SEED}",
-        "model.regime=frozen", "name=warm_start", "train.epochs=1", f"train.steps_per_epoch={plan.warm_start}", "train.val_every=0", "train.select_on=last"])
+        "model.regime=frozen", "name=warm_start", "train.epochs=1", f"train.steps_per_epoch={plan.warm_start}",
+        "train.val_every=0", "train.select_on=last"])
 
 
 def check_plan_lists(plan: ComparePlan) -> None:
