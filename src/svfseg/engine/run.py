@@ -21,7 +21,7 @@ from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.data import resolve_benchmark
 from svfseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from svfseg.engine.loop import FitResult, fit
-from svfseg.engine.model import build_model, describe, preflight
+from svfseg.engine.model import build_model, check_model_names, describe, preflight
 from svfseg.engine.runfiles import clear_run, write_text_atomic
 from svfseg.engine.runlock import RunLock
 from svfseg.engine.state import TrainingState, load_resume_state
@@ -90,6 +90,7 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
     info = info or init_distributed(cfg.device)
     try:
         run_dir = Path(run_dir or cfg.run_dir())
+        check_model_names(cfg)  # what only the model registry knows, before any data is read
         task = get_task(model_recipe(cfg.model.name).task)
         # The lock comes first (a second process on this folder is refused), then every check:
         # config.yaml and meta.json are written only once the run is known to start.
