@@ -1,6 +1,8 @@
 """Test-time adaptation on each episode's supports (`adapt.params`): what trains, what it may see, exact restore."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -244,3 +246,22 @@ def test_batched_adaptation_is_the_sequential_one_per_episode():
             assert_close_to_scale(p[e], s, 1e-9, f"episode {e}")
     assert_close_to_scale(batched.predict(queries, imgs, masks), torch.cat(logits), 1e-9, "logits")
     assert all(torch.equal(p[3], p0[3]) for p, p0 in zip(batched.params, batched._start))  # the unused row stays
+
+
+def test_bam_adapts_through_whole_forwards_with_its_fixed_shot_and_restores():
+    """BAM overrides forward (base learner, K-shot weights built for one K): each pseudo-episode is a whole forward,
+    its support list cycled to K; the episode's class reaches the base map; the model comes back exactly."""
+    from test_bam import stage2
+
+    model = stage2("frozen", shot=3).eval()
+    ad = EpisodeAdapter(model, AdaptSettings(params="svf+head"), policy=SVFPolicy(stages=("layer4",)),
+                        lora=LoRAConfig())
+    assert not ad.fast and ad.fixed_shot == 3
+    start = {k: v.clone() for k, v in ad.model.state_dict().items()}
+    imgs, masks = supports(3)
+    losses = ad.adapt(imgs, masks, 7, steps=3, lr=1e-2, generator=torch.Generator().manual_seed(0))
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    q = torch.randn(1, 3, SIZE, SIZE)
+    assert ad.predict(q, imgs[None], masks[None], torch.tensor([7])).shape == (1, 2, SIZE, SIZE)
+    ad.reset()
+    assert all(torch.equal(v, start[k]) for k, v in ad.model.state_dict().items())

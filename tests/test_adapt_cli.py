@@ -17,7 +17,9 @@ GRID = ["adapt.grid_lr=[0.001,0.01]", "adapt.grid_steps=[1,2]", "adapt.val_episo
 @pytest.fixture(scope="module")
 def checkpoint(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapt-runs")
-    assert main(["train", *tiny_run_args(data_root, out, "svf", "train.val_every=0", "train.select_on=last")]) == 0
+    # the grid is in the run's config: `predict --adapt` without steps/lr chooses with it
+    assert main(["train", *tiny_run_args(data_root, out, "svf", "train.val_every=0", "train.select_on=last",
+                                         *GRID)]) == 0
     return out / "svf" / "best.pt"
 
 
@@ -94,3 +96,48 @@ def test_compare_adapt_writes_rows_with_both_intervals(data_root, tmp_path):
     stamp = Path(res["adapted"][0]["results"]).stat().st_mtime_ns
     assert main(args) == 0
     assert Path(res["adapted"][0]["results"]).stat().st_mtime_ns == stamp
+
+
+def _user_images(folder: Path, k: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i in range(k):
+        Image.fromarray(rng.integers(0, 255, (48, 60, 3), dtype=np.uint8)).save(folder / f"s{i}.png")
+        mask = np.zeros((48, 60), np.uint8)
+        mask[10:30, 15 + i:40] = 255
+        Image.fromarray(mask).save(folder / f"m{i}.png")
+        pairs += ["--support", str(folder / f"s{i}.png"), str(folder / f"m{i}.png")]
+    Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / "q.png")
+    return pairs, folder / "q.png"
+
+
+def test_predict_adapts_once_to_the_users_supports(checkpoint, data_root, tmp_path, capsys, monkeypatch):
+    from conftest import error_line
+
+    pairs, query = _user_images(tmp_path / "in", 2)
+    args = ["predict", "--checkpoint", str(checkpoint), *pairs, "--query", str(query)]
+    assert main([*args, "--out", str(tmp_path / "given"), "--adapt", "svf", "--adapt-steps", "2",
+                 "--adapt-lr", "0.01"]) == 0
+    printed = capsys.readouterr().out
+    assert "adapted svf (" in printed and "2 steps at lr 0.01 (given)" in printed
+    assert (tmp_path / "given" / "q_mask.png").exists()
+    # no steps/lr: chosen on the checkpoint's base-class validation episodes (its data root, its config's grid)
+    monkeypatch.chdir(data_root.parent)  # the run's data.root is absolute here; the choice only needs it to exist
+    assert main([*args, "--out", str(tmp_path / "chosen"), "--adapt", "svf"]) == 0
+    assert "on validation" in capsys.readouterr().out  # "chosen on validation", or "not adapting scored best .."
+    # ... and without the data there is nothing to choose on: one line that says what to give
+    from svfseg.engine.model import checkpoint_config
+
+    cfg = checkpoint_config(checkpoint)
+    moved = tmp_path / "elsewhere"
+    Path(cfg.data.root).rename(moved)
+    try:
+        assert main([*args, "--out", str(tmp_path / "none"), "--adapt", "svf"]) == 1
+        line = error_line(capsys, "predict")
+        assert "--adapt-steps N and --adapt-lr LR" in line and "no such folder" in line
+    finally:
+        moved.rename(cfg.data.root)

@@ -87,7 +87,7 @@ class Client:
 
 
 def _request(ckpt, support, mask, queries):
-    return [ckpt, "(none)", queries, [], support, mask, None, None] + [None] * 16
+    return [ckpt, "(none)", queries, [], support, mask, None, None] + [None] * 16 + ["none", None, None]
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_refused_calls_say_why_in_one_log_line(server, client, tmp_path):
     kind, data = client.result(client.submit(_request(server["ckpt"], sup, msk, [not_uploaded])))
     assert kind == "error" and "/etc/passwd" in data["error"] and "not uploaded" in data["error"]
     kind, data = client.result(client.submit([server["ckpt"]]))
-    assert kind == "error" and "didn't receive enough input values (needed: 24, got: 1)" in data["error"]
+    assert kind == "error" and "didn't receive enough input values (needed: 27, got: 1)" in data["error"]
     kind, data = client.result(client.submit(_request("/etc/passwd", sup, msk, [])))
     assert kind == "error" and "not in the list of choices" in data["error"]
     assert server["log"].read_text().count("refused an API call") >= 3

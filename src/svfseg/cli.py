@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     pd.add_argument("--mask-class", type=int, metavar="C",
                     help="support masks are class-index PNGs: the object is the pixels of value C")
+    add_adapt_arguments(pd)
 
     r = sub.add_parser("report", help="gather fold results into the paper's table, paper numbers beside")
     r.add_argument("runs", nargs="+", type=Path, help="run folders or results.json files")
@@ -224,6 +226,8 @@ def cmd_test(args) -> int:
 
     if args.protocol is not None and args.episodes is not None:
         raise UsageError("test: --protocol makes episodes from its seeds, --episodes reads a file of them; give one")
+    if args.save_vis < 0:
+        raise UsageError(f"test: --save-vis must be >= 0 (overlay PNGs to write), found {args.save_vis}")
     args.overrides = [*args.overrides, *adapt_overrides(args)]
     cfg = None
     if args.config is not None:
@@ -252,8 +256,11 @@ def cmd_episodes(args) -> int:
     from svfseg.engine.data import episode_summary, write_episode_file
     from svfseg.engine.resolved import resolve_run
 
-    if args.count < 1:
-        raise UsageError(f"episodes: --count must be >= 1, found {args.count}")
+    from svfseg.data.episodes import MAX_EPISODES
+
+    if not 1 <= args.count <= MAX_EPISODES:
+        raise UsageError(f"episodes: --count must be 1 .. {MAX_EPISODES:,} (50x the largest protocol's 20,000), "
+                         f"found {args.count:,}")
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"episodes: --out {args.out} exists (runs may have been scored on it); choose another "
                          f"file or pass --overwrite")
@@ -276,7 +283,14 @@ def cmd_predict(args) -> int:
 
     _apply_threads(args)
     results = predict(args.checkpoint, [tuple(s) for s in args.support], args.query, args.out, size=args.size,
-                      device=args.device, overwrite=args.overwrite, mask_class=args.mask_class)
+                      device=args.device, overwrite=args.overwrite, mask_class=args.mask_class, adapt=args.adapt,
+                      adapt_steps=args.adapt_steps, adapt_lr=args.adapt_lr, progress=True)
+    a = results[0]["adapted"] if results else None
+    if a is not None:
+        how = ("no adaptation: not adapting scored best on validation" if not a["steps"]
+               else f"{a['steps']} steps at lr {a['lr']:g} ({'given' if a['source'] == 'given' else 'chosen on validation'})")
+        print(f"adapted {a['params']} ({a['trainable']:,} values) to the {len(args.support)} support(s): {how}, "
+              f"{a['seconds']:.1f} s")
     for r in results:
         renamed = " (renamed: another query has the same file name)" if r.get("renamed") else ""
         fg = pct(r["foreground_fraction"], digits=1, unit="%")
@@ -349,7 +363,9 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "repor
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (errors print one line, no traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    _take_late_overrides(parser, args, extras)
     args.command_line = ["svfseg", *argv]  # what meta.json records, also when main() is called in-process
     _setup_logging(args.verbose)
     from svfseg.config import ConfigError
@@ -382,8 +398,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+#: A ``key=value`` config override as users type it (``fold=1``, ``optim.lr_mult.svf=10``).
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def _take_late_overrides(parser: argparse.ArgumentParser, args, extras: Sequence[str]) -> None:
+    """Append to ``args.overrides`` the ``key=value`` items argparse left over; refuse anything else.
+
+    argparse fills a ``nargs="*"`` positional from one run of positionals only, so in
+    ``episodes --config C fold=1 --count 5 shot=5`` the ``shot=5`` after the option is left over.
+    The first run is always the earliest, so appending keeps the order typed (a later override wins).
+    """
+    late = [x for x in extras if _OVERRIDE.match(x)] if hasattr(args, "overrides") else []
+    rest = [x for x in extras if x not in late]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+
+
 def error_line(e: BaseException) -> str:
     """The message of an anticipated error; an OSError as ``<file>: <what went wrong>``."""
+    if isinstance(e, UnicodeEncodeError) and isinstance(e.object, str) and "surrogates" in e.reason:
+        # a file name the file system gave as bytes that are not UTF-8, met while writing text: name it
+        start = e.object.rfind("\n", 0, e.start) + 1
+        end = e.object.find("\n", e.start)
+        where = e.object[start:end if end >= 0 else len(e.object)][:200]
+        return (f"expected UTF-8 names, found one that is not UTF-8 in "
+                f"'{os.fsencode(where).decode('utf-8', 'backslashreplace')}'; rename that file or folder")
     if isinstance(e, OSError) and type(e).__str__ is OSError.__str__ and e.strerror:
         where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
         return f"{where}: {e.strerror}" if where else e.strerror

@@ -194,6 +194,10 @@ def predict(
     overwrite: bool = False,
     mask_class: Optional[int] = None,
     mask_threshold: Optional[int] = None,
+    adapt: Optional[str] = None,
+    adapt_steps: Optional[int] = None,
+    adapt_lr: Optional[float] = None,
+    progress: bool = False,
 ) -> list[dict]:
     """Segment each query with the object the support masks show.
 
@@ -208,10 +212,17 @@ def predict(
         overwrite: replace output files that exist (otherwise they are an error, before any work).
         mask_class: the object's value in multi-valued support masks (see :func:`read_binary_mask`).
         mask_threshold: foreground is ``value >= mask_threshold`` in greyscale support masks.
+        adapt: ``adapt.params`` to fine-tune on the supports once before the queries (None / "none": no
+            adaptation); steps and lr are ``adapt_steps``/``adapt_lr``, or chosen on the checkpoint's base-class
+            validation episodes when not given (its ``data.root`` must then exist).
+        adapt_steps: adaptation steps.
+        adapt_lr: adaptation learning rate.
+        progress: a progress bar over the adaptation's steps.
 
     Returns:
-        One dict per query: ``query``, ``mask``, ``overlay`` paths, ``foreground_fraction`` and
-        ``renamed`` (True when the name was made unique).
+        One dict per query: ``query``, ``mask``, ``overlay`` paths, ``foreground_fraction``,
+        ``renamed`` (True when the name was made unique) and ``adapted`` (what adapted and how long it
+        took; None without adaptation).
     """
     from svfseg.engine.model import load_for_inference
     from svfseg.engine.vis import episode_panel
@@ -248,13 +259,42 @@ def predict(
     model, cfg, _ = load_for_inference(checkpoint, device=device)
     size = size or cfg.data.test_size
     s_img, s_mask = support_tensors(sup_rgb, sup_mask, size, device)
+    adapted = _adapt(model, cfg, s_img, s_mask, adapt, adapt_steps, adapt_lr, progress)
+    net = adapted.adapter.model if adapted is not None else model
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for path, rgb, name, (mask_path, overlay_path) in zip(queries, q_rgb, names, outputs):
-        pred = segment_query(model, rgb, s_img, s_mask, size, device)
+        pred = segment_query(net, rgb, s_img, s_mask, size, device)
         save_mask_png(pred, mask_path)
         Image.fromarray(episode_panel(sup_rgb, sup_mask, rgb, pred.astype(np.uint8))).save(overlay_path)
         results.append({"query": str(path), "mask": str(mask_path), "overlay": str(overlay_path),
-                        "foreground_fraction": float(pred.mean()), "renamed": name != Path(path).stem})
+                        "foreground_fraction": float(pred.mean()), "renamed": name != Path(path).stem,
+                        "adapted": adapted.record() if adapted is not None else None})
         logger.info("%s -> %s (%s foreground)", path, mask_path, pct(float(pred.mean()), digits=1, unit="%"))
     return results
+
+
+def _adapt(model, cfg, s_img: torch.Tensor, s_mask: torch.Tensor, params: Optional[str], steps: Optional[int],
+           lr: Optional[float], progress: bool):
+    """The model adapted to the supports once (``svfseg.engine.adapt.run.adapt_to_supports``), or None."""
+    from svfseg.regimes import adapt_trains
+
+    try:
+        if params is None or not adapt_trains(params):
+            return None
+    except ValueError as e:
+        raise PredictInputError(f"predict: --adapt: {e}") from None
+    from svfseg.engine.adapt.run import adapt_to_supports
+
+    try:
+        adapted = adapt_to_supports(model, cfg, s_img[0], s_mask[0], params=params, steps=steps, lr=lr,
+                                    progress=progress)
+    except FileNotFoundError as e:
+        raise PredictInputError(f"predict: --adapt {params}: its steps and lr are chosen on the checkpoint's "
+                                f"base-class validation episodes, but {e}; or give --adapt-steps N and --adapt-lr LR"
+                                ) from None
+    r = adapted.record()
+    logger.info("adapted %s (%d values) on the %d support(s): %s in %.1f s", r["params"], r["trainable"],
+                s_img.shape[1], "no adaptation (chosen on validation)" if not r["steps"] else
+                f"{r['steps']} steps at lr {r['lr']:g} ({r['source']})", r["seconds"])
+    return adapted

@@ -9,15 +9,13 @@ from typing import Optional
 
 from svfseg.compare.adapt import adapt_rows, score_adaptations
 from svfseg.compare.cells import CellInterrupted, _check_episode_count, run_cell
-from svfseg.compare.plan import (WARM_START_SEED, ComparePlan, cell_config, check_plan_lists, warm_start_checkpoint,
-                                 warm_start_config)
+from svfseg.compare.plan import (WARM_START_SEED, ComparePlan, cell_config, check_owned_keys, check_plan_lists,
+                                 sweep_grid, warm_start_checkpoint, warm_start_config)
 from svfseg.compare.plot import plot_compare
 from svfseg.compare.render import compare_markdown
 from svfseg.compare.summary import summarize
-from svfseg.compare.variants import Arm
 from svfseg.engine.runfolder import RunFolder, write_json_atomic, write_text_atomic
 from svfseg.engine.runlock import RunLock
-from svfseg.regimes import regime_spec
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +47,11 @@ def test_episode_file(plan: ComparePlan, cfg) -> Path:
     return path
 
 
-def _trains_backbone(regime: str) -> bool:
-    return regime_spec(regime).backbone_grad
-
-
 def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict, adapted: list,
                 choices: dict) -> None:
     """The sweep (if any), then every seed of one regime at one (fold, shot) and its adaptation scores; appends to
     ``cells``/``sweeps``/``adapted`` (``choices``: the adaptation settings the first seed chose)."""
-    trains = _trains_backbone(plan.arms.get(regime, Arm(regime, regime)).regime)  # a --vary row: its regime
-    grid = plan.backbone_lr if trains and len(plan.backbone_lr) > 1 else [None]
+    grid = sweep_grid(plan, regime)
     chosen = grid[0]
     if len(grid) > 1:
         # The sweep: first seed only, chosen on base-class validation episodes; only the chosen
@@ -97,11 +90,14 @@ def run_compare(plan: ComparePlan, *, lock: Optional[RunLock] = None) -> dict:
     Returns:
         The ``compare.json`` content.
     """
+    from svfseg.engine.model import check_model_names
+
     check_plan_lists(plan)
+    check_owned_keys(plan)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for name in plan.regimes:  # a typo in a regime or an override fails now, not hours in
-        cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None)
+        check_model_names(cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None))
     if plan.warm_start < 0:
         raise ValueError(f"--warm-start: expected a number of steps >= 0, found {plan.warm_start}")
     if lock is not None and not (lock.held and lock.run_dir == plan.out):

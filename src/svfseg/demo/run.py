@@ -242,6 +242,8 @@ def _run_demo_locked(plan: DemoPlan, *, root: Path, out: Path, head: str, progre
         for shot in plan.adapt_shots:
             stages.append(run_adaptation(stable["svf"], dataclasses.replace(a, shot=shot), root=root, out=out,
                                          image_size=plan.image_size, progress=progress))
+    if stages:
+        _record_adapt_choices(out / "svf" / "SOURCE.json", stages[0])
     _stage(n, n, "results")
     demo = {"head": head, "backbone": "efficientnet_lite0", "fold": 0, "shot": 1, "plan": dataclasses.asdict(plan),
             "data_root": str(root), "data_seconds": t_data, "compare": str(out / "compare.json"),
@@ -286,6 +288,18 @@ def _stable_checkpoint(result: dict, out: Path, regime: str, root: Path) -> Opti
               "data_root": str(root), "benchmark": "synthetic", "fold": cell["fold"], "shot": cell["shot"]}
     (dest / "SOURCE.json").write_text(json.dumps(source, indent=1, default=str))
     return kept
+
+
+def _record_adapt_choices(source_file: Path, stage: dict) -> None:
+    """Add the adaptation stage's choices to the SVF checkpoint's SOURCE.json (`svfseg serve` adapts with them)."""
+    src = json.loads(source_file.read_text())
+    src["adapt"] = {r["adapt"]: {"steps": int(r["steps"]), "lr": r["lr"],
+                                 "source": f"chosen by svfseg demo on {stage['plan']['val_episodes']} base-class "
+                                           f"validation episodes at {stage['shot']}-shot"}
+                    for r in stage["rows"].values()}
+    tmp = source_file.with_name(f".{source_file.name}.tmp")
+    tmp.write_text(json.dumps(src, indent=1, default=str))
+    tmp.replace(source_file)
 
 
 def _next_steps(out: Path, demo: dict) -> str:

@@ -62,6 +62,13 @@ def build_model(run: ResolvedRun, *, pretrained: bool = True) -> nn.Module:
                              **{**kwargs, **m.head})
     except TypeError as e:
         raise _unknown_option(e, cfg) from None
+    except ValueError as e:  # a head's own check of one of its options ("reduce_dim: expected ...")
+        option, _, why = str(e).partition(": ")
+        if option in m.head:
+            from svfseg.config import ConfigError
+
+            raise ConfigError(f"config key 'model.head.{option}': {why}") from None
+        raise
     if blob is not None:
         from svfseg.engine.warmstart import init_from_differences, load_head
 
@@ -76,6 +83,30 @@ def build_model(run: ResolvedRun, *, pretrained: bool = True) -> nn.Module:
 
         logger.info("warm start: %d head tensors from %s", load_head(model, m.init_head), m.init_head)
     return model
+
+
+def check_model_names(cfg: ExperimentConfig) -> None:
+    """The keys only the model registry can check, checked before a run reads data or trains anything:
+    ``model.name``, ``model.backbone`` and, for a staged regime, ``svf.stages`` against the stages the
+    backbone declares (a backbone registered without them is checked when it is built).
+
+    Raises:
+        ValueError: an unknown model or backbone, or a stage the backbone does not have (each names the key).
+    """
+    from svfseg.config import ConfigError
+    from svfseg.models import model_recipe
+    from svfseg.models.backbones import backbone_stages, list_backbones
+    from svfseg.regimes import regime_spec
+
+    model_recipe(cfg.model.name)  # an unknown name: the registry's message lists the registered ones
+    if cfg.model.backbone not in list_backbones():
+        raise ConfigError(f"config key 'model.backbone' must be one of {list_backbones()}, found "
+                          f"{cfg.model.backbone!r}")
+    stages = backbone_stages(cfg.model.backbone)
+    missing = [s for s in cfg.svf.stages if stages is not None and s not in stages]
+    if regime_spec(cfg.model.regime).staged and missing:
+        raise ConfigError(f"config key 'svf.stages' must name stages of {cfg.model.backbone} {list(stages)}, found "
+                          f"{missing}")
 
 
 def _init_backbone(cfg: ExperimentConfig, path: str) -> tuple[nn.Module, dict]:
@@ -212,7 +243,7 @@ def export_merged_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     plain = run.with_config(_plain_config(run.cfg))
     blob = {"format": MERGED_FORMAT, "model": merged.state_dict(), "config": to_dict(plain.cfg),
             "describe": describe(merged, plain), "source": str(checkpoint), "step": state.get("step")}
-    return ckpt.save_atomic(blob, out)
+    return ckpt.save_atomic(blob, out, then="run the merge again (nothing was written)")
 
 
 def check_merge_out(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> None:

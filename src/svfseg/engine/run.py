@@ -22,7 +22,7 @@ from svfseg.config import ExperimentConfig, dump_yaml, git_commit
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.distributed import DistInfo, cleanup, init_distributed
 from svfseg.engine.loop import FitResult, fit
-from svfseg.engine.model import build_model, describe, preflight
+from svfseg.engine.model import build_model, check_model_names, describe, preflight
 from svfseg.engine.resolved import resolve_run
 from svfseg.engine.runfolder import RunFolder, write_text_atomic
 from svfseg.engine.runlock import RunLock
@@ -96,6 +96,7 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[str | os.PathLike] = N
     info = info or init_distributed(cfg.device)
     try:
         folder = RunFolder(run_dir or cfg.run_dir())
+        check_model_names(cfg)  # what only the model registry knows, before any data is read
         task = get_task(model_recipe(cfg.model.name).task)
         if lock is not None and not (lock.held and lock.run_dir == folder.path):
             raise ValueError(f"train_run: the lock given is not held on {folder.path}")

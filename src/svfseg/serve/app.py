@@ -12,8 +12,10 @@ from typing import Optional, Sequence
 import gradio as gr
 
 from svfseg.serve.examples import Example
-from svfseg.serve.handlers import (MAX_SHOTS, ModelCache, Request, ServeError, SupportSlot, painted_mask,
-                                   run_request, summary_markdown)
+from svfseg.serve.handlers import (DEFAULT_ADAPT_LR, DEFAULT_ADAPT_STEPS, MAX_SHOTS, ModelCache, Request, ServeError,
+                                   SupportSlot, painted_mask, run_request, summary_markdown)
+from svfseg.serve.inputs import adapt_choices, adapt_request
+from svfseg.serve.limits import MAX_ADAPT_STEPS
 from svfseg.serve.inputs import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES
 from svfseg.serve.page_events import (BRUSH_COLOUR, NO_COMPARE, brush, checkpoint_choices, class_picker_relabel,
                                       class_picker_update, clear_stale_error, editor_update, other_picker_update,
@@ -127,7 +129,8 @@ def build_app(cache: ModelCache, checkpoints: Sequence[str], work_dir: Path, *, 
     records = [cache.record(c) for c in choices]
     names_of = {c: rec.class_names for c, rec in zip(choices, records)}
 
-    def on_run(ck_a, ck_b, queries, gts, *slot_values):
+    def on_run(ck_a, ck_b, queries, gts, *rest):
+        slot_values, (adapt_params, adapt_steps, adapt_lr) = rest[:PER_SLOT * max_shots], rest[PER_SLOT * max_shots:]
         slots = [SupportSlot(image=slot_values[PER_SLOT * j], mask=slot_values[PER_SLOT * j + 1],
                              mask_class=slot_values[PER_SLOT * j + 2],
                              painted=painted_mask(slot_values[PER_SLOT * j + 3])) for j in range(max_shots)]
@@ -140,7 +143,8 @@ def build_app(cache: ModelCache, checkpoints: Sequence[str], work_dir: Path, *, 
             _prune(results_root, KEEP_REQUESTS - 1)
             out = Path(tempfile.mkdtemp(prefix="request-", dir=results_root))
             req = run_request(cache, cks, slots, list(queries or []), list(gts or []), out, size=size,
-                              max_pixels=max_pixels, max_queries=max_queries)
+                              max_pixels=max_pixels, max_queries=max_queries,
+                              adapt=adapt_request(adapt_params, adapt_steps, adapt_lr))
             status = status_markdown(summary_markdown(req), True)
         except ServeError as e:
             status = status_markdown(str(e), False)
@@ -184,6 +188,15 @@ def build_app(cache: ModelCache, checkpoints: Sequence[str], work_dir: Path, *, 
                              label="Examples: a support and a query of one novel class of the checkpoint's fold, "
                                    "from its data's val split (one click fills the inputs and segments)",
                              elem_id="examples")
+        with gr.Row():
+            choices_adapt = adapt_choices()
+            adapt_params = gr.Dropdown(choices_adapt, value=choices_adapt[0][1], elem_id="adapt",
+                                       label="Adapt to these supports first (fine-tune a copy of the model on them; "
+                                             "the result shows both)")
+            adapt_steps = gr.Number(None, precision=0, minimum=0, maximum=MAX_ADAPT_STEPS, elem_id="adapt-steps",
+                                    label=f"steps (empty: the checkpoint's recorded choice, else {DEFAULT_ADAPT_STEPS})")
+            adapt_lr = gr.Number(None, minimum=0, elem_id="adapt-lr",
+                                 label=f"learning rate (empty: recorded, else {DEFAULT_ADAPT_LR:g})")
         with gr.Row():
             run = gr.Button("Segment", variant="primary", elem_id="run")
             clear = gr.Button("Clear", elem_id="clear")
@@ -229,7 +242,7 @@ def build_app(cache: ModelCache, checkpoints: Sequence[str], work_dir: Path, *, 
         gr.on([c.change for c in [ck_a, ck_b, queries, gts, *slot_inputs]], clear_stale_error, status, status, **quick)
 
         # -- Segment, examples, Clear ----------------------------------------------------------------------------
-        run_inputs = [ck_a, ck_b, queries, gts, *slot_inputs]
+        run_inputs = [ck_a, ck_b, queries, gts, *slot_inputs, adapt_params, adapt_steps, adapt_lr]
         outputs = [status, title_a, gallery_a, files_a, col_b, title_b, gallery_b, files_b, zip_file]
         # One request at a time on the shared models: the queue serialises them.
         segment = {"concurrency_limit": 1, "concurrency_id": "segment"}

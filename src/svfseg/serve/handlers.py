@@ -18,7 +18,7 @@ from PIL import Image
 from svfseg.data.io import wxh
 from svfseg.predict import save_mask_png, segment_query, support_tensors
 from svfseg.results import markdown_table, pct
-from svfseg.serve.inputs import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS, QueryFile, ServeError,
+from svfseg.serve.inputs import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS, AdaptRequest, QueryFile, ServeError,
                                  SupportSlot, check_queries, ground_truth_class, read_ground_truth, read_rgb_upload,
                                  read_supports, unpack_mask)
 from svfseg.serve.previews import fit_within
@@ -29,7 +29,11 @@ logger = logging.getLogger(__name__)
 RED = (230, 40, 40)
 OVERLAY_SIDE = 1024  # overlays are for looking at: writing a 12 MP one as PNG took seconds (masks keep full size)
 __all__ = ["MAX_SHOTS", "ServeError", "SupportSlot", "read_supports", "ModelCache", "painted_mask", "run_request",
-           "summary_markdown", "foreground_iou", "checkpoint_label", "Request", "CheckpointRun", "QueryResult"]
+           "summary_markdown", "foreground_iou", "checkpoint_label", "Request", "CheckpointRun", "QueryResult",
+           "AdaptRequest", "DEFAULT_ADAPT_STEPS", "DEFAULT_ADAPT_LR"]
+
+#: Adaptation settings used when neither the page nor the checkpoint's record gives them (not chosen on validation).
+DEFAULT_ADAPT_STEPS, DEFAULT_ADAPT_LR = 10, 1e-3
 
 
 @dataclass
@@ -53,6 +57,7 @@ class ModelCache:
         self.loads = 0
         self._models: dict[str, LoadedModel] = {}
         self._records: dict[str, CheckpointRecord] = {}
+        self._adapters: dict[tuple[str, str], Any] = {}
         # One lock for loading and inference: the Gradio queue already runs one request at a
         # time, this keeps callers outside the queue (tests, scripts) from sharing a model concurrently.
         self.lock = threading.RLock()
@@ -94,6 +99,22 @@ class ModelCache:
             return loaded, True
 
 
+    def adapter(self, checkpoint: str | os.PathLike, params: str):
+        """The :class:`~svfseg.engine.adapt.EpisodeAdapter` of ``checkpoint`` for ``params``, prepared once (its own
+        copy of the model: an SVD of the stages for ``svf``, since the served model is merged)."""
+        key = (str(Path(checkpoint).resolve()), params)
+        with self.lock:
+            if key not in self._adapters:
+                from svfseg.engine.adapt import EpisodeAdapter
+                from svfseg.policies import AdaptSettings
+
+                loaded, _ = self.get(checkpoint)
+                cfg = loaded.cfg
+                self._adapters[key] = EpisodeAdapter(loaded.model, AdaptSettings(params=params),
+                                                     policy=cfg.svf, lora=cfg.lora)
+            return self._adapters[key]
+
+
 def painted_mask(editor_value: Optional[dict]) -> Optional[np.ndarray]:
     """Strokes of an image-editor value (``{"background", "layers", "composite"}``, RGBA arrays) as an
     (H, W) bool mask: a pixel is foreground where any layer is not transparent. None when nothing is painted."""
@@ -125,6 +146,7 @@ class QueryResult:
     foreground_fraction: float
     iou: Optional[float] = None
     hw: tuple[int, int] = (0, 0)  # the query's (height, width); shown as width x height
+    adapted: Optional["QueryResult"] = None  # the same query after adapting to the supports, when asked
 
 
 @dataclass
@@ -137,6 +159,7 @@ class CheckpointRun:
     seconds: float
     load_seconds: float = 0.0  # > 0 only when this request loaded the model
     record: Optional[CheckpointRecord] = None
+    adaptation: Optional[dict] = None  # params, values, steps, lr, where they came from, seconds
 
     @property
     def no_object(self) -> list[str]:
@@ -177,6 +200,7 @@ class _Model:
     folder: Path
     size: int
     supports: tuple
+    adapted: Optional[torch.nn.Module] = None  # the model adapted to this request's supports
 
 
 def _prepare_models(cache: ModelCache, checkpoints: Sequence[str], sup_rgb, sup_mask, out_dir: Path,
@@ -198,22 +222,56 @@ def _prepare_models(cache: ModelCache, checkpoints: Sequence[str], sup_rgb, sup_
     return models
 
 
-def _segment_one(cache: ModelCache, m: _Model, query: QueryFile, rgb: np.ndarray, gt: Optional[np.ndarray]) -> None:
-    """Segment one query with one checkpoint; writes ``<name>_mask.png`` (what ``svfseg predict`` writes)
-    and ``<name>_overlay.png`` (at most :data:`OVERLAY_SIDE` px) into the checkpoint's folder."""
+def _adapt(cache: ModelCache, m: _Model, adapt: AdaptRequest) -> None:
+    """Fine-tune a copy of ``m``'s model on the request's supports (once; every query uses it)."""
+    from svfseg.engine.adapt.score import episode_generator
+
+    recorded = (m.run.record.adapt_choices.get(adapt.params) if m.run.record else None) or {}
+    if adapt.steps is not None or adapt.lr is not None:
+        steps, lr, source = (adapt.steps if adapt.steps is not None else DEFAULT_ADAPT_STEPS,
+                             adapt.lr if adapt.lr is not None else DEFAULT_ADAPT_LR, "given on the page")
+    elif recorded:
+        steps, lr, source = recorded["steps"], recorded["lr"], recorded.get("source", "the checkpoint's record")
+    else:
+        steps, lr, source = DEFAULT_ADAPT_STEPS, DEFAULT_ADAPT_LR, "the defaults (not chosen on validation)"
+    adapter = cache.adapter(m.run.checkpoint, adapt.params)
+    with cache.lock:
+        s_img, s_mask = (t[0].clone() for t in m.supports)  # tensors made outside inference mode: autograd takes them
+        t0 = time.perf_counter()
+        adapter.reset()
+        adapter.adapt(s_img, s_mask, None, steps=int(steps), lr=float(lr or 0.0), generator=episode_generator(0, 0))
+        seconds = time.perf_counter() - t0
+    m.adapted = adapter.model
+    m.run.adaptation = {"params": adapt.params, "trainable": adapter.trainable_count, "steps": int(steps), "lr": lr,
+                        "source": source, "seconds": seconds}
+
+
+def _segment(cache: ModelCache, m: _Model, model: torch.nn.Module, query: QueryFile, rgb: np.ndarray,
+             gt: Optional[np.ndarray], suffix: str) -> QueryResult:
     with cache.lock, torch.inference_mode():
         t0 = time.perf_counter()
-        pred = segment_query(m.loaded.model, rgb, *m.supports, m.size, cache.device)
+        pred = segment_query(model, rgb, *m.supports, m.size, cache.device)
         m.run.seconds += time.perf_counter() - t0
-    mask_path = save_mask_png(pred, m.folder / f"{query.name}_mask.png")
-    overlay_path = _overlay_png(rgb, pred, m.folder / f"{query.name}_overlay.png")
+    mask_path = save_mask_png(pred, m.folder / f"{query.name}{suffix}_mask.png")
+    overlay_path = _overlay_png(rgb, pred, m.folder / f"{query.name}{suffix}_overlay.png")
     iou = foreground_iou(pred, gt) if gt is not None else None
-    m.run.results.append(QueryResult(query.name, mask_path, overlay_path, float(pred.mean()), iou, rgb.shape[:2]))
+    return QueryResult(query.name, mask_path, overlay_path, float(pred.mean()), iou, rgb.shape[:2])
+
+
+def _segment_one(cache: ModelCache, m: _Model, query: QueryFile, rgb: np.ndarray, gt: Optional[np.ndarray]) -> None:
+    """Segment one query with one checkpoint; writes ``<name>_mask.png`` (what ``svfseg predict`` writes)
+    and ``<name>_overlay.png`` (at most :data:`OVERLAY_SIDE` px) into the checkpoint's folder, and with the
+    adapted model too when the request adapts (``<name>_adapted_mask.png``, ``<name>_adapted_overlay.png``)."""
+    result = _segment(cache, m, m.loaded.model, query, rgb, gt, "")
+    if m.adapted is not None:
+        result.adapted = _segment(cache, m, m.adapted, query, rgb, gt, "_adapted")
+    m.run.results.append(result)
 
 
 def run_request(cache: ModelCache, checkpoints: Sequence[str], slots: Sequence[SupportSlot], query_paths: Sequence[str],
                 gt_paths: Sequence[str], out_dir: str | os.PathLike, *, size: Optional[int] = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS, max_queries: int = DEFAULT_MAX_QUERIES) -> Request:
+                max_pixels: int = DEFAULT_MAX_PIXELS, max_queries: int = DEFAULT_MAX_QUERIES,
+                adapt: Optional[AdaptRequest] = None) -> Request:
     """Everything the page's Run button does, without the page.
 
     Every input is checked before the first model runs (queries from their headers); the queries
@@ -229,6 +287,7 @@ def run_request(cache: ModelCache, checkpoints: Sequence[str], slots: Sequence[S
         size: test size (default: each checkpoint's ``data.test_size``).
         max_pixels: largest image accepted (width x height), checked from the file's header.
         max_queries: most queries in one request.
+        adapt: also segment every query after fine-tuning a copy of each model on these supports.
 
     Returns:
         The runs, in the order of ``checkpoints``, and the zip of every output file.
@@ -245,6 +304,8 @@ def run_request(cache: ModelCache, checkpoints: Sequence[str], slots: Sequence[S
     gts = read_ground_truth(gt_paths, queries, max_pixels=max_pixels, mask_class=ground_truth_class(slots))
     out_dir = Path(out_dir)
     models = _prepare_models(cache, checkpoints, sup_rgb, sup_mask, out_dir, size)
+    for m in models if adapt is not None else ():
+        _adapt(cache, m, adapt)
     for q in queries:
         rgb = read_rgb_upload(q.path, "query", max_pixels)
         gt = unpack_mask(gts[q.name], rgb.shape[:2]) if q.name in gts else None
@@ -273,16 +334,34 @@ def no_object_notices(req: Request) -> list[str]:
     return out
 
 
+def _adapted_cells(r: QueryResult) -> list[str]:
+    a = r.adapted
+    return [pct(a.foreground_fraction, missing="n/a", digits=1, unit="%"), pct(a.iou, missing="n/a", digits=1, unit="%")]
+
+
+def adaptation_sentence(run: CheckpointRun) -> str:
+    """``svf-best adapted svf (11,880 values) to the supports: 10 steps at lr 0.01 (source) in 0.6 s``."""
+    a = run.adaptation
+    return (f"{run.label} adapted {a['params']} ({a['trainable']:,} values) to the supports: {a['steps']} steps at "
+            f"lr {a['lr']:g} ({a['source']}) in {a['seconds']:.1f} s")
+
+
 def summary_markdown(req: Request) -> str:
     """The result table the page shows: per query and checkpoint, its size (width x height), foreground fraction and
-    IoU; then timings and notes."""
-    table = markdown_table(["query", "size", "checkpoint", "foreground", "IoU"],
-                           [[r.name, wxh(r.hw), run.label,
-                             pct(r.foreground_fraction, missing="n/a", digits=1, unit="%"),
-                             pct(r.iou, missing="n/a", digits=1, unit="%")] for run in req.runs for r in run.results])
+    IoU (and both again after adapting to the supports, when asked); then timings and notes."""
+    adapted = any(run.adaptation for run in req.runs)
+    head = ["query", "size", "checkpoint", "foreground", "IoU"] + (["adapted: foreground", "adapted: IoU"]
+                                                                  if adapted else [])
+    table = markdown_table(head, [[r.name, wxh(r.hw), run.label,
+                                   pct(r.foreground_fraction, missing="n/a", digits=1, unit="%"),
+                                   pct(r.iou, missing="n/a", digits=1, unit="%")]
+                                  + (_adapted_cells(r) if r.adapted is not None else [""] * (len(head) - 5))
+                                  for run in req.runs for r in run.results])
     timing = "; ".join(f"{run.label}: {run.seconds:.2f} s for {len(run.results)} "
                        f"quer{'y' if len(run.results) == 1 else 'ies'}"
                        + (f" (+ {run.load_seconds:.1f} s loading the model)" if run.load_seconds else "")
                        for run in req.runs)
     notices = "".join(f"{n}\n\n" for n in no_object_notices(req))
-    return notices + table + f"\n\n{req.shots}-shot. Time: {timing}." + "".join(f" {n}." for n in req.notes)
+    adapting = "".join(f" {adaptation_sentence(run)}." for run in req.runs if run.adaptation)
+    return (notices + table + f"\n\n{req.shots}-shot. Time: {timing}." + adapting
+            + "".join(f" {n}." for n in req.notes))

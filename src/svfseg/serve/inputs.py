@@ -295,3 +295,43 @@ def editor_background(path: Optional[str], max_side: int, max_pixels: int = DEFA
 def brush_radius(shape: Sequence[int]) -> int:
     """A brush radius relative to the canvas: 1/25 of its shorter side, at least 2 px."""
     return max(2, round(min(shape[:2]) / 25))
+
+
+@dataclass(frozen=True)
+class AdaptRequest:
+    """Fine-tune ``params`` on the request's supports before segmenting (None steps/lr: the checkpoint's recorded
+    choice, else the defaults)."""
+
+    params: str
+    steps: Optional[int] = None
+    lr: Optional[float] = None
+
+
+def adapt_choices() -> list[tuple[str, str]]:
+    """The page's adaptation picker: (label, ``adapt.params``), "no" first."""
+    from svfseg.regimes import ADAPT_REGISTRY, NO_ADAPTATION
+
+    return [("no", NO_ADAPTATION)] + [(f"{s.name}: {s.trains}", s.name) for s in ADAPT_REGISTRY.values()
+                                      if s.backbone or s.head]
+
+
+def adapt_request(params: Optional[str], steps, lr) -> Optional[AdaptRequest]:
+    """The page's adaptation inputs as a request (None: do not adapt), checked.
+
+    Raises:
+        ServeError: an unknown choice, steps outside 0..MAX_ADAPT_STEPS, or a learning rate that is not > 0.
+    """
+    from svfseg.regimes import adapt_name, adapt_trains
+    from svfseg.serve.limits import MAX_ADAPT_STEPS
+
+    try:
+        if not params or not adapt_trains(params):
+            return None
+        params = adapt_name(params)
+    except ValueError as e:
+        raise ServeError(f"adapt: {e}") from None
+    if steps is not None and (not float(steps).is_integer() or not 0 <= steps <= MAX_ADAPT_STEPS):
+        raise ServeError(f"adapt: expected steps 0..{MAX_ADAPT_STEPS}, found {steps}")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and lr == lr):
+        raise ServeError(f"adapt: expected a learning rate > 0, found {lr}")
+    return AdaptRequest(params, None if steps is None else int(steps), None if lr is None else float(lr))

@@ -32,9 +32,16 @@ def result_row(r: QueryResult) -> list[tuple[str, str]]:
     gallery gets as many columns as this row has items, so another mask of the same query (e.g. one made after
     adapting the model to the supports, captioned with the time it took) is one more pair appended here.
     """
+    row = _pair(r, "")
+    if r.adapted is not None:  # beside it, the same query after adapting to the supports
+        row += _pair(r.adapted, "adapted · ")
+    return row
+
+
+def _pair(r: QueryResult, prefix: str) -> list[tuple[str, str]]:
     iou = "" if r.iou is None else f" · IoU {pct(r.iou, digits=1, unit='%')}"
     empty = " · no object found" if r.foreground_fraction == 0 else ""
-    return [(str(r.overlay), f"{r.name}{iou}{empty}"), (str(r.mask), f"{r.name}: mask")]
+    return [(str(r.overlay), f"{prefix}{r.name}{iou}{empty}"), (str(r.mask), f"{prefix}{r.name}: mask")]
 
 
 @dataclass
@@ -58,8 +65,11 @@ def result_column(req: Optional[Request], i: int) -> ResultColumn:
     run = req.runs[i]
     rows = [result_row(r) for r in run.results]
     score = f" · {run.record.score_text}" if run.record else ""
-    return ResultColumn(f"### {run.label}\n`{run.checkpoint}`{score}", [item for row in rows for item in row],
-                        [str(p) for r in run.results for p in (r.mask, r.overlay)],
+    adapted = f"\n\nright: after adapting {run.adaptation['params']} to the supports ({run.adaptation['seconds']:.1f} s)" \
+        if run.adaptation else ""
+    return ResultColumn(f"### {run.label}\n`{run.checkpoint}`{score}{adapted}", [item for row in rows for item in row],
+                        [str(p) for r in run.results for q in (r, r.adapted) if q is not None
+                         for p in (q.mask, q.overlay)],
                         max((len(row) for row in rows), default=2))
 
 

@@ -5,7 +5,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +35,9 @@ class CheckpointRecord:
     converted_from: Optional[str] = None  # `svfseg convert`: the upstream file, its format and sha256
     problem: Optional[str] = None  # why a file beside the checkpoint could not be used
     class_names: tuple[str, ...] = ()  # its benchmark's names, indexed by class id - 1; () when unknown
+    # adapt.params -> {"steps", "lr", "source"}: adaptation settings chosen on validation for this checkpoint
+    # (`svfseg demo` records its adaptation stage's choices in SOURCE.json)
+    adapt_choices: dict = field(default_factory=dict)
 
     @property
     def data_text(self) -> str:
@@ -107,6 +110,12 @@ def _from_source_json(file: Path) -> dict:
     for key in ("regime", "benchmark", "data_root", "fold", "shot"):
         if src.get(key) is not None:
             out[key] = src[key]
+    choices = src.get("adapt") or {}
+    if not isinstance(choices, dict) or not all(isinstance(c, dict) and isinstance(c.get("steps"), int)
+                                                and (c.get("lr") is None or isinstance(c["lr"], (int, float)))
+                                                for c in choices.values()):
+        raise ValueError(f"{where}: expected 'adapt' to map adapt.params to {{steps, lr, source}}, found {choices!r}")
+    out["adapt_choices"] = choices
     return out
 
 

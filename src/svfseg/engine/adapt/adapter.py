@@ -78,14 +78,16 @@ class EpisodeAdapter:
         if self.optimizer is not None:
             self.optimizer.state.clear()
 
-    def adapt(self, support_imgs: torch.Tensor, support_masks: torch.Tensor, class_id: int, *, steps: int, lr: float,
+    def adapt(self, support_imgs: torch.Tensor, support_masks: torch.Tensor, class_id: Optional[int], *, steps: int,
+              lr: float,
               generator: torch.Generator, on_step: Optional[StepHook] = None) -> list[float]:
         """Fine-tune on one episode's supports for ``steps`` steps; the loss of each step.
 
         Args:
             support_imgs: (K, 3, H, W) normalised supports.
             support_masks: (K, H, W) labels in {0, 1, 255}.
-            class_id: The episode's class (models that take class ids, e.g. BAM, get it).
+            class_id: The episode's class (models that take class ids, e.g. BAM, get it; None: unknown, e.g. a
+                user's own images).
             steps: Optimiser steps (0: nothing happens).
             lr: Learning rate.
             generator: Randomness of the augmented copies.
@@ -133,7 +135,8 @@ class EpisodeAdapter:
         with torch.no_grad():
             return self.model.image_features(bank.images, bank.masks, keep=keep)
 
-    def _loss(self, bank: SupportBank, chosen: Sequence[int], cached: Optional[ImageFeatures], class_id: int):
+    def _loss(self, bank: SupportBank, chosen: Sequence[int], cached: Optional[ImageFeatures],
+              class_id: Optional[int]):
         """Cross-entropy of the model's predictions on the chosen pseudo-episodes (mean over labelled pixels)."""
         episodes = [bank.episodes[i] for i in chosen]
         groups: dict[int, list] = {}
@@ -164,10 +167,11 @@ class EpisodeAdapter:
         masked = self.model.masked_support_stage
         return names.index(masked) if masked is not None else len(names)
 
-    def _whole_forward(self, bank: SupportBank, query: list[int], supports: list[list[int]], class_id: int):
+    def _whole_forward(self, bank: SupportBank, query: list[int], supports: list[list[int]],
+                       class_id: Optional[int]):
         idx = torch.as_tensor(supports)
         args = (bank.images[query], bank.images[idx], bank.masks[idx])
-        if getattr(self.model, "uses_class_ids", False):
+        if getattr(self.model, "uses_class_ids", False) and class_id is not None:
             return self.model(*args, class_ids=torch.full((len(query),), int(class_id), dtype=torch.long))
         return self.model(*args)
 

@@ -145,6 +145,13 @@ def validation_episodes(run: ResolvedRun, count: int):
     return fold, eval_dataset(run, fold=fold, seed=run.cfg.train.val_seed, count=count)
 
 
+def given_adaptation(settings) -> Optional[AdaptChoice]:
+    """The steps and lr ``settings`` (an ``adapt:`` section) give outright; None when they are to be chosen."""
+    if settings.chosen_on_validation:
+        return None
+    return AdaptChoice(steps=int(settings.steps), lr=float(settings.lr) if settings.steps else None, source="given")
+
+
 def choose_adaptation(adapter: EpisodeAdapter, run: ResolvedRun, info: DistInfo, *,
                       progress: bool = False) -> AdaptChoice:
     """The steps and lr of ``cfg.adapt`` (given, or chosen on base-class validation episodes).
@@ -155,8 +162,9 @@ def choose_adaptation(adapter: EpisodeAdapter, run: ResolvedRun, info: DistInfo,
     """
     cfg = run.cfg
     s = cfg.adapt
-    if not s.chosen_on_validation:
-        return AdaptChoice(steps=int(s.steps), lr=float(s.lr) if s.steps else None, source="given")
+    given = given_adaptation(s)
+    if given is not None:
+        return given
     lrs = [float(s.lr)] if s.lr is not None else list(s.grid_lr)
     counts = [int(s.steps)] if s.steps is not None else sorted(s.grid_steps)
     fold, val = validation_episodes(run, s.val_episodes)
