@@ -136,6 +136,8 @@ def cell_keys(plan: ComparePlan, fold: int, shot: int, regime: str, seed: int,
                                                      "base-class validation episodes (base_heldout)"),
             "train.val_every": Owned(1, "remove it: compare validates every cell once per epoch"),
             "train.val_episodes": Owned(plan.val_episodes, "--val-episodes"),
+            # a cell's own score is the plain test; its adaptation rows are scored apart (cell_config's extra)
+            "adapt.params": Owned(NO_ADAPTATION, "--adapt", ","),
             "train.val_episodes_file": Owned(plan.out / "episodes" / f"val_base_fold{fold}_{shot}shot.json",
                                              "remove it: compare makes one base-class validation file per (fold, "
                                              "shot) in --out/episodes; set its size with --val-episodes N")}
