@@ -47,7 +47,7 @@ def test_adapt_none_is_exactly_the_plain_test_and_adapting_records_its_choice(ch
 def test_the_choice_reads_only_base_class_validation_episodes(checkpoint, data_root, tmp_path, monkeypatch):
     """Every episode the choice scores is a val-split episode of the next fold's novel classes (base classes here)."""
     from svfseg.engine.adapt import score as adapt_score
-    from svfseg.engine.data import resolve_benchmark
+    from svfseg.engine.resolved import resolve_benchmark
     from svfseg.engine.model import checkpoint_config
 
     seen = []

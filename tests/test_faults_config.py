@@ -118,6 +118,7 @@ def test_values_only_training_or_test_read_are_refused_by_every_command(tmp_path
 def test_keys_only_the_model_registry_knows_are_refused_before_any_data_is_read(tmp_path, capsys):
     from svfseg.config import load_config
     from svfseg.engine.model import build_model
+    from svfseg.engine.resolved import resolve_run
 
     no_data = f"data.root={tmp_path / 'none'}"  # read after the registry's checks: never reached
     assert main(["train", "--config", str(RECIPE), no_data, f"output_dir={tmp_path}", "svf.stages=[layer9]"]) == 2
@@ -131,7 +132,7 @@ def test_keys_only_the_model_registry_knows_are_refused_before_any_data_is_read(
     # a head's own check, named as its config key (it was a torch RuntimeError)
     cfg = load_config(RECIPE, ["model.head.reduce_dim=0", "model.weights=null"])
     with pytest.raises(ValueError, match=r"config key 'model.head.reduce_dim': expected the head's width"):
-        build_model(cfg)
+        build_model(resolve_run(cfg))
     assert main(["test", "--checkpoint", str(tmp_path / "c.pt"), "--save-vis", "-1"]) == 2
     assert "--save-vis must be >= 0" in error_line(capsys, "test")
 

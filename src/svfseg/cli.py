@@ -167,6 +167,7 @@ def _apply_threads(args, cfg=None) -> None:
 def cmd_train(args) -> int:
     from svfseg.config import load_config
     from svfseg.engine.run import train_run
+    from svfseg.engine.runfolder import RunFolder
     from svfseg.engine.state import resume_config
     from svfseg.results import pct
 
@@ -189,7 +190,7 @@ def cmd_train(args) -> int:
         best = f"best mIoU {pct(res.best['miou'])} at step {res.best['step']}" if res.best else "no validation"
         print(f"{res.status}: step {res.step}/{res.total_steps} in {res.seconds:.0f}s, {best}\n"
               f"run folder: {res.run_dir}\n"
-              + (f"next: svfseg test --checkpoint {res.run_dir / 'best.pt'}" if res.status == "finished"
+              + (f"next: svfseg test --checkpoint {RunFolder(res.run_dir).best}" if res.status == "finished"
                  else f"continue: svfseg train --resume {res.run_dir}"))
     return 0 if res.status == "finished" else 130
 
@@ -216,9 +217,10 @@ def adapt_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_test(args) -> int:
-    from svfseg.config import config_with_overrides, load_config
-    from svfseg.engine import checkpoint as ckpt
+    from svfseg.config import load_config
     from svfseg.engine.distributed import cleanup, init_distributed
+    from svfseg.engine.model import checkpoint_config
+    from svfseg.engine.runfolder import results_file, results_markdown
     from svfseg.engine.tasks import TestOptions
     from svfseg.engine.testing import score_with_task
 
@@ -231,8 +233,7 @@ def cmd_test(args) -> int:
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
     elif args.overrides:
-        own = ckpt.read_checkpoint(args.checkpoint, ("config",), "an svfseg checkpoint", lazy=True)["config"]
-        cfg = config_with_overrides(own, args.overrides, str(args.checkpoint))  # its metadata only, not the weights
+        cfg = checkpoint_config(args.checkpoint, args.overrides)  # its metadata only, not the weights
     _apply_threads(args, cfg)
     options = TestOptions(protocol=args.protocol, episodes=args.episodes, save_vis=args.save_vis, out_dir=args.out,
                           tau=args.tau)
@@ -246,13 +247,14 @@ def cmd_test(args) -> int:
     if info.is_main:
         print(markdown)
         if out.get("out_dir"):
-            print(f"results: {out['out_dir']}/results.json, results.md")
+            print(f"results: {results_file(out['out_dir'])}, {results_markdown(out['out_dir'])}")
     return 0
 
 
 def cmd_episodes(args) -> int:
     from svfseg.config import load_config
-    from svfseg.engine.data import episode_summary, resolve_benchmark, write_episode_file
+    from svfseg.engine.data import episode_summary, write_episode_file
+    from svfseg.engine.resolved import resolve_run
 
     from svfseg.data.episodes import MAX_EPISODES
 
@@ -264,11 +266,11 @@ def cmd_episodes(args) -> int:
                          f"file or pass --overwrite")
     cfg = load_config(args.config, args.overrides)
     _apply_threads(args, cfg)
-    bench = resolve_benchmark(cfg)
-    eps = write_episode_file(cfg, args.out, seed=args.seed, count=args.count, bench=bench)
+    run = resolve_run(cfg)
+    eps = write_episode_file(run, args.out, seed=args.seed, count=args.count)
     print(f"wrote {args.out}: {len(eps)} episodes, {eps.benchmark} fold {eps.fold} {eps.shot}-shot, "
           f"episode seed {eps.seed}, min_pixels {eps.min_pixels}, query rule {eps.query_rule}\n"
-          f"classes (episodes): {episode_summary(cfg, eps, bench)}\n"
+          f"classes (episodes): {episode_summary(run, eps)}\n"
           f"fingerprint {eps.fingerprint} (dataset {eps.dataset_fingerprint})\n"
           + (f"queries from the given list {eps.query_list}\n" if eps.query_list else "")
           + f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from svfseg.compare.variants import Arm, folder_name
+from svfseg.engine.runfolder import RunFolder
 from svfseg.regimes import NO_ADAPTATION, regime_spec
 
 
@@ -89,7 +90,7 @@ def _cell_dir(plan: ComparePlan, fold: int, shot: int) -> Path:
 
 def warm_start_checkpoint(plan: ComparePlan, fold: int, shot: int) -> Optional[Path]:
     """The shared head every cell of (fold, shot) starts from, or None without a warm start."""
-    return _cell_dir(plan, fold, shot) / "warm_start" / "best.pt" if plan.warm_start else None
+    return RunFolder(_cell_dir(plan, fold, shot) / "warm_start").best if plan.warm_start else None
 
 
 @dataclass(frozen=True)

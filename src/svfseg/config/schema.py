@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from svfseg.policies import SVF_MODES, AdaptSettings, LoRAConfig, SVFPolicy
-from svfseg.regimes import REGIME_NAMES, REGISTRY, adapt_name
+from svfseg.regimes import REGIME_NAMES, REGISTRY, adapt_name, run_folder_word
 
 #: How the backbone trains (``model.regime``): the names of ``svfseg.regimes`` (what each trains is declared there).
 REGIMES = REGIME_NAMES
@@ -149,7 +149,7 @@ class ExperimentConfig:
             return self.name
         # Full fine-tuning runs keep the folder name svfseg 0.1 gave them ("train"), so that
         # existing stage-1 paths (the bam_base_* runs: ..._train_fold{fold}_...) still resolve.
-        regime = {"full": "train"}.get(self.model.regime, self.model.regime)
+        regime = run_folder_word(self.model.regime)
         return f"{self.data.benchmark}_{self.model.name}_{self.model.backbone}_{regime}_fold{self.fold}_{self.shot}shot"
 
     def run_dir(self) -> Path:

@@ -350,10 +350,12 @@ def check_compatible(expected: Mapping, found: Mapping, path: str | os.PathLike)
 def upgrade_description(d: Mapping) -> Mapping:
     """A description svfseg 0.1 wrote (``backbone_mode``, policies with ``lr_mult``; heads without
     the later options: the model's recipe back-fills them) in today's terms."""
+    from svfseg.regimes import regime_from_01_description
+
     out = dict(d)
     if "backbone_mode" in out:
         mode = out.pop("backbone_mode")
-        out["regime"] = {"train": "full"}.get(mode, mode)
+        out["regime"] = regime_from_01_description(mode)
         if isinstance(out.get("svf_policy"), Mapping):
             out["svf_policy"] = {k: v for k, v in out["svf_policy"].items() if k != "lr_mult"}
     from svfseg.models import list_models, model_recipe
