@@ -35,25 +35,24 @@ SETUPS = (("svf (one at a time)", "svf", 1), ("svf", "svf", 4), ("svf (8 per pas
 
 
 def load(checkpoint: Path | None, root: Path, size: int, shot: int):
-    """(model, cfg, bench) of the checkpoint, or of the demo recipe with a random head."""
+    """(model, cfg, resolved run) of the checkpoint, or of the demo recipe with a random head."""
     from svfseg.config import config_with_overrides, load_config, to_dict
-    from svfseg.engine.data import resolve_benchmark
-    from svfseg.engine.model import build_model, checkpoint_config, load_for_inference
+    from svfseg.engine.model import build_model, checkpoint_config, load_for_inference_run
+    from svfseg.engine.resolved import resolve_run
 
     overrides = [f"data.root={root}", f"data.test_size={size}", f"data.train_crop={size}", f"shot={shot}",
                  "train.progress=false"]
     if checkpoint is not None:
         cfg = config_with_overrides(to_dict(checkpoint_config(checkpoint)), overrides, str(checkpoint))
-        bench = resolve_benchmark(cfg)
-        model, cfg, _ = load_for_inference(checkpoint, cfg, bench=bench)
-        return model.eval(), cfg, bench
+        model, resolved, _ = load_for_inference_run(checkpoint, resolve_run(cfg))
+        return model.eval(), resolved.cfg, resolved
     cfg = load_config(str(RECIPE), overrides)
     torch.manual_seed(0)
-    bench = resolve_benchmark(cfg)
-    model = build_model(cfg, bench=bench).eval()
+    resolved = resolve_run(cfg)
+    model = build_model(resolved).eval()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, cfg, bench
+    return model, cfg, resolved
 
 
 def run(args) -> dict:
@@ -73,9 +72,9 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_synthetic(Path(tmp) / "syn", seed=0, n_train=40, n_val=120, size=args.size)
         for shot in args.shots:
-            model, cfg, bench = load(checkpoint, root, args.size, shot)
-            ds = eval_dataset(cfg, seed=0, count=args.episodes, bench=bench)
-            classes = bench.split(cfg.fold).novel
+            model, cfg, resolved = load(checkpoint, root, args.size, shot)
+            ds = eval_dataset(resolved, seed=0, count=args.episodes)
+            classes = resolved.bench.split(cfg.fold).novel
             adapters, prepare = {}, {}
             for label, params, parallel in SETUPS:
                 t = time.perf_counter()

@@ -61,16 +61,17 @@ def converted(fmt: str, manifest: str, tmp: Path) -> Path:
 
 
 def time_per_episode(checkpoint: Path, root: Path, episodes: int) -> float:
-    from svfseg.engine.data import eval_dataset, resolve_benchmark
-    from svfseg.engine.model import checkpoint_config, load_for_inference
+    from svfseg.engine.data import eval_dataset
+    from svfseg.engine.model import checkpoint_config, load_for_inference_run
+    from svfseg.engine.resolved import resolve_run
     from svfseg.config import config_with_overrides, to_dict
     from svfseg.engine.tasks.fewshot import evaluate
 
     cfg = config_with_overrides(to_dict(checkpoint_config(checkpoint)), [f"data.root={root}", "data.workers=0"])
-    bench = resolve_benchmark(cfg)
-    model, cfg, _ = load_for_inference(checkpoint, cfg, bench=bench)
-    ds = eval_dataset(cfg, seed=321, count=episodes + 1, bench=bench)
-    novel = tuple(bench.split(cfg.fold).novel)
+    model, run, _ = load_for_inference_run(checkpoint, resolve_run(cfg))
+    cfg = run.cfg
+    ds = eval_dataset(run, seed=321, count=episodes + 1)
+    novel = tuple(run.bench.split(cfg.fold).novel)
     kw = dict(class_ids=novel, device=torch.device("cpu"), batch_size=1, upstream_padding=cfg.eval.upstream_padding)
     evaluate(model, torch.utils.data.Subset(ds, [0]), **kw)  # warm-up: oneDNN picks its kernels
     timed = torch.utils.data.Subset(ds, list(range(1, episodes + 1)))

@@ -49,11 +49,12 @@ def factorized_without_graph(layer_cls):
 def build(regime: str, root: Path, size: int):
     from svfseg.config import load_config
     from svfseg.engine.model import build_model
+    from svfseg.engine.resolved import resolve_run
 
     cfg = load_config(str(RECIPE), [f"data.root={root}", f"data.train_crop={size}", f"data.test_size={size}",
                                     f"model.regime={regime}"])
     torch.manual_seed(0)
-    return cfg, build_model(cfg).eval()
+    return cfg, build_model(resolve_run(cfg)).eval()
 
 
 def score(model, ds, cfg, memory_format) -> tuple[float, float]:
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from svfseg.data.synthetic import generate_synthetic
     from svfseg.engine.data import eval_dataset
+    from svfseg.engine.resolved import resolve_run
     from svfseg.svf.base import SVFLayer
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             root = generate_synthetic(Path(tmp) / "syn", seed=0, n_train=40, n_val=80, size=args.size)
             for regime in args.regimes.split(","):
                 cfg, model = build(regime, root, args.size)
-                ds = eval_dataset(cfg, seed=0, count=args.episodes)
+                ds = eval_dataset(resolve_run(cfg), seed=0, count=args.episodes)
                 times = {name: [] for name in SETUPS}
                 mious = {}
                 for r in range(args.rounds + 1):

@@ -38,31 +38,30 @@ def floored_copy(model):
     return out, lossy
 
 
-def score(model, cfg, episodes: Path, bench) -> float:
+def score(model, cfg, episodes: Path, run) -> float:
     from svfseg.engine.data import eval_dataset
     from svfseg.engine.tasks.fewshot import evaluate
 
-    ds = eval_dataset(cfg, episodes=str(episodes), bench=bench)
-    r = evaluate(model, ds, class_ids=tuple(bench.split(cfg.fold).novel), device=torch.device("cpu"),
+    ds = eval_dataset(run, episodes=str(episodes))
+    r = evaluate(model, ds, class_ids=tuple(run.bench.split(cfg.fold).novel), device=torch.device("cpu"),
                  batch_size=cfg.eval.batch_size, upstream_padding=cfg.eval.upstream_padding)
     return 100 * r["miou"]
 
 
 def load(checkpoint: Path, data: Path):
     from svfseg.config import config_with_overrides, to_dict
-    from svfseg.engine.data import resolve_benchmark
-    from svfseg.engine.model import checkpoint_config, load_for_inference
+    from svfseg.engine.model import checkpoint_config, load_for_inference_run
+    from svfseg.engine.resolved import resolve_run
 
     cfg = config_with_overrides(to_dict(checkpoint_config(checkpoint)), [f"data.root={data}", "data.workers=0"])
-    bench = resolve_benchmark(cfg)
-    model, cfg, _ = load_for_inference(checkpoint, cfg, bench=bench)
-    return model, cfg, bench
+    model, run, _ = load_for_inference_run(checkpoint, resolve_run(cfg))
+    return model, run.cfg, run
 
 
-def stem_change(model, floored, cfg, episodes: Path, bench, n: int = 200) -> dict[str, float]:
+def stem_change(model, floored, cfg, episodes: Path, run, n: int = 200) -> dict[str, float]:
     from svfseg.engine.data import eval_dataset
 
-    ds = eval_dataset(cfg, episodes=str(episodes), bench=bench)
+    ds = eval_dataset(run, episodes=str(episodes))
     sums = {s: [0.0, 0.0] for s in ("layer0", "layer4")}
     with torch.no_grad():
         for i in range(min(n, len(ds))):
@@ -87,8 +86,8 @@ def retrain(demo: Path, data: Path, episodes: Path, rank_multiple: int, out: Pat
         f"name=rank{rank_multiple}", f"svf.rank_multiple={rank_multiple}", "data.workers=0", "train.progress=false",
         "train.tensorboard=false"])
     train_run(cfg)
-    model, cfg, bench = load(out / f"rank{rank_multiple}" / "best.pt", data)
-    return score(model, cfg, episodes, bench)
+    model, cfg, run = load(out / f"rank{rank_multiple}" / "best.pt", data)
+    return score(model, cfg, episodes, run)
 
 
 def main() -> int:
@@ -106,16 +105,16 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.2f}")
     t0 = time.perf_counter()
     for regime in ("svf", "frozen"):
-        model, cfg, bench = load(args.demo / regime / "best.pt", args.data)
+        model, cfg, run = load(args.demo / regime / "best.pt", args.data)
         floored, lossy = floored_copy(model)
         if regime == "svf":
-            change = stem_change(model, floored, cfg, episodes, bench)
+            change = stem_change(model, floored, cfg, episodes, run)
             stem = next(m for n, m in model.backbone.named_modules() if n == lossy[0].split(" ")[0])
             sv = torch.linalg.svdvals(stem.weight.detach().double().flatten(1))
             print(f"floored layers: {lossy}; dropped singular values / largest: "
                   f"{', '.join(f'{v:.1e}' for v in (sv[24:] / sv[0]).tolist())}; relative feature change over 200 "
                   f"test queries: layer0 {change['layer0']:.1e}, layer4 {change['layer4']:.1e}")
-        a, b = score(model, cfg, episodes, bench), score(floored, cfg, episodes, bench)
+        a, b = score(model, cfg, episodes, run), score(floored, cfg, episodes, run)
         print(f"{regime}: test mIoU {a:.2f} as trained, {b:.2f} with the stem floored afterwards ({b - a:+.2f})",
               flush=True)
     if args.train:

@@ -123,12 +123,14 @@ def build_setup(regime: str, overrides: list[str], root: Path, size: int, batch:
     from svfseg.engine.data import train_dataset
     from svfseg.engine.model import build_model
     from svfseg.engine.optim import build_optimizer
+    from svfseg.engine.resolved import resolve_run
 
     use_compile = "@compile" in overrides
     ov = [o for o in overrides if not o.startswith("@")]
     cfg = load_config(str(RECIPE), [f"data.root={root}", f"data.train_crop={size}", f"data.test_size={size}",
                                     f"model.regime={regime}", f"train.batch_size={batch}", *TODAY, *ov])
-    model = build_model(cfg)
+    run = resolve_run(cfg)
+    model = build_model(run)
     model.train()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -141,7 +143,7 @@ def build_setup(regime: str, overrides: list[str], root: Path, size: int, batch:
         step_model = torch.compile(model)
     dtype = torch.bfloat16 if cfg.train.amp == "bf16" else None
     return {"cfg": cfg, "model": model, "step_model": step_model, "opt": opt, "timer": timer,
-            "ds": train_dataset(cfg), "next": 0, "dtype": dtype, "compile": use_compile, "compile_s": compile_s}
+            "ds": train_dataset(run), "next": 0, "dtype": dtype, "compile": use_compile, "compile_s": compile_s}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ def test_adapt_none_is_exactly_the_plain_test_and_adapting_records_its_choice(ch
 def test_the_choice_reads_only_base_class_validation_episodes(checkpoint, data_root, tmp_path, monkeypatch):
     """Every episode the choice scores is a val-split episode of the next fold's novel classes (base classes here)."""
     from svfseg.engine.adapt import score as adapt_score
-    from svfseg.engine.data import resolve_benchmark
+    from svfseg.engine.resolved import resolve_benchmark
     from svfseg.engine.model import checkpoint_config
 
     seen = []
@@ -141,3 +141,13 @@ def test_predict_adapts_once_to_the_users_supports(checkpoint, data_root, tmp_pa
         assert "--adapt-steps N and --adapt-lr LR" in line and "no such folder" in line
     finally:
         moved.rename(cfg.data.root)
+
+
+def test_compare_owns_adapt_params(data_root, tmp_path, capsys):
+    """`adapt.params=svf` given to compare would score every plain cell adapted: refused, naming --adapt."""
+    from conftest import error_line
+
+    assert main(["compare", "--config", str(RECIPE), "--regimes", "frozen", "--seeds", "0", "--out",
+                 str(tmp_path / "c"), f"data.root={data_root}", "adapt.params=svf"]) == 1
+    line = error_line(capsys, "compare")
+    assert "adapt.params" in line and "use --adapt svf" in line

@@ -52,6 +52,23 @@ def test_base_learner_shapes_gradients_groups_and_bn():
         create_model("bam_base", backbone=TinyBackbone(), regime="svf", num_classes=16)
 
 
+def test_base_learner_without_train_bn_trains_the_backbone_with_every_batchnorm_fixed():
+    # BAM never trains BN affine parameters under fixed statistics; the regime registry configures it so
+    from svfseg.models.backbones import is_frozen_batchnorm
+
+    model = create_model("bam_base", backbone=TinyBackbone(), regime="full", num_classes=16, train_bn=False)
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(is_frozen_batchnorm(m) and not any(p.requires_grad for p in m.parameters()) for m in bns)
+    bn_params = {id(p) for m in bns for p in m.parameters()}
+    others = [p for p in model.backbone.parameters() if id(p) not in bn_params]
+    assert others and all(p.requires_grad for p in others)
+    model.train()
+    assert model.backbone.training and not any(m.training for m in bns)
+    before = bns[0].running_mean.clone()
+    model(torch.randn(2, 3, 33, 33)).sum().backward()
+    assert torch.equal(before, bns[0].running_mean) and model.describe()["head"]["train_bn"] is False
+
+
 # -- stage 2 -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode,shot,kind", [("frozen", 1, "os8"), ("svf", 1, "os8"), ("svf", 3, "os32")])
 def test_bam_shapes_and_gradients(mode, shot, kind):

@@ -21,19 +21,19 @@ from svfseg.engine.tasks import EvalSet, SemanticTask
 from svfseg.engine.tasks.semantic import evaluate_semantic as evaluate_base
 from svfseg.metrics import ConfusionMatrix
 from svfseg.models import create_model, model_recipe
-from svfseg.engine.data import run_facts
+from svfseg.engine.resolved import resolve_run
 from svfseg.models.heads.bam_recipe import stage1_differences
 from test_models import TinyBackbone
 
 
 def model_kwargs(cfg):
     """The constructor keywords the model's recipe derives from the config (through the engine's run facts)."""
-    return model_recipe(cfg.model.name).model_kwargs(run_facts(cfg))
+    return model_recipe(cfg.model.name).model_kwargs(resolve_run(cfg).facts)
 
 
 def load_base_learner_state(cfg):
     """The stage-1 state dict a BAM run is built from (read and checked by the engine)."""
-    return load_dependencies(cfg)["base_state"]
+    return load_dependencies(resolve_run(cfg))["base_state"]
 
 
 def fit_base(cfg, model, train, *, run_dir, describe, val_set=None, resume_state=None):
@@ -106,7 +106,7 @@ def test_fit_base_writes_checkpoints_and_base_miou(root, tmp_path):
     train = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="train", train_crop=64)
     val = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="val", test_size=64)
     run = tmp_path / "stage1"
-    res = fit_base(cfg, model, train, run_dir=run, describe=describe(model, cfg), val_set=val)
+    res = fit_base(cfg, model, train, run_dir=run, describe=describe(model, resolve_run(cfg)), val_set=val)
     assert res.status == "finished" and res.step == 2
     best = ckpt.load(run / "best.pt")
     assert best["describe"]["name"] == "bam_base" and best["describe"]["num_classes"] == 16
@@ -123,7 +123,7 @@ def test_fit_base_writes_checkpoints_and_base_miou(root, tmp_path):
 
 def _stage1_checkpoint(tmp_path, cfg, num_classes=16, fold=0):
     model = create_model("bam_base", backbone=TinyBackbone(), regime="full", num_classes=num_classes)
-    d = describe(model, cfg)
+    d = describe(model, resolve_run(cfg))
     d["fold"] = fold
     path = tmp_path / f"fold{fold}" / "best.pt"
     ckpt.save_atomic({"model": model.state_dict(), "describe": d, "config": {"data": {"convention": "interleaved"}},
@@ -152,13 +152,13 @@ def test_stage2_refuses_missing_or_incompatible_stage1_checkpoint(root, tmp_path
     with pytest.raises(ckpt.CheckpointMismatch, match=msg):
         load_base_learner_state(cfg)
     with pytest.raises(ckpt.CheckpointMismatch, match="checkpoint has 11"):
-        preflight(cfg)  # the fail-fast check (lazy read) finds the same
+        preflight(resolve_run(cfg))  # the fail-fast check (lazy read) finds the same
     cfg.fold = 2
     with pytest.raises(FileNotFoundError, match=r"fold2/best.pt does not exist.*bam_base_<backbone>.yaml fold=2"):
         load_base_learner_state(cfg)
     stage1 = ckpt.load(tmp_path / "fold0" / "best.pt")
     cfg.fold, cfg.model.backbone = 3, "resnet50_deep"
-    diffs = stage1_differences(stage1, run_facts(cfg))
+    diffs = stage1_differences(stage1, resolve_run(cfg).facts)
     assert any(d.startswith("fold: checkpoint has 0, this run needs 3") for d in diffs)
     assert any(d.startswith("backbone: checkpoint has 'tiny'") for d in diffs)
 
@@ -171,7 +171,7 @@ def test_fit_base_killed_and_resumed_ends_with_the_same_weights(root, tmp_path):
         model = create_model("bam_base", backbone=TinyBackbone(), regime="full", hidden=16, **model_kwargs(cfg))
         train = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="train", train_crop=48)
         state = ckpt.load(tmp_path / resume / "last.pt") if resume else None
-        res = fit_base(cfg, model, train, run_dir=tmp_path / (resume or name), describe=describe(model, cfg),
+        res = fit_base(cfg, model, train, run_dir=tmp_path / (resume or name), describe=describe(model, resolve_run(cfg)),
                        resume_state=state)
         return res, model
 
@@ -190,4 +190,4 @@ def test_fit_base_refuses_one_image_per_batch_when_bn_trains(root, tmp_path):
     model = create_model("bam_base", backbone=TinyBackbone(), regime="full", hidden=16, **model_kwargs(cfg))
     train = build_semantic_dataset(root=root, benchmark="synthetic", fold=0, split="train", train_crop=48)
     with pytest.raises(ValueError, match="needs >= 2 images per process"):
-        fit_base(cfg, model, train, run_dir=tmp_path / "one", describe=describe(model, cfg))
+        fit_base(cfg, model, train, run_dir=tmp_path / "one", describe=describe(model, resolve_run(cfg)))

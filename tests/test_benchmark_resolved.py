@@ -13,9 +13,10 @@ from svfseg.data.check import check_dataset
 from svfseg.data.generalized import build_generalized
 from svfseg.data.meta import META_FILE, load_dataset_meta, write_dataset_meta
 from svfseg.data.splits import class_names, class_split, num_classes, num_folds
-from svfseg.engine.data import benchmark_of, resolve_benchmark
 from svfseg.engine.distributed import DistInfo
 from svfseg.engine.model import build_model, describe
+from svfseg.engine.resolved import ResolvedRun, resolve_benchmark, resolve_run
+from svfseg.engine.runfolder import RunFolder
 from svfseg.engine import tasks
 from test_custom_dataset import _tiny, custom_root  # noqa: F401 - custom_root: the module fixture
 
@@ -82,14 +83,14 @@ def _cfg(root, out, *extra):
     return load_config(args[1], args[2:])
 
 
-def _trip(cfg, run_dir: Path, bench=None):
+def _trip(run, run_dir: Path):
     """Train set, validation set, model description and test scores of one run, as the engine makes them."""
     task, info = tasks.FewShotTask(), DistInfo()
-    train = task.train_data(cfg, bench)
-    val = task.eval_set(cfg, run_dir, info, bench)
-    model = build_model(cfg, pretrained=False)
-    desc = describe(model, cfg, bench)
-    scores = task.score("trip.pt", model, cfg, {}, tasks.TestOptions(), run_dir / "test", info, bench)
+    train = task.train_data(run)
+    val = task.eval_set(run, RunFolder(run_dir), info)
+    model = build_model(run, pretrained=False)
+    desc = describe(model, run)
+    scores = task.score("trip.pt", model, run, {}, tasks.TestOptions(), run_dir / "test", info)
     return train, val, desc, scores
 
 
@@ -97,8 +98,7 @@ def test_one_trip_reads_a_custom_root_once(custom_root, tmp_path, yaml_reads):
     cfg = _cfg(custom_root, tmp_path)
     run_dir = tmp_path / "resolved"
     run_dir.mkdir()
-    bench = resolve_benchmark(cfg)
-    train, val, desc, scores = _trip(cfg, run_dir, bench)
+    train, val, desc, scores = _trip(resolve_run(cfg), run_dir)
     # Before the benchmark was resolved once, this trip read dataset.yaml 16 times (train set 2,
     # validation set 6, describe 1, scoring 7): every layer re-derived the class split.
     assert yaml_reads == [custom_root / META_FILE]
@@ -106,12 +106,13 @@ def test_one_trip_reads_a_custom_root_once(custom_root, tmp_path, yaml_reads):
     assert desc["num_benchmark_classes"] == 4 and scores["num_folds"] == 4
     assert scores["novel_classes"] == [1] and scores["class_names"] == {"1": "cat"}
 
-    # Without a resolved benchmark each entry point resolves its own, once, and makes the same data.
+    # Resolved again (another command), the run reads it once more and makes the same data. (When each
+    # entry point could still resolve its own benchmark, this trip read it 4 times: one each.)
     yaml_reads.clear()
     again_dir = tmp_path / "unresolved"
     again_dir.mkdir()
-    train2, val2, desc2, scores2 = _trip(cfg, again_dir)
-    assert len(yaml_reads) == 4  # train_data, eval_set, describe, score: one each
+    train2, val2, desc2, scores2 = _trip(resolve_run(cfg), again_dir)
+    assert len(yaml_reads) == 1
     assert len(train2) == len(train) and desc2 == desc
     assert val2.dataset.episodes.fingerprint == val.dataset.episodes.fingerprint
     assert [r["episode_fingerprint"] for r in scores2["runs"]] == [r["episode_fingerprint"] for r in scores["runs"]]
@@ -130,19 +131,19 @@ def test_keyword_and_object_forms_make_the_same_episodes(custom_root, yaml_reads
 
 def test_a_benchmark_of_another_config_is_refused(custom_root, tmp_path):
     cfg = _cfg(custom_root, tmp_path)
-    assert benchmark_of(cfg, None) == resolve_benchmark(cfg)
+    assert resolve_run(cfg).bench == resolve_benchmark(cfg)
     other = Benchmark.resolve("pascal", custom_root)
     with pytest.raises(ValueError, match="resolved for another config: expected data.benchmark=custom"):
-        tasks.FewShotTask().train_data(cfg, other)
+        ResolvedRun.of(cfg, other)
 
 
 def test_semantic_generalized_and_check_read_it_once(custom_root, tmp_path, yaml_reads):
     cfg = _cfg(custom_root, tmp_path)
-    bench = resolve_benchmark(cfg)
+    run = resolve_run(cfg)
     semantic = tasks.SemanticTask()
-    train = semantic.train_data(cfg, bench)
-    val = semantic.eval_set(cfg, tmp_path, DistInfo(), bench)
-    generalized = build_generalized(bench, fold=0, shot=1, test_size=48)
+    train = semantic.train_data(run)
+    val = semantic.eval_set(run, RunFolder(tmp_path), DistInfo())
+    generalized = build_generalized(run.bench, fold=0, shot=1, test_size=48)
     # Before: 1 per semantic set and 3 for the generalized episodes (split, episodes, small-object rule).
     assert yaml_reads == [custom_root / META_FILE]
     assert train.base_classes == val.dataset.base_classes == generalized.base_classes == (2, 3, 4)

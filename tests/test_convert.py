@@ -14,6 +14,7 @@ from svfseg.convert import FORMATS, Manifest, convert_checkpoint
 from svfseg.convert.converter import target_config
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.model import MERGED_FORMAT, build_model
+from svfseg.engine.resolved import resolve_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
 
@@ -37,7 +38,7 @@ def targets():
         if name not in cache:
             fmt, backbone, shot = CASES[name]
             head = {"kshot_dim": 2} if fmt == "bam" and shot > 1 else {}
-            cache[name] = build_model(target_config(fmt, backbone, "pascal", 0, shot, head), pretrained=False)
+            cache[name] = build_model(resolve_run(target_config(fmt, backbone, "pascal", 0, shot, head)), pretrained=False)
         return cache[name]
 
     return get

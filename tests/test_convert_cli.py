@@ -11,6 +11,7 @@ from svfseg.cli import main
 from svfseg.config import load_config
 from svfseg.convert import FORMATS, Manifest
 from svfseg.engine.model import build_model
+from svfseg.engine.resolved import resolve_run
 from svfseg.svf import merge_svf, svf_layers
 from test_data_episodes import MIN_PX, make_root
 
@@ -66,7 +67,7 @@ def test_init_from_puts_the_converted_weights_under_svf(converted, tmp_path):
             f"output_dir={tmp_path}", "train.epochs=1", "train.steps_per_epoch=1", "train.batch_size=1",
             "data.train_crop=64", "train.val_every=0", "train.select_on=last", "train.tensorboard=false"]
     # the recipe's backbone file (pretrained/resnet50_v2.pth) is not needed: init_from gives every weight
-    model = build_model(load_config(RECIPE, over))
+    model = build_model(resolve_run(load_config(RECIPE, over)))
     assert any(True for _ in svf_layers(model.backbone))
     head = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     key = FORMATS["pfenet"].upstream_key
@@ -84,7 +85,7 @@ def test_init_from_refuses_another_fold_and_an_svf_checkpoint(converted, tmp_pat
     root, conv, _ = converted
     base = [f"data.root={root}", *SMALL, f"model.init_from={conv}"]
     with pytest.raises(ValueError, match=r"model.init_from=.*fold: checkpoint has 0, this run expects 1"):
-        build_model(load_config(RECIPE, [*base, "fold=1", "model.regime=frozen"]))
+        build_model(resolve_run(load_config(RECIPE, [*base, "fold=1", "model.regime=frozen"])))
     with pytest.raises(ValueError, match="'model.init_head' and 'model.init_from' are both set"):
         load_config(RECIPE, [*base, f"model.init_head={conv}"])
     # a run's SVF checkpoint holds U, S, Vh, not the plain weights: merged first, it is a model file
@@ -93,7 +94,7 @@ def test_init_from_refuses_another_fold_and_an_svf_checkpoint(converted, tmp_pat
     svf_file = tmp_path / "svf_best.pt"
     torch.save(blob, svf_file)
     with pytest.raises(ValueError, match="model.regime=svf one .*svfseg merge --checkpoint"):
-        build_model(load_config(RECIPE, [*base, f"model.init_from={svf_file}"]))
+        build_model(resolve_run(load_config(RECIPE, [*base, f"model.init_from={svf_file}"])))
 
 
 def test_init_from_a_converted_bam_needs_no_stage1_checkpoint(tmp_path):
@@ -105,7 +106,7 @@ def test_init_from_a_converted_bam_needs_no_stage1_checkpoint(tmp_path):
     assert main(["convert", "--from", "bam", str(src), "--out", str(conv)]) == 0
     recipe = RECIPE.parent / "bam_resnet50.yaml"
     cfg = load_config(recipe, [f"model.init_from={conv}", "model.regime=svf", f"output_dir={tmp_path / 'none'}"])
-    model = build_model(cfg)
+    model = build_model(resolve_run(cfg))
     key = FORMATS["bam"].upstream_key
     base = {k: v for k, v in model.state_dict().items() if k.startswith("base_learner.")}
     assert base and all(torch.equal(v, up[key(k)]) for k, v in base.items())

@@ -232,7 +232,7 @@ def test_check_reports_every_problem(tmp_path):
     text = "\n".join(problems)
     expected = [
         "missing.jpg: expected an image, found no file",
-        "trunc.jpg: expected a decodable image",
+        "trunc.jpg: expected a complete image, found a truncated JPEG",
         "small.png: expected the size of its image small.jpg 64x40, found 64x48 (width x height)",
         "range.png: expected class ids 0..20 or 255, found [30]",
         "rgb.png: expected a single-channel class-id PNG (mode L or P), found mode RGB",

@@ -60,6 +60,10 @@ RULES = (
     Rule("convert/ imports no other entry point", ("svfseg.convert",),
          never=tuple(e for e in ENTRY_POINTS if e != "svfseg.convert")),
     Rule("engine/ imports nothing above it (the entry points)", ("svfseg.engine",), never=ENTRY_POINTS),
+    Rule("engine/runfolder.py imports engine/runlock.py only, which imports nothing of svfseg (anyone may ask them)",
+         ("svfseg.engine.runfolder", "svfseg.engine.runlock"), only=("svfseg.engine.runlock",)),
+    Rule("engine/resolved.py imports config/, data/ and models/ only (every engine module may take a ResolvedRun)",
+         ("svfseg.engine.resolved",), only=("svfseg.config", "svfseg.data", "svfseg.models")),
 )
 
 

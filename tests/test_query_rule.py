@@ -113,12 +113,13 @@ def test_hand_built_label_small_class_is_asked_about(tmp_path):
 def test_config_key_reaches_the_episodes(tmp_path):
     from svfseg.config import ConfigError, load_config
     from svfseg.engine.data import eval_dataset
+    from svfseg.engine.resolved import resolve_run
 
     root = _hand_built_root(tmp_path)
     base = [f"data.root={root}", "data.benchmark=pascal"]
     assert load_config(None, base).data.query_rule == "any"
-    assert eval_dataset(load_config(None, base), count=20).episodes.query_rule == "any"
-    ds = eval_dataset(load_config(None, base + ["data.query_rule=min_pixels"]), count=20)
+    assert eval_dataset(resolve_run(load_config(None, base)), count=20).episodes.query_rule == "any"
+    ds = eval_dataset(resolve_run(load_config(None, base + ["data.query_rule=min_pixels"])), count=20)
     assert ds.episodes.query_rule == "min_pixels" and ds.pool.query_rule == "min_pixels"
     with pytest.raises(ConfigError, match="'data.query_rule' must be one of"):
         load_config(None, ["data.query_rule=all"])

@@ -80,6 +80,7 @@ def test_config_and_description():
     floored = create_model("baseline", backbone="efficientnet_lite0", regime="svf",
                            svf_policy=SVFPolicy(rank_multiple=4))
     from svfseg.engine.model import describe
+    from svfseg.engine.resolved import resolve_run
 
-    assert "rank_multiple" not in describe(exact, load_config(None, ["model.regime=svf"]))["svf_policy"]
-    assert describe(floored, cfg)["svf_policy"]["rank_multiple"] == 4
+    assert "rank_multiple" not in describe(exact, resolve_run(load_config(None, ["model.regime=svf"])))["svf_policy"]
+    assert describe(floored, resolve_run(cfg))["svf_policy"]["rank_multiple"] == 4

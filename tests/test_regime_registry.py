@@ -59,7 +59,7 @@ def test_report_labels_full_fine_tuning_rows():
 
 
 def test_no_module_outside_the_registry_compares_regime_names():
-    pattern = re.compile(r'regime *==|regime in|== *"svf"|== *"lora"')
+    pattern = re.compile(r'regime *==|regime in|== *"svf"|== *"lora"|regime *!= *"|[!=]= *"(frozen|full)"')
     hits = [f"{p.relative_to(SRC)}:{i}" for p in sorted(SRC.rglob("*.py"))
             for i, line in enumerate(p.read_text().splitlines(), 1)
             if pattern.search(line) and str(p.relative_to(SRC)) not in REGISTRY_MODULES]

@@ -139,11 +139,12 @@ def test_a_regime_with_nothing_to_train_is_refused_with_the_reason():
 def test_config_regimes_build_through_the_engine():
     from svfseg.config import load_config
     from svfseg.engine.model import build_model
+    from svfseg.engine.resolved import resolve_run
 
     for regime in ("bitfit", "lora"):
         cfg = load_config(None, ["model.name=pfenet", "model.backbone=efficientnet_lite0", f"model.regime={regime}",
                                  "lora.r=2", "svf.stages=[layer4]"])
-        model = build_model(cfg, pretrained=False)
+        model = build_model(resolve_run(cfg), pretrained=False)
         assert model.regime == regime and model.svf_policy.stages == ("layer4",)
         trained = {n.split(".")[0] for n, p in model.backbone.named_parameters() if p.requires_grad}
         assert trained == {"layer4"}
@@ -152,7 +153,8 @@ def test_config_regimes_build_through_the_engine():
 def test_footprint_movement_is_relative_per_stage_and_the_adapter_holds_only_what_trained(tmp_path):
     from safetensors.torch import load_file
 
-    from svfseg.engine.footprint import ADAPTER_FILE, Footprint
+    from svfseg.engine.footprint import Footprint
+    from svfseg.engine.runfolder import RunFolder
     from svfseg.svf import singular_value_parameters
 
     model = _build("svf")
@@ -167,7 +169,7 @@ def test_footprint_movement_is_relative_per_stage_and_the_adapter_holds_only_wha
                                                    if n.startswith("layer3")), rel=1e-4)
     assert move["layer2"]["max"] == 0 and move["layer4"]["max"] == 0
     out = fp.summary(tmp_path)
-    saved = load_file(str(tmp_path / ADAPTER_FILE))
+    saved = load_file(str(RunFolder(tmp_path).trained_backbone))
     assert set(saved) == {n for n, _ in singular_value_parameters(model.backbone)}
     assert out["trainable"]["backbone"] == sum(t.numel() for t in saved.values())
     # a full fine-tune writes no second copy of the backbone, but reports its size

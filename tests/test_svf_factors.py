@@ -78,10 +78,11 @@ def test_policy_train_is_a_subset_of_u_s_v_in_canonical_order():
 def test_policy_trains_the_named_factors_of_the_named_stages_and_old_descriptions_still_fit():
     from svfseg.config import load_config
     from svfseg.engine.model import build_model, describe
+    from svfseg.engine.resolved import resolve_run
 
     def model(*over):
         cfg = load_config(None, ["model.backbone=resnet50", "model.name=pfenet", "data.benchmark=pascal", *over])
-        return build_model(cfg, pretrained=False), cfg
+        return build_model(resolve_run(cfg), pretrained=False), cfg
 
     m, cfg = model("svf.stages=[layer4]", "svf.train=[S,V]")
     groups = {g["name"]: sum(p.numel() for p in g["params"]) for g in m.parameter_groups()}
@@ -91,6 +92,6 @@ def test_policy_trains_the_named_factors_of_the_named_stages_and_old_description
     s_count = (512 + 512 + 512 + 1024) + 2 * (512 + 512 + 512)
     v_count = (512 * 1024 + 512 * 4608 + 512 * 512 + 1024 * 1024) + 2 * (512 * 2048 + 512 * 4608 + 512 * 512)
     assert s_count == 5632 and groups["svf"] == s_count + v_count and "backbone" not in groups
-    assert describe(m, cfg)["svf_policy"]["train"] == ["S", "V"]
+    assert describe(m, resolve_run(cfg))["svf_policy"]["train"] == ["S", "V"]
     plain, cfg0 = model("svf.stages=[layer4]")
-    assert "train" not in describe(plain, cfg0)["svf_policy"]  # descriptions before svf.train meant [S]
+    assert "train" not in describe(plain, resolve_run(cfg0))["svf_policy"]  # descriptions before svf.train meant [S]

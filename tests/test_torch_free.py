@@ -18,6 +18,8 @@ RULES = [
     ("regimes.py", ("torch",), "the regime specs are torch-free data at the bottom"),
     ("policies.py", ("torch",), "the svf:/lora: settings are torch-free data at the bottom"),
     ("config", ("torch",), "the config is torch-free"),
+    ("engine/runfolder.py", ("torch", "numpy"), "a run folder's names and status are stdlib work"),
+    ("engine/runlock.py", ("torch", "numpy"), "the run lock is stdlib only (a lock holder starts in milliseconds)"),
 ]
 
 

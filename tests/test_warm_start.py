@@ -26,6 +26,7 @@ def test_compare_warm_start_starts_every_cell_from_one_trained_head(data_root, t
     from svfseg.compare import ComparePlan, cell_config
     from svfseg.engine import checkpoint as ckpt
     from svfseg.engine.model import build_model
+    from svfseg.engine.resolved import resolve_run
     from svfseg.engine.warmstart import head_state
 
     out = tmp_path / "cmp"
@@ -42,14 +43,14 @@ def test_compare_warm_start_starts_every_cell_from_one_trained_head(data_root, t
     for regime in ("frozen", "svf"):
         cfg = cell_config(plan, 0, 1, regime, 0, None)
         assert cfg.model.init_head == str(warm_ckpt)
-        model = build_model(cfg)
+        model = build_model(resolve_run(cfg))
         mine = head_state(model.state_dict())
         assert mine.keys() == head_state(warm["model"]).keys()
         for k, v in head_state(warm["model"]).items():
             assert torch.equal(mine[k], v), k
     fresh_cfg = cell_config(plan, 0, 1, "frozen", 0, None)
     fresh_cfg.model.init_head = None
-    fresh = head_state(build_model(fresh_cfg).state_dict())
+    fresh = head_state(build_model(resolve_run(fresh_cfg)).state_dict())
     assert any(not torch.equal(fresh[k], v) for k, v in head_state(warm["model"]).items())
 
 
@@ -69,20 +70,21 @@ def test_init_head_refuses_a_missing_or_foreign_file_in_one_line(data_root, tmp_
 
 
 def test_a_cell_is_redone_when_the_warm_start_it_started_from_was_made_otherwise(tmp_path):
-    from svfseg.compare.cells import CELL_RECORD, _check_cell_settings, _write_cell_record, cell_settings
+    from svfseg.compare.cells import _check_cell_settings, _write_cell_record, cell_settings
+    from svfseg.engine.runfolder import RunFolder
     from svfseg.compare.cells import CellSettingsChanged
     from svfseg.config import ExperimentConfig
 
     warm = tmp_path / "warm_start"
     warm.mkdir()
-    (warm / CELL_RECORD).write_text(json.dumps({"config": {"train.steps_per_epoch": 200}}))
+    RunFolder(warm).cell_record.write_text(json.dumps({"config": {"train.steps_per_epoch": 200}}))
     cfg = ExperimentConfig()
     cfg.output_dir, cfg.name, cfg.model.init_head = str(tmp_path), "svf_seed0", str(warm / "best.pt")
     cfg.run_dir().mkdir(parents=True)
     _write_cell_record(cfg.run_dir(), cell_settings(cfg, None))
     assert _check_cell_settings(cfg, None, force=False) is None  # same head: the cell is reused
     # `compare --force --warm-start 300` retrained the shared head: same path, another head
-    (warm / CELL_RECORD).write_text(json.dumps({"config": {"train.steps_per_epoch": 300}}))
+    RunFolder(warm).cell_record.write_text(json.dumps({"config": {"train.steps_per_epoch": 300}}))
     with pytest.raises(CellSettingsChanged, match=r"the shared warm start \(--warm-start\) it started from"):
         _check_cell_settings(cfg, None, force=False)
     assert _check_cell_settings(cfg, None, force=True) == "retrain"

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -166,6 +167,7 @@ def _apply_threads(args, cfg=None) -> None:
 def cmd_train(args) -> int:
     from svfseg.config import load_config
     from svfseg.engine.run import train_run
+    from svfseg.engine.runfolder import RunFolder
     from svfseg.engine.state import resume_config
     from svfseg.results import pct
 
@@ -188,7 +190,7 @@ def cmd_train(args) -> int:
         best = f"best mIoU {pct(res.best['miou'])} at step {res.best['step']}" if res.best else "no validation"
         print(f"{res.status}: step {res.step}/{res.total_steps} in {res.seconds:.0f}s, {best}\n"
               f"run folder: {res.run_dir}\n"
-              + (f"next: svfseg test --checkpoint {res.run_dir / 'best.pt'}" if res.status == "finished"
+              + (f"next: svfseg test --checkpoint {RunFolder(res.run_dir).best}" if res.status == "finished"
                  else f"continue: svfseg train --resume {res.run_dir}"))
     return 0 if res.status == "finished" else 130
 
@@ -215,21 +217,23 @@ def adapt_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_test(args) -> int:
-    from svfseg.config import config_with_overrides, load_config
-    from svfseg.engine import checkpoint as ckpt
+    from svfseg.config import load_config
     from svfseg.engine.distributed import cleanup, init_distributed
+    from svfseg.engine.model import checkpoint_config
+    from svfseg.engine.runfolder import results_file, results_markdown
     from svfseg.engine.tasks import TestOptions
     from svfseg.engine.testing import score_with_task
 
     if args.protocol is not None and args.episodes is not None:
         raise UsageError("test: --protocol makes episodes from its seeds, --episodes reads a file of them; give one")
+    if args.save_vis < 0:
+        raise UsageError(f"test: --save-vis must be >= 0 (overlay PNGs to write), found {args.save_vis}")
     args.overrides = [*args.overrides, *adapt_overrides(args)]
     cfg = None
     if args.config is not None:
         cfg = load_config(args.config, args.overrides)
     elif args.overrides:
-        own = ckpt.read_checkpoint(args.checkpoint, ("config",), "an svfseg checkpoint", lazy=True)["config"]
-        cfg = config_with_overrides(own, args.overrides, str(args.checkpoint))  # its metadata only, not the weights
+        cfg = checkpoint_config(args.checkpoint, args.overrides)  # its metadata only, not the weights
     _apply_threads(args, cfg)
     options = TestOptions(protocol=args.protocol, episodes=args.episodes, save_vis=args.save_vis, out_dir=args.out,
                           tau=args.tau)
@@ -243,26 +247,30 @@ def cmd_test(args) -> int:
     if info.is_main:
         print(markdown)
         if out.get("out_dir"):
-            print(f"results: {out['out_dir']}/results.json, results.md")
+            print(f"results: {results_file(out['out_dir'])}, {results_markdown(out['out_dir'])}")
     return 0
 
 
 def cmd_episodes(args) -> int:
     from svfseg.config import load_config
-    from svfseg.engine.data import episode_summary, resolve_benchmark, write_episode_file
+    from svfseg.engine.data import episode_summary, write_episode_file
+    from svfseg.engine.resolved import resolve_run
 
-    if args.count < 1:
-        raise UsageError(f"episodes: --count must be >= 1, found {args.count}")
+    from svfseg.data.episodes import MAX_EPISODES
+
+    if not 1 <= args.count <= MAX_EPISODES:
+        raise UsageError(f"episodes: --count must be 1 .. {MAX_EPISODES:,} (50x the largest protocol's 20,000), "
+                         f"found {args.count:,}")
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"episodes: --out {args.out} exists (runs may have been scored on it); choose another "
                          f"file or pass --overwrite")
     cfg = load_config(args.config, args.overrides)
     _apply_threads(args, cfg)
-    bench = resolve_benchmark(cfg)
-    eps = write_episode_file(cfg, args.out, seed=args.seed, count=args.count, bench=bench)
+    run = resolve_run(cfg)
+    eps = write_episode_file(run, args.out, seed=args.seed, count=args.count)
     print(f"wrote {args.out}: {len(eps)} episodes, {eps.benchmark} fold {eps.fold} {eps.shot}-shot, "
           f"episode seed {eps.seed}, min_pixels {eps.min_pixels}, query rule {eps.query_rule}\n"
-          f"classes (episodes): {episode_summary(cfg, eps, bench)}\n"
+          f"classes (episodes): {episode_summary(run, eps)}\n"
           f"fingerprint {eps.fingerprint} (dataset {eps.dataset_fingerprint})\n"
           + (f"queries from the given list {eps.query_list}\n" if eps.query_list else "")
           + f"use: svfseg test --checkpoint RUN/best.pt --episodes {args.out}")
@@ -355,7 +363,9 @@ COMMANDS = {"train": cmd_train, "test": cmd_test, "predict": cmd_predict, "repor
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (errors print one line, no traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    _take_late_overrides(parser, args, extras)
     args.command_line = ["svfseg", *argv]  # what meta.json records, also when main() is called in-process
     _setup_logging(args.verbose)
     from svfseg.config import ConfigError
@@ -388,8 +398,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+#: A ``key=value`` config override as users type it (``fold=1``, ``optim.lr_mult.svf=10``).
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+def _take_late_overrides(parser: argparse.ArgumentParser, args, extras: Sequence[str]) -> None:
+    """Append to ``args.overrides`` the ``key=value`` items argparse left over; refuse anything else.
+
+    argparse fills a ``nargs="*"`` positional from one run of positionals only, so in
+    ``episodes --config C fold=1 --count 5 shot=5`` the ``shot=5`` after the option is left over.
+    The first run is always the earliest, so appending keeps the order typed (a later override wins).
+    """
+    late = [x for x in extras if _OVERRIDE.match(x)] if hasattr(args, "overrides") else []
+    rest = [x for x in extras if x not in late]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+
+
 def error_line(e: BaseException) -> str:
     """The message of an anticipated error; an OSError as ``<file>: <what went wrong>``."""
+    if isinstance(e, UnicodeEncodeError) and isinstance(e.object, str) and "surrogates" in e.reason:
+        # a file name the file system gave as bytes that are not UTF-8, met while writing text: name it
+        start = e.object.rfind("\n", 0, e.start) + 1
+        end = e.object.find("\n", e.start)
+        where = e.object[start:end if end >= 0 else len(e.object)][:200]
+        return (f"expected UTF-8 names, found one that is not UTF-8 in "
+                f"'{os.fsencode(where).decode('utf-8', 'backslashreplace')}'; rename that file or folder")
     if isinstance(e, OSError) and type(e).__str__ is OSError.__str__ and e.strerror:
         where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
         return f"{where}: {e.strerror}" if where else e.strerror

@@ -32,6 +32,8 @@ class RegimeSpec:
             when 0.1 had no such regime.
         paper_svf: which rows of the SVF paper's tables it compares with: False the methods as
             published (frozen backbone), True their "+ SVF" rows, None: the paper has no such rows.
+        folder: the word of a run's default folder name when it is not ``name`` (svfseg 0.1's, kept so
+            existing run paths still resolve).
     """
 
     name: str
@@ -46,6 +48,7 @@ class RegimeSpec:
     model_kwarg: str | None = None
     alias01: tuple[bool, str] | None = None
     paper_svf: bool | None = None
+    folder: str | None = None
 
 
 _SPECS = (
@@ -55,7 +58,7 @@ _SPECS = (
                staged=True, singular_values=True, mergeable=True, section="svf", alias01=(True, "frozen"),
                paper_svf=True),
     RegimeSpec("full", " (full fine-tune)", "every backbone parameter (BN statistics stay frozen)",
-               whole_backbone=True, alias01=(False, "train")),
+               whole_backbone=True, alias01=(False, "train"), folder="train"),
     RegimeSpec("bitfit", " (bitfit)", "the biases of svf.stages (the BN shift where a conv has none)", staged=True),
     RegimeSpec("bn", " (bn)", "the BN affine parameters of svf.stages", staged=True),
     RegimeSpec("last_stage", " (last_stage)", "everything of the last of svf.stages", staged=True),
@@ -67,6 +70,10 @@ _SPECS = (
 REGISTRY: dict[str, RegimeSpec] = {s.name: s for s in _SPECS}
 #: The ``model.regime`` values.
 REGIME_NAMES: tuple[str, ...] = tuple(REGISTRY)
+#: The regime of a merged export: the plain architecture, whose backbone has nothing left to train.
+PLAIN_REGIME: str = next(s.name for s in _SPECS if not s.backbone_grad)
+#: The regime that fine-tunes every backbone parameter (BAM's stage-1 base learner by default).
+WHOLE_BACKBONE_REGIME: str = next(s.name for s in _SPECS if s.whole_backbone)
 
 
 def regime_spec(name: str, *, where: str = "model.regime") -> RegimeSpec:
@@ -99,6 +106,21 @@ def regime_from_01(svf_enabled: bool, backbone_mode: str) -> str:
     if wanted:
         return wanted[0].name
     raise ValueError(f"model.backbone_mode: expected one of {legacy_modes()}, found {backbone_mode!r}")
+
+
+def regime_from_01_description(mode: str) -> str:
+    """The regime of an svfseg 0.1 model description's ``backbone_mode`` ("svf", or a config's backbone_mode);
+    an unknown value is kept as it is (the description check then names it)."""
+    try:
+        return regime_from_01(mode == "svf", mode)
+    except ValueError:
+        return mode
+
+
+def run_folder_word(name: str) -> str:
+    """The word of regime ``name`` in a run's default folder name (`RegimeSpec.folder`, else the name)."""
+    spec = REGISTRY.get(name)
+    return spec.folder if spec is not None and spec.folder else name
 
 
 def alias01_of(name: str) -> tuple[bool, str]:

@@ -20,10 +20,10 @@ from svfseg.compare.cli import add_compare_arguments, run_compare_cli
 from svfseg.compare.plan import WARM_START_SEED, ComparePlan, cell_config, check_plan_lists, lr_overrides, \
     warm_start_checkpoint, warm_start_config
 from svfseg.compare.render import compare_markdown, verdict_sentence
-from svfseg.compare.run import run_compare, run_warm_start, test_episode_file
+from svfseg.compare.run import compare_lock, run_compare, run_warm_start, test_episode_file
 from svfseg.compare.summary import summarize
 
 __all__ = ["CellInterrupted", "CellSettingsChanged", "ComparePlan", "WARM_START_SEED", "add_compare_arguments",
-           "cell_config", "cell_settings", "check_plan_lists", "compare_markdown", "lr_overrides", "run_cell",
+           "cell_config", "compare_lock", "cell_settings", "check_plan_lists", "compare_markdown", "lr_overrides", "run_cell",
            "run_compare", "run_compare_cli", "run_warm_start", "settings_differences", "summarize",
            "test_episode_file", "verdict_sentence", "warm_start_checkpoint", "warm_start_config"]

@@ -16,14 +16,11 @@ from typing import Optional
 
 from svfseg.compare.plan import ComparePlan, cell_config
 from svfseg.compare.statistics import PairedInterval, paired_bootstrap_miou, paired_t_interval
+from svfseg.engine.runfolder import RunFolder, results_file
 from svfseg.regimes import adapt_trains
 from svfseg.results import mean_std
 
 logger = logging.getLogger(__name__)
-
-#: Results folder of a cell scored with adaptation (``test_adapt-svf``): `svfseg test`'s own name for it.
-ADAPT_FOLDER = "test_adapt-{params}"
-
 
 def adapt_key(regime: str, params: str, fold: int, shot: int) -> str:
     return f"{regime}/{params}/fold{fold}/{shot}shot"
@@ -59,11 +56,12 @@ def score_adaptations(plan: ComparePlan, fold: int, shot: int, regime: str, seed
         if chosen is not None:  # a later seed: the first seed's choice, not a new look at validation
             extra += [f"adapt.steps={chosen['steps']}"] + ([f"adapt.lr={chosen['lr']}"] if chosen["lr"] else [])
         cfg = cell_config(plan, fold, shot, regime, seed, mult, extra)
-        out_dir = Path(cell["run_dir"]) / ADAPT_FOLDER.format(params=params)
-        res = reusable_results(out_dir / "results.json", cfg, episodes)
+        folder = RunFolder(cell["run_dir"])
+        out_dir = folder.adapt_test_dir(params)  # `svfseg test`'s results, in the cell's own folder
+        res = reusable_results(results_file(out_dir), cfg, episodes)
         if res is None:
             logger.info("compare: %s seed %d: adapting on each episode's supports (%s)", key, seed, params)
-            res, _ = score_with_task(Path(cell["run_dir"]) / "best.pt", cfg,
+            res, _ = score_with_task(folder.best, cfg,
                                      options=TestOptions(episodes=episodes, out_dir=out_dir, per_episode=True))
         record = res["adapt"]["chosen"]
         if chosen is None:
@@ -73,7 +71,7 @@ def score_adaptations(plan: ComparePlan, fold: int, shot: int, regime: str, seed
         out.append({"regime": regime, "adapt": params, "seed": seed, "fold": fold, "shot": shot,
                     "miou": run["miou"], "fb_iou": run["fb_iou"], "seconds_per_episode": run.get("seconds_per_episode"),
                     "steps": record["steps"], "lr": record["lr"], "trainable": res["adapt"].get("trainable"),
-                    "results": str(out_dir / "results.json"), "plain_results": cell.get("results")})
+                    "results": str(results_file(out_dir)), "plain_results": cell.get("results")})
     return out
 
 

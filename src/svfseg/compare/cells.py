@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from svfseg.config.schema import flat_keys
+from svfseg.engine.runfolder import DIVERGED, FINISHED, SCORED, RunFolder, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,6 @@ _QUIET_KEYS = ("resume", "threads", "device", "train.progress", "train.stop_afte
                "train.log_every", "data.workers")
 #: Config sections that do not change what a cell trains or its plain test score (adaptation is scored apart).
 _QUIET_SECTIONS = ("adapt.",)
-CELL_RECORD = "compare_cell.json"
 
 
 def _quiet(key: str) -> bool:
@@ -37,24 +37,24 @@ def cell_settings(cfg, episodes: Optional[Path]) -> dict:
     flat = {k: v for k, v in flat_keys(to_dict(cfg)).items() if not _quiet(k)}
     out = {"config": json.loads(json.dumps(flat))}  # tuples as lists, as they read back
     init_head = getattr(cfg.model, "init_head", None)
-    if init_head and (Path(init_head).parent / CELL_RECORD).exists():
+    head_record = RunFolder(Path(init_head).parent).cell_record if init_head else None
+    if head_record is not None and head_record.exists():
         # a cell started from a shared warm start is another cell when that head was made otherwise
-        out["init_head"] = json.loads((Path(init_head).parent / CELL_RECORD).read_text()).get("config")
+        out["init_head"] = json.loads(head_record.read_text()).get("config")
     if episodes is not None:
         blob = json.loads(Path(episodes).read_text())
         out["test_episodes"] = {"fingerprint": blob.get("fingerprint"), "count": len(blob.get("episodes", []))}
     return out
 
 
-def _recorded_settings(run_dir: Path) -> Optional[dict]:
+def _recorded_settings(folder: RunFolder) -> Optional[dict]:
     """The settings a cell folder records (``compare_cell.json``; else its ``config.yaml``), None when new."""
     import yaml
 
-    record = run_dir / CELL_RECORD
-    if record.exists():
-        return json.loads(record.read_text())
-    if (run_dir / "config.yaml").exists():  # a cell made before the record, or one still training
-        flat = flat_keys(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    if folder.cell_record.exists():
+        return json.loads(folder.cell_record.read_text())
+    if folder.config.exists():  # a cell made before the record, or one still training
+        flat = flat_keys(yaml.safe_load(folder.config.read_text()) or {})
         return {"config": json.loads(json.dumps({k: v for k, v in flat.items() if not _quiet(k)}))}
     return None
 
@@ -95,7 +95,7 @@ def _check_cell_settings(cfg, episodes: Optional[Path], force: bool) -> Optional
     """What ``force`` must redo in a cell made with other settings: "retrain", "rescore" (only the test
     episodes differ) or None; without ``force`` any difference is refused."""
     run_dir = cfg.run_dir()
-    have = _recorded_settings(run_dir)
+    have = _recorded_settings(RunFolder(run_dir))
     if have is None:
         return None
     want = cell_settings(cfg, episodes)
@@ -114,14 +114,13 @@ def _check_cell_settings(cfg, episodes: Optional[Path], force: bool) -> Optional
     return redo
 
 
-def _write_cell_record(run_dir: Path, settings: dict) -> None:
+def _write_cell_record(run_dir: Path | RunFolder, settings: dict) -> None:
     """``compare_cell.json``: the settings of a finished (and scored) cell, for the next rerun's check."""
-    old = json.loads((run_dir / CELL_RECORD).read_text()) if (run_dir / CELL_RECORD).exists() else {}
+    folder = RunFolder(run_dir)
+    old = json.loads(folder.cell_record.read_text()) if folder.cell_record.exists() else {}
     if "test_episodes" not in settings and "test_episodes" in old:
         settings = {**settings, "test_episodes": old["test_episodes"]}  # a sweep trial chosen later keeps it
-    tmp = run_dir / f".{CELL_RECORD}.tmp"
-    tmp.write_text(json.dumps(settings, indent=1))
-    tmp.replace(run_dir / CELL_RECORD)
+    write_json_atomic(folder.cell_record, settings)
 
 
 class CellInterrupted(RuntimeError):
@@ -131,56 +130,58 @@ class CellInterrupted(RuntimeError):
 def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
     """Train (or skip / resume) one cell and score it on ``episodes``; its record for ``compare.json``.
 
-    A finished cell (``train_summary.json`` says finished) is not retrained, and not rescored
-    when ``test/results.json`` exists; a cell with a ``last.pt`` but no finished summary is
-    resumed. ``episodes`` None: train only (a sweep trial that was not chosen is never tested).
-    A cell folder made with other settings (config keys, test episodes; ``compare_cell.json``)
-    is refused with the differing keys, or with ``force`` cleared and retrained.
+    The cell's folder is locked first, before anything in it is read to decide or cleared. A
+    finished cell (``train_summary.json`` says finished) is not retrained, and not rescored when
+    ``test/results.json`` exists; a resumable cell (a ``last.pt``, no finished summary) is resumed.
+    ``episodes`` None: train only (a sweep trial that was not chosen is never tested). A cell
+    folder made with other settings (config keys, test episodes; ``compare_cell.json``) is refused
+    with the differing keys, or with ``force`` cleared and retrained.
     """
+    folder = RunFolder(cfg.run_dir())
+    if force and cfg.train.val_episodes_file:
+        _check_episode_count(Path(cfg.train.val_episodes_file), cfg.train.val_episodes, "--val-episodes", True)
+    with folder.lock("svfseg compare (cell)") as lock:
+        return _run_locked_cell(cfg, folder, lock, episodes, force)
+
+
+def _run_locked_cell(cfg, folder: RunFolder, lock, episodes: Optional[Path], force: bool) -> dict:
     from svfseg.engine.checkpoint import NonFiniteWeights
     from svfseg.engine.loop import NonFiniteLoss
     from svfseg.engine.run import train_run
-    from svfseg.engine.runfiles import clear_run
+    from svfseg.engine.state import resume_if_resumable
     from svfseg.engine.tasks import TestOptions
     from svfseg.engine.testing import score_with_task
 
-    run_dir = cfg.run_dir()
-    if force and cfg.train.val_episodes_file:
-        _check_episode_count(Path(cfg.train.val_episodes_file), cfg.train.val_episodes, "--val-episodes", True)
+    run_dir = str(folder.path)
     redo = _check_cell_settings(cfg, episodes, force)
     if redo == "retrain":
-        clear_run(run_dir)
+        folder.clear()
     elif redo == "rescore":
-        shutil.rmtree(run_dir / "test", ignore_errors=True)
-    summary_path, results_path = run_dir / "train_summary.json", run_dir / "test" / "results.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    done = summary is not None and summary.get("status") == "finished"
-    diverged = run_dir / "diverged.txt"
-    if diverged.exists():
-        return {"run_dir": str(run_dir), "status": "diverged"}
-    if not done:
-        if (run_dir / "last.pt").exists():
-            cfg.resume = True
-            logger.info("compare: resuming %s", run_dir)
+        shutil.rmtree(folder.test_dir(), ignore_errors=True)
+    status = folder.status()
+    if status == DIVERGED:
+        return {"run_dir": run_dir, "status": "diverged"}
+    if status not in (FINISHED, SCORED):
+        resume_if_resumable(cfg, folder)
         try:
             # without a last.pt, whatever the cell folder holds is from an attempt that never
             # checkpointed: start it afresh
-            result = train_run(cfg, argv=["svfseg", "compare"], overwrite=not cfg.resume)
+            result = train_run(cfg, argv=["svfseg", "compare"], overwrite=not cfg.resume, lock=lock)
         except (NonFiniteLoss, NonFiniteWeights) as e:
             # A diverged cell (e.g. the largest lr of a sweep: a NaN loss, or inf weights that a
             # finite loss did not show yet) is a result, not a crash; the marker keeps a rerun from
             # training it again.
             logger.warning("compare: %s diverged: %s", run_dir, e)
-            diverged.write_text(f"{e}\n")
-            return {"run_dir": str(run_dir), "status": "diverged"}
-        summary = json.loads(summary_path.read_text())
+            folder.mark_diverged(str(e))
+            return {"run_dir": run_dir, "status": "diverged"}
         if result.status != "finished":
             if cfg.train.stop_after_steps is None:  # a signal, not the planned stop of a test
                 raise CellInterrupted(f"{run_dir} stopped at step {result.step}; rerun the same command to resume")
-            return {"run_dir": str(run_dir), "status": result.status}
+            return {"run_dir": run_dir, "status": result.status}
+    summary = folder.read_summary() or {}
     fp = summary.get("footprint") or {}
     steps = max(summary.get("step") or 0, 1)
-    rec = {"run_dir": str(run_dir), "status": "finished",
+    rec = {"run_dir": run_dir, "status": "finished",
            "val_miou": (summary.get("best") or {}).get("miou"), "train_seconds": summary.get("seconds"),
            "seconds_per_step": (summary.get("seconds") or 0) / steps,
            "trainable": fp.get("trainable"), "adapter_bytes": (fp.get("adapter") or {}).get("bytes"),
@@ -188,16 +189,17 @@ def run_cell(cfg, episodes: Optional[Path], force: bool = False) -> dict:
            "movement_max_stage_mean": fp.get("movement_max_stage_mean"),
            "gradient_scale_step1": fp.get("gradient_scale_step1")}
     if episodes is None:
-        _write_cell_record(run_dir, cell_settings(cfg, None))
+        _write_cell_record(folder, cell_settings(cfg, None))
         return rec
-    if not results_path.exists() or not done or "per_episode" not in json.loads(results_path.read_text())["runs"][0]:
+    results_path = folder.results()
+    if status != SCORED or "per_episode" not in json.loads(results_path.read_text())["runs"][0]:
         # the same entry as `svfseg test`: the task the model's recipe scores it with; each episode's counts are
         # kept for the paired bootstraps of the adaptation rows (results from before them are scored again)
-        score_with_task(run_dir / "best.pt", cfg, options=TestOptions(episodes=episodes, out_dir=run_dir / "test",
-                                                                      per_episode=True))
+        score_with_task(folder.best, cfg, options=TestOptions(episodes=episodes, out_dir=folder.test_dir(),
+                                                              per_episode=True))
     run = json.loads(results_path.read_text())["runs"][0]
     rec.update(miou=run["miou"], fb_iou=run["fb_iou"], episodes=run["episodes"],
                episode_fingerprint=run["episode_fingerprint"], test_seconds=run["seconds"],
                results=str(results_path))
-    _write_cell_record(run_dir, cell_settings(cfg, episodes))
+    _write_cell_record(folder, cell_settings(cfg, episodes))
     return rec

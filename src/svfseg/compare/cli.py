@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from svfseg.compare.plan import ComparePlan
+from svfseg.compare.plan import ComparePlan, trains_backbone
 from svfseg.compare.render import compare_markdown
-from svfseg.compare.run import _trains_backbone, run_compare
+from svfseg.compare.run import run_compare
 from svfseg.compare.variants import expand_arms
 from svfseg.regimes import NO_ADAPTATION
 
@@ -63,7 +63,7 @@ def run_compare_cli(args: argparse.Namespace) -> int:
             lists[name] = [int(x) for x in items]
         except ValueError:
             raise ValueError(f"--{name}: expected integers, got {items}") from None
-    arms = expand_arms([r for r in args.regimes.split(",") if r], args.reference, args.vary, _trains_backbone)
+    arms = expand_arms([r for r in args.regimes.split(",") if r], args.reference, args.vary, trains_backbone)
     plan = ComparePlan(config=args.config, regimes=[a.label for a in arms], seeds=args.seeds,
                        folds=lists["folds"], shots=lists["shots"], overrides=overrides, out=args.out,
                        reference=args.reference, backbone_lr=args.backbone_lr, test_episodes=args.test_episodes,

@@ -15,6 +15,7 @@ def plot_compare(result: dict, out: Path) -> Optional[Path]:
 
     from scipy.stats import t as student_t
 
+    from svfseg.engine.runfolder import RunFolder, write_atomic
     from svfseg.engine.runlog import read_csv
 
     rows = result["rows"]
@@ -33,7 +34,7 @@ def plot_compare(result: dict, out: Path) -> Optional[Path]:
     for c in result["cells"]:
         if c.get("seed") != first or c.get("status") != "finished":
             continue
-        log = read_csv(Path(c["run_dir"]) / "train_log.csv")
+        log = read_csv(RunFolder(c["run_dir"]).train_log, ("step", "loss"))
         if log:
             bx.plot([int(x["step"]) for x in log], [float(x["loss"]) for x in log],
                     label=f"{c['regime']} f{c['fold']} {c['shot']}s")
@@ -43,6 +44,6 @@ def plot_compare(result: dict, out: Path) -> Optional[Path]:
     if bx.lines:
         bx.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out

@@ -1,20 +1,21 @@
 """Running a compare: the warm starts, each regime's sweep and seeds, then compare.json/.md/.png."""
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 from svfseg.compare.adapt import adapt_rows, score_adaptations
 from svfseg.compare.cells import CellInterrupted, _check_episode_count, run_cell
-from svfseg.compare.plan import (WARM_START_SEED, ComparePlan, cell_config, check_plan_lists, warm_start_checkpoint,
-                                 warm_start_config)
+from svfseg.compare.plan import (WARM_START_SEED, ComparePlan, cell_config, check_owned_keys, check_plan_lists,
+                                 sweep_grid, warm_start_checkpoint, warm_start_config)
 from svfseg.compare.plot import plot_compare
 from svfseg.compare.render import compare_markdown
 from svfseg.compare.summary import summarize
-from svfseg.compare.variants import Arm
-from svfseg.regimes import regime_spec
+from svfseg.engine.runfolder import RunFolder, write_json_atomic, write_text_atomic
+from svfseg.engine.runlock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -33,28 +34,24 @@ def run_warm_start(plan: ComparePlan, fold: int, shot: int) -> dict:
 def test_episode_file(plan: ComparePlan, cfg) -> Path:
     """The one test episode file of ``cfg``'s (fold, shot), made on first use."""
     from svfseg.engine.data import eval_dataset
+    from svfseg.engine.resolved import resolve_run
     from svfseg.engine.tasks.fewshot import protocol_runs
 
     path = plan.out / "episodes" / f"test_fold{cfg.fold}_{cfg.shot}shot.json"
     seed, count = protocol_runs(cfg, cfg.eval.protocol)[0]
     _check_episode_count(path, plan.test_episodes or count, "--test-episodes", plan.force)
     if not path.exists():
-        ds = eval_dataset(cfg, seed=seed, count=plan.test_episodes or count)
+        ds = eval_dataset(resolve_run(cfg), seed=seed, count=plan.test_episodes or count)
         path.parent.mkdir(parents=True, exist_ok=True)
         ds.episodes.save(path)
     return path
-
-
-def _trains_backbone(regime: str) -> bool:
-    return regime_spec(regime).backbone_grad
 
 
 def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: list, sweeps: dict, adapted: list,
                 choices: dict) -> None:
     """The sweep (if any), then every seed of one regime at one (fold, shot) and its adaptation scores; appends to
     ``cells``/``sweeps``/``adapted`` (``choices``: the adaptation settings the first seed chose)."""
-    trains = _trains_backbone(plan.arms.get(regime, Arm(regime, regime)).regime)  # a --vary row: its regime
-    grid = plan.backbone_lr if trains and len(plan.backbone_lr) > 1 else [None]
+    grid = sweep_grid(plan, regime)
     chosen = grid[0]
     if len(grid) > 1:
         # The sweep: first seed only, chosen on base-class validation episodes; only the chosen
@@ -65,8 +62,8 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
             trials[mult] = rec.get("val_miou") if rec.get("status") == "finished" else None
             moved[f"{mult:g}"] = rec.get("movement_max_stage_mean")
             if rec.get("status") == "diverged":  # why, in the words of the error that run_cell kept
-                marker = Path(rec["run_dir"]) / "diverged.txt"
-                diverged[f"{mult:g}"] = marker.read_text().strip() if marker.is_file() else "non-finite loss"
+                reason = RunFolder(rec["run_dir"]).diverged_reason()
+                diverged[f"{mult:g}"] = reason if reason is not None else "non-finite loss"
         scored = {m: v for m, v in trials.items() if v is not None and math.isfinite(v)}
         chosen = max(scored, key=scored.get) if scored else grid[0]
         sweeps[f"{regime}/fold{fold}/{shot}shot"] = {"val_miou": {f"{m:g}": v for m, v in trials.items()},
@@ -80,29 +77,44 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
             adapted += score_adaptations(plan, fold, shot, regime, seed, chosen, rec, episodes, choices)
 
 
-def run_compare(plan: ComparePlan) -> dict:
+def run_compare(plan: ComparePlan, *, lock: Optional[RunLock] = None) -> dict:
     """Run every cell of ``plan`` (skipping finished ones), then write compare.json/.md/.png.
 
     ``plan.threads`` holds for everything the compare computes (episode files, every cell's training and
-    scoring, the warm starts), not only where the cells' configs name it.
+    scoring, the warm starts), not only where the cells' configs name it. The whole ``plan.out`` is locked
+    for the compare's duration (a second compare into it is refused at once, naming this one's PID), and
+    each cell's folder while it is looked at and trained.
+
+    Args:
+        plan: what to run.
+        lock: ``plan.out``'s lock, already held by the caller (``svfseg demo``); None: taken here.
 
     Returns:
         The ``compare.json`` content.
     """
+    from svfseg.engine.model import check_model_names
     from svfseg.engine.runtime import threads_for
 
-    with threads_for(plan.threads):
-        return _run_compare(plan)
-
-
-def _run_compare(plan: ComparePlan) -> dict:
     check_plan_lists(plan)
+    check_owned_keys(plan)
     if plan.reference not in plan.regimes:
         raise ValueError(f"--reference {plan.reference!r} is not among --regimes {plan.regimes}")
     for name in plan.regimes:  # a typo in a regime or an override fails now, not hours in
-        cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None)
+        check_model_names(cell_config(plan, plan.folds[0], plan.shots[0], name, plan.seeds[0], None))
     if plan.warm_start < 0:
         raise ValueError(f"--warm-start: expected a number of steps >= 0, found {plan.warm_start}")
+    if lock is not None and not (lock.held and lock.run_dir == plan.out):
+        raise ValueError(f"run_compare: the lock given is not held on --out {plan.out}")
+    with compare_lock(plan.out) if lock is None else contextlib.nullcontext(), threads_for(plan.threads):
+        return _run_locked(plan)
+
+
+def compare_lock(out: Path, what: str = "svfseg compare") -> RunLock:
+    """The lock a compare holds on its whole ``--out`` (refused at once when another process holds it)."""
+    return RunLock(out, what, instead="choose another --out")
+
+
+def _run_locked(plan: ComparePlan) -> dict:
     plan.out.mkdir(parents=True, exist_ok=True)
     cells, sweeps, warm, adapted, choices = [], {}, [], [], {}
     stopped = False
@@ -124,9 +136,7 @@ def _run_compare(plan: ComparePlan) -> dict:
     result["adapt_rows"] = adapt_rows(plan, adapted, cells)
     result["adapt_choices"] = choices
     result["adapted"] = adapted
-    (plan.out / "compare.json").write_text(json.dumps(result, indent=1, default=str))
-    (plan.out / "compare.md").write_text(compare_markdown(result))
+    write_json_atomic(plan.out / "compare.json", result, default=str)
+    write_text_atomic(plan.out / "compare.md", compare_markdown(result))
     plot_compare(result, plan.out / "compare.png")
     return result
-
-

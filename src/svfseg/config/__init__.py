@@ -8,6 +8,7 @@ from svfseg.config.loading import (
     dump_yaml,
     from_dict,
     git_commit,
+    keys_set_by,
     load_config,
     parse_dotlist,
     read_yaml,
@@ -29,6 +30,6 @@ from svfseg.config.schema import (
 
 __all__ = [
     "REGIMES", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "LoRAConfig", "ModelConfig", "OptimConfig",
-    "SVFPolicy", "TrainConfig", "config_with_overrides", "dump_yaml", "from_dict", "git_commit", "load_config",
-    "parse_dotlist", "read_yaml", "to_dict", "validate",
+    "SVFPolicy", "TrainConfig", "config_with_overrides", "dump_yaml", "from_dict", "git_commit", "keys_set_by",
+    "load_config", "parse_dotlist", "read_yaml", "to_dict", "validate",
 ]

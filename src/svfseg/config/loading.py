@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import subprocess
 import types
 import typing
@@ -12,7 +13,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from svfseg.config.aliases import combine_layers, deep_update, strip_regime_aliases
-from svfseg.config.schema import REGIMES, ConfigError, ExperimentConfig, to_dict, validate
+from svfseg.config.schema import REGIMES, ConfigError, ExperimentConfig, flat_keys, to_dict, validate
 
 
 def from_dict(data: dict, source: str = "<dict>") -> ExperimentConfig:
@@ -123,22 +124,74 @@ def _yaml_problem(e: Exception) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a recipe; ``_base_: other.yaml`` (or a list) is merged underneath, relative to the file."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    source = "<yaml>"
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            try:
+                key = self.construct_object(key_node, deep=True)
+                first = lines.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class says what is wrong with it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise ConfigError(f"{self.source}: expected each key once per section, found {key!r} at line "
+                                  f"{first} and again at line {key_node.start_mark.line + 1}; keep one")
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, source: str):
+    """``yaml.safe_load`` of ``text`` with duplicate keys refused (``source`` names it in errors)."""
+    loader = _UniqueKeyLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path) -> str:
+    """A recipe's text; a file that is not UTF-8 is refused naming the line of the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: expected UTF-8 text (a YAML recipe), found byte 0x{data[e.start]:02x} at line "
+                          f"{line} that is not UTF-8; save the file as UTF-8") from None
+
+
+def read_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe; ``_base_: other.yaml`` (or a list) is merged underneath, relative to the file.
+
+    Raises:
+        ConfigError: a missing file, not UTF-8, a YAML error, a key twice in one section, or a
+            ``_base_`` that is not a file name or leads back to a recipe that includes it.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: expected valid YAML, found {_yaml_problem(e)}") from None
+    try:
+        data = _load_yaml(_read_text(path), str(path)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: expected valid YAML, found {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
     bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: expected _base_ to be a recipe file name or a list of them, found {bases!r}")
+    chain = (*_including, path.resolve())
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        merged = deep_update(merged, read_yaml(path.parent / base))
+    for base in bases:
+        if (path.parent / base).resolve() in chain:
+            loop = " -> ".join(str(p.name) for p in chain) + f" -> {base}"
+            raise ConfigError(f"{path}: expected _base_ recipes that do not include themselves, found the loop "
+                              f"{loop}")
+        merged = deep_update(merged, read_yaml(path.parent / base, chain))
     return combine_layers(merged, data, str(path))
 
 
@@ -146,6 +199,12 @@ def parse_dotlist(items: Sequence[str]) -> dict:
     """``["fold=1", "optim.lr=0.005", "svf.stages=[layer3,layer4]"]`` -> nested dict (YAML values)."""
     out: dict = {}
     for item in items:
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # a name the file system gave as bytes: config.yaml could not record it
+            shown = os.fsencode(item).decode("utf-8", "backslashreplace")
+            raise ConfigError(f"command-line override '{shown}': expected UTF-8 text (the run records it in "
+                              f"config.yaml), found a name that is not UTF-8; rename the file or folder") from None
         if "=" not in item:
             raise ConfigError(f"command-line override '{item}' must look like key=value (e.g. fold=1)")
         key, raw = item.split("=", 1)
@@ -153,7 +212,7 @@ def parse_dotlist(items: Sequence[str]) -> dict:
         if not key:
             raise ConfigError(f"command-line override '{item}' has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _load_yaml(raw, f"command-line override '{item}'") if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"command-line override '{item}': cannot parse value: {e}") from e
         node = out
@@ -164,6 +223,15 @@ def parse_dotlist(items: Sequence[str]) -> dict:
                 raise ConfigError(f"command-line override '{item}' conflicts with an earlier override of '{p}'")
         node[parts[-1]] = value
     return out
+
+
+def keys_set_by(overrides: Sequence[str]) -> dict[str, Any]:
+    """The dotted keys ``key=value`` overrides set, with their values, as the config reads them.
+
+    ``optim.lr_mult={svf: 2}`` sets ``optim.lr_mult.svf``; svfseg 0.1's ``model.backbone_mode`` and
+    ``svf.enabled`` set ``model.regime`` (the aliases' own keys are left out).
+    """
+    return flat_keys(strip_regime_aliases(combine_layers({}, parse_dotlist(overrides), "command line", warn=False)))
 
 
 #: A recipe's per-regime layer: ``by_regime: {frozen: {...}, svf: {...}}``.

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from svfseg.policies import SVF_MODES, AdaptSettings, LoRAConfig, SVFPolicy
-from svfseg.regimes import REGIME_NAMES, REGISTRY, adapt_name
+from svfseg.regimes import REGIME_NAMES, REGISTRY, adapt_name, run_folder_word
 
 #: How the backbone trains (``model.regime``): the names of ``svfseg.regimes`` (what each trains is declared there).
 REGIMES = REGIME_NAMES
@@ -149,7 +149,7 @@ class ExperimentConfig:
             return self.name
         # Full fine-tuning runs keep the folder name svfseg 0.1 gave them ("train"), so that
         # existing stage-1 paths (the bam_base_* runs: ..._train_fold{fold}_...) still resolve.
-        regime = {"full": "train"}.get(self.model.regime, self.model.regime)
+        regime = run_folder_word(self.model.regime)
         return f"{self.data.benchmark}_{self.model.name}_{self.model.backbone}_{regime}_fold{self.fold}_{self.shot}shot"
 
     def run_dir(self) -> Path:
@@ -305,11 +305,76 @@ def _validate_more(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"config key 'svf.{ignored[0]}' is read only by model.regime=svf; "
                               f"model.regime={cfg.model.regime} would ignore it (it trains only on svf.stages): "
                               f"remove it")
+    _validate_counts_and_names(cfg)
     if cfg.name is not None:
         parts = Path(cfg.name).parts
         if not cfg.name.strip() or Path(cfg.name).is_absolute() or ".." in parts or "~" in cfg.name[:1]:
             raise ConfigError(f"config key 'name' must be a folder name inside output_dir (no absolute path, "
                               f"no '..'), found {cfg.name!r}")
+
+
+#: Most episodes one list may hold (train.val_episodes, eval.num_episodes, `svfseg episodes --count`): 50x the
+#: largest protocol's (PFENet's 20,000 on COCO), about 100 MB of JSON. The data layer's own copy
+#: (``svfseg.data.episodes.MAX_EPISODES``) is kept equal by a test: config/ imports nothing of the data layer.
+MAX_EPISODES = 1_000_000
+#: Largest ``lora.r``: the rank of a LoRA update B A is at most min(c_out, c_in k^2) of its conv (2,048 for
+#: ResNet's widest), so a larger r adds parameters and memory (a huge r exhausts it) but no capacity.
+MAX_LORA_R = 4096
+
+
+def _validate_counts_and_names(cfg: ExperimentConfig) -> None:
+    """Counts, names and paths only some commands read, checked whatever the command (a typo costs no training)."""
+    import math
+
+    at_least = {"train.val_episodes": (cfg.train.val_episodes, 1), "eval.num_episodes": (cfg.eval.num_episodes, 1),
+                "eval.save_vis": (cfg.eval.save_vis, 0), "train.early_stop_epochs": (cfg.train.early_stop_epochs, 0),
+                "train.half_epoch_val_max_epochs": (cfg.train.half_epoch_val_max_epochs, 0)}
+    for k, (v, low) in at_least.items():
+        if v is not None and v < low:
+            raise ConfigError(f"config key '{k}' must be >= {low}" + (" or null" if k == "eval.num_episodes" else "")
+                              + f", found {v}")
+    for k in ("train.val_episodes", "eval.num_episodes"):
+        v = _get(cfg, k)
+        if v is not None and v > MAX_EPISODES:
+            raise ConfigError(f"config key '{k}' must be <= {MAX_EPISODES:,} episodes, found {v:,}")
+    if cfg.lora.r > MAX_LORA_R:
+        raise ConfigError(f"config key 'lora.r' must be <= {MAX_LORA_R} (a LoRA update's rank is at most the "
+                          f"smallest side of its conv, 2,048 in the widest backbone), found {cfg.lora.r:,}")
+    if cfg.eval.seeds is not None:
+        if not cfg.eval.seeds:
+            raise ConfigError("config key 'eval.seeds' must list at least one seed, or be null for the protocol's "
+                              "seeds, found []")
+        bad = [x for x in cfg.eval.seeds if not 0 <= x < 2**32]
+        if bad:
+            raise ConfigError(f"config key 'eval.seeds' must hold seeds in 0 .. 2**32-1, found {bad[0]}")
+    # strings that name a model, a backbone, a folder or a file: an empty one is a typo, never a choice
+    named = {"model.name": "a registered model (e.g. pfenet)", "model.backbone": "a backbone (e.g. resnet50_deep)",
+             "data.root": "a prepared dataset folder (e.g. data/pascal)", "output_dir": "a folder (e.g. runs)",
+             "model.weights": "a weight file, imagenet or null", "model.base_checkpoint": "a checkpoint file or null",
+             "model.init_head": "a checkpoint file or null", "model.init_from": "a model file or null",
+             "train.val_episodes_file": "an episode file or null",
+             "eval.episodes": "an episode file or null"}
+    for k, what in named.items():
+        v = _get(cfg, k)
+        if v is not None and not str(v).strip():
+            raise ConfigError(f"config key '{k}' must be {what}, found {v!r}")
+    for section in ("model.head", "model.backbone_kwargs"):
+        for k, v in _numbers(_get(cfg, section), section):
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"config key '{k}' must be a finite number >= 0 (options here are sizes, rates, "
+                                  f"scales and probabilities), found {v}")
+
+
+def _numbers(value: Any, key: str):
+    """(dotted key, number) for every number in a nested option mapping (list items as key[i])."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{key}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield key, value
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -120,8 +120,8 @@ def convert_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, bac
     """
     from svfseg.config import to_dict
     from svfseg.engine import checkpoint as ckpt
-    from svfseg.engine.data import resolve_benchmark
     from svfseg.engine.model import MERGED_FORMAT, build_model, describe
+    from svfseg.engine.resolved import resolve_run
     from svfseg.models.backbones.weights import read_state_dict
 
     if fmt not in FORMATS:
@@ -154,8 +154,8 @@ def convert_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, bac
             head["kshot_dim"] = kshot_dim
     shot = 1 if shot is None else int(shot)
     cfg = target_config(fmt, backbone, benchmark, fold, shot, head)
-    bench = resolve_benchmark(cfg)
-    model = build_model(cfg, pretrained=False, bench=bench)
+    run = resolve_run(cfg)
+    model = build_model(run, pretrained=False)
     where = f"{checkpoint} (--from {fmt}, {backbone}, {benchmark})"
     mapped = keymap.to_svfseg(state, model.state_dict(), where)
     ckpt.check_finite_weights(mapped, checkpoint)
@@ -164,7 +164,7 @@ def convert_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, *, bac
     record = {"file": checkpoint.name, "sha256": digest, "format": fmt, "source": keymap.source,
               "tensors": len(state)}
     blob = {"format": MERGED_FORMAT, "model": model.state_dict(), "config": to_dict(cfg),
-            "describe": describe(model, cfg, bench), "converted_from": record, "source": str(checkpoint),
+            "describe": describe(model, run), "converted_from": record, "source": str(checkpoint),
             "step": None}
     ckpt.save_atomic(blob, out, verify=True)
     logger.info("converted %s (%s, sha256 %s) -> %s", checkpoint, fmt, digest[:12], out)

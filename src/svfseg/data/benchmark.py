@@ -1,7 +1,7 @@
 """A benchmark resolved once (name, root, fold convention, a custom root's ``dataset.yaml``) and the dataset settings.
 
 Every layer that needs a class split, a class count or class names asks one :class:`Benchmark`
-made at the start of a run (``svfseg.engine.data.resolve_benchmark``), instead of reading the
+made at the start of a run (``svfseg.engine.resolved.resolve_run``), instead of reading the
 root's metadata again. :class:`DataSettings` carries how items are made from it, so the dataset
 factories take two objects and a few per-call values rather than a long list of keywords.
 """

@@ -46,7 +46,9 @@ def _check_one(args):
             if said:
                 problems.append(f"{img}: expected a decodable image, found damaged data (decoder: {said[:160]})")
             rotated = exif_orientation(img) != 1
-        except (DataError, OSError) as e:
+        except DataError as e:
+            problems.append(str(e))  # it names the file, what was expected and what was found
+        except OSError as e:
             problems.append(f"{img}: expected a decodable image, found {e}")
     return counts, problems, rotated
 

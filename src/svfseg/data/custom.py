@@ -43,11 +43,19 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
 
 def _by_stem(folder: Path, suffixes: Sequence[str], what: str) -> dict[str, Path]:
     if not folder.is_dir():
-        raise DataError(f"{folder}: expected a folder of {what}, found none")
+        found = ("a symbolic link that leads nowhere (or back to itself)" if folder.is_symlink() and not
+                 folder.exists() else "a file" if folder.exists() else "none")
+        raise DataError(f"{folder}: expected a folder of {what}, found {found}")
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if not p.is_file() or p.suffix.lower() not in suffixes or p.name.startswith("."):
             continue
+        try:
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:  # the list files and the class index record every name as UTF-8 text
+            shown = os.fsencode(p).decode("utf-8", "backslashreplace")
+            raise DataError(f"{shown}: expected a UTF-8 file name (the root's train.txt/val.txt list it), found "
+                            f"bytes that are not UTF-8; rename the file") from None
         if p.stem in out:
             raise DataError(f"{folder}: expected one {what[:-1]} per name, found {out[p.stem].name} and {p.name}")
         out[p.stem] = p
@@ -77,7 +85,7 @@ def pair_folders(images: str | os.PathLike, masks: str | os.PathLike) -> list[tu
 
 def _read_masks(pairs, n_classes: Optional[int]) -> tuple[list[np.ndarray], int, int]:
     """Every mask, checked; returns (masks, number of classes, median longer side)."""
-    masks, problems, top, sides = [], [], 0, []
+    masks, problems, top, sides, present = [], [], 0, [], set()
     for img, msk in pairs:
         try:
             label = read_label(msk)
@@ -98,6 +106,7 @@ def _read_masks(pairs, n_classes: Optional[int]) -> tuple[list[np.ndarray], int,
             problems.append(f"{msk}: expected class ids 0..{n_classes} or {IGNORE_LABEL} (the class-name file has "
                             f"{n_classes} names), found {[int(v) for v in fg if v > n_classes][:10]}")
         top = max(top, int(fg.max()) if fg.size else 0)
+        present.update(int(v) for v in fg)
         sides.append(max(hw))
         masks.append(label)
     if problems:
@@ -105,6 +114,11 @@ def _read_masks(pairs, n_classes: Optional[int]) -> tuple[list[np.ndarray], int,
         raise DataError(f"{len(problems)} problem(s) in the masks:\n  " + "\n  ".join(problems[:20]) + more)
     if top == 0:
         raise DataError("expected masks with class ids 1..C (0 background, 255 ignore), found only background")
+    absent = sorted(set(range(1, top + 1)) - present)
+    if n_classes is None and absent:  # C is the largest id: every id below it must be a class with pixels
+        raise DataError(f"{pairs[0][1].parent}: expected class ids 1..C with each id in some mask (0 background, "
+                        f"{IGNORE_LABEL} ignore), found ids {sorted(present)[:12]}: {len(absent)} id(s) below {top} "
+                        f"in no mask (e.g. {absent[:10]}); renumber the classes 1..C")
     return masks, (n_classes if n_classes is not None else top), sorted(sides)[len(sides) // 2]
 
 

@@ -36,6 +36,13 @@ QUERY_ORDERS = ("permuted", "list")
 # A fold class without any episode: "drop" leaves it out of mIoU (NaN per class, svfseg's rule);
 # "zero" scores it 0 and divides by the fold's class count (PFENet/BAM: inter / (union + 1e-10)).
 EMPTY_CLASS_RULES = ("drop", "zero")
+#: Most episodes one list may hold: 50x the largest protocol's (PFENet's 20,000 on COCO), about 100 MB of
+#: JSON and a minute to make; the config's ``MAX_EPISODES`` is the same number (a test keeps them equal).
+MAX_EPISODES = 1_000_000
+#: Lists at least this long log their progress (a tenth at a time) while they are made.
+PROGRESS_FROM = 100_000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,8 @@ class EpisodeList:
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON (with ``version`` and ``fingerprint``); returns the path."""
         path = Path(path)
+        if len(self) >= PROGRESS_FROM:
+            log.info("episodes: writing %s episodes to %s", f"{len(self):,}", path)
         blob = {"version": EPISODES_VERSION, "fingerprint": self.fingerprint, **self._payload()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -268,8 +277,8 @@ def make_episodes(pool: EpisodePool, *, benchmark: str, fold: int, shot: int, se
     first ``n`` episodes do not depend on ``count`` (a longer list extends a shorter one).
     ``query_list`` is recorded as it is (the given list the pool's list file was made from).
     """
-    if count < 1:
-        raise ValueError(f"episode count must be >= 1, got {count}")
+    if not 1 <= count <= MAX_EPISODES:
+        raise ValueError(f"episode count must be 1 .. {MAX_EPISODES:,}, got {count:,}")
     if shot < 1:
         raise ValueError(f"shot must be >= 1, got {shot}")
     if order not in QUERY_ORDERS:
@@ -277,11 +286,14 @@ def make_episodes(pool: EpisodePool, *, benchmark: str, fold: int, shot: int, se
     rng = np.random.default_rng(seed)
     recs = pool.index.records
     eps: list[Episode] = []
+    tenth = count // 10 if count >= PROGRESS_FROM else 0
     while len(eps) < count:
         walk = rng.permutation(len(pool.queries)) if order == "permuted" else range(len(pool.queries))
         for qp in walk:
             q, c, sup = sample_episode(pool, int(qp), shot, rng)
             eps.append(Episode(recs[q].image, c, tuple(recs[s].image for s in sup)))
+            if tenth and len(eps) % tenth == 0:
+                log.info("episodes: %s of %s made", f"{len(eps):,}", f"{count:,}")
             if len(eps) == count:
                 break
     return EpisodeList(benchmark, pool.index.split, fold, shot, seed, convention, pool.min_pixels,

@@ -8,7 +8,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import cv2
 import numpy as np
@@ -29,6 +29,8 @@ class DataError(ValueError):
 #: a decompression bomb) is refused before it is decoded.
 MAX_IMAGE_PIXELS = 120_000_000
 _ORIENTATION_TAG = 0x0112
+#: What an empty file is called in every message about it.
+EMPTY_FILE = "an empty file (0 bytes)"
 
 
 def wxh(hw) -> str:
@@ -66,6 +68,8 @@ def _checked_bytes(path: Path, what: str) -> bytes:
         raise DataError(f"{path}: expected {what}, found no file") from None
     except OSError as e:
         raise DataError(f"{path}: expected {what}, found an unreadable file ({e.strerror})") from None
+    if not data:  # OpenCV's decoder asserts on an empty buffer (a traceback that names no file)
+        raise DataError(f"{path}: expected {what}, found {EMPTY_FILE}")
     problem = incomplete_image(data)
     if problem:
         raise DataError(f"{path}: expected a complete image, found {problem}")
@@ -85,8 +89,15 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     or JPEG (which Pillow would decode without a word when only its end is missing) and an image
     over :data:`MAX_IMAGE_PIXELS` are refused.
 
+    A mask with transparency (RGBA, LA, a palette or greyscale PNG with a transparent entry) is
+    read by :func:`_mask_values`: the alpha channel when every pixel has one colour (the object
+    drawn in the alpha channel, as drawing tools save it), else the values when the alpha agrees
+    with them; a mask whose alpha disagrees is refused (the object the user sees is not the one
+    its values hold).
+
     Raises:
-        DataError: the file is missing, incomplete, too large, or cannot be decoded.
+        DataError: the file is missing, empty, incomplete, too large, cannot be decoded, or its alpha
+            channel disagrees with its colour.
     """
     import io
     import warnings
@@ -98,12 +109,42 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # under our own limit, checked above
             with Image.open(io.BytesIO(data)) as im:
-                return np.array(im if im.mode in _MASK_MODES else im.convert("L")).astype(np.int64)
+                im.load()
     except (OSError, SyntaxError, ValueError) as e:
         # Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" says nothing more than this line
         why = "" if isinstance(e, UnidentifiedImageError) else f" ({e})"
         raise DataError(f"{path}: expected a mask image file, found a file that cannot be decoded as an "
                         f"image{why}") from None
+    return _mask_values(im, path)
+
+
+def _mask_values(im: Image.Image, path: Path) -> np.ndarray:
+    """A decoded mask's values (int64, (H, W)), its alpha channel read as :func:`read_mask` says."""
+    values = np.array(im if im.mode in _MASK_MODES else (im.convert("RGBA") if im.mode == "PA" else im).convert("L")
+                      ).astype(np.int64)
+    alpha = _alpha(im)
+    if alpha is None or alpha.min() == alpha.max():  # no transparency, or the same everywhere: the colour is the mask
+        return values
+    rgb = np.asarray(im.convert("RGBA").convert("RGB"))
+    if (rgb == rgb[:1, :1]).all():  # one colour everywhere: what was drawn is in the alpha channel
+        return alpha.astype(np.int64)
+    # Both vary: they must say the same, transparent exactly where the value is 0 (the background)
+    disagree = int(((alpha == 0) != (values == 0)).sum())
+    if disagree:
+        raise DataError(f"{path}: expected a mask whose alpha channel agrees with its colour (transparent exactly "
+                        f"where the value is 0, the background), found {disagree:,} pixel(s) transparent with "
+                        f"another value or opaque with value 0; save it without transparency, or draw the object "
+                        f"in the alpha channel over a single colour")
+    return values
+
+
+def _alpha(im: Image.Image) -> Optional[np.ndarray]:
+    """The alpha channel of a mask image (uint8, (H, W)), or None when it has no transparency."""
+    if "A" in im.getbands():  # RGBA, LA, PA
+        return np.asarray(im.convert("RGBA").getchannel("A") if im.mode == "PA" else im.getchannel("A"))
+    if "transparency" in im.info and im.mode in ("P", "L", "RGB"):  # a tRNS entry: a palette index, a grey, a colour
+        return np.asarray(im.convert("RGBA").getchannel("A"))
+    return None
 
 
 def _header(data_or_path, where, *, strict: bool = False) -> tuple[tuple[int, int], int]:
@@ -234,8 +275,16 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{path}: expected a label PNG, found no file") from None
     except OSError as e:
-        raise DataError(f"{path}: expected a label PNG, found an unreadable file ({e})") from None
+        found = EMPTY_FILE if _is_empty(path) else f"an unreadable file ({e})"
+        raise DataError(f"{path}: expected a label PNG, found {found}") from None
     return arr.astype(np.uint8, copy=False)
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def write_label(path: str | os.PathLike, label: np.ndarray) -> None:
@@ -247,8 +296,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of the image :func:`read_image` returns (EXIF orientation applied), from the header.
 
     Raises:
-        OSError: the file cannot be read as an image; DataError: it is too large.
+        OSError: the file is empty or cannot be read as an image; DataError: it is too large.
     """
+    if _is_empty(Path(path)):
+        raise OSError(EMPTY_FILE)
     (h, w), orientation = _header(Path(path), path, strict=True)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 

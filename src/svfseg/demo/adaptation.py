@@ -49,8 +49,10 @@ def run_adaptation(checkpoint: Path, plan: AdaptPlan, *, root: Path, out: Path, 
     from svfseg.compare.adapt import adapt_verdict, choice_text, reusable_results
     from svfseg.compare.statistics import paired_bootstrap_miou
     from svfseg.config import config_with_overrides, to_dict
-    from svfseg.engine.data import resolve_benchmark, write_episode_file
+    from svfseg.engine.data import write_episode_file
     from svfseg.engine.model import checkpoint_config
+    from svfseg.engine.resolved import resolve_run
+    from svfseg.engine.runfolder import results_file
     from svfseg.engine.tasks import TestOptions
     from svfseg.engine.testing import score_with_task
     from svfseg.regimes import NO_ADAPTATION
@@ -63,12 +65,12 @@ def run_adaptation(checkpoint: Path, plan: AdaptPlan, *, root: Path, out: Path, 
     if not episodes.exists():
         cfg = config_with_overrides(base, common, str(checkpoint))
         episodes.parent.mkdir(parents=True, exist_ok=True)
-        write_episode_file(cfg, episodes, seed=0, count=plan.test_episodes, bench=resolve_benchmark(cfg))
+        write_episode_file(resolve_run(cfg), episodes, seed=0, count=plan.test_episodes)
     results = {}
     for params in (NO_ADAPTATION, *plan.params):
         cfg = config_with_overrides(base, [*common, f"adapt.params={params}"], str(checkpoint))
         folder = out / "adaptation" / f"{plan.shot}shot_{params}"
-        res = reusable_results(folder / "results.json", cfg, episodes)
+        res = reusable_results(results_file(folder), cfg, episodes)
         if res is None:
             res, _ = score_with_task(checkpoint, cfg, options=TestOptions(episodes=episodes, out_dir=folder,
                                                                           per_episode=True))

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from svfseg.demo.adaptation import AdaptPlan, adaptation_markdown, run_adaptation
+from svfseg.engine.runfolder import RunFolder, write_atomic
+from svfseg.engine.runlock import LOCK_NAME
 from svfseg.regimes import regime_spec
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ REGIMES = ("frozen", "svf", "full")
 KEPT = ("svf", "frozen")  # the regimes whose first-seed checkpoint the demo keeps (serve, predict)
 # What a demo folder may hold (a killed demo is resumed, a finished one replaced; anything else is refused).
 _OWN = {DEMO_MARKER, "demo_results.md", "compare.json", "compare.md", "compare.png", "runs", "episodes", "svf",
-        "frozen", "adaptation"}
+        "frozen", "adaptation", LOCK_NAME}
 
 
 @dataclass(frozen=True)
@@ -169,14 +171,20 @@ def _stage(i: int, n: int, text: str) -> None:
 
 
 def _clear_previous(out: Path) -> None:
-    """Replace a finished demo, resume a killed one, refuse a folder the demo did not write."""
+    """Replace a finished demo, resume a killed one, refuse a folder the demo did not write (the lock is held)."""
     if not out.exists():
         return
     foreign = [p.name for p in out.iterdir() if p.name not in _OWN]
     if foreign:
         raise FileExistsError(f"{out} holds {foreign[:3]}, not written by `svfseg demo`; choose another --out")
     if (out / DEMO_MARKER).exists():
-        shutil.rmtree(out)
+        for p in out.iterdir():
+            if p.name == LOCK_NAME:  # held by this demo: removing it would let a second one in
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", progress: bool = True,
@@ -198,18 +206,23 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", pro
     Returns:
         The results dict (also in ``out/demo_results.json``).
     """
+    from svfseg.compare import compare_lock
     from svfseg.engine.runtime import threads_for
 
-    with threads_for(threads):  # the data, every cell, the warm start, the scoring, the adaptation stage
-        return _run_demo(plan, root=root, out=out, head=head, progress=progress, threads=threads)
+    out = Path(out)
+    # the lock before anything of out is read or cleared; the threads for the data, every cell, the warm start,
+    # the scoring and the adaptation stage
+    with compare_lock(out, "svfseg demo") as lock, threads_for(threads):
+        return _run_demo_locked(plan, root=Path(root), out=out, head=head, progress=progress, threads=threads,
+                                lock=lock)
 
 
-def _run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str, progress: bool, threads: Optional[int]) -> dict:
+def _run_demo_locked(plan: DemoPlan, *, root: Path, out: Path, head: str, progress: bool, threads: Optional[int],
+                     lock) -> dict:
     from svfseg.compare import compare_markdown, run_compare
     from svfseg.data.synthetic import generate_synthetic
 
     t_total = time.perf_counter()
-    root, out = Path(root), Path(out)
     _clear_previous(out)
     n = 4 if plan.adapt is not None and plan.adapt_shots else 3
     _stage(1, n, f"synthetic-5i at {root} ({plan.n_train} train + {plan.n_val} val images, {plan.image_size} px; "
@@ -224,7 +237,7 @@ def _run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str, progress: boo
                  f"{plan.batch_size} episodes each; backbone lr multiplier from {list(plan.backbone_lr)} chosen "
                  f"per regime on {plan.val_episodes} base-class validation episodes; all tested on the same "
                  f"{plan.eval_episodes} episodes (recipe {recipe_path(head)})")
-    result = run_compare(cplan)
+    result = run_compare(cplan, lock=lock)
     stable = {name: _stable_checkpoint(result, out, name, root) for name in KEPT}
     t_compare = time.perf_counter() - t_total - t_data
     stages = []
@@ -269,10 +282,8 @@ def _stable_checkpoint(result: dict, out: Path, regime: str, root: Path) -> Opti
     cell = cells[0]
     dest = out / regime
     dest.mkdir(parents=True, exist_ok=True)
-    src = Path(cell["run_dir"]) / "best.pt"
-    tmp = dest / "best.pt.tmp"
-    shutil.copyfile(src, tmp)
-    tmp.replace(dest / "best.pt")
+    src, kept = RunFolder(cell["run_dir"]).best, RunFolder(dest).best
+    write_atomic(kept, lambda tmp: shutil.copyfile(src, tmp))
     if regime_spec(regime).singular_values:  # keep the trained singular values as their own file
         from svfseg.engine.model import load_for_inference
         from svfseg.svf import save_svf
@@ -283,7 +294,7 @@ def _stable_checkpoint(result: dict, out: Path, regime: str, root: Path) -> Opti
               "test_miou": cell.get("miou"), "test_fb_iou": cell.get("fb_iou"), "test_episodes": cell.get("episodes"),
               "data_root": str(root), "benchmark": "synthetic", "fold": cell["fold"], "shot": cell["shot"]}
     (dest / "SOURCE.json").write_text(json.dumps(source, indent=1, default=str))
-    return dest / "best.pt"
+    return kept
 
 
 def _record_adapt_choices(source_file: Path, stage: dict) -> None:

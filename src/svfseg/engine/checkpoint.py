@@ -51,17 +51,24 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def check_free_space(path: Path, needed: int) -> None:
-    """Raise :class:`CheckpointWriteError` when ``path``'s filesystem has less than ``needed`` bytes free."""
+#: What to do after freeing space, when a training checkpoint did not fit (save_atomic's default).
+RESUME_AFTER_FREEING = "resume (the previous checkpoint is kept)"
+
+
+def check_free_space(path: Path, needed: int, then: str = RESUME_AFTER_FREEING) -> None:
+    """Raise :class:`CheckpointWriteError` when ``path``'s filesystem has less than ``needed`` bytes free.
+
+    ``then`` says what to do once space is freed (a run resumes; a merge is simply run again).
+    """
     free = shutil.disk_usage(path.parent).free
     if free < needed:
         raise CheckpointWriteError(
             errno.ENOSPC, f"cannot write checkpoint {path}: expected {needed / 1e6:.0f} MB free on its disk, "
-                          f"found {free / 1e6:.0f} MB; free some space and resume (the previous checkpoint is "
-                          f"kept)")
+                          f"found {free / 1e6:.0f} MB; free some space and {then}")
 
 
-def save_atomic(obj: Any, path: str | os.PathLike, *, keep_previous: bool = False, verify: bool = False) -> Path:
+def save_atomic(obj: Any, path: str | os.PathLike, *, keep_previous: bool = False, verify: bool = False,
+                then: str = RESUME_AFTER_FREEING) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
 
     A crash mid-write (or ENOSPC) leaves the previous file intact; readers never see a partial
@@ -73,13 +80,14 @@ def save_atomic(obj: Any, path: str | os.PathLike, *, keep_previous: bool = Fals
         keep_previous: first keep the file being replaced as ``<stem>.prev<suffix>`` (a fallback
             for ``--resume`` should ``path`` be damaged later).
         verify: read the written file back before it replaces ``path``.
+        then: what the too-little-space message tells the user to do once space is freed.
 
     Raises:
         CheckpointWriteError: too little free space, or the write failed (e.g. ENOSPC).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(path, int(tensor_bytes(obj) * _SPACE_FACTOR) + _SPACE_MARGIN)
+    check_free_space(path, int(tensor_bytes(obj) * _SPACE_FACTOR) + _SPACE_MARGIN, then)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         try:
@@ -162,6 +170,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, m
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _refuse_safetensors(path)
     try:
         with warnings.catch_warnings():
             # torch warns (without the file name) about pickle protocols of foreign files; the
@@ -177,6 +186,23 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, m
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected an svfseg checkpoint (a dict), found a {type(state).__name__}")
     return state
+
+
+def _refuse_safetensors(path: Path) -> None:
+    """Refuse a safetensors file (torch.load reads one as a bare dict of tensors, and the commands then
+    failed on its missing config with "unknown model ''"): say what it is and what takes it.
+
+    A safetensors file starts with the little-endian length of its JSON header, then the header's ``{``.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{" or not 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return
+    raise CheckpointError(f"{path}: expected an svfseg checkpoint (best.pt/last.pt or a merged export), found a "
+                          f"safetensors file of tensors only: an S file (a run's trained_backbone.safetensors, "
+                          f"save_svf's singular values), no model or config; give the run's best.pt to test, "
+                          f"predict, merge or serve, and load an S file in Python with svfseg.load_svf into a model "
+                          f"decomposed the same way")
 
 
 def read_checkpoint(path: str | os.PathLike, require: Sequence[str], expected: str, *, lazy: bool = False,
@@ -247,6 +273,7 @@ def peek(path: str | os.PathLike) -> dict:
     """A checkpoint's entries with tensors memory-mapped, not read (cheap look at its config)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _refuse_safetensors(Path(path))
     try:
         return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - e.g. a legacy non-zip file: the full reader names the problem
@@ -323,10 +350,12 @@ def check_compatible(expected: Mapping, found: Mapping, path: str | os.PathLike)
 def upgrade_description(d: Mapping) -> Mapping:
     """A description svfseg 0.1 wrote (``backbone_mode``, policies with ``lr_mult``; heads without
     the later options: the model's recipe back-fills them) in today's terms."""
+    from svfseg.regimes import regime_from_01_description
+
     out = dict(d)
     if "backbone_mode" in out:
         mode = out.pop("backbone_mode")
-        out["regime"] = {"train": "full"}.get(mode, mode)
+        out["regime"] = regime_from_01_description(mode)
         if isinstance(out.get("svf_policy"), Mapping):
             out["svf_policy"] = {k: v for k, v in out["svf_policy"].items() if k != "lr_mult"}
     from svfseg.models import list_models, model_recipe

@@ -1,16 +1,20 @@
-"""Engine-side data plumbing: datasets from the config and DataLoaders that keep off the global RNG."""
+"""Engine-side data plumbing: datasets of a resolved run and DataLoaders that keep off the global RNG.
+
+Every dataset function takes the command's :class:`~svfseg.engine.resolved.ResolvedRun` (its config and
+benchmark, resolved once) and resolves nothing itself.
+"""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from svfseg.config import ExperimentConfig
-from svfseg.data.benchmark import Benchmark, DataSettings
+from svfseg.data.benchmark import DataSettings
 from svfseg.data.collate import collate_episodes
+from svfseg.engine.resolved import ResolvedRun, check_root
 
 logger = logging.getLogger(__name__)
 
@@ -31,30 +35,6 @@ def make_loader(dataset: Dataset, *, batch_sampler: Optional[Sampler] = None, sa
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, shuffle=False, drop_last=False, **kw)
 
 
-def resolve_benchmark(cfg: ExperimentConfig) -> Benchmark:
-    """The benchmark of ``cfg``, resolved once per run (a custom root's ``dataset.yaml`` is read here).
-
-    Pass the result down (``bench=``) to everything of the same run that needs the class split,
-    count or names; each function below resolves it itself only when it is not given one.
-    """
-    from svfseg.data.splits import CUSTOM
-
-    if cfg.data.benchmark == CUSTOM:
-        _check_root(cfg)  # its classes live in the root: the hint to prepare it, not a missing-file error
-    return Benchmark.resolve(cfg.data.benchmark, cfg.data.root, cfg.data.convention)
-
-
-def benchmark_of(cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Benchmark:
-    """``bench`` if given (checked to be ``cfg``'s), else ``cfg``'s benchmark resolved now."""
-    if bench is None:
-        return resolve_benchmark(cfg)
-    d = cfg.data
-    if (bench.name, bench.root, bench.convention) != (d.benchmark, Path(d.root), d.convention):
-        raise ValueError(f"benchmark {bench.name} at {bench.root} ({bench.convention}) was resolved for another "
-                         f"config: expected data.benchmark={d.benchmark} at data.root={d.root} ({d.convention})")
-    return bench
-
-
 def data_settings(cfg: ExperimentConfig) -> DataSettings:
     """How ``cfg``'s datasets make their items (the ``data.*`` keys beyond the benchmark, ``eval.upstream_padding``)."""
     d = cfg.data
@@ -63,13 +43,13 @@ def data_settings(cfg: ExperimentConfig) -> DataSettings:
                         upstream_padding=cfg.eval.upstream_padding)
 
 
-def train_dataset(cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Dataset:
-    """The training episodes of ``cfg`` (base classes of ``cfg.fold``); ``bench``: its resolved benchmark."""
+def train_dataset(run: ResolvedRun) -> Dataset:
+    """The training episodes of the run (base classes of ``cfg.fold``)."""
     from svfseg.data.build import build_episodic
 
-    _check_root(cfg)
-    return build_episodic(benchmark_of(cfg, bench), data_settings(cfg), fold=cfg.fold, split="train", shot=cfg.shot,
-                          seed=cfg.seed)
+    cfg = run.cfg
+    check_root(cfg)
+    return build_episodic(run.bench, data_settings(cfg), fold=cfg.fold, split="train", shot=cfg.shot, seed=cfg.seed)
 
 
 def eval_protocol(cfg: ExperimentConfig, name: Optional[str] = None):
@@ -82,26 +62,25 @@ def eval_protocol(cfg: ExperimentConfig, name: Optional[str] = None):
     return PROTOCOLS[name]
 
 
-def eval_dataset(cfg: ExperimentConfig, *, fold: Optional[int] = None, seed: int = 0, count: int = 1000,
-                 episodes=None, shot: Optional[int] = None, order: Optional[str] = None,
-                 bench: Optional[Benchmark] = None) -> Dataset:
+def eval_dataset(run: ResolvedRun, *, fold: Optional[int] = None, seed: int = 0, count: int = 1000,
+                 episodes=None, shot: Optional[int] = None, order: Optional[str] = None) -> Dataset:
     """Fixed evaluation episodes on the val split (novel classes of ``fold``, default ``cfg.fold``).
 
     New episodes walk the query pool in ``order`` (default: the order of ``cfg.eval.protocol``,
-    so validation files and test episodes follow the same protocol). ``bench``: the run's
-    resolved benchmark (None: resolved here).
+    so validation files and test episodes follow the same protocol).
     """
     from svfseg.data.build import build_episodic
 
-    _check_root(cfg)
-    return build_episodic(benchmark_of(cfg, bench), data_settings(cfg), fold=cfg.fold if fold is None else fold,
+    cfg = run.cfg
+    check_root(cfg)
+    return build_episodic(run.bench, data_settings(cfg), fold=cfg.fold if fold is None else fold,
                           split="val", shot=cfg.shot if shot is None else shot, seed=seed, episodes=episodes,
                           num_episodes=count, order=order or eval_protocol(cfg).order)
 
 
-def write_episode_file(cfg: ExperimentConfig, out, *, seed: int = 0, count: int = 1000,
-                       fold: Optional[int] = None, shot: Optional[int] = None, bench: Optional[Benchmark] = None):
-    """Make fixed evaluation episodes for ``cfg`` (its val split, novel classes) and save them to ``out``.
+def write_episode_file(run: ResolvedRun, out, *, seed: int = 0, count: int = 1000,
+                       fold: Optional[int] = None, shot: Optional[int] = None):
+    """Make fixed evaluation episodes for the run (its val split, novel classes) and save them to ``out``.
 
     The file is what ``svfseg test --episodes`` reads; it carries the dataset fingerprint, so it is
     refused on other data.
@@ -109,26 +88,18 @@ def write_episode_file(cfg: ExperimentConfig, out, *, seed: int = 0, count: int 
     Returns:
         The saved :class:`~svfseg.data.episodes.EpisodeList`.
     """
-    episodes = eval_dataset(cfg, fold=fold, seed=seed, count=count, shot=shot, bench=bench).episodes
+    episodes = eval_dataset(run, fold=fold, seed=seed, count=count, shot=shot).episodes
     episodes.save(out)
     return episodes
 
 
-def episode_summary(cfg: ExperimentConfig, episodes, bench: Optional[Benchmark] = None) -> str:
+def episode_summary(run: ResolvedRun, episodes) -> str:
     """One line per class: how many of the episodes ask about it, with its name."""
     from collections import Counter
 
-    names = benchmark_of(cfg, bench).class_names
+    names = run.bench.class_names
     per = Counter(e.class_id for e in episodes.episodes)
     return ", ".join(f"{c} {names[c - 1]}: {per[c]}" for c in sorted(per))
-
-
-def _check_root(cfg: ExperimentConfig) -> None:
-    root = Path(cfg.data.root)
-    if not root.is_dir():
-        hint = ("`svfseg demo` generates it" if cfg.data.benchmark == "synthetic"
-                else f"prepare it with `svfseg prepare {cfg.data.benchmark} ...`")
-        raise FileNotFoundError(f"data.root={cfg.data.root!r}: no such folder ({hint}, or set data.root=...)")
 
 
 def heldout_base_fold(fold: int, folds: int = 4) -> int:
@@ -141,29 +112,10 @@ def heldout_base_fold(fold: int, folds: int = 4) -> int:
     return (fold + 1) % folds
 
 
-def semantic_dataset(cfg: ExperimentConfig, split: str, bench: Optional[Benchmark] = None) -> Dataset:
-    """Semantic-segmentation data of ``cfg`` (base classes of ``cfg.fold``; novel pixels are background)."""
+def semantic_dataset(run: ResolvedRun, split: str) -> Dataset:
+    """Semantic-segmentation data of the run (base classes of ``cfg.fold``; novel pixels are background)."""
     from svfseg.data.semantic import build_semantic
 
-    _check_root(cfg)
-    return build_semantic(benchmark_of(cfg, bench), data_settings(cfg), split=split, fold=cfg.fold, seed=cfg.seed)
-
-
-def run_facts(cfg: ExperimentConfig, bench: Optional[Benchmark] = None):
-    """What a model's recipe may know of the run ``cfg`` describes (``svfseg.models.recipe.RunFacts``).
-
-    The fold's class split comes from ``bench`` when given; otherwise it is resolved only when a
-    recipe asks (a custom root's ``dataset.yaml`` is read then), so building a model that needs
-    no classes never touches the data root.
-    """
-    from svfseg.models.recipe import ClassFacts, RunFacts
-
-    d, m = cfg.data, cfg.model
-
-    def classes() -> ClassFacts:
-        b = benchmark_of(cfg, bench)
-        return ClassFacts(tuple(b.split(cfg.fold).base), b.num_classes)
-
-    return RunFacts(benchmark=d.benchmark, fold=cfg.fold, shot=cfg.shot, output_dir=cfg.output_dir, model=m.name,
-                    backbone=m.backbone, convention=d.convention, backbone_kwargs=dict(m.backbone_kwargs),
-                    head=dict(m.head), base_checkpoint=m.base_checkpoint, resolve_classes=classes)
+    cfg = run.cfg
+    check_root(cfg)
+    return build_semantic(run.bench, data_settings(cfg), split=split, fold=cfg.fold, seed=cfg.seed)

@@ -9,8 +9,8 @@ barely moves in a short budget.
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
 import resource
 from collections import defaultdict
 from pathlib import Path
@@ -19,14 +19,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from svfseg.engine.runfolder import RunFolder, write_atomic, write_json_atomic
 from svfseg.svf import singular_value_parameters
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_FILE = "trained_backbone.safetensors"
-#: The trained backbone tensors as the run started (step 0): what movement is measured against
-#: after any number of stops and resumes.
-INITIAL_FILE = "initial_backbone.safetensors"
 
 
 def _stage(name: str) -> str:
@@ -61,20 +57,22 @@ def peak_rss_bytes() -> Optional[int]:
 class Footprint:
     """Snapshot of a model's trainable backbone tensors at the start of a run, compared at its end.
 
-    A run that was stopped and resumed measures movement against the weights of step 0 (kept in
-    ``initial_backbone.safetensors`` when the run starts), and its summary adds the earlier
-    segments' seconds, peak memory and step-1 gradient scale (``earlier``, stored in ``last.pt``).
+    A run that was stopped and resumed measures movement against the weights of step 0 (written by
+    :meth:`write_initial` when the run starts, read back by the resume: ``initial``), and its summary
+    adds the earlier segments' seconds, peak memory and step-1 gradient scale (``earlier``, stored in
+    ``last.pt``).
 
     Args:
         model: The few-shot model (unwrapped), before the first step.
         device: Where it trains (CUDA: peak memory from the allocator; else peak RSS).
         start_step: The step it starts from.
-        run_dir: The run folder (the initial tensors are written there at step 0, read on resume).
         earlier: :meth:`segments` of the checkpoint resumed from (None: a fresh run).
+        initial: The trained backbone tensors at step 0 (``engine.state.Resume.initial_backbone``);
+            None, or tensors that do not match: movement is measured from ``start_step``.
     """
 
     def __init__(self, model: nn.Module, device: torch.device, start_step: int = 0,
-                 run_dir: Optional[Path] = None, earlier: Optional[dict] = None):
+                 earlier: Optional[dict] = None, initial: Optional[dict] = None):
         self.device = device
         self.start_step = start_step
         groups = model.parameter_groups() if hasattr(model, "parameter_groups") else []
@@ -89,7 +87,8 @@ class Footprint:
         self.start = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
         self.start_from = start_step
         self.earlier = dict(earlier or {})
-        self._initial_weights(run_dir, start_step)
+        if initial is not None:
+            self._measure_from(initial)
         self.gradient_scale: dict = dict(self.earlier.get("gradient_scale_step1") or {})
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -98,28 +97,22 @@ class Footprint:
         # but unreturned memory): peak minus this is what the steps themselves added.
         self.rss_at_start = _status_kb("VmRSS")
 
-    def _initial_weights(self, run_dir: Optional[Path], start_step: int) -> None:
-        """Step 0's tensors: written at a fresh start, read back on resume (absent: measured from here)."""
-        if run_dir is None or not self.params:
-            return
-        path = Path(run_dir) / INITIAL_FILE
-        from safetensors.torch import load_file, save_file
+    def _measure_from(self, initial: dict) -> None:
+        """Step 0's tensors as the reference, when they are the trained tensors (else: measured from here)."""
+        if set(initial) == set(self.start) and all(initial[n].shape == self.start[n].shape for n in initial):
+            self.start, self.start_from = initial, 0
+        else:
+            logger.warning("the step-0 backbone tensors do not match the trained tensors; movement is measured "
+                           "from step %d", self.start_step)
 
-        if start_step == 0:
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({n: t.contiguous() for n, t in self.start.items()}, str(tmp))
-            tmp.replace(path)
-        elif path.exists():
-            try:
-                initial = load_file(str(path))
-            except Exception as e:  # noqa: BLE001 - a damaged file: fall back to the resume point
-                logger.warning("%s: unreadable (%s); movement is measured from step %d", path, e, start_step)
-                return
-            if set(initial) == set(self.start) and all(initial[n].shape == self.start[n].shape for n in initial):
-                self.start, self.start_from = initial, 0
-            else:
-                logger.warning("%s does not match the trained tensors; movement is measured from step %d", path,
-                               start_step)
+    def write_initial(self, path: str | os.PathLike) -> None:
+        """Save the trained tensors as they are now (a fresh run's step 0) to ``path`` (atomic)."""
+        if not self.params:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {n: t.contiguous() for n, t in self.start.items()}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
     def segments(self, seconds: float) -> dict:
         """What the next segment adds to (stored in ``last.pt``): seconds so far, peak memory, step-1 gradients."""
@@ -172,7 +165,7 @@ class Footprint:
             return int(torch.cuda.max_memory_allocated(self.device))
         return peak_rss_bytes()
 
-    def summary(self, run_dir: Path) -> dict:
+    def summary(self, run_dir: str | os.PathLike | RunFolder) -> dict:
         """The summary; writes ``trained_backbone.safetensors`` (the trained backbone tensors) unless most trained."""
         adapter = None
         if self.params:
@@ -183,9 +176,10 @@ class Footprint:
             else:
                 from safetensors.torch import save_file
 
-                path = Path(run_dir) / ADAPTER_FILE
-                save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(path))
-                adapter = {"file": ADAPTER_FILE, "bytes": path.stat().st_size}
+                path = RunFolder(run_dir).trained_backbone
+                tensors = {n: p.detach().cpu().contiguous() for n, p in self.params.items()}
+                write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+                adapter = {"file": path.name, "bytes": path.stat().st_size}
         move = self.movement()
         overall = None
         if move:
@@ -202,12 +196,13 @@ class Footprint:
                 ("peak_rss_since_fit" if self.rss_reset else "peak_rss_process")}
 
 
-def write_trainable(run_dir: Path, model: nn.Module) -> dict:
+def write_trainable(run_dir: str | os.PathLike | RunFolder, model: nn.Module) -> dict:
     """``trainable.json``: trainable parameters per group of ``model`` (written when a run starts)."""
     groups = model.parameter_groups() if hasattr(model, "parameter_groups") else []
     counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
     counts["total"] = sum(counts.values())
     counts["regime"] = getattr(model, "regime", None)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "trainable.json").write_text(json.dumps(counts, indent=1))
+    folder = RunFolder(run_dir)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder.trainable, counts)
     return counts

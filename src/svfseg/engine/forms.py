@@ -15,13 +15,12 @@ from typing import Callable, Optional
 from torch import nn
 
 from svfseg.engine.distributed import DistInfo, broadcast_object
-from svfseg.engine.runfiles import write_text_atomic
+from svfseg.engine.runfolder import RunFolder, write_text_atomic
 from svfseg.svf import FormsPlan, NothingToPlan, forms_plan, plan_forms, use_plan
 
 logger = logging.getLogger(__name__)
 
-#: The plan's file in the run folder, and its key in ``last.pt`` / ``best.pt``.
-FORMS_FILE = "svf_forms.json"
+#: The plan's key in ``last.pt`` / ``best.pt`` (its file in the run folder: ``RunFolder.forms``).
 CHECKPOINT_KEY = "svf_forms"
 
 
@@ -80,7 +79,7 @@ def measure_forms(model: nn.Module, run_forward: Callable[[], object], info: Dis
 
 def write_forms(run_dir: Path, plan: FormsPlan) -> Path:
     """``svf_forms.json`` in the run folder (atomic): what ``svf.plan`` takes to repeat these forms."""
-    return write_text_atomic(Path(run_dir) / FORMS_FILE, plan.to_json())
+    return write_text_atomic(RunFolder(run_dir).forms, plan.to_json())
 
 
 def _syncs_batchnorm(model: nn.Module) -> bool:

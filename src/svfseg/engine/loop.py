@@ -7,7 +7,6 @@ schedule, the step, logging, when to validate, checkpoint and stop.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -15,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -27,7 +26,7 @@ from svfseg.engine.data import make_loader
 from svfseg.engine.distributed import DistInfo, all_reduce_sum, barrier
 from svfseg.engine.footprint import Footprint, write_trainable
 from svfseg.engine.optim import poly_lr, set_lr
-from svfseg.engine.runfiles import write_text_atomic
+from svfseg.engine.runfolder import write_json_atomic
 from svfseg.engine.runlog import LogWindow, RunLogger, plot_curves
 from svfseg.engine.runtime import progress_bar
 from svfseg.engine.state import TrainingState
@@ -86,7 +85,7 @@ class StopRequest:
 
 
 def fit(cfg: ExperimentConfig, state: TrainingState, train_set: Dataset, *, task: Task,
-        val: Optional[EvalSet] = None) -> FitResult:
+        val: Optional[EvalSet] = None, start: Optional[Callable[[], None]] = None) -> FitResult:
     """Train ``state.model`` on ``train_set`` as ``cfg`` and ``task`` say, from ``state.step`` to the end.
 
     The learning rate is ``poly_lr(step)`` times each group's ``optim.lr_mult``. ``last.pt`` is
@@ -101,23 +100,31 @@ def fit(cfg: ExperimentConfig, state: TrainingState, train_set: Dataset, *, task
         train_set: Training items (``set_epoch`` if it has one + ``len``).
         task: What a step computes and how validation scores (:class:`~svfseg.engine.tasks.base.Task`).
         val: Items checkpoints are selected on; None = no validation (best = last).
+        start: The caller's first writes (``engine.run.train_run``: ``config.yaml``, ``meta.json``, the
+            validation episodes), made on the main process once the task's checks have passed.
     """
     info, tc, oc, spe, run_dir = state.info, cfg.train, cfg.optim, state.steps_per_epoch, state.run_dir
     if len(train_set) != state.train_items:
         raise ValueError(f"fit: the training set has {len(train_set)} items, the TrainingState was made for "
                          f"{state.train_items} (its steps per epoch and schedule); build both from the same set")
-    task.check_training(cfg, state.model, info)  # train_run asked already, before its first write
+    task.check_training(cfg, state.model, info)  # before anything of the run is written
+    if info.is_main and start is not None:
+        start()
+    barrier(info)
+    folder, resume = state.folder, state.resume
     net = _for_processes(state.model, info, task)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_trainable(run_dir, state.model)
+        write_trainable(folder, state.model)
     state.write_forms()  # a plan given (svf.plan) or resumed is in the run folder from the start
-    # Movement is measured from the run's step-0 weights (kept in the run folder); a resumed run
-    # adds the earlier segments' seconds and peak memory (kept in last.pt).
-    footprint = Footprint(state.model, info.device, start_step=state.step,
-                          run_dir=run_dir if info.is_main else None, earlier=state.earlier_segments)
+    # Movement is measured from the run's step-0 weights (written to the run folder at step 0, read
+    # back by the resume); a resumed run adds the earlier segments' seconds and peak memory (kept in last.pt).
+    footprint = Footprint(state.model, info.device, start_step=state.step, earlier=state.earlier_segments,
+                          initial=resume.initial_backbone() if resume is not None and info.is_main else None)
+    if info.is_main and resume is None:
+        footprint.write_initial(folder.initial_backbone)
     sampler = EpochBatchSampler(len(train_set), tc.batch_size, spe, cfg.seed, info.rank, info.world_size)
-    runlog = RunLogger(run_dir, resume_step=state.step if state.resumed else None,
+    runlog = RunLogger(folder, keep_through=resume.log_rows_through() if resume is not None else None,
                        tensorboard=tc.tensorboard) if info.is_main else None
     window, t_start = LogWindow(state.log_window), time.perf_counter()
     bar = progress_bar(state.total, desc=task.train_desc, enabled=tc.progress and info.is_main, unit="step",
@@ -178,7 +185,7 @@ def fit(cfg: ExperimentConfig, state: TrainingState, train_set: Dataset, *, task
             bar.close()
         if runlog is not None:
             runlog.close()
-            plot_curves(run_dir)
+            plot_curves(folder)
     return _finish(state, task, cfg, status, early_stop, footprint, time.perf_counter() - t_start)
 
 
@@ -261,13 +268,13 @@ def _finish(state: TrainingState, task: Task, cfg: ExperimentConfig, status: str
             footprint: Footprint, segment_seconds: float) -> FitResult:
     """``train_summary.json`` (main process) and the :class:`FitResult`."""
     seconds = footprint.segments(segment_seconds)["seconds"]  # every segment of a resumed run
-    run_dir = state.run_dir
+    folder = state.folder
     if state.info.is_main:
         out = {"task": task.name, "model": cfg.model.name, "status": status, "early_stop": early_stop,
                "step": state.step, "total_steps": state.total, "seconds": seconds,
                "segment_seconds": segment_seconds, "best": state.best, "history": state.history,
-               "footprint": footprint.summary(run_dir)}
+               "footprint": footprint.summary(folder)}
         # compare reads it to tell a finished cell: never half a file
-        write_text_atomic(run_dir / "train_summary.json", json.dumps(out, indent=1, default=str))
-    return FitResult(status, state.step, state.total, run_dir, state.last_path,
+        write_json_atomic(folder.summary, out, default=str)
+    return FitResult(status, state.step, state.total, folder.path, state.last_path,
                      state.best_path if state.best_path.exists() else None, state.best, seconds, state.history)

@@ -1,6 +1,7 @@
 """One training run from a config: run folder, every check before the first write, task, data, model, loop.
 
-What a resume reads, checks and restores is ``engine.state``'s; this module only passes it along.
+What a resume reads, checks, warns about and restores is ``engine.state``'s (``resume_point``, called
+once here); this module only passes it along.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -16,45 +18,46 @@ from typing import Optional, Sequence
 import torch
 
 import svfseg
-from svfseg.config import ExperimentConfig, dump_yaml, git_commit, to_dict
+from svfseg.config import ExperimentConfig, dump_yaml, git_commit
 from svfseg.engine import checkpoint as ckpt
-from svfseg.engine.data import resolve_benchmark
-from svfseg.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from svfseg.engine.distributed import DistInfo, cleanup, init_distributed
 from svfseg.engine.loop import FitResult, fit
-from svfseg.engine.model import build_model, describe, preflight
-from svfseg.engine.runfiles import clear_run, write_text_atomic
+from svfseg.engine.model import build_model, check_model_names, describe, preflight
+from svfseg.engine.resolved import resolve_run
+from svfseg.engine.runfolder import RunFolder, write_text_atomic
 from svfseg.engine.runlock import RunLock
 from svfseg.engine.runtime import threads_for
-from svfseg.engine.state import TrainingState, load_resume_state
+from svfseg.engine.state import TrainingState, resume_point
 from svfseg.engine.tasks import get_task
+from svfseg.engine.tasks.base import EvalSet
 from svfseg.models import model_recipe
 
 logger = logging.getLogger(__name__)
 
 
-def write_run_metadata(run_dir: Path, cfg: ExperimentConfig, argv: Optional[Sequence[str]] = None,
-                       *, resumed: bool = False) -> None:
-    """``config.yaml`` (the resolved config) and ``meta.json`` (version, commit, command, torch).
+def write_run_metadata(run_dir: str | os.PathLike | RunFolder, cfg: ExperimentConfig,
+                       argv: Optional[Sequence[str]] = None, *, resumed: bool = False) -> None:
+    """``config.yaml`` (the resolved config) and ``meta.json`` (version, commit, command, torch), each atomic.
 
     ``meta.json`` keeps the first command under ``command`` and appends every start (fresh or
     resumed) to ``history``; nothing earlier is overwritten.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    folder = RunFolder(run_dir)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder.config, dump_yaml(cfg))
     command = list(argv) if argv is not None else sys.argv
     meta = {"svfseg_version": svfseg.__version__, "git_commit": git_commit(), "torch": torch.__version__,
             "python": platform.python_version(), "host": platform.node(),
             "command": command, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    meta_path = run_dir / "meta.json"
-    old = _read_meta(meta_path) if resumed else {}
+    old = _read_meta(folder.meta) if resumed else {}
     start = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "resume": resumed, "command": command, "host": meta["host"], "svfseg_version": meta["svfseg_version"],
              "git_commit": meta["git_commit"]}
     if old:
         meta = {**meta, **{k: v for k, v in old.items() if k != "history"}}
     meta["history"] = [*old.get("history", []), start]
-    write_text_atomic(meta_path, json.dumps(meta, indent=1))
+    write_text_atomic(folder.meta, json.dumps(meta, indent=1))
 
 
 def _read_meta(path: Path) -> dict:
@@ -69,8 +72,9 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Optional[Sequence[str]] = None,
-              info: Optional[DistInfo] = None, overwrite: bool = False) -> FitResult:
+def train_run(cfg: ExperimentConfig, *, run_dir: Optional[str | os.PathLike] = None,
+              argv: Optional[Sequence[str]] = None, info: Optional[DistInfo] = None, overwrite: bool = False,
+              lock: Optional[RunLock] = None) -> FitResult:
     """Train as ``cfg`` says (``cfg.resume``: continue the run folder's ``last.pt``).
 
     The model's recipe names the task that trains it (few-shot episodes, semantic
@@ -83,6 +87,8 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
         info: process-group info (default: from the torchrun environment).
         overwrite: a fresh run replaces the run files already in the folder (deleted once every
             check has passed); refused with ``cfg.resume``.
+        lock: the run folder's lock, already held by the caller (``compare`` takes it before it
+            looks at a cell); None: taken here.
 
     Returns:
         The :class:`~svfseg.engine.loop.FitResult`.
@@ -90,47 +96,53 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[Path] = None, argv: Op
     own_group = info is None
     info = info or init_distributed(cfg.device)
     try:
-        run_dir = Path(run_dir or cfg.run_dir())
+        folder = RunFolder(run_dir or cfg.run_dir())
+        check_model_names(cfg)  # what only the model registry knows, before any data is read
         task = get_task(model_recipe(cfg.model.name).task)
+        if lock is not None and not (lock.held and lock.run_dir == folder.path):
+            raise ValueError(f"train_run: the lock given is not held on {folder.path}")
         # The lock comes first (a second process on this folder is refused), then every check:
         # config.yaml and meta.json are written only once the run is known to start.
+        own_lock = info.is_main and lock is None
         # the threads key holds for the whole run, however it was started (a compare cell, the demo, a script)
-        with threads_for(cfg.threads), RunLock(run_dir, "svfseg train") if info.is_main else contextlib.nullcontext():
+        with threads_for(cfg.threads), folder.lock("svfseg train") if own_lock else contextlib.nullcontext():
             if info.is_main:
-                ckpt.remove_stale_temporaries(run_dir)
-            if overwrite and cfg.resume:
-                raise ValueError(f"{run_dir}: --overwrite starts the run afresh, --resume continues it; give one")
-            saved = load_resume_state(cfg, run_dir, is_main=info.is_main, overwrite=overwrite)
-            if saved is not None:
-                _warn_config_changes(saved["config"], to_dict(cfg))
-            bench = resolve_benchmark(cfg)  # the class split, read once for the data, the model and its checks
-            preflight(cfg, bench)
-            train_set = task.train_data(cfg, bench)
-            val = task.eval_set(cfg, run_dir, info, bench)  # made and checked; its file is written below
+                ckpt.remove_stale_temporaries(folder.path)
+            resume = resume_point(cfg, folder, is_main=info.is_main, overwrite=overwrite)  # all --resume decides
+            run = resolve_run(cfg)  # the class split, read once for the data, the model and its checks
+            preflight(run)
+            train_set = task.train_data(run)
+            val = task.eval_set(run, folder, info, resume)  # made and checked; its file is written below
             torch.manual_seed(cfg.seed)  # the head's initial weights depend only on the seed
-            model = build_model(cfg, pretrained=saved is None, bench=bench)
-            task.check_training(cfg, model, info)
+            model = build_model(run, pretrained=resume is None)
             # the one restore of a resumed run (step count checked; weights, optimiser, RNG, counters), before any write
-            state = TrainingState(cfg, model, run_dir=run_dir, describe=describe(model, cfg, bench), info=info,
-                                  train_items=len(train_set), resume_from=saved)
-            del saved
+            state = TrainingState(cfg, model, run_dir=folder, describe=describe(model, run), info=info,
+                                  train_items=len(train_set), resume_from=resume)
+            del resume
             if info.is_main:
-                check_room_for_checkpoints(run_dir, model)
-                if overwrite:
-                    removed = clear_run(run_dir)
-                    if removed:
-                        logger.warning("--overwrite: removed the earlier run's %d file(s) from %s", len(removed),
-                                       run_dir)
-                if val is not None:
-                    val.write()  # new validation episodes, kept for a resume (after the clear: never the old run's)
-                write_run_metadata(run_dir, cfg, argv, resumed=state.resumed)
-                logger.info("torch threads: %d (threads=%s; see the README on choosing it)", torch.get_num_threads(),
-                            cfg.threads)
-            barrier(info)
-            return fit(cfg, state, train_set, task=task, val=val)
+                check_room_for_checkpoints(folder.path, model)
+
+            def start() -> None:  # fit calls it once the task's own checks have passed
+                _start_files(folder, cfg, argv, val, overwrite=overwrite, resumed=state.resumed)
+
+            return fit(cfg, state, train_set, task=task, val=val, start=start)
     finally:
         if own_group:
             cleanup(info)
+
+
+def _start_files(folder: RunFolder, cfg: ExperimentConfig, argv: Optional[Sequence[str]], val: Optional[EvalSet], *,
+                 overwrite: bool, resumed: bool) -> None:
+    """A run's first writes, every check passed (main process): an overwritten run's files gone, the new
+    validation episodes, ``config.yaml`` and ``meta.json``."""
+    if overwrite:
+        removed = folder.clear()
+        if removed:
+            logger.warning("--overwrite: removed the earlier run's %d file(s) from %s", len(removed), folder.path)
+    if val is not None:
+        val.write()  # new validation episodes, kept for a resume (after the clear: never the old run's)
+    write_run_metadata(folder, cfg, argv, resumed=resumed)
+    logger.info("torch threads: %d (threads=%s; see the README on choosing it)", torch.get_num_threads(), cfg.threads)
 
 
 def check_room_for_checkpoints(run_dir: Path, model: torch.nn.Module) -> None:
@@ -156,14 +168,3 @@ def check_room_for_checkpoints(run_dir: Path, model: torch.nn.Module) -> None:
         raise OSError(errno.ENOSPC, f"{run_dir}: expected about {needed / 1e6:.0f} MB free for last.pt and best.pt "
                                     f"before training, found {free / 1e6:.0f} MB; free some space (or set "
                                     f"output_dir=...) and start again")
-
-
-def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
-    quiet = {"resume", "train.stop_after_steps", "train.progress", "threads"}
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        key = prefix + k
-        if isinstance(a, dict) and isinstance(b, dict) and key not in ("optim.lr_mult", "model.head"):
-            _warn_config_changes(a, b, key + ".")
-        elif a != b and key not in quiet:
-            logger.warning("resume: config key '%s' changed from %r to %r", key, a, b)

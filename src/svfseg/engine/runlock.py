@@ -27,10 +27,12 @@ class RunLock:
     Args:
         run_dir: the folder to own.
         what: what takes the lock (``train``, ``compare cell``, ...), recorded for the refusal.
+        instead: what a refused user may do instead (the refusal's last words).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, what: str = "svfseg"):
-        self.run_dir, self.what = Path(run_dir), what
+    def __init__(self, run_dir: str | os.PathLike, what: str = "svfseg",
+                 instead: str = "choose another folder (name=<new name>)"):
+        self.run_dir, self.what, self.instead = Path(run_dir), what, instead
         self.path = self.run_dir / LOCK_NAME
         self._fd: Optional[int] = None
         self._created = False
@@ -45,8 +47,8 @@ class RunLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunLocked(f"{self.run_dir}: run folder is in use by {holder}; wait for it to end, or choose "
-                            f"another folder (name=<new name>)") from None
+            raise RunLocked(f"{self.run_dir}: in use by {holder}; wait for it to end, or "
+                            f"{self.instead}") from None
         except BaseException:
             os.close(fd)
             raise

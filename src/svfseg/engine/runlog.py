@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
+
+from svfseg.engine.runfolder import RunFolder, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -14,14 +17,13 @@ VAL_FIELDS = ("step", "epoch", "on", "miou", "fb_iou", "episodes", "best")
 
 
 class CsvLog:
-    """Append rows to a CSV file; on resume, rows after the checkpoint's step are dropped."""
+    """Append rows to a CSV file, started anew or keeping the rows up to ``keep_through`` (a resume's step)."""
 
-    def __init__(self, path: Path, fields: Sequence[str], resume_step: Optional[int] = None):
+    def __init__(self, path: Path, fields: Sequence[str], keep_through: Optional[int] = None):
         self.path, self.fields = Path(path), tuple(fields)
         rows = []
-        if resume_step is not None and self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        if keep_through is not None:
+            rows = [r for r in read_csv(self.path) if int(r["step"]) <= keep_through]
         with open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.fields)
             w.writeheader()
@@ -36,12 +38,32 @@ def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)
 
 
-def read_csv(path: Path) -> list[dict]:
-    """Rows of a CSV log (strings)."""
-    if not Path(path).exists():
+def read_csv(path: Path, fields: Sequence[str] = ("step",)) -> list[dict]:
+    """Rows of a CSV log (strings) that have ``fields`` and a whole-number step; [] when the file is missing.
+
+    A log another process emptied or cut mid-row (a folder cleared under a running compare) loses
+    the rows it cannot give, with a warning, instead of failing whoever reads it.
+    """
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        logger.warning("%s: unreadable log (%s); left out", path, e)
+        return []
+    good = [r for r in rows if all(r.get(k) not in (None, "") for k in fields) and _whole(r.get("step"))]
+    if len(good) < len(rows):
+        logger.warning("%s: %d of %d rows lack %s; left out", path, len(rows) - len(good), len(rows), list(fields))
+    return good
+
+
+def _whole(text: Optional[str]) -> bool:
+    try:
+        int(text)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 class RunLogger:
@@ -49,20 +71,23 @@ class RunLogger:
 
     Args:
         run_dir: the run folder.
-        resume_step: step of the checkpoint a resumed run continues from (later rows are dropped).
-        tensorboard: also write TensorBoard event files under ``run_dir/tb``.
+        keep_through: a resumed run's step (``engine.state.Resume.log_rows_through``): later rows are
+            dropped; None: the logs start anew.
+        tensorboard: also write TensorBoard event files under the folder's ``tb``.
     """
 
-    def __init__(self, run_dir: Path, resume_step: Optional[int] = None, tensorboard: bool = True):
-        self.run_dir = Path(run_dir)
-        self.train = CsvLog(self.run_dir / "train_log.csv", TRAIN_FIELDS, resume_step)
-        self.val = CsvLog(self.run_dir / "val_log.csv", VAL_FIELDS, resume_step)
+    def __init__(self, run_dir: str | os.PathLike | RunFolder, keep_through: Optional[int] = None,
+                 tensorboard: bool = True):
+        folder = RunFolder(run_dir)
+        self.run_dir = folder.path
+        self.train = CsvLog(folder.train_log, TRAIN_FIELDS, keep_through)
+        self.val = CsvLog(folder.val_log, VAL_FIELDS, keep_through)
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step)
+                self.tb = SummaryWriter(str(folder.tensorboard), purge_step=keep_through)
             except ImportError as e:  # tensorboard is a dependency, but keep training if it is broken
                 logger.warning("TensorBoard logging off: %s", e)
 
@@ -126,8 +151,10 @@ class LogWindow:
         self._open()
 
 
-def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
+def plot_curves(run_dir: str | os.PathLike | RunFolder, out: Optional[Path] = None) -> Optional[Path]:
     """Loss, learning rate and validation scores against the step, as a PNG (matplotlib Agg).
+
+    A missing, empty or damaged log plots what it can give (rows without the columns are left out).
 
     Returns:
         The PNG path, or None when there is nothing to plot.
@@ -137,9 +164,9 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    train = read_csv(run_dir / "train_log.csv")
-    val = read_csv(run_dir / "val_log.csv")
+    folder = RunFolder(run_dir)
+    train = read_csv(folder.train_log, ("step", "loss", "loss_main", "lr"))
+    val = read_csv(folder.val_log, ("step", "on", "miou", "fb_iou"))
     if not train and not val:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -167,7 +194,7 @@ def plot_curves(run_dir: Path, out: Optional[Path] = None) -> Optional[Path]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "curves.png"
-    fig.savefig(out, dpi=90)
+    out = Path(out) if out else folder.curves
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return out

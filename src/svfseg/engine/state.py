@@ -1,4 +1,4 @@
-"""A training run's resumable state and its checkpoint life cycle: everything ``--resume`` does, in one file.
+"""A training run's resumable state and its checkpoint life cycle: everything ``--resume`` decides, in one file.
 
 :class:`TrainingState` is what continues a run: the model, the optimiser (with the AMP grad scaler
 and SVF's decay towards the pretrained values), the step, the best validation score and the
@@ -8,9 +8,13 @@ the partial log row. It is written here (``last.pt``, keeping the file it replac
 to ``last.prev.pt``), checked here and restored here, once: the checkpoint's weights are loaded
 into the model in :meth:`TrainingState._restore` and nowhere else.
 
+What else a resume decides is a :class:`Resume`, made once by :func:`resume_point` and handed to
+those who ask: which validation episodes to read back (the task), which log rows to keep (the
+logger) and the step-0 weights movement is measured from (the footprint).
+
 The way through: ``svfseg train --resume RUN`` -> :func:`resume_config` (the run's own config) ->
-``engine.run.train_run`` -> :func:`load_resume_state` (the file) -> :class:`TrainingState` (the
-restore) -> ``engine.loop.fit`` (the steps).
+``engine.run.train_run`` -> :func:`resume_point` (the checks, the file, the warnings) ->
+:class:`TrainingState` (the restore) -> ``engine.loop.fit`` (the steps).
 """
 from __future__ import annotations
 
@@ -27,14 +31,15 @@ from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.distributed import DistInfo, barrier, resolve_device, sync_trainable_batchnorm
 from svfseg.engine.forms import CHECKPOINT_KEY, initial_forms, measure_forms, needs_measuring, write_forms
 from svfseg.engine.optim import build_optimizer
-from svfseg.engine.runfiles import run_files
+from svfseg.engine.runfolder import RunFolder
 from svfseg.engine.runtime import amp_dtype
 
 logger = logging.getLogger(__name__)
 
-LAST, BEST = "last.pt", "best.pt"
 #: What a ``last.pt`` must hold to continue a run.
 RESUMABLE_KEYS = ("model", "optimizer", "describe", "step", "rng_per_rank")
+#: Config keys a resume may change without a warning (how it runs, not what it computes).
+_QUIET_CHANGES = {"resume", "train.stop_after_steps", "train.progress", "threads"}
 
 
 def steps_per_epoch(cfg: ExperimentConfig, n: int) -> int:
@@ -46,15 +51,105 @@ def steps_per_epoch(cfg: ExperimentConfig, n: int) -> int:
     return steps
 
 
-def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def resume_config(run_dir: str | os.PathLike | RunFolder, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """The config of an existing run folder with ``resume=true`` and any further overrides."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (is it a run folder?)")
-    return load_config(path, [*overrides, "resume=true"])
+    folder = RunFolder(run_dir)
+    if not folder.config.exists():
+        raise FileNotFoundError(f"--resume {folder.path}: no {folder.config.name} there (is it a run folder?)")
+    return load_config(folder.config, [*overrides, "resume=true"])
 
 
-def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = True,
+class Resume:
+    """What ``--resume`` decided beyond the restore (:class:`TrainingState` does that), for those who ask.
+
+    Args:
+        checkpoint: the ``last.pt`` (or ``last.prev.pt``) read once by :func:`load_resume_state`.
+        folder: the run folder.
+    """
+
+    def __init__(self, checkpoint: dict, folder: str | os.PathLike | RunFolder):
+        self._checkpoint: Optional[dict] = checkpoint
+        self.folder = RunFolder(folder)
+        #: The step the run continues from.
+        self.step = int(checkpoint["step"])
+
+    def take_checkpoint(self) -> dict:
+        """The checkpoint, handed over once (to :class:`TrainingState`'s restore; not kept: it holds every weight)."""
+        blob, self._checkpoint = self._checkpoint, None
+        if blob is None:
+            raise RuntimeError(f"resume {self.folder.path}: its checkpoint was restored already")
+        return blob
+
+    def validation_file(self, on: str) -> Optional[Path]:
+        """The run's own validation episodes (``on``), read back so that it selects on the same ones; None when
+        the file is gone (new episodes are then made from the seed and kept)."""
+        path = self.folder.val_episodes(on)
+        return path if path.exists() else None
+
+    def log_rows_through(self) -> int:
+        """The last step whose CSV/TensorBoard rows are kept: rows written after ``last.pt`` are written again."""
+        return self.step
+
+    def initial_backbone(self) -> Optional[dict]:
+        """The trained backbone tensors at step 0 (what movement is measured from), None when missing or unreadable."""
+        path = self.folder.initial_backbone
+        if not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a damaged file: movement is measured from the resume point
+            logger.warning("%s: unreadable (%s); movement is measured from step %d", path, e, self.step)
+            return None
+
+
+def resume_if_resumable(cfg: ExperimentConfig, run_dir: str | os.PathLike | RunFolder) -> bool:
+    """Turn ``cfg.resume`` on when the run folder holds a ``last.pt`` to continue (``compare``'s cells); whether it did.
+
+    Without one, whatever the folder holds is from an attempt that never checkpointed: the caller
+    starts it afresh (``train_run(..., overwrite=not cfg.resume)``).
+    """
+    folder = RunFolder(run_dir)
+    if folder.resumable():
+        cfg.resume = True
+        logger.info("resuming %s", folder.path)
+    return cfg.resume
+
+
+def resume_point(cfg: ExperimentConfig, run_dir: str | os.PathLike | RunFolder, *, is_main: bool = True,
+                 overwrite: bool = False) -> Optional[Resume]:
+    """Everything ``--resume`` decides before a run starts, called once (``engine.run.train_run``).
+
+    A fresh run (``cfg.resume`` off) gets None after the folder is checked (:func:`load_resume_state`);
+    a resume gets the :class:`Resume` of its ``last.pt``, read once, with a warning per config key
+    that changed since the checkpoint.
+
+    Raises:
+        ValueError: ``overwrite`` and ``cfg.resume`` together.
+        FileNotFoundError, CheckpointError, FileExistsError: as :func:`load_resume_state`.
+    """
+    folder = RunFolder(run_dir)
+    if overwrite and cfg.resume:
+        raise ValueError(f"{folder.path}: --overwrite starts the run afresh, --resume continues it; give one")
+    saved = load_resume_state(cfg, folder, is_main=is_main, overwrite=overwrite)
+    if saved is None:
+        return None
+    _warn_config_changes(saved["config"], to_dict(cfg))
+    return Resume(saved, folder)
+
+
+def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        key = prefix + k
+        if isinstance(a, dict) and isinstance(b, dict) and key not in ("optim.lr_mult", "model.head"):
+            _warn_config_changes(a, b, key + ".")
+        elif a != b and key not in _QUIET_CHANGES:
+            logger.warning("resume: config key '%s' changed from %r to %r", key, a, b)
+
+
+def load_resume_state(cfg: ExperimentConfig, run_dir: str | os.PathLike | RunFolder, *, is_main: bool = True,
                       overwrite: bool = False) -> Optional[dict]:
     """The run folder's ``last.pt`` when ``cfg.resume`` is set; None for a fresh run.
 
@@ -74,31 +169,30 @@ def load_resume_state(cfg: ExperimentConfig, run_dir: Path, *, is_main: bool = T
     Raises:
         FileNotFoundError: ``cfg.resume`` is set but there is no ``last.pt`` (nor ``last.prev.pt``).
         CheckpointError: ``last.pt`` is damaged and there is no good ``last.prev.pt``.
-        FileExistsError: A fresh run would write into a folder that holds run files (any of
-            :data:`~svfseg.engine.runfiles.RUN_FILES`, e.g. a finished run whose ``last.pt`` was
-            deleted) and ``overwrite`` is off.
+        FileExistsError: A fresh run would write into a folder that holds run files
+            (:meth:`RunFolder.present`, e.g. a finished run whose ``last.pt`` was deleted) and
+            ``overwrite`` is off.
     """
-    last = Path(run_dir) / LAST
+    folder = RunFolder(run_dir)
     if cfg.resume:
-        if not last.exists() and not ckpt.previous_path(last).exists():
-            raise FileNotFoundError(f"resume: {last} does not exist (start the run without resume=true)")
-        return _load_or_fall_back(last, is_main)
+        if not folder.resumable():
+            raise FileNotFoundError(f"resume: {folder.last} does not exist (start the run without resume=true)")
+        return _load_or_fall_back(folder, is_main)
     if overwrite:
         return None
-    present = run_files(run_dir)
+    present = folder.present()
     if present:
         names = ", ".join(p.name for p in present[:6]) + (", ..." if len(present) > 6 else "")
-        resumable = last.exists() or ckpt.previous_path(last).exists()
-        how = (f"continue it with `svfseg train --resume {run_dir}`, " if resumable else
-               "its last.pt is gone, so it cannot be resumed; ")
-        raise FileExistsError(f"{run_dir} already holds a run ({names}); {how}replace it with "
+        how = (f"continue it with `svfseg train --resume {folder.path}`, " if folder.resumable() else
+               f"its {folder.last.name} is gone, so it cannot be resumed; ")
+        raise FileExistsError(f"{folder.path} already holds a run ({names}); {how}replace it with "
                               f"`svfseg train --overwrite ...` or start another with name=<new name>")
     return None
 
 
-def _load_or_fall_back(last: Path, is_main: bool) -> dict:
+def _load_or_fall_back(folder: RunFolder, is_main: bool) -> dict:
     """``last.pt``, or ``last.prev.pt`` with a warning when ``last.pt`` is missing, damaged or foreign."""
-    prev = ckpt.previous_path(last)
+    last, prev = folder.last, folder.previous
     try:
         return ckpt.read_checkpoint(last, RESUMABLE_KEYS, "a resumable svfseg training checkpoint")
     except (ckpt.CheckpointError, FileNotFoundError) as e:
@@ -109,7 +203,7 @@ def _load_or_fall_back(last: Path, is_main: bool) -> dict:
                        state.get("step"))
         if is_main and last.exists():
             # keep the damaged file for a look, out of the way of the next save's rotation
-            os.replace(last, last.with_name(f"{last.stem}.damaged{last.suffix}"))
+            os.replace(last, folder.damaged)
         return state
 
 
@@ -142,21 +236,24 @@ class TrainingState:
     Args:
         cfg: Experiment config.
         model: The model (not DDP-wrapped); trained in place.
-        run_dir: Run folder (``last.pt``/``best.pt``).
+        run_dir: Run folder (``last.pt``/``best.pt``): a path or its :class:`RunFolder`.
         describe: Model description stored in checkpoints and checked on resume (``engine.model.describe``).
         train_items: Size of the training pool (with ``train.batch_size``: the steps per epoch).
         info: Process-group info (None: one process on ``cfg.device``).
-        resume_from: A loaded ``last.pt`` (:func:`load_resume_state`) to continue; None: step 0.
+        resume_from: The :class:`Resume` of :func:`resume_point` (or a ``last.pt`` loaded by
+            :func:`load_resume_state`) to continue, kept as :attr:`resume`; None: step 0.
 
     Raises:
         CheckpointMismatch: ``resume_from`` was written for another model, fold or class count.
         ValueError: ``resume_from`` is already past the run's step count.
     """
 
-    def __init__(self, cfg: ExperimentConfig, model: nn.Module, *, run_dir: Path, describe: dict, train_items: int,
-                 info: Optional[DistInfo] = None, resume_from: Optional[dict] = None):
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module, *, run_dir: str | os.PathLike | RunFolder,
+                 describe: dict, train_items: int, info: Optional[DistInfo] = None,
+                 resume_from: Optional[Resume | dict] = None):
         info = info or DistInfo(device=resolve_device(cfg.device))
-        self.cfg, self.info, self.run_dir, self.describe = cfg, info, Path(run_dir), describe
+        self.folder = RunFolder(run_dir)
+        self.cfg, self.info, self.run_dir, self.describe = cfg, info, self.folder.path, describe
         self.train_items = train_items
         self.steps_per_epoch = steps_per_epoch(cfg, train_items)
         self.total = cfg.train.epochs * self.steps_per_epoch
@@ -175,20 +272,24 @@ class TrainingState:
         #: From the checkpoint resumed: the earlier segments' footprint and the partial CSV row.
         self.earlier_segments: Optional[dict] = None
         self.log_window: Optional[dict] = None
+        if isinstance(resume_from, dict):
+            resume_from = Resume(resume_from, self.folder)
+        #: What the resume decided (None: a fresh run): the log rows kept, the step-0 weights.
+        self.resume: Optional[Resume] = resume_from
         self.resumed = resume_from is not None
         # the SVF forms plan: the checkpoint's, svf.plan's, or measured on the first step (engine.forms)
         self.forms = initial_forms(self.model, cfg.svf.plan, resume_from)
         self.forms_pending = needs_measuring(self.model, self.forms)
         if resume_from is not None:
-            self._restore(resume_from)
+            self._restore(resume_from.take_checkpoint())
 
     @property
     def last_path(self) -> Path:
-        return self.run_dir / LAST
+        return self.folder.last
 
     @property
     def best_path(self) -> Path:
-        return self.run_dir / BEST
+        return self.folder.best
 
     @property
     def epoch(self) -> int:

@@ -8,6 +8,7 @@ import logging
 from torch import nn
 
 from svfseg.models.regimes import get_regime, merge_adapters
+from svfseg.regimes import PLAIN_REGIME
 from svfseg.svf import fold_conv_bn
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ def export_merged(model: nn.Module, *, inplace: bool = False, fold_bn: bool = Fa
 
     The result has the state-dict keys of the original architecture, computes the same
     logits, and costs what a frozen-backbone model costs at inference. Its backbone is
-    frozen (regime "frozen", ``svf_policy`` None); ``describe()`` then matches
+    frozen (``svfseg.regimes.PLAIN_REGIME``, ``svf_policy`` None); ``describe()`` then matches
     a plain model of the same architecture.
 
     Args:
@@ -44,7 +45,7 @@ def export_merged(model: nn.Module, *, inplace: bool = False, fold_bn: bool = Fa
         fold_conv_bn(merged.backbone, merged.backbone.conv_bn_pairs())
     if get_regime(merged.regime).spec.whole_backbone:
         logger.warning("export_merged: backbone was fully fine-tuned; exported with a frozen backbone")
-    merged.regime = "frozen"
+    merged.regime = PLAIN_REGIME
     merged.svf_policy = None
     merged.lora = None
     for p in merged.backbone.parameters():

@@ -22,12 +22,11 @@ class ClassFacts:
 
 @dataclass(frozen=True)
 class RunFacts:
-    """What a recipe may know of a run (``svfseg.engine.model.run_facts`` builds it from the config).
+    """What a recipe may know of a run (``svfseg.engine.resolved.resolve_run`` builds it once per command).
 
     Attributes mirror config keys: ``benchmark``/``root``/``convention`` (``data.*``), ``fold``,
     ``shot``, ``output_dir``, ``model``/``backbone``/``backbone_kwargs``/``head``/``base_checkpoint``
-    (``model.*``). ``resolve_classes`` computes the fold's class split on demand (a custom root's
-    ``dataset.yaml`` is read only when a recipe asks).
+    (``model.*``). ``resolve_classes`` gives the fold's class split (from the run's resolved benchmark).
     """
 
     benchmark: str

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from svfseg.models.backbones import freeze_batchnorm
+from svfseg.models.backbones import freeze_batchnorm, is_frozen_batchnorm
 from svfseg.models.lora import apply_lora, merge_lora, set_lora_dropout_mode
 from svfseg.models.peers import train_bitfit, train_bn_affine, train_last_stage
 from svfseg.models.policy import apply_policy, folds_bn
@@ -22,6 +22,8 @@ from svfseg.regimes import REGIME_NAMES, RegimeSpec, names_where, regime_spec
 from svfseg.svf import merge_svf, svf_layers
 
 _BN = nn.modules.batchnorm._BatchNorm
+#: How a backbone's BatchNorm is treated (:meth:`Regime.configure_backbone`).
+_BATCHNORM = ("frozen", "fixed", "trains")
 
 
 @dataclass(frozen=True)
@@ -131,10 +133,32 @@ class Regime:
         policy = self.resolve_policy(svf_policy or SVFPolicy()) if self.spec.staged else None
         return Settings(policy, (lora or LoRAConfig()) if takes_lora else None)
 
-    def configure_backbone(self, backbone: nn.Module, settings: Settings) -> None:
-        """Freeze every BatchNorm structurally, then let the regime decide what trains."""
-        freeze_batchnorm(backbone)
+    def configure_backbone(self, backbone: nn.Module, settings: Settings, *, batchnorm: str = "frozen") -> None:
+        """Freeze every BatchNorm structurally, then let the regime decide what trains.
+
+        Args:
+            backbone: the backbone, configured in place.
+            settings: what the regime applies (:meth:`settings`).
+            batchnorm: ``frozen`` (the few-shot models: statistics frozen, the regime decides about
+                the affine parameters), ``fixed`` (statistics and affine parameters frozen whatever the
+                regime: BAM's base learner with ``train_bn=False``) or ``trains`` (a whole-backbone
+                regime's BatchNorm trains, statistics and affine: BAM's stage 1).
+        """
+        if batchnorm not in _BATCHNORM:
+            raise ValueError(f"batchnorm: expected one of {_BATCHNORM}, found {batchnorm!r}")
+        if not (batchnorm == "trains" and self.spec.whole_backbone):
+            freeze_batchnorm(backbone)
         self.configure(backbone, settings)
+        if batchnorm == "fixed":
+            for m in backbone.modules():
+                if is_frozen_batchnorm(m):
+                    m.requires_grad_(False)
+
+    def apply_mode(self, backbone: nn.Module, training: bool, *, batchnorm: str = "frozen") -> None:
+        """The backbone's mode after ``model.train(training)`` (``batchnorm`` as in :meth:`configure_backbone`:
+        BatchNorm that trains follows the model's mode)."""
+        if not (batchnorm == "trains" and self.spec.whole_backbone):
+            self.set_mode(backbone, training)
 
 
 _BEHAVIOUR: dict[str, dict] = {

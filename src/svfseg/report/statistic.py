@@ -14,10 +14,11 @@ Both pick a maximum over noisy draws, so both are optimistic next to a mean over
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
+
+from svfseg.engine.runfolder import RunFolder
 
 #: Labels of the statistics, as a report row states them.
 MEAN_OVER_SEEDS = "mean over {n} test seed(s) ({protocol})"
@@ -54,17 +55,12 @@ def paper_statistic(results: dict, results_path: Path) -> Optional[dict]:
         validation, or the best FB-IoU over the seeds as BAM prints it).
     """
     # `svfseg test` writes RUN/test_*/results.json; the checkpoint path is as it was typed.
-    candidates = [results_path.parent.parent / "train_summary.json"]
+    candidates = [RunFolder(results_path.parent.parent)]
     if results.get("checkpoint"):
-        candidates.append(Path(results["checkpoint"]).parent / "train_summary.json")
-    summary, folder = {}, None
-    for path in candidates:
-        try:
-            summary, folder = json.loads(path.read_text()), path.parent
-            break
-        except (OSError, ValueError):
-            continue
-    if isinstance(summary, dict):
+        candidates.append(RunFolder(Path(results["checkpoint"]).parent))
+    found = next(((c, s) for c in candidates for s in (c.read_summary(),) if s is not None), None)
+    if found is not None:
+        folder, summary = found
         vals = _test_fold_validations(summary)
         if vals:
             top = max(vals, key=lambda h: h["miou"])
@@ -79,12 +75,12 @@ def paper_statistic(results: dict, results_path: Path) -> Optional[dict]:
     return None
 
 
-def _validation_statistic(n: int, run_dir: Optional[Path]) -> str:
+def _validation_statistic(n: int, folder: RunFolder) -> str:
     """VAL_MAX, with the run's validation settings (episodes, seed, cadence) when its config.yaml gives them."""
     import yaml
 
     try:
-        train = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {})["train"]
+        train = (yaml.safe_load(folder.config.read_text()) or {})["train"]
         every = int(train["val_every"])
         half = bool(train.get("half_epoch_val_max_epochs")) and int(train.get("epochs", 0)) <= int(
             train["half_epoch_val_max_epochs"])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from svfseg.config.schema import flat_keys
+from svfseg.engine.runfolder import RESULTS_FILE, RunFolder
 
 from svfseg.report.paper import paper_backbone, paper_result
 from svfseg.regimes import REGISTRY, regime_label
@@ -27,7 +28,7 @@ def find_results(paths: Iterable[str | Path]) -> list[Path]:
         if p.is_file() and p.name.endswith(".json"):
             found.append(p)
         elif p.is_dir():
-            found += sorted(p.rglob("results.json"))
+            found += sorted(p.rglob(RESULTS_FILE))
         else:
             raise FileNotFoundError(f"report: {p} is neither a run folder nor a results.json file")
     return found
@@ -63,22 +64,43 @@ _RUN_KEYS = {"seed", "name", "output_dir", "resume", "threads", "device", "fold"
 def cell_identity(r: dict, results_file: Path) -> dict:
     """What defines the cell a result belongs to besides its table key: the training recipe (the run's
     ``config.yaml`` without seed, name and the run-only keys), the data (dataset fingerprint) and the
-    episode protocol and counts. Results of another data root, budget or episode set are another cell."""
-    import yaml
+    episode protocol and counts. Results of another data root, budget or episode set are another cell.
 
-    config = {}
+    A warm start (``model.init_head``) counts by what it is, the recipe of the run that trained the head,
+    not by its path: a compare's warm start is one file per fold, and the folds of one row are one cell.
+    """
     ckpt = Path(r.get("checkpoint", ""))
-    cfg_file = ckpt.parent / "config.yaml" if r.get("checkpoint") else None
-    if cfg_file is not None and cfg_file.is_file():
-        try:
-            config = {k: v for k, v in flat_keys(yaml.safe_load(cfg_file.read_text()) or {}).items()
-                      if k not in _RUN_KEYS}
-        except (OSError, yaml.YAMLError):
-            config = {}
+    config = _run_recipe(RunFolder(ckpt.parent)) if r.get("checkpoint") else {}
+    if config.get("model.init_head"):
+        warm = _find_beside(Path(config["model.init_head"]), ckpt.parent)
+        if warm is not None and RunFolder(warm.parent).config.is_file():
+            config["model.init_head"] = {"warm start trained with": _run_recipe(RunFolder(warm.parent))}
     runs = r.get("runs") or []
     data = sorted({str(x.get("dataset_fingerprint")) for x in runs if x.get("dataset_fingerprint")})
     return {"recipe": config, "data": ",".join(data) or None, "protocol": r.get("protocol"),
             "episodes": ",".join(str(x.get("episodes")) for x in runs) or None}
+
+
+def _run_recipe(folder: RunFolder) -> dict:
+    """A run folder's ``config.yaml`` as flat keys, without the run-only keys ({} when there is none)."""
+    import yaml
+
+    try:
+        return {k: v for k, v in flat_keys(yaml.safe_load(folder.config.read_text()) or {}).items()
+                if k not in _RUN_KEYS}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+
+
+def _find_beside(path: Path, run_dir: Path) -> Optional[Path]:
+    """A file a run names (relative to where it ran): as given, else below one of the run folder's ancestors."""
+    if path.is_file():
+        return path
+    if not path.is_absolute():
+        for ancestor in run_dir.resolve().parents:
+            if (ancestor / path).is_file():
+                return ancestor / path
+    return None
 
 
 def _cell_key(e: dict) -> str:

@@ -66,13 +66,17 @@ class LoginGuard:
 
     Attempts are answered one at a time, so parallel guesses wait too. The wait is shared by all
     clients (Gradio's login hook is not told who is asking): while someone guesses, the real user
-    waits as well, up to ``cap`` seconds.
+    waits as well. At most ``max_waiting`` attempts are checked in turn; one more is refused at
+    once, unchecked: a burst of guesses (their clients long gone, their attempts still queued)
+    would otherwise keep the real user out for one ``cap`` per guess (60 guesses: 8 minutes),
+    and now keeps them out for at most ``max_waiting`` x ``cap`` seconds after it ends.
     """
 
-    def __init__(self, user: str, password: str, *, base: float = 0.5, cap: float = 8.0):
+    def __init__(self, user: str, password: str, *, base: float = 0.5, cap: float = 8.0, max_waiting: int = 4):
         self._user, self._password = user.encode(), password.encode()
-        self.base, self.cap = base, cap
+        self.base, self.cap, self.max_waiting = base, cap, max_waiting
         self.failures = 0
+        self.waiting = 0  # attempts being checked or queued to be
         self._lock: Optional[asyncio.Lock] = None
 
     def delay(self, failures: int) -> float:
@@ -83,14 +87,23 @@ class LoginGuard:
         """Gradio's ``auth`` callable (a coroutine function, so Gradio awaits it instead of blocking its loop)."""
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
-            ok = hmac.compare_digest(username.encode(), self._user) & hmac.compare_digest(password.encode(),
-                                                                                           self._password)
-            if ok:
-                self.failures = 0
-                return True
-            self.failures += 1
-            wait = self.delay(self.failures)
-            logger.warning("failed login as %r (%d in a row); answered after %.1f s", username, self.failures, wait)
-            await asyncio.sleep(wait)
+        if self.waiting >= self.max_waiting:
+            logger.warning("login as %r refused unchecked: %d attempts already waiting (a burst of guesses?)",
+                           username, self.waiting)
             return False
+        self.waiting += 1
+        try:
+            async with self._lock:
+                ok = hmac.compare_digest(username.encode(), self._user) & hmac.compare_digest(password.encode(),
+                                                                                               self._password)
+                if ok:
+                    self.failures = 0
+                    return True
+                self.failures += 1
+                wait = self.delay(self.failures)
+                logger.warning("failed login as %r (%d in a row); answered after %.1f s", username, self.failures,
+                               wait)
+                await asyncio.sleep(wait)
+                return False
+        finally:
+            self.waiting -= 1

@@ -74,11 +74,18 @@ def resolve_checkpoints(given: Optional[list[Path]]) -> list[Path]:
 
     Raises:
         FileNotFoundError: a given checkpoint is missing, or none is given and the demo has not run.
+        CheckpointError: a given file is not an svfseg checkpoint (an S file, a foreign or damaged file):
+            refused at start-up from its metadata, not on the first request.
     """
     if given:
         missing = [str(p) for p in given if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"--checkpoint: no such file: {', '.join(missing)}")
+        from svfseg.engine.checkpoint import read_checkpoint
+
+        for p in given:  # memory-mapped: the metadata only
+            read_checkpoint(p, ("model", "config", "describe"), "an svfseg checkpoint (best.pt/last.pt or a merged "
+                                                                "export)", lazy=True)
         return list(given)
     found = [p for p in DEFAULT_CHECKPOINTS if p.is_file()]
     if not found:

@@ -28,7 +28,7 @@ class Example:
 
 
 def _novel_and_names(checkpoint: str):
-    from svfseg.engine.data import resolve_benchmark
+    from svfseg.engine.resolved import resolve_benchmark
     from svfseg.engine.model import checkpoint_config
 
     cfg = checkpoint_config(checkpoint)

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from svfseg.data.io import DataError, image_size, read_image, read_mask, wxh
+from svfseg.labels import IGNORE_LABEL
 from svfseg.predict import PredictInputError, binary_mask
 from svfseg.serve.limits import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERIES, MAX_SHOTS
 
@@ -91,13 +92,13 @@ def read_rgb_upload(path: str, label: str, max_pixels: int = DEFAULT_MAX_PIXELS)
 
 def is_binary(values) -> bool:
     """0/1, 0/255 or 0/1/255 (1 the object, 255 an ignored border): what `predict` takes without options."""
-    values = set(values)
-    return values <= {0, 1} or values <= {0, 1, 255}
+    # 0/1/255 reads 255 as the ignored border; a 0/255 mask (255 the object) is within the same set
+    return set(values) <= {0, 1, IGNORE_LABEL}
 
 
 def object_classes(values) -> list[int]:
     """The classes a class picker offers for a mask with these values: all but background 0 and ignore 255."""
-    return [] if is_binary(values) else [v for v in values if v not in (0, 255)]
+    return [] if is_binary(values) else [v for v in values if v not in (0, IGNORE_LABEL)]
 
 
 def is_jpeg(path: str) -> bool:

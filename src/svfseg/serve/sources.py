@@ -119,16 +119,11 @@ def _from_source_json(file: Path) -> dict:
     return out
 
 
-def _results_files(checkpoint: Path) -> list[Path]:
-    # `svfseg compare` scores a cell's best.pt into test/; `svfseg test` writes test_<protocol>_<K>shot/.
-    folder = checkpoint.parent
-    found = [folder / "test" / "results.json"] + sorted(folder.glob("test_*/results.json"),
-                                                          key=lambda p: p.stat().st_mtime, reverse=True)
-    return [f for f in found if f.is_file()]
-
-
 def _from_results_json(checkpoint: Path) -> dict:
-    for file in _results_files(checkpoint):
+    # `svfseg compare` scores a cell's best.pt into test/; `svfseg test` writes test_<protocol>_<K>shot/.
+    from svfseg.engine.runfolder import RunFolder
+
+    for file in RunFolder(checkpoint.parent).results_files():
         try:
             res = json.loads(file.read_text())
             if Path(res.get("checkpoint") or checkpoint.name).name != checkpoint.name:

@@ -9,10 +9,10 @@ from typing import Sequence
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
-from svfseg.data.benchmark import Benchmark
 from svfseg.engine.adapt.adapter import EpisodeAdapter
-from svfseg.engine.adapt.score import AdaptChoice, adapted_evaluation, choose_adaptation
+from svfseg.engine.adapt.score import AdaptChoice, adapted_evaluation, choose_adaptation, given_adaptation
 from svfseg.engine.distributed import DistInfo
+from svfseg.engine.resolved import ResolvedRun
 from svfseg.models.fewshot import FewShotModel
 
 
@@ -26,12 +26,13 @@ class Adaptation:
     prepare_seconds: float
 
     @classmethod
-    def prepare(cls, model: FewShotModel, cfg: ExperimentConfig, bench: Benchmark, info: DistInfo) -> Adaptation:
+    def prepare(cls, model: FewShotModel, run: ResolvedRun, info: DistInfo) -> Adaptation:
         """Build the working copy (decomposed once if needed) and choose steps/lr (``cfg.adapt``)."""
+        cfg = run.cfg
         t0 = time.perf_counter()
         adapter = EpisodeAdapter(model, cfg.adapt, policy=model.svf_policy or cfg.svf, lora=model.lora or cfg.lora)
         t1 = time.perf_counter()
-        choice = choose_adaptation(adapter, cfg, bench, info, progress=cfg.train.progress)
+        choice = choose_adaptation(adapter, run, info, progress=cfg.train.progress)
         return cls(adapter, choice, cfg.adapt.to_dict(), prepare_seconds=t1 - t0)
 
     def score(self, dataset: Dataset, class_ids: Sequence[int], cfg: ExperimentConfig, info: DistInfo, *,
@@ -79,7 +80,7 @@ def adapt_to_supports(model: FewShotModel, cfg: ExperimentConfig, support_imgs, 
     ``data.root`` must exist), as `svfseg test --adapt` chooses them.
     """
     from svfseg.engine.adapt.score import episode_generator
-    from svfseg.engine.data import resolve_benchmark
+    from svfseg.engine.resolved import resolve_run
     from svfseg.engine.runtime import progress_bar
     from svfseg.regimes import adapt_name
 
@@ -87,8 +88,8 @@ def adapt_to_supports(model: FewShotModel, cfg: ExperimentConfig, support_imgs, 
     run_cfg = dataclasses.replace(cfg, shot=int(support_imgs.shape[0]), adapt=settings)
     adapter = EpisodeAdapter(model, settings, policy=model.svf_policy or cfg.svf, lora=model.lora or cfg.lora)
     info = DistInfo(device=support_imgs.device)
-    choice = choose_adaptation(adapter, run_cfg, resolve_benchmark(run_cfg) if settings.chosen_on_validation
-                               else None, info, progress=progress)
+    # given steps and lr need no data; chosen ones read the checkpoint's base-class validation episodes
+    choice = given_adaptation(settings) or choose_adaptation(adapter, resolve_run(run_cfg), info, progress=progress)
     bar = progress_bar(choice.steps, desc=f"adapt {settings.params}", enabled=progress and choice.steps > 0,
                        unit="step")
     t0 = time.perf_counter()

@@ -9,8 +9,7 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from svfseg.config import ExperimentConfig
-from svfseg.data.benchmark import Benchmark
+from svfseg.engine.resolved import ResolvedRun
 from svfseg.engine.adapt.adapter import EpisodeAdapter
 from svfseg.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
@@ -137,16 +136,23 @@ def adapted_evaluation(adapter: EpisodeAdapter, dataset: Dataset, *, class_ids: 
     return out
 
 
-def validation_episodes(cfg: ExperimentConfig, bench: Benchmark, count: int):
+def validation_episodes(run: ResolvedRun, count: int):
     """The base-class validation episodes adaptation settings are chosen on: val-split episodes of the next
     fold's novel classes (base classes of this fold), at the test's shot; never the test fold."""
     from svfseg.engine.data import eval_dataset, heldout_base_fold
 
-    fold = heldout_base_fold(cfg.fold, bench.num_folds)
-    return fold, eval_dataset(cfg, fold=fold, seed=cfg.train.val_seed, count=count, bench=bench)
+    fold = heldout_base_fold(run.cfg.fold, run.bench.num_folds)
+    return fold, eval_dataset(run, fold=fold, seed=run.cfg.train.val_seed, count=count)
 
 
-def choose_adaptation(adapter: EpisodeAdapter, cfg: ExperimentConfig, bench: Benchmark, info: DistInfo, *,
+def given_adaptation(settings) -> Optional[AdaptChoice]:
+    """The steps and lr ``settings`` (an ``adapt:`` section) give outright; None when they are to be chosen."""
+    if settings.chosen_on_validation:
+        return None
+    return AdaptChoice(steps=int(settings.steps), lr=float(settings.lr) if settings.steps else None, source="given")
+
+
+def choose_adaptation(adapter: EpisodeAdapter, run: ResolvedRun, info: DistInfo, *,
                       progress: bool = False) -> AdaptChoice:
     """The steps and lr of ``cfg.adapt`` (given, or chosen on base-class validation episodes).
 
@@ -154,13 +160,15 @@ def choose_adaptation(adapter: EpisodeAdapter, cfg: ExperimentConfig, bench: Ben
     ``adapt.grid_steps`` (or the given ``adapt.steps``), and no adaptation at all. One adaptation per
     lr and validation episode serves every step count. The test episodes play no part.
     """
+    cfg = run.cfg
     s = cfg.adapt
-    if not s.chosen_on_validation:
-        return AdaptChoice(steps=int(s.steps), lr=float(s.lr) if s.steps else None, source="given")
+    given = given_adaptation(s)
+    if given is not None:
+        return given
     lrs = [float(s.lr)] if s.lr is not None else list(s.grid_lr)
     counts = [int(s.steps)] if s.steps is not None else sorted(s.grid_steps)
-    fold, val = validation_episodes(cfg, bench, s.val_episodes)
-    classes = bench.split(fold).novel
+    fold, val = validation_episodes(run, s.val_episodes)
+    classes = run.bench.split(fold).novel
     trials: dict[str, float] = {}
     for i, lr in enumerate(lrs):
         steps = sorted(set(counts) | ({0} if i == 0 else set()))

@@ -11,9 +11,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
-from svfseg.data.benchmark import Benchmark
 from svfseg.data.collate import collate_episodes
 from svfseg.engine.distributed import DistInfo
+from svfseg.engine.resolved import ResolvedRun
+from svfseg.engine.runfolder import RunFolder, results_file, results_markdown, write_json_atomic, write_text_atomic
+from svfseg.engine.state import Resume
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +25,8 @@ class EvalSet:
     """Items checkpoints are selected on: the dataset, the classes scored (None: the dataset's), a label.
 
     ``save_to``: the file its newly made episodes belong in (a resume reads them back). The task only
-    makes and checks them; ``engine.run.train_run`` writes the file once every check has passed and
-    the earlier run's files are gone (``--overwrite``), by :meth:`write`.
+    makes and checks them; the run writes the file once every check has passed and the earlier
+    run's files are gone (``--overwrite``), by :meth:`write` (``engine.run``'s first writes).
     """
 
     dataset: Dataset
@@ -77,16 +79,17 @@ class Task:
     #: DDP re-sends buffers every step; only needed where BatchNorm statistics train.
     broadcast_buffers: bool = False
 
-    def train_data(self, cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Dataset:
-        """Training items of ``cfg`` (``bench``: the run's resolved benchmark, ``engine.data.resolve_benchmark``;
-        None: resolved here)."""
+    def train_data(self, run: ResolvedRun) -> Dataset:
+        """Training items of the resolved run (``engine.resolved.resolve_run``)."""
         raise NotImplementedError(f"task {self.name!r} does not train")
 
-    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo,
-                 bench: Optional[Benchmark] = None) -> Optional[EvalSet]:
-        """Items checkpoints are selected on (None: no validation; ``bench`` as in :meth:`train_data`).
+    def eval_set(self, run: ResolvedRun, folder: RunFolder, info: DistInfo,
+                 resume: Optional[Resume] = None) -> Optional[EvalSet]:
+        """Items checkpoints are selected on (None: no validation).
 
-        Writes nothing: items that must be kept for a resume go in :attr:`EvalSet.save_to`."""
+        Writes nothing: items that must be kept for a resume go in :attr:`EvalSet.save_to` (a file of
+        ``folder``). ``resume``: the run's ``engine.state.Resume`` (None: a fresh run), which says what
+        a resumed run reads back."""
         return None
 
     def check_training(self, cfg: ExperimentConfig, model: nn.Module, info: DistInfo) -> None:
@@ -105,16 +108,15 @@ class Task:
              info: DistInfo) -> dict:
         """``svfseg test``, one skeleton for every task: load the checkpoint once, :meth:`score` it, write
         ``results.json`` + ``results.md`` (main process) in the results folder, return the results."""
-        from svfseg.engine.data import resolve_benchmark
         from svfseg.engine.distributed import barrier
-        from svfseg.engine.model import checkpoint_config, load_for_inference
+        from svfseg.engine.model import checkpoint_config, load_for_inference_run
+        from svfseg.engine.resolved import resolve_run
 
-        if cfg is None:
-            cfg = checkpoint_config(checkpoint)
-        bench = resolve_benchmark(cfg)  # once, for the model's description and the scoring
-        model, cfg, state = load_for_inference(checkpoint, cfg, device=info.device, bench=bench)
-        out_dir = Path(options.out_dir) if options.out_dir else Path(checkpoint).parent / self.results_folder(cfg, options)
-        out = self.score(checkpoint, model, cfg, state, options, out_dir, info, bench=bench)
+        run = resolve_run(cfg if cfg is not None else checkpoint_config(checkpoint))  # once: model and scoring
+        model, run, state = load_for_inference_run(checkpoint, run, device=info.device)
+        out_dir = (Path(options.out_dir) if options.out_dir
+                   else RunFolder(Path(checkpoint).parent).test_dir(self.results_folder(run.cfg, options)))
+        out = self.score(checkpoint, model, run, state, options, out_dir, info)
         out["out_dir"] = str(out_dir)
         write_results(out_dir, out, self.markdown(out), info)
         if info.is_main:
@@ -126,9 +128,9 @@ class Task:
         """The results folder's name next to the checkpoint (when ``options.out_dir`` is unset)."""
         return f"test_{self.name}"
 
-    def score(self, checkpoint: str | Path, model: nn.Module, cfg: ExperimentConfig, state: dict,
-              options: TestOptions, out_dir: Path, info: DistInfo, bench: Optional[Benchmark] = None) -> dict:
-        """The results of a loaded checkpoint (what ``results.json`` holds; ``bench`` as in :meth:`train_data`)."""
+    def score(self, checkpoint: str | Path, model: nn.Module, run: ResolvedRun, state: dict,
+              options: TestOptions, out_dir: Path, info: DistInfo) -> dict:
+        """The results of a loaded checkpoint for the resolved run (what ``results.json`` holds)."""
         raise NotImplementedError(f"task {self.name!r} does not test")
 
     def headline(self, results: dict) -> str:
@@ -141,9 +143,7 @@ class Task:
 
 
 def write_results(out_dir: Path, results: dict, markdown: str, info: DistInfo) -> None:
-    """``results.json`` + ``results.md`` in ``out_dir`` (main process only)."""
-    import json
-
+    """``results.json`` + ``results.md`` in ``out_dir`` (main process only), each written atomically."""
     if not info.is_main:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,8 +153,8 @@ def write_results(out_dir: Path, results: dict, markdown: str, info: DistInfo) -
         results = {**results, "null_values": f"{len(undefined)} value(s) are null because they are not defined "
                                              f"(NaN: e.g. a class with no episode, or a mean over no values): "
                                              f"{undefined[:10]}"}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str, allow_nan=False))
-    (out_dir / "results.md").write_text(markdown)
+    write_json_atomic(results_file(out_dir), results, default=str, allow_nan=False)
+    write_text_atomic(results_markdown(out_dir), markdown)
 
 
 def json_safe(obj: Any, where: str = "") -> tuple[Any, list[str]]:

@@ -11,13 +11,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
-from svfseg.data.benchmark import Benchmark
 from svfseg.engine.adapt.run import Adaptation
-from svfseg.engine.data import benchmark_of, eval_dataset, eval_protocol, heldout_base_fold, train_dataset
+from svfseg.engine.data import eval_dataset, eval_protocol, heldout_base_fold, train_dataset
 from svfseg.engine.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
 from svfseg.engine.model import MERGED_FORMAT, describe
+from svfseg.engine.resolved import ResolvedRun
+from svfseg.engine.runfolder import RunFolder
 from svfseg.engine.runtime import autocast, to_device, unwrap
+from svfseg.engine.state import Resume
 from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult
 from svfseg.engine.losses import fewshot_loss, valid_pixel_count
 from svfseg.metrics import IoUAccumulator
@@ -132,34 +134,39 @@ class FewShotTask(Task):
 
     name = "fewshot"
 
-    def train_data(self, cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Dataset:
-        return train_dataset(cfg, bench)
+    def train_data(self, run: ResolvedRun) -> Dataset:
+        return train_dataset(run)
 
-    def eval_set(self, cfg: ExperimentConfig, run_dir: Path, info: DistInfo,
-                 bench: Optional[Benchmark] = None) -> Optional[EvalSet]:
+    def eval_set(self, run: ResolvedRun, folder: RunFolder, info: DistInfo,
+                 resume: Optional[Resume] = None) -> Optional[EvalSet]:
         """The validation episodes checkpoints are selected on, fixed in a file in the run folder.
 
         ``train.select_on=test_fold`` (what the published methods do) or ``last`` validates on the test
         fold's novel classes; ``base_heldout`` on val-split episodes of base classes (the novel
         classes of fold ``(fold+1) % 4``), so the test fold is never looked at before testing.
-        A resume reads the run's file back; a fresh run makes new episodes (a file found in the run
-        folder is an earlier run's, `train --overwrite`, made perhaps with other settings) and leaves
-        the writing to the engine (``save_to``). ``train.val_episodes_file`` is read when it exists,
-        else made (every process makes the same episodes from the seed; the main one writes them).
+        A resume reads the run's file back when ``resume`` says it is there; a fresh run makes new
+        episodes (a file found in the run folder is an earlier run's, `train --overwrite`, made perhaps
+        with other settings) and leaves the writing to the engine (``save_to``).
+        ``train.val_episodes_file`` is read when it exists, else made (every process makes the same
+        episodes from the seed; the main one writes them).
         """
         from svfseg.data.episodes import EpisodeList
 
+        cfg, bench = run.cfg, run.bench
         if not cfg.train.val_every:
             return None
-        bench = benchmark_of(cfg, bench)
         on = "base_heldout" if cfg.train.select_on == "base_heldout" else "test_fold"
         fold = heldout_base_fold(cfg.fold, bench.num_folds) if on == "base_heldout" else cfg.fold
-        shared = bool(cfg.train.val_episodes_file)
-        path = Path(cfg.train.val_episodes_file) if shared else run_dir / f"val_episodes_{on}.json"
-        if path.exists() and (shared or cfg.resume):
-            ds, save_to = eval_dataset(cfg, fold=fold, episodes=EpisodeList.load(path), bench=bench), None
+        if cfg.train.val_episodes_file:
+            path = Path(cfg.train.val_episodes_file)
+            saved = path if path.exists() else None
         else:
-            ds = eval_dataset(cfg, fold=fold, seed=cfg.train.val_seed, count=cfg.train.val_episodes, bench=bench)
+            path = folder.val_episodes(on)
+            saved = resume.validation_file(on) if resume is not None else None
+        if saved is not None:
+            ds, save_to = eval_dataset(run, fold=fold, episodes=EpisodeList.load(saved)), None
+        else:
+            ds = eval_dataset(run, fold=fold, seed=cfg.train.val_seed, count=cfg.train.val_episodes)
             save_to = path
         logger.info("validation (%s): %d fixed episodes %s %s (fingerprint %s)", on, len(ds),
                     "to be kept in" if save_to else "from", path, ds.episodes.fingerprint)
@@ -201,20 +208,20 @@ class FewShotTask(Task):
         adapt = f"_adapt-{cfg.adapt.params}" if adapt_trains(cfg.adapt.params) else ""
         return f"test_{'file' if options.episodes else options.protocol or cfg.eval.protocol}_{cfg.shot}shot{adapt}"
 
-    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo,
-              bench: Optional[Benchmark] = None) -> dict:
+    def score(self, checkpoint, model, run: ResolvedRun, state, options: TestOptions, out_dir: Path,
+              info: DistInfo) -> dict:
         """Every run of the protocol (or the one episode file) on the loaded checkpoint."""
+        cfg = run.cfg
         protocol, episodes, save_vis = options.protocol or cfg.eval.protocol, options.episodes, options.save_vis
-        bench = benchmark_of(cfg, bench)
-        classes = bench.split(cfg.fold).novel
+        classes = run.bench.split(cfg.fold).novel
         runs = [(None, None)] if episodes else protocol_runs(cfg, protocol)
         # An episode file is scored with the empty-class rule of the config's protocol.
         proto = eval_protocol(cfg, None if episodes else protocol)
         results = []
-        adaptation = Adaptation.prepare(model, cfg, bench, info) if adapt_trains(cfg.adapt.params) else None
+        adaptation = Adaptation.prepare(model, run, info) if adapt_trains(cfg.adapt.params) else None
         for i, (seed, count) in enumerate(runs):
-            ds = (eval_dataset(cfg, episodes=episodes, bench=bench) if episodes
-                  else eval_dataset(cfg, seed=seed, count=count, order=proto.order, bench=bench))
+            ds = (eval_dataset(run, episodes=episodes) if episodes
+                  else eval_dataset(run, seed=seed, count=count, order=proto.order))
             name = f"episode seed {seed}" if seed is not None else Path(episodes).name
             if adaptation is not None and adaptation.choice.steps:
                 r = adaptation.score(ds, classes, cfg, info, desc=f"test {name} (adapt {cfg.adapt.params})",
@@ -233,7 +240,7 @@ class FewShotTask(Task):
             results.append(r)
         if save_vis and info.is_main:
             logger.info("%d overlays in %s", save_vis, out_dir / "vis")
-        out = _assemble(checkpoint, cfg, state, model, protocol if not episodes else "file", results, bench)
+        out = _assemble(checkpoint, run, state, model, protocol if not episodes else "file", results)
         out["empty_class"] = proto.empty_class
         out["order"] = results[0]["order"]
         out["adapt"] = adaptation.record() if adaptation is not None else {"params": NO_ADAPTATION}
@@ -276,8 +283,8 @@ def score_checkpoint(
                                                            out_dir=out_dir), info or DistInfo())
 
 
-def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: str, results: list[dict],
-              bench: Benchmark) -> dict:
+def _assemble(checkpoint, run: ResolvedRun, state: dict, model, protocol: str, results: list[dict]) -> dict:
+    cfg, bench = run.cfg, run.bench
     names = bench.class_names
     classes = bench.split(cfg.fold).novel
     per_class_mean = {str(c): _mean([r["per_class"][c] for r in results]) for c in classes}
@@ -293,7 +300,7 @@ def _assemble(checkpoint, cfg: ExperimentConfig, state: dict, model, protocol: s
         "train_seed": cfg.seed, "num_folds": bench.num_folds,
         "model": cfg.model.name, "backbone": cfg.model.backbone,
         "regime": cfg.model.regime,
-        "merged": state.get("format") == MERGED_FORMAT, "describe": describe(model, cfg, bench),
+        "merged": state.get("format") == MERGED_FORMAT, "describe": describe(model, run),
         "novel_classes": list(classes), "class_names": {str(c): names[c - 1] for c in classes},
         "runs": runs,
         "summary": {"miou": summarize_runs(r["miou"] for r in results),

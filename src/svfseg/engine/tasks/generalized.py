@@ -11,10 +11,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
-from svfseg.data.benchmark import Benchmark
-from svfseg.engine.data import benchmark_of
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import at_label_size, evaluation_loop
+from svfseg.engine.resolved import ResolvedRun
 from svfseg.engine.runtime import to_device, unwrap
 from svfseg.engine.tasks.base import Task, TestOptions
 from svfseg.metrics import ConfusionMatrix
@@ -97,13 +96,13 @@ class GeneralizedTask(Task):
     def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:  # noqa: D102 - see Task
         return f"test_generalized_{cfg.shot}shot"
 
-    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo,
-              bench: Optional[Benchmark] = None, seed: int = 0) -> dict:
+    def score(self, checkpoint, model, run: ResolvedRun, state, options: TestOptions, out_dir: Path,
+              info: DistInfo, seed: int = 0) -> dict:
         """Generalized-setting score of a checkpoint (episode seed ``seed``)."""
         from svfseg.data.generalized import build_generalized
 
+        cfg, bench = run.cfg, run.bench
         d = cfg.data
-        bench = benchmark_of(cfg, bench)
         # eval.num_episodes caps the episode count (one per val image otherwise).
         ds = build_generalized(bench, fold=cfg.fold, shot=cfg.shot, seed=seed, test_size=d.test_size,
                                count=cfg.eval.num_episodes)

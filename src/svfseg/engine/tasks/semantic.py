@@ -11,11 +11,13 @@ from torch.utils.data import Dataset
 
 from svfseg.config import ExperimentConfig
 from svfseg.data.semantic import collate_semantic
-from svfseg.data.benchmark import Benchmark
-from svfseg.engine.data import benchmark_of, semantic_dataset
+from svfseg.engine.data import semantic_dataset
 from svfseg.engine.distributed import DistInfo, all_reduce_sum
 from svfseg.engine.evaluator import evaluation_loop, predictions_at_original_size
+from svfseg.engine.resolved import ResolvedRun
+from svfseg.engine.runfolder import RunFolder
 from svfseg.engine.runtime import autocast, to_device
+from svfseg.engine.state import Resume
 from svfseg.engine.tasks.base import EvalSet, Task, TestOptions, ValResult
 from svfseg.engine.losses import cross_entropy_sum, valid_pixel_count
 from svfseg.metrics import ConfusionMatrix
@@ -67,11 +69,12 @@ class SemanticTask(Task):
     # so only the buffer broadcast keeps the running statistics equal across ranks.
     broadcast_buffers = True
 
-    def train_data(self, cfg: ExperimentConfig, bench: Optional[Benchmark] = None) -> Dataset:
-        return semantic_dataset(cfg, "train", bench)
+    def train_data(self, run: ResolvedRun) -> Dataset:
+        return semantic_dataset(run, "train")
 
-    def eval_set(self, cfg, run_dir: Path, info: DistInfo, bench: Optional[Benchmark] = None) -> Optional[EvalSet]:
-        return EvalSet(semantic_dataset(cfg, "val", bench), on="base_val") if cfg.train.val_every else None
+    def eval_set(self, run: ResolvedRun, folder: RunFolder, info: DistInfo,
+                 resume: Optional[Resume] = None) -> Optional[EvalSet]:
+        return EvalSet(semantic_dataset(run, "val"), on="base_val") if run.cfg.train.val_every else None
 
     def check_training(self, cfg: ExperimentConfig, model: nn.Module, info: DistInfo) -> None:
         trains_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
@@ -111,11 +114,11 @@ class SemanticTask(Task):
     def results_folder(self, cfg: ExperimentConfig, options: TestOptions) -> str:  # noqa: D102 - see Task
         return "test_base"
 
-    def score(self, checkpoint, model, cfg, state, options: TestOptions, out_dir: Path, info: DistInfo,
-              bench: Optional[Benchmark] = None) -> dict:
+    def score(self, checkpoint, model, run: ResolvedRun, state, options: TestOptions, out_dir: Path,
+              info: DistInfo) -> dict:
         """Base-class mIoU of a checkpoint on the val split."""
-        bench = benchmark_of(cfg, bench)
-        ds = semantic_dataset(cfg, "val", bench)
+        cfg, bench = run.cfg, run.bench
+        ds = semantic_dataset(run, "val")
         r = evaluate_semantic(model, ds, device=info.device, info=info, amp=cfg.train.amp,
                               batch_size=cfg.eval.batch_size, workers=cfg.data.workers, progress=cfg.train.progress,
                               desc="test (base classes)")

@@ -9,7 +9,7 @@ from .batchnorm import (
     is_frozen_batchnorm,
 )
 from .efficientnet import EfficientNetLite, efficientnet_lite0, package_weights_path
-from .registry import create_backbone, list_backbones, register_backbone
+from .registry import backbone_stages, create_backbone, list_backbones, register_backbone
 from .resnet import Bottleneck, ResNet, resnet
 from .vgg import VGG16BN, vgg16_bn
 from .weights import (
@@ -23,6 +23,7 @@ from .weights import (
 __all__ = [
     "STAGE_NAMES",
     "Backbone",
+    "backbone_stages",
     "Bottleneck",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",

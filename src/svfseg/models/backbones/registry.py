@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import Backbone
+from .base import STAGE_NAMES, Backbone
 from .efficientnet import efficientnet_lite0
 from .resnet import resnet
 from .vgg import vgg16_bn
@@ -14,6 +14,7 @@ from .weights import load_backbone_weights
 _BUILDERS: dict[str, Callable[..., Backbone]] = {}
 _ACCEPTS_OUTPUT_STRIDE: set[str] = set()
 _BUNDLED_WEIGHTS: set[str] = set()
+_STAGES: dict[str, tuple[str, ...]] = {}
 
 
 def register_backbone(
@@ -22,6 +23,7 @@ def register_backbone(
     *,
     output_stride: bool = False,
     bundled_weights: bool = False,
+    stages: tuple[str, ...] | None = None,
 ) -> None:
     """Register ``builder(**kw) -> Backbone`` under ``name``.
 
@@ -30,10 +32,13 @@ def register_backbone(
         builder: Callable returning a randomly initialised backbone.
         output_stride: Whether the builder takes an ``output_stride`` keyword.
         bundled_weights: Whether the builder accepts ``weights="imagenet"`` (installed file).
+        stages: The stage names its backbones have (:func:`backbone_stages`; None: known once one is built).
     """
     if name in _BUILDERS:
         raise ValueError(f"backbone {name!r} is already registered")
     _BUILDERS[name] = builder
+    if stages is not None:
+        _STAGES[name] = tuple(stages)
     if output_stride:
         _ACCEPTS_OUTPUT_STRIDE.add(name)
     if bundled_weights:
@@ -43,6 +48,11 @@ def register_backbone(
 def list_backbones() -> list[str]:
     """Names accepted by :func:`create_backbone`, sorted."""
     return sorted(_BUILDERS)
+
+
+def backbone_stages(name: str) -> tuple[str, ...] | None:
+    """The stage names of the backbone registered as ``name``, without building it (None: not declared)."""
+    return _STAGES.get(name)
 
 
 def create_backbone(
@@ -92,7 +102,7 @@ def _resnet_builder(depth: int, deep_stem: bool) -> Callable[..., Backbone]:
 
 
 for _depth in (50, 101):
-    register_backbone(f"resnet{_depth}", _resnet_builder(_depth, False), output_stride=True)
-    register_backbone(f"resnet{_depth}_deep", _resnet_builder(_depth, True), output_stride=True)
-register_backbone("vgg16_bn", vgg16_bn)
-register_backbone("efficientnet_lite0", efficientnet_lite0, bundled_weights=True)
+    register_backbone(f"resnet{_depth}", _resnet_builder(_depth, False), output_stride=True, stages=STAGE_NAMES)
+    register_backbone(f"resnet{_depth}_deep", _resnet_builder(_depth, True), output_stride=True, stages=STAGE_NAMES)
+register_backbone("vgg16_bn", vgg16_bn, stages=STAGE_NAMES)
+register_backbone("efficientnet_lite0", efficientnet_lite0, bundled_weights=True, stages=STAGE_NAMES)

@@ -84,6 +84,10 @@ class PrototypePriorModel(FewShotModel):
         shot_reduce: str = "mean",
         **kwargs: Any,
     ) -> None:
+        if not int(reduce_dim) >= 1:
+            raise ValueError(f"reduce_dim: expected the head's width in channels, >= 1, got {reduce_dim!r}")
+        if not 0 <= reduce_dropout < 1:
+            raise ValueError(f"reduce_dropout: expected a probability in [0, 1), got {reduce_dropout!r}")
         if shot_reduce not in SHOT_REDUCE:
             raise ValueError(f"shot_reduce: expected one of {list(SHOT_REDUCE)}, got {shot_reduce!r}")
         self.mid_stages = tuple(mid_stages)

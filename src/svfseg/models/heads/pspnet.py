@@ -11,8 +11,8 @@ from torch import nn
 
 from svfseg.models.blocks import PPM, resize
 from svfseg.models.heads.bam_recipe import BaseLearnerRecipe
-from svfseg.models.regimes import get_regime
-from svfseg.regimes import names_where
+from svfseg.models.regimes import Settings, get_regime
+from svfseg.regimes import WHOLE_BACKBONE_REGIME, names_where
 from svfseg.models.registry import register_model
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ class PSPNet(nn.Module):
     Args:
         backbone: A ``svfseg.models.backbones.Backbone``.
         num_classes: Output channels, background included (16 on Pascal-5i, 61 on COCO-20i).
-        regime: "full" (full fine-tune, the BAM recipe) or "frozen" (only PPM and
-            classifier train).
+        regime: a regime that trains no stages (``names_where(staged=False)``): the whole
+            backbone (the BAM recipe, and the default) or none of it (only PPM and classifier train).
         svf_policy: Must be None (stage 1 does not use SVF).
         backbone_name: Name recorded by :meth:`describe`.
         ppm_bins: Output sizes of the pyramid pooling.
@@ -76,7 +76,7 @@ class PSPNet(nn.Module):
         train_bn: bool = True,
     ) -> None:
         super().__init__()
-        kind = get_regime("full" if regime is None else regime, where="bam_base")
+        kind = get_regime(WHOLE_BACKBONE_REGIME if regime is None else regime, where="bam_base")
         if kind.name not in BASE_REGIMES:
             raise ValueError(
                 f"bam_base: regime must be one of {BASE_REGIMES} (stage 1 does not use SVF; "
@@ -102,26 +102,19 @@ class PSPNet(nn.Module):
         self._configure_backbone()
 
     def _configure_backbone(self) -> None:
-        from svfseg.models.backbones import freeze_batchnorm, is_frozen_batchnorm
-
-        if not self.train_bn:
-            freeze_batchnorm(self.backbone)
-        trainable = get_regime(self.regime).spec.whole_backbone
-        for p in self.backbone.parameters():
-            p.requires_grad_(trainable)
-        # Frozen BatchNorm keeps its affine parameters frozen too (BAM never trains BN affine
-        # under fixed statistics).
-        for m in self.backbone.modules():
-            if is_frozen_batchnorm(m):
-                for p in m.parameters():
-                    p.requires_grad_(False)
+        # BAM's stage 1 trains the backbone BatchNorm (statistics and affine) with train_bn; without
+        # it BatchNorm stays frozen, affine parameters included (BAM never trains them under fixed statistics).
+        get_regime(self.regime).configure_backbone(self.backbone, Settings(), batchnorm=self._batchnorm)
         self.train(self.training)
 
+    @property
+    def _batchnorm(self) -> str:
+        return "trains" if self.train_bn else "fixed"
+
     def train(self, mode: bool = True) -> PSPNet:
-        """Set train/eval mode; a frozen backbone stays in eval mode as a whole."""
+        """Set train/eval mode; the regime sets the backbone's (a frozen backbone stays in eval mode as a whole)."""
         super().train(mode)
-        if not get_regime(self.regime).spec.backbone_grad:
-            self.backbone.eval()
+        get_regime(self.regime).apply_mode(self.backbone, mode, batchnorm=self._batchnorm)
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
