@@ -277,11 +277,12 @@ class TrainingState:
         #: What the resume decided (None: a fresh run): the log rows kept, the step-0 weights.
         self.resume: Optional[Resume] = resume_from
         self.resumed = resume_from is not None
+        blob = resume_from.take_checkpoint() if resume_from is not None else None
         # the SVF forms plan: the checkpoint's, svf.plan's, or measured on the first step (engine.forms)
-        self.forms = initial_forms(self.model, cfg.svf.plan, resume_from)
+        self.forms = initial_forms(self.model, cfg.svf.plan, blob)
         self.forms_pending = needs_measuring(self.model, self.forms)
-        if resume_from is not None:
-            self._restore(resume_from.take_checkpoint())
+        if blob is not None:
+            self._restore(blob)
 
     @property
     def last_path(self) -> Path:
