@@ -1,146 +1,74 @@
-"""SVF cost benchmark: training step time, spread and peak memory per form, merge, decomposition.
+"""SVF cost benchmark: a training step of each form side by side, the forms plan against the per-layer best.
 
-ResNet-50 with layer2-4 decomposed (random weights, BN statistics calibrated then frozen, as
-in the paper), two regimes:
-  (a) paper-like: deep stem, output stride 8, batch 2 x 3 x 321 x 321;
-  (b) small: 7x7 stem, output stride 32, batch 2 x 3 x 224 x 224.
-Rows: frozen backbone (no grad, forward only); full fine-tune of layer2-4 (every conv weight,
-BN frozen but applied as a separate op, as any full fine-tune does); SVF reparam / factorized
-/ auto / tune with the frozen BNs folded into the SVD layers; SVF auto without folding. The
-loss is the mean square of the layer4 output. Variants run interleaved round by round (the
-order reversed every other round) so load on a shared machine hits them alike; every row
-reports the median, the spread (min-max) and the median of the per-round ratios to the full
-fine-tune step of the same round. Peak memory: on CUDA max_memory_allocated, on CPU the peak
-resident set added by one step in a fresh subprocess (reset through /proc/self/clear_refs).
-Saved activations per layer type come from saved-tensor hooks (parameters and buffers
-excluded). Also: merged-SVF vs plain conv+BN inference (BN restored, and BN folded into the
-convs), their max abs difference, and the decomposition time of ResNet-50 and ResNet-101.
+Three regimes (random weights, BN statistics calibrated then frozen, as in the paper):
+  (a) ResNet-50 bottlenecks: deep stem, output stride 8, layer2-4 decomposed, batch 2 x 3 x 321 x 321;
+  (b) small: ResNet-50 7x7 stem, output stride 32, batch 2 x 3 x 224 x 224;
+  (c) the demo's recipe: EfficientNet-Lite0, its svf.stages decomposed, channels_last, one step's
+      backbone batch (8 episodes x (query + support) at 112 px).
+Rows: frozen backbone (no grad, forward only); full fine-tune of the same stages (every conv weight,
+BN frozen but applied as a separate op, as any full fine-tune does); SVF with the frozen BNs folded
+into the SVD layers, in each fixed form (reparam, factorized), with the old cost model's choice per
+layer (cost_model), with the library default (auto: each layer geometry's forms timed 3 times on the
+first training call, then kept) and with the per-layer best (each geometry's faster form by 15 timed
+calls per form); SVF auto without folding. The loss is the mean square of the last stage's output.
+Variants run interleaved round by round (the order reversed every other round) so load on a shared
+machine hits them alike; every row reports the median, the spread (min-max) and the median of the
+per-round ratios to the full fine-tune step of the same round. "per-layer ms" adds up, over the
+model's SVD layers, the per-layer best's timings of the form each variant computes with (what the
+forms cost in isolation). Peak memory, saved activations per layer type, merged-SVF vs plain
+conv+BN inference and the decomposition time of ResNet-50 and ResNet-101 as before.
 
-Targets (issue 14): (a) SVF auto <= 0.65x full fine-tune step, SVF auto peak memory <= 0.75x
-full; merged inference with BN folded <= 0.95x plain conv+BN, max abs difference at float32
-rounding level; (b) SVF auto <= 1.0x full; tune within 3% of the faster form; auto within 5%.
+Targets (issue 27): auto within 5% of the per-layer best on (a) and (c); auto <= 0.82x of full
+fine-tuning on (a) on 2 idle cores. Kept from issue 14: SVF peak memory (a) <= 0.75x full; merged
+inference with BN folded <= 0.95x plain conv+BN, max abs difference at float32 rounding level; (b)
+SVF auto <= 1.0x full.
 
     python benchmarks/bench_svf.py [--quick] [--device cpu|cuda] [--json out.json] [--reps N] [--threads N]
+                                   [--regimes a,b,c] [--no-extras]
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import copy
-import ctypes
 import json
 import os
 import platform
 import re
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from svfseg.models.backbones import create_backbone, freeze_batchnorm
-from svfseg.svf import SVFConfig, apply_svf, fold_conv_bn, merge_svf, svf_layers
+from svf_cases import (FORM_VARIANTS, VARIANTS, Regime, build_plain, infer_fn, interleaved, layer_forms, make_svf,
+                       make_variant, regime_input, regimes, stats, step_fn, sync)
+from svf_memory import cpu_peak_memory, cuda_peak_memory, memory_worker, saved_activations
+from svfseg.models.backbones import create_backbone
+from svfseg.svf import SVFConfig, apply_svf, fold_conv_bn, forms_plan, merge_svf
 
-STAGES = ("layer2", "layer3", "layer4")
-SVF_MODES = ("reparam", "factorized", "auto", "tune")
-VARIANTS = ("frozen", "full", "svf_reparam", "svf_factorized", "svf_auto", "svf_tune", "svf_auto_unfolded")
-
-
-@dataclass(frozen=True)
-class Regime:
-    key: str
-    title: str
-    backbone: str
-    output_stride: int
-    input_shape: tuple[int, int, int, int]
+#: Variants whose peak memory is measured (the others compute with the same forms as one of these).
+MEMORY_VARIANTS = ("frozen", "full", "svf_reparam", "svf_factorized", "svf_auto", "svf_auto_unfolded")
 
 
-def regimes(quick: bool) -> list[Regime]:
-    """The two regimes of the issue; --quick shrinks the inputs (not the network)."""
-    if quick:
-        return [
-            Regime("a", "deep stem, OS8, 1x3x97x97 (quick)", "resnet50_deep", 8, (1, 3, 97, 97)),
-            Regime("b", "7x7 stem, OS32, 1x3x128x128 (quick)", "resnet50", 32, (1, 3, 128, 128)),
-        ]
-    return [
-        Regime("a", "deep stem, OS8, 2x3x321x321", "resnet50_deep", 8, (2, 3, 321, 321)),
-        Regime("b", "7x7 stem, OS32, 2x3x224x224", "resnet50", 32, (2, 3, 224, 224)),
-    ]
-
-
-# -- models -------------------------------------------------------------------------------------
-def build_plain(regime: Regime, device: torch.device, x: torch.Tensor) -> nn.Module:
-    """Random ResNet whose BN statistics are calibrated on ``x``, then frozen.
-
-    Calibration gives the activations the scale they have in a pretrained network (raw
-    random init lets layer4 outputs reach ~100, which would make absolute differences
-    meaningless).
-    """
-    torch.manual_seed(0)
-    model = create_backbone(regime.backbone, output_stride=regime.output_stride).to(device)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration batch
-    with torch.no_grad():
-        model.train()(x)
-    model = freeze_batchnorm(model).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def make_full(plain: nn.Module) -> nn.Module:
-    """Full fine-tune of the same stages SVF touches: every conv weight of layer2-4."""
-    model = copy.deepcopy(plain)
-    for stage in STAGES:
-        for module in getattr(model, stage).modules():
-            if isinstance(module, nn.Conv2d):
-                for p in module.parameters():
-                    p.requires_grad_(True)
-    return model
-
-
-def make_svf(plain: nn.Module, mode: str, fold: bool = True) -> nn.Module:
-    model = copy.deepcopy(plain)
-    pairs = model.conv_bn_pairs() if fold else None
-    return apply_svf(model, SVFConfig(target_modules=list(STAGES), mode=mode, fold_bn=pairs))
-
-
-def make_variant(plain: nn.Module, variant: str) -> nn.Module:
-    if variant == "frozen":
-        return plain
-    if variant == "full":
-        return make_full(plain)
-    if variant == "svf_auto_unfolded":
-        return make_svf(plain, "auto", fold=False)
-    return make_svf(plain, variant.removeprefix("svf_"))
-
-
-def merged_folded(svf: nn.Module) -> nn.Module:
+def merged_folded(svf: torch.nn.Module) -> torch.nn.Module:
     """The deployment export: SVD layers merged, every frozen BN folded into its conv."""
     model = merge_svf(copy.deepcopy(svf), fold_bn=True)
     return fold_conv_bn(model, model.conv_bn_pairs())
 
 
 @torch.no_grad()
-def one_ulp_perturbed(plain: nn.Module, fraction: float = 0.1) -> nn.Module:
-    """Copy of the plain model with ``fraction`` of the layer2-4 conv weights moved by one ulp.
+def one_ulp_perturbed(plain: torch.nn.Module, stages, fraction: float = 0.1) -> torch.nn.Module:
+    """Copy of the plain model with ``fraction`` of the stages' conv weights moved by one ulp.
 
     It shows how far any weight change at float32 rounding level moves this network's
     output: the floor for a merge that is not bit-identical.
     """
     model = copy.deepcopy(plain)
     gen = torch.Generator().manual_seed(0)
-    for stage in STAGES:
+    for stage in stages:
         for module in getattr(model, stage).modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, torch.nn.Conv2d):
                 w = module.weight
                 flip = torch.rand(w.shape, generator=gen).to(w.device) < fraction
                 up = torch.rand(w.shape, generator=gen).to(w.device) < 0.5
@@ -149,223 +77,66 @@ def one_ulp_perturbed(plain: nn.Module, fraction: float = 0.1) -> nn.Module:
     return model
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def per_layer_ms(models: dict, x: torch.Tensor) -> tuple[dict, dict]:
+    """Per form variant: the per-layer best's timings of the forms it computes with, summed over its layers (ms);
+    and per variant how many layers compute with each form."""
+    seconds = forms_plan(models["svf_per_layer_best"]).seconds
+    sums, counts = {}, {}
+    for v in FORM_VARIANTS:
+        used = layer_forms(models[v], x)
+        sums[v] = 1e3 * sum(seconds[key][form] for _, key, form in used if key in seconds)
+        counts[v] = {f: sum(1 for *_, form in used if form == f) for f in ("reparam", "factorized")}
+    return sums, counts
 
 
-def step_fn(model: nn.Module, variant: str, x: torch.Tensor):
-    """One training step (forward + backward), or a no-grad forward for the frozen backbone."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def run() -> None:
-        if variant == "frozen":
-            with torch.no_grad():
-                model(x)
-            return
-        for p in params:
-            p.grad = None  # as optimizer.zero_grad() does by default
-        model(x).float().square().mean().backward()
-
-    return run
-
-
-def infer_fn(model: nn.Module, x: torch.Tensor):
-    def run() -> torch.Tensor:
-        with torch.no_grad():
-            return model(x)
-
-    return run
-
-
-def interleaved(fns: dict, device: torch.device, reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls interleaved round by round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(reps):
-        order = keys if r % 2 == 0 else keys[::-1]  # no variant always runs right after another
-        for k in order:
-            sync(device)
-            t0 = time.perf_counter()
-            fns[k]()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return times
-
-
-def stats(times: dict[str, list[float]], ref: str) -> dict[str, dict]:
-    """Median, min, max per key, and the per-round ratio to ``ref`` (median, min, max)."""
-    out = {}
-    for k, v in times.items():
-        ratios = [a / b for a, b in zip(v, times[ref])]
-        out[k] = {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "all_s": v,
-                  "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
-    return out
-
-
-# -- memory ---------------------------------------------------------------------------------------
-def saved_activations(model: nn.Module, variant: str, x: torch.Tensor) -> dict[str, float]:
-    """MB the autograd graph keeps for the backward, per layer type (parameters/buffers excluded).
-
-    Each storage counts once, for the first layer that saves it (a ReLU output that the next
-    conv also keeps is the ReLU's).
-    """
-    if variant == "frozen":
-        return {}
-    persistent = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen: set[int] = set()
-    per_type: collections.Counter = collections.Counter()
-    current = ["other"]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in seen and key not in persistent:
-            seen.add(key)
-            per_type[current[0]] += storage.nbytes() / 2**20
-        return t
-
-    hooks = [m.register_forward_pre_hook(lambda mod, args: current.__setitem__(0, type(mod).__name__))
-             for m in model.modules() if not list(m.children())]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return dict(per_type)
-
-
-def _proc_status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-def memory_worker(spec: dict) -> dict:
-    """Peak resident memory added by one step, measured in this (fresh) process."""
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    plain = torch.load(spec["model_path"], weights_only=False)
-    model = make_variant(plain, spec["variant"])
-    del plain
-    x = torch.randn(spec["input_shape"])
-    run = step_fn(model, spec["variant"], x)
-    run()  # warm-up: one-time kernel caches, auto/tune decisions
-    run()
-    for p in model.parameters():
-        p.grad = None  # as after optimizer.zero_grad(): the step's own gradients count in its peak
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give cached heap back so RSS starts clean
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-    base = _proc_status_kb("VmRSS")
-    run()
-    peak = _proc_status_kb("VmHWM")
-    return {"peak_mb": (peak - base) / 1024}
-
-
-def cpu_peak_memory(model_path: str, regime: Regime, threads: int) -> dict:
-    results = {}
-    for variant in VARIANTS:
-        spec = {"model_path": model_path, "variant": variant, "input_shape": list(regime.input_shape),
-                "threads": threads}
-        cmd = [sys.executable, __file__, "--memory-worker", json.dumps(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory worker for {variant} failed:\n{proc.stderr[-2000:]}")
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
-    return results
-
-
-def cuda_peak_memory(models: dict, x: torch.Tensor, device: torch.device) -> dict:
-    results = {}
-    for variant, model in models.items():
-        run = step_fn(model, variant, x)
-        run()
-        for p in model.parameters():
-            p.grad = None  # as after optimizer.zero_grad(): the step's own gradients count in its peak
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        run()
-        sync(device)
-        results[variant] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return results
-
-
-# -- one regime -----------------------------------------------------------------------------------
-def tuned_choices(model: nn.Module) -> dict:
-    """What mode="tune" measured: per timed shape, the winner and both forms' seconds."""
-    layers = list(svf_layers(model))
-    if not layers:
-        return {}
-    entries = layers[0][1].tune_cache.entries()
-    wins = collections.Counter(e["plan"] for e in entries)
-    return {"timed_shapes": len(entries), "wins": dict(wins),
-            "layer_plans": dict(collections.Counter(p for _, layer in layers for p in layer._plans.values()))}
-
-
-def run_regime(regime: Regime, device: torch.device, reps: int, tmp: Path, threads: int, infer_reps: int) -> dict:
+def run_regime(regime: Regime, device: torch.device, reps: int, tmp: Path, threads: int, infer_reps: int,
+               extras: bool) -> dict:
     print(f"\n[{regime.key}] {regime.title}: building models", flush=True)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(regime.input_shape, generator=gen).to(device)
+    x = regime_input(regime, device)
     plain = build_plain(regime, device, x)
     sync(device)
     t0 = time.perf_counter()
-    make_svf(plain, "auto")
+    make_svf(plain, regime, "auto")
     sync(device)
     decompose_s = time.perf_counter() - t0
-    models = {v: make_variant(plain, v) for v in VARIANTS}
+    models = {v: make_variant(plain, regime, v, x) for v in VARIANTS}
 
     print(f"[{regime.key}] timing training steps ({reps} interleaved rounds, {threads} thread(s))", flush=True)
     steps = stats(interleaved({k: step_fn(m, k, x) for k, m in models.items()}, device, reps), "full")
-    plans = collections.Counter(p for _, layer in svf_layers(models["svf_auto"]) for p in layer._plans.values())
-    auto_reparam = [n for n, layer in svf_layers(models["svf_auto"]) if "reparam" in layer._plans.values()]
+    layer_ms, layer_counts = per_layer_ms(models, x)
+    out = {"regime": regime.__dict__, "decompose_s": decompose_s, "step": steps, "per_layer_ms": layer_ms,
+           "layer_forms": layer_counts, "auto_plan": forms_plan(models["svf_auto"]).to_dict(),
+           "best_plan": forms_plan(models["svf_per_layer_best"]).to_dict()}
+    if not extras:
+        return out
 
     print(f"[{regime.key}] saved activations per layer type", flush=True)
-    saved = {k: saved_activations(models[k], k, x) for k in ("full", "svf_auto", "svf_auto_unfolded", "svf_reparam")}
+    out["saved_activations_mb"] = {k: saved_activations(models[k], k, x)
+                                   for k in ("full", "svf_auto", "svf_auto_unfolded", "svf_reparam")}
 
     print(f"[{regime.key}] timing inference: plain conv+BN vs merged SVF (BN kept / folded) vs cached SVF", flush=True)
     svf = models["svf_auto"]
     eval_models = {"plain": plain, "merged": merge_svf(copy.deepcopy(svf)), "merged_bn_folded": merged_folded(svf),
                    "svf_cached": svf}
     # identical work in plain and merged: only many interleaved rounds separate them from noise
-    infer = stats(interleaved({k: infer_fn(m, x) for k, m in eval_models.items()}, device, infer_reps), "plain")
+    out["inference"] = stats(interleaved({k: infer_fn(m, x) for k, m in eval_models.items()}, device, infer_reps),
+                             "plain")
     with torch.no_grad():
         ref = plain(x)
-        diffs = {k: (m(x) - ref).abs().max().item() for k, m in eval_models.items() if k != "plain"}
+        out["max_abs_diff"] = {k: (m(x) - ref).abs().max().item() for k, m in eval_models.items() if k != "plain"}
         # float32 noise floor of the plain network itself: its distance to a float64 run
-        floor = (copy.deepcopy(plain).double()(x.double()) - ref.double()).abs().max().item()
-        ulp = (one_ulp_perturbed(plain)(x) - ref).abs().max().item()
+        out["fp32_noise_floor"] = (copy.deepcopy(plain).double()(x.double()) - ref.double()).abs().max().item()
+        out["one_ulp_10pct_diff"] = (one_ulp_perturbed(plain, regime.stages)(x) - ref).abs().max().item()
+        out["output_abs_max"] = ref.abs().max().item()
 
     print(f"[{regime.key}] peak memory per variant", flush=True)
     if device.type == "cuda":
-        memory = cuda_peak_memory(models, x, device)
+        out["peak_memory_mb"] = cuda_peak_memory({k: models[k] for k in MEMORY_VARIANTS}, x, device)
     else:
         path = str(tmp / f"{regime.key}_plain.pt")
         torch.save(plain, path)
-        memory = cpu_peak_memory(path, regime, threads)
-
-    return {
-        "regime": regime.__dict__,
-        "decompose_s": decompose_s,
-        "step": steps,
-        "peak_memory_mb": memory,
-        "saved_activations_mb": saved,
-        "auto_plans": dict(plans),
-        "auto_reparam_layers": auto_reparam,
-        "tune": tuned_choices(models["svf_tune"]),
-        "inference": infer,
-        "max_abs_diff": diffs,
-        "output_abs_max": ref.abs().max().item(),
-        "fp32_noise_floor": floor,
-        "one_ulp_10pct_diff": ulp,
-    }
+        out["peak_memory_mb"] = cpu_peak_memory(__file__, path, regime, MEMORY_VARIANTS, threads)
+    return out
 
 
 def decomposition_times(device: torch.device, quick: bool) -> dict:
@@ -375,7 +146,7 @@ def decomposition_times(device: torch.device, quick: bool) -> dict:
         model = create_backbone(name, output_stride=8).to(device)
         sync(device)
         t0 = time.perf_counter()
-        apply_svf(model, SVFConfig(target_modules=list(STAGES)))
+        apply_svf(model, SVFConfig(target_modules=["layer2", "layer3", "layer4"]))
         sync(device)
         out[name] = time.perf_counter() - t0
         print(f"decomposition {name} layer2-4: {out[name]:.2f} s", flush=True)
@@ -397,15 +168,8 @@ def machine(device: torch.device) -> dict:
             cpu = re.search(r"model name\s*:\s*(.+)", f.read()).group(1)
     except (OSError, AttributeError):
         pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "load_average_start": load_average(),
-    }
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device), "load_average_start": load_average()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -416,20 +180,27 @@ def ratio(a: float, b: float) -> float:
 
 
 def summarize(result: dict) -> dict:
+    """check -> (value, target or None)."""
     checks = {}
     for r in result["regimes"]:
-        k, s, m, i = r["regime"]["key"], r["step"], r["peak_memory_mb"], r["inference"]
-        best = min(s["svf_reparam"]["median_s"], s["svf_factorized"]["median_s"])
-        checks[f"{k}: auto / best(reparam, factorized) step"] = (ratio(s["svf_auto"]["median_s"], best), 1.05)
-        checks[f"{k}: tune / best(reparam, factorized) step"] = (ratio(s["svf_tune"]["median_s"], best), 1.03)
-        checks[f"{k}: SVF auto / full fine-tune step (per-round median)"] = (
-            s["svf_auto"]["ratio_median"], 0.65 if k == "a" else 1.0)
-        checks[f"{k}: SVF auto / full fine-tune peak memory"] = (ratio(m["svf_auto"], m["full"]), 0.75 if k == "a" else None)
-        checks[f"{k}: merged (BN folded) / plain conv+BN inference"] = (i["merged_bn_folded"]["ratio_median"], 0.95)
-        checks[f"{k}: merged (BN kept) / plain inference"] = (i["merged"]["ratio_median"], 1.02)
-        checks[f"{k}: max |merged (BN folded) - plain|"] = (r["max_abs_diff"]["merged_bn_folded"],
-                                                           max(10 * r["one_ulp_10pct_diff"], 1e-4))
-    if "resnet101" in result["decomposition_s"]:
+        k, s = r["regime"]["key"], r["step"]
+        auto, best = s["svf_auto"]["median_s"], s["svf_per_layer_best"]["median_s"]
+        checks[f"{k}: auto / per-layer best step"] = (ratio(auto, best), 1.05 if k in ("a", "c") else None)
+        checks[f"{k}: auto / full fine-tune step (per-round median)"] = (
+            s["svf_auto"]["ratio_median"], {"a": 0.82, "b": 1.0}.get(k))
+        checks[f"{k}: auto / cost model step"] = (ratio(auto, s["svf_cost_model"]["median_s"]), None)
+        per = r["per_layer_ms"]  # the same timings for every variant: load moves them together
+        checks[f"{k}: auto / per-layer best, per-layer ms"] = (ratio(per["svf_auto"], per["svf_per_layer_best"]), None)
+        checks[f"{k}: auto / factorized, per-layer ms"] = (ratio(per["svf_auto"], per["svf_factorized"]), None)
+        if "peak_memory_mb" in r:
+            m, i = r["peak_memory_mb"], r["inference"]
+            checks[f"{k}: SVF auto / full fine-tune peak memory"] = (
+                ratio(m["svf_auto"], m["full"]), 0.75 if k == "a" else None)
+            checks[f"{k}: merged (BN folded) / plain conv+BN inference"] = (i["merged_bn_folded"]["ratio_median"], 0.95)
+            checks[f"{k}: merged (BN kept) / plain inference"] = (i["merged"]["ratio_median"], 1.02)
+            checks[f"{k}: max |merged (BN folded) - plain|"] = (r["max_abs_diff"]["merged_bn_folded"],
+                                                               max(10 * r["one_ulp_10pct_diff"], 1e-4))
+    if "resnet101" in result.get("decomposition_s", {}):
         checks["ResNet-101 decomposition (s)"] = (result["decomposition_s"]["resnet101"], 20.0)
     return checks
 
@@ -442,38 +213,46 @@ def markdown(result: dict) -> str:
         + f", load average at start {mach['load_average_start']}, end {result.get('load_average_end')}; "
         f"{result['reps']} interleaved rounds",
         "",
-        "| regime | variant | step ms (median) | min-max ms | x full (per-round median, min-max) | peak step memory MB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| regime | variant | step ms (median) | min-max ms | x full (per-round median, min-max) | per-layer ms "
+        "| layers reparam / factorized | peak step MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["regimes"]:
-        k, s, m = r["regime"]["key"], r["step"], r["peak_memory_mb"]
+        k, s = r["regime"]["key"], r["step"]
         for v in VARIANTS:
-            st = s[v]
+            st, mem = s[v], r.get("peak_memory_mb", {}).get(v)
+            per = r["per_layer_ms"].get(v)
+            counts = r["layer_forms"].get(v)
             lines.append(
                 f"| ({k}) | {v} | {1e3 * st['median_s']:.1f} | {1e3 * st['min_s']:.0f}-{1e3 * st['max_s']:.0f} | "
-                f"{st['ratio_median']:.3f} ({st['ratio_min']:.2f}-{st['ratio_max']:.2f}) | {m[v]:.0f} |")
-    lines += ["", "| regime | variant | saved activations MB per layer type (parameters/buffers excluded) |", "|---|---|---|"]
-    for r in result["regimes"]:
-        for v, per in r["saved_activations_mb"].items():
-            text = ", ".join(f"{t} {mb:.0f}" for t, mb in sorted(per.items(), key=lambda kv: -kv[1]))
-            lines.append(f"| ({r['regime']['key']}) | {v} | total {sum(per.values()):.0f}: {text} |")
-    lines += ["", "| regime | inference | ms (median) | x plain conv+BN (per-round median, min-max) | max abs diff vs plain |",
-              "|---|---|---:|---:|---:|"]
-    for r in result["regimes"]:
-        for v, st in r["inference"].items():
-            diff = r["max_abs_diff"].get(v)
-            lines.append(f"| ({r['regime']['key']}) | {v} | {1e3 * st['median_s']:.1f} | {st['ratio_median']:.3f} "
-                         f"({st['ratio_min']:.2f}-{st['ratio_max']:.2f}) | {'' if diff is None else f'{diff:.2e}'} |")
-    for r in result["regimes"]:
-        k = r["regime"]["key"]
-        lines.append(
-            f"\n({k}) float32 noise floor (plain fp32 vs fp64) {r['fp32_noise_floor']:.2e}; 1 ulp on 10% of the "
-            f"weights moves the output {r['one_ulp_10pct_diff']:.2e}; max abs output {r['output_abs_max']:.3g}. "
-            f"auto plans {r['auto_plans']}; auto chose reparam for: {', '.join(r['auto_reparam_layers']) or 'none'}; "
-            f"tune: {r['tune']}")
-    lines += ["", "| decomposition (apply_svf, layer2-4) | seconds |", "|---|---:|"]
-    for name, sec in result["decomposition_s"].items():
-        lines.append(f"| {name} | {sec:.2f} |")
+                f"{st['ratio_median']:.3f} ({st['ratio_min']:.2f}-{st['ratio_max']:.2f}) | "
+                f"{'' if per is None else f'{per:.1f}'} | "
+                f"{'' if counts is None else str(counts['reparam']) + ' / ' + str(counts['factorized'])} | "
+                f"{'' if mem is None else f'{mem:.0f}'} |")
+    if any("saved_activations_mb" in r for r in result["regimes"]):
+        lines += ["", "| regime | variant | saved activations MB per layer type (parameters/buffers excluded) |",
+                  "|---|---|---|"]
+        for r in result["regimes"]:
+            for v, per in r.get("saved_activations_mb", {}).items():
+                text = ", ".join(f"{t} {mb:.0f}" for t, mb in sorted(per.items(), key=lambda kv: -kv[1]))
+                lines.append(f"| ({r['regime']['key']}) | {v} | total {sum(per.values()):.0f}: {text} |")
+        lines += ["", "| regime | inference | ms (median) | x plain conv+BN (per-round median, min-max) "
+                      "| max abs diff vs plain |", "|---|---|---:|---:|---:|"]
+        for r in result["regimes"]:
+            for v, st in r.get("inference", {}).items():
+                diff = r["max_abs_diff"].get(v)
+                shown = "" if diff is None else f"{diff:.2e}"
+                lines.append(f"| ({r['regime']['key']}) | {v} | {1e3 * st['median_s']:.1f} | {st['ratio_median']:.3f} "
+                             f"({st['ratio_min']:.2f}-{st['ratio_max']:.2f}) | {shown} |")
+        for r in result["regimes"]:
+            if "fp32_noise_floor" in r:
+                lines.append(
+                    f"\n({r['regime']['key']}) float32 noise floor (plain fp32 vs fp64) {r['fp32_noise_floor']:.2e}; "
+                    f"1 ulp on 10% of the weights moves the output {r['one_ulp_10pct_diff']:.2e}; max abs output "
+                    f"{r['output_abs_max']:.3g}.")
+    if result.get("decomposition_s"):
+        lines += ["", "| decomposition (apply_svf, layer2-4) | seconds |", "|---|---:|"]
+        lines += [f"| {name} | {sec:.2f} |" for name, sec in result["decomposition_s"].items()]
     lines += ["", "| check | value | target | |", "|---|---:|---:|---|"]
     for name, (value, target) in result["checks"].items():
         status = "" if target is None else ("met" if value <= target else "MISSED")
@@ -491,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine a second spinning thread "
                              "adds more noise than speed)")
-    parser.add_argument("--regimes", default="a,b", help="comma list of regimes to run")
+    parser.add_argument("--regimes", default="a,b,c", help="comma list of regimes to run")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="training steps only: no memory, inference or decomposition measurements")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_worker:
@@ -508,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         for regime in regimes(args.quick):
             if regime.key in wanted:
                 infer_reps = (2 if args.quick else 3) * reps
-                result["regimes"].append(run_regime(regime, device, reps, Path(tmp), args.threads, infer_reps))
-    result["decomposition_s"] = decomposition_times(device, args.quick)
+                result["regimes"].append(run_regime(regime, device, reps, Path(tmp), args.threads, infer_reps,
+                                                    not args.no_extras))
+    if not args.no_extras:
+        result["decomposition_s"] = decomposition_times(device, args.quick)
     result["load_average_end"] = load_average()
     result["checks"] = summarize(result)
     text = markdown(result)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import svfseg.svf.forms as forms_mod
+import svfseg.svf.plan as plan_mod
 import svfseg.svf.weight_cache as cache_mod
 from conftest import assert_close_to_scale
 from svfseg.svf.layers import (
@@ -270,15 +270,15 @@ def test_estimate_costs_regimes():
     assert infer["reparam"] <= infer["factorized"]
 
 
-def test_auto_decides_once_per_shape(monkeypatch):
+def test_auto_measures_once_per_shape(monkeypatch):
     calls = []
-    real = forms_mod.estimate_costs
-    monkeypatch.setattr(forms_mod, "estimate_costs", lambda **kw: calls.append(kw) or real(**kw))
+    real = plan_mod.time_forms
+    monkeypatch.setattr(plan_mod, "time_forms", lambda layer, x, reps: calls.append(tuple(x.shape)) or real(layer, x, reps))
     layer = svf_layer_from(nn.Conv2d(64, 64, 3, padding=1), "auto")
     x = _randn(1, 64, 4, 4)
     for _ in range(3):
         layer(x).sum().backward()
-    assert len(calls) == 1 and layer.choose_mode(x) == "factorized"
+    assert calls == [(1, 64, 4, 4)] and layer.choose_mode(x) in ("reparam", "factorized")
     layer(_randn(1, 64, 5, 5)).sum().backward()
     assert len(calls) == 2
     with torch.no_grad():
@@ -319,6 +319,17 @@ def test_gradcheck_input_s_and_bias(mode, module, shape):
     assert torch.autograd.gradcheck(fn, (x, S, bias))
 
 
+@pytest.mark.parametrize("module, shape", [(nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
+                                           (nn.Conv1d(4, 6, 1), (2, 4, 7)), (nn.Linear(4, 6), (3, 4))])
+def test_factorized_output_takes_an_inplace_op(module, shape):
+    """A ResNet's ReLU(inplace=True) follows the conv: the Function's output must not be a view."""
+    layer = svf_layer_from(module, "factorized")
+    x = _randn(*shape, requires_grad=True)
+    torch.relu_(layer(x)).sum().backward()
+    y = torch.relu(module(x))
+    assert layer.S.grad is not None and torch.allclose(torch.relu(layer(x)), y, atol=1e-5)
+
+
 def test_factorized_training_without_input_grad_or_bias_grad():
     conv = nn.Conv2d(4, 6, 3, padding=1)
     fac, rep = svf_layer_from(conv, "factorized"), svf_layer_from(conv, "reparam")
@@ -330,35 +341,34 @@ def test_factorized_training_without_input_grad_or_bias_grad():
     assert fac.bias.grad is None
 
 
-def test_tune_times_both_forms_once_per_shape_and_caches_the_winner(monkeypatch):
-    from svfseg.svf import TuneCache
+def test_auto_measures_both_forms_once_per_geometry_in_the_shared_plan(monkeypatch):
+    from svfseg.svf import FormsPlan
 
     calls = []
     fake = {"plan": "reparam", "seconds": {"reparam": 1.0, "factorized": 2.0}}
-    monkeypatch.setattr(forms_mod, "time_forms", lambda layer, x: calls.append(tuple(x.shape)) or fake)
+    monkeypatch.setattr(plan_mod, "time_forms", lambda layer, x, reps: calls.append(tuple(x.shape)) or fake)
     conv = nn.Conv2d(4, 6, 3, padding=1)
-    shared = TuneCache(capacity=2)
-    a, b = (SVFConv2d.from_conv(conv, mode="tune") for _ in range(2))
-    a.tune_cache = b.tune_cache = shared
+    shared = FormsPlan()
+    a, b = (SVFConv2d.from_conv(conv, mode="tune") for _ in range(2))  # "tune": auto's older name
+    a.forms_plan = b.forms_plan = shared
     x = torch.randn(2, 4, 8, 8)
     assert a.choose_mode(x) == "reparam" and b.choose_mode(x) == "reparam"
     assert calls == [(2, 4, 8, 8)]  # equal layers share one measurement
+    assert shared.seconds == {next(iter(shared.forms)): fake["seconds"]}
     with torch.no_grad():
         assert a.choose_mode(torch.randn(1, 4, 5, 5)) == "reparam"  # no graph: cached weight, no timing
     assert len(calls) == 1
-    for size in (5, 6, 7):
-        a.choose_mode(torch.randn(1, 4, size, size))
-    assert len(shared) == 2  # bounded
 
 
-def test_tune_measures_real_forms_and_stays_exact():
+def test_auto_measures_real_forms_and_stays_exact():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1).double()
-    layer = SVFConv2d.from_conv(conv, mode="tune")
+    layer = SVFConv2d.from_conv(conv, mode="auto")
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
     y = layer(x)
-    entry = layer.tune_cache.entries()[0]
-    assert entry["plan"] in ("reparam", "factorized") and set(entry["seconds"]) == {"reparam", "factorized"}
-    assert entry["plan"] == min(entry["seconds"], key=entry["seconds"].get)
+    (key, form), = layer.forms_plan.forms.items()
+    seconds = layer.forms_plan.seconds[key]
+    assert set(seconds) == {"reparam", "factorized"} and form == min(seconds, key=seconds.get)
+    assert "SVFConv2d(4, 6, k=[3, 3]" in key and "x=[2, 4, 8, 8] contiguous float64 cpu grad=1" in key
     assert layer.S.grad is None  # timing left no gradient behind
     torch.testing.assert_close(y, conv(x), rtol=1e-10, atol=1e-10)

@@ -32,7 +32,11 @@ class SVFPolicy:
         train_bn: Also train the BatchNorm affine parameters inside ``stages`` (running
             statistics stay frozen: BN is always in eval mode).
         train_bias: Also train the conv biases of the decomposed layers.
-        mode: SVD layer forward, "auto" | "reparam" | "factorized" | "tune" (see ``svfseg.svf``).
+        mode: SVD layer forward, "auto" | "reparam" | "factorized" (see ``svfseg.svf``; "tune" is auto's
+            older name). "auto": per layer geometry, the form measured fastest on the run's first step,
+            recorded in the run folder and its checkpoints and followed by its resume and every rank.
+        plan: A forms plan file (``svf_forms.json`` of an earlier run, or ``svfseg.svf.FormsPlan.save``)
+            that mode "auto" follows instead of measuring (None: measure).
         fold_bn: Fold each frozen BatchNorm after a decomposed conv into its SVD layer (exact:
             same outputs and S gradients, less time and memory; state-dict keys unchanged).
             None (default) means "whenever BN is frozen", i.e. ``not train_bn``; True with
@@ -55,6 +59,7 @@ class SVFPolicy:
     train_bn: bool = False
     train_bias: bool = False
     mode: str = "auto"
+    plan: Optional[str] = None
     fold_bn: Optional[bool] = None
     decay_to: str = "pretrained"
     train: tuple[str, ...] = ("S",)
@@ -80,6 +85,8 @@ class SVFPolicy:
             raise ValueError(f"SVFPolicy.stages: duplicate stage names in {self.stages!r}")
         if self.mode not in SVF_MODES:
             raise ValueError(f"SVFPolicy.mode: expected one of {SVF_MODES}, got {self.mode!r}")
+        if self.plan is not None and (not isinstance(self.plan, str) or not self.plan.strip()):
+            raise ValueError(f"SVFPolicy.plan: expected the path of a forms plan file or null, got {self.plan!r}")
         if self.skip_1x1 and self.skip_3x3:
             logger.warning("SVFPolicy: skip_1x1 and skip_3x3 both set; only other kernel sizes are decomposed")
         if self.fold_bn is not None and not isinstance(self.fold_bn, bool):

@@ -80,8 +80,10 @@ def _run_regime(plan: ComparePlan, fold: int, shot: int, regime: str, cells: lis
 def run_compare(plan: ComparePlan, *, lock: Optional[RunLock] = None) -> dict:
     """Run every cell of ``plan`` (skipping finished ones), then write compare.json/.md/.png.
 
-    The whole ``plan.out`` is locked for the compare's duration (a second compare into it is refused
-    at once, naming this one's PID), and each cell's folder while it is looked at and trained.
+    ``plan.threads`` holds for everything the compare computes (episode files, every cell's training and
+    scoring, the warm starts), not only where the cells' configs name it. The whole ``plan.out`` is locked
+    for the compare's duration (a second compare into it is refused at once, naming this one's PID), and
+    each cell's folder while it is looked at and trained.
 
     Args:
         plan: what to run.
@@ -91,6 +93,7 @@ def run_compare(plan: ComparePlan, *, lock: Optional[RunLock] = None) -> dict:
         The ``compare.json`` content.
     """
     from svfseg.engine.model import check_model_names
+    from svfseg.engine.runtime import threads_for
 
     check_plan_lists(plan)
     check_owned_keys(plan)
@@ -102,7 +105,7 @@ def run_compare(plan: ComparePlan, *, lock: Optional[RunLock] = None) -> dict:
         raise ValueError(f"--warm-start: expected a number of steps >= 0, found {plan.warm_start}")
     if lock is not None and not (lock.held and lock.run_dir == plan.out):
         raise ValueError(f"run_compare: the lock given is not held on --out {plan.out}")
-    with compare_lock(plan.out) if lock is None else contextlib.nullcontext():
+    with compare_lock(plan.out) if lock is None else contextlib.nullcontext(), threads_for(plan.threads):
         return _run_locked(plan)
 
 

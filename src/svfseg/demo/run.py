@@ -114,7 +114,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--seeds", type=_seeds, default=None, help="comma-separated training seeds (default 0,1,2)")
     parser.add_argument("--warm-start", type=int, default=None, metavar="STEPS",
                         help="steps of the shared head warm start (default: plan; 0 = none)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: one per core)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads of every step, and the data generator's processes "
+                             "(default: one per core)")
     parser.add_argument("--adapt", default=None, metavar="PARAMS,...",
                         help="adapt.params rows of the adaptation stage (default svf,head; 'none' skips the stage)")
     parser.add_argument("--adapt-shots", type=int, nargs="+", default=None, metavar="K",
@@ -198,15 +200,19 @@ def run_demo(plan: DemoPlan, *, root: Path, out: Path, head: str = "pfenet", pro
             ``serve``, each with a ``SOURCE.json`` naming its cell and test score).
         head: "pfenet" or "baseline".
         progress: progress bars.
-        threads: torch CPU threads (None: torch's default, one per core).
+        threads: torch CPU threads of everything the demo computes, and the data generator's processes
+            (None: torch's default, one per core).
 
     Returns:
         The results dict (also in ``out/demo_results.json``).
     """
     from svfseg.compare import compare_lock
+    from svfseg.engine.runtime import threads_for
 
     out = Path(out)
-    with compare_lock(out, "svfseg demo") as lock:  # before anything of out is read or cleared
+    # the lock before anything of out is read or cleared; the threads for the data, every cell, the warm start,
+    # the scoring and the adaptation stage
+    with compare_lock(out, "svfseg demo") as lock, threads_for(threads):
         return _run_demo_locked(plan, root=Path(root), out=out, head=head, progress=progress, threads=threads,
                                 lock=lock)
 
@@ -222,7 +228,8 @@ def _run_demo_locked(plan: DemoPlan, *, root: Path, out: Path, head: str, progre
     _stage(1, n, f"synthetic-5i at {root} ({plan.n_train} train + {plan.n_val} val images, {plan.image_size} px; "
                  f"generated once, about ten seconds; reused afterwards)")
     t = time.perf_counter()
-    generate_synthetic(root, seed=0, n_train=plan.n_train, n_val=plan.n_val, size=plan.image_size)
+    # --threads N is the CPU budget: the generator's worker processes too (None: its default)
+    generate_synthetic(root, seed=0, n_train=plan.n_train, n_val=plan.n_val, size=plan.image_size, workers=threads)
     t_data = time.perf_counter() - t
     cplan = compare_plan(plan, root, out, head, progress, threads)
     warm = (f"a shared head warm start ({plan.warm_start} steps, frozen backbone), then " if plan.warm_start else "")

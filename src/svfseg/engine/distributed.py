@@ -80,6 +80,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return comm.to(t.device)
 
 
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` (picklable) on every process; ``obj`` itself in a single process."""
+    if not info.distributed:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=info.device if info.device.type == "cuda" else None)
+    return box[0]
+
+
 def all_gather_objects(items: list, info: DistInfo) -> list:
     """Every process's ``items`` joined into one list (the list itself in a single process)."""
     if not info.distributed:

@@ -116,6 +116,7 @@ def fit(cfg: ExperimentConfig, state: TrainingState, train_set: Dataset, *, task
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_trainable(folder, state.model)
+    state.write_forms()  # a plan given (svf.plan) or resumed is in the run folder from the start
     # Movement is measured from the run's step-0 weights (written to the run folder at step 0, read
     # back by the resume); a resumed run adds the earlier segments' seconds and peak memory (kept in last.pt).
     footprint = Footprint(state.model, info.device, start_step=state.step, earlier=state.earlier_segments,
@@ -151,6 +152,8 @@ def fit(cfg: ExperimentConfig, state: TrainingState, train_set: Dataset, *, task
                     if _stop_agreed(stop, state.step, tc, info):
                         status = "interrupted"
                         break
+                    if state.forms_pending:
+                        _measure_forms(state, batch, task, cfg)
                     lr = poly_lr(state.step, state.total, oc.lr, oc.power, oc.warmup_steps)
                     set_lr(state.optimizer, lr)
                     window.add(_train_step(net, batch, state, task, cfg, footprint))
@@ -192,6 +195,12 @@ def _for_processes(model: nn.Module, info: DistInfo, task: Task) -> nn.Module:
         ids = [info.device.index] if info.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=task.broadcast_buffers)
     return model.train()
+
+
+def _measure_forms(state: TrainingState, batch: dict, task: Task, cfg: ExperimentConfig) -> None:
+    """The SVF forms plan, measured by rank 0 on one forward of the first batch (engine.forms)."""
+    alone = DistInfo(device=state.info.device)  # the measuring forward runs on rank 0 only: no collectives
+    state.measure_forms(lambda: task.loss(state.model, batch, cfg, alone, state.dtype))
 
 
 def _train_step(net: nn.Module, batch: dict, state: TrainingState, task: Task, cfg: ExperimentConfig,

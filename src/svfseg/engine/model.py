@@ -195,14 +195,14 @@ def _read_dependency(dep, *, lazy: bool) -> dict:
 def describe(model: nn.Module, run: ResolvedRun) -> dict[str, Any]:
     """What must match for a checkpoint to load: architecture, regime, benchmark, fold, class count.
 
-    Optimiser settings (the policy's ``decay_to``; ``lr_mult`` in svfseg 0.1's policies) and BN
-    folding (an exact rewrite with the same state-dict keys) are left out: they do not change
-    the weights' meaning.
+    Optimiser settings (the policy's ``decay_to``; ``lr_mult`` in svfseg 0.1's policies), BN
+    folding (an exact rewrite with the same state-dict keys) and the forms plan file are left out:
+    they do not change the weights' meaning.
     """
     cfg = run.cfg
     d = copy.deepcopy(model.describe()) if hasattr(model, "describe") else {"name": type(model).__name__}
     if isinstance(d.get("svf_policy"), dict):
-        for key in ("lr_mult", "decay_to", "fold_bn"):
+        for key in ("lr_mult", "decay_to", "fold_bn", "plan"):
             d["svf_policy"].pop(key, None)
         if d["svf_policy"].get("train") == ["S"]:
             del d["svf_policy"]["train"]  # the default, and what every description before svf.train meant

@@ -26,6 +26,7 @@ from svfseg.engine.model import build_model, check_model_names, describe, prefli
 from svfseg.engine.resolved import resolve_run
 from svfseg.engine.runfolder import RunFolder, write_text_atomic
 from svfseg.engine.runlock import RunLock
+from svfseg.engine.runtime import threads_for
 from svfseg.engine.state import TrainingState, resume_point
 from svfseg.engine.tasks import get_task
 from svfseg.engine.tasks.base import EvalSet
@@ -103,7 +104,8 @@ def train_run(cfg: ExperimentConfig, *, run_dir: Optional[str | os.PathLike] = N
         # The lock comes first (a second process on this folder is refused), then every check:
         # config.yaml and meta.json are written only once the run is known to start.
         own_lock = info.is_main and lock is None
-        with folder.lock("svfseg train") if own_lock else contextlib.nullcontext():
+        # the threads key holds for the whole run, however it was started (a compare cell, the demo, a script)
+        with threads_for(cfg.threads), folder.lock("svfseg train") if own_lock else contextlib.nullcontext():
             if info.is_main:
                 ckpt.remove_stale_temporaries(folder.path)
             resume = resume_point(cfg, folder, is_main=info.is_main, overwrite=overwrite)  # all --resume decides

@@ -31,7 +31,7 @@ _FILES = {"last": "last.pt", "previous": "last.prev.pt", "damaged": "last.damage
           "train_log": "train_log.csv", "val_log": "val_log.csv", "curves": "curves.png",
           "trainable": "trainable.json", "trained_backbone": "trained_backbone.safetensors",
           "initial_backbone": "initial_backbone.safetensors", "diverged_marker": "diverged.txt",
-          "cell_record": "compare_cell.json"}
+          "cell_record": "compare_cell.json", "forms": "svf_forms.json"}
 #: Folders a run (or `svfseg test` next to its checkpoint) writes into its folder.
 _FOLDERS = {"tensorboard": "tb", "test": "test", "vis": "vis"}
 _VAL_EPISODES = "val_episodes_"
@@ -157,6 +157,11 @@ class RunFolder:
     def initial_backbone(self) -> Path:
         """``initial_backbone.safetensors``: the trained backbone tensors at step 0 (movement's reference)."""
         return self.path / _FILES["initial_backbone"]
+
+    @property
+    def forms(self) -> Path:
+        """``svf_forms.json``: the SVF forms plan the run computes with (``engine.forms``; ``svf.plan`` takes it)."""
+        return self.path / _FILES["forms"]
 
     @property
     def diverged_marker(self) -> Path:

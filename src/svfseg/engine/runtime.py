@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -72,3 +72,23 @@ def set_threads(threads: Optional[int]) -> int:
     logging.getLogger("svfseg").debug("torch threads: %d (%s)", n,
                                       "threads / --threads" if threads is not None else "torch default")
     return n
+
+
+@contextlib.contextmanager
+def threads_for(threads: Optional[int]) -> Iterator[int]:
+    """torch's intra-op threads set to ``threads`` for the block (None: left as they are), then restored.
+
+    Every command that computes in-process for a config (a training, its scoring, each cell of a
+    compare) runs inside it, so the ``threads`` key holds wherever the work happens, not only where
+    a command line set it.
+
+    Yields:
+        The intra-op thread count in use.
+    """
+    before = torch.get_num_threads()
+    n = set_threads(threads)
+    try:
+        yield n
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -29,6 +29,7 @@ from torch import nn
 from svfseg.config import ExperimentConfig, load_config, to_dict
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.distributed import DistInfo, barrier, resolve_device, sync_trainable_batchnorm
+from svfseg.engine.forms import CHECKPOINT_KEY, initial_forms, measure_forms, needs_measuring, write_forms
 from svfseg.engine.optim import build_optimizer
 from svfseg.engine.runfolder import RunFolder
 from svfseg.engine.runtime import amp_dtype
@@ -276,8 +277,12 @@ class TrainingState:
         #: What the resume decided (None: a fresh run): the log rows kept, the step-0 weights.
         self.resume: Optional[Resume] = resume_from
         self.resumed = resume_from is not None
-        if resume_from is not None:
-            self._restore(resume_from.take_checkpoint())
+        blob = resume_from.take_checkpoint() if resume_from is not None else None
+        # the SVF forms plan: the checkpoint's, svf.plan's, or measured on the first step (engine.forms)
+        self.forms = initial_forms(self.model, cfg.svf.plan, blob)
+        self.forms_pending = needs_measuring(self.model, self.forms)
+        if blob is not None:
+            self._restore(blob)
 
     @property
     def last_path(self) -> Path:
@@ -317,6 +322,17 @@ class TrainingState:
         ckpt.restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
         logger.info("resumed %s at step %d/%d (epoch %d)", self.run_dir, self.step, self.total, self.epoch)
 
+    def measure_forms(self, run_forward) -> None:
+        """Measure the forms plan on ``run_forward`` (rank 0, one forward of the first batch), share it, record it."""
+        self.forms = measure_forms(self.model, run_forward, self.info)
+        self.forms_pending = False
+        self.write_forms()
+
+    def write_forms(self) -> None:
+        """``svf_forms.json`` in the run folder, when the run has a plan (main process only)."""
+        if self.info.is_main and self.forms is not None:
+            write_forms(self.run_dir, self.forms)
+
     def record_validation(self, scores: dict, best: dict, extra: dict, *, select: bool) -> tuple[dict, bool]:
         """Add a validation to the history: (its log row, whether it is the best so far; then ``best`` is kept)."""
         improved = select and (self.best_metric is None or scores["miou"] > self.best_metric)
@@ -328,7 +344,8 @@ class TrainingState:
 
     def _weights(self) -> dict:
         return {"format": ckpt.FORMAT, "model": self.model.state_dict(), "config": to_dict(self.cfg),
-                "describe": self.describe, "step": self.step, "epoch": self.epoch}
+                "describe": self.describe, "step": self.step, "epoch": self.epoch,
+                CHECKPOINT_KEY: self.forms.to_dict() if self.forms is not None else None}
 
     def write_last(self, status: str, *, segments: dict, log_window: dict) -> None:
         """Write ``last.pt`` (every process calls this: the RNG states are gathered).

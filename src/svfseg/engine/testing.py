@@ -7,6 +7,7 @@ from typing import Optional
 from svfseg.config import ExperimentConfig
 from svfseg.engine import checkpoint as ckpt
 from svfseg.engine.distributed import DistInfo
+from svfseg.engine.runtime import threads_for
 from svfseg.engine.tasks import Task, TestOptions, get_task
 from svfseg.models import model_recipe
 
@@ -50,5 +51,6 @@ def score_with_task(checkpoint: str | Path, cfg: Optional[ExperimentConfig] = No
     # the results are written after every episode is scored: the folder must take them
     check_output_folder(options.out_dir or Path(checkpoint).parent, "test --out" if options.out_dir else
                         "the checkpoint's folder (test writes its results there; or give --out)")
-    out = task.test(checkpoint, cfg, options, info or DistInfo())
+    with threads_for(cfg.threads if cfg is not None else None):  # a compare cell scores as it trained
+        out = task.test(checkpoint, cfg, options, info or DistInfo())
     return out, task.markdown(out)

@@ -29,11 +29,14 @@ from svfseg.svf.layers import (
     estimate_costs,
     svf_layer_from,
 )
+from svfseg.svf.plan import FormsPlan
+from svfseg.svf.planning import NothingToPlan, forms_plan, plan_forms, use_plan
 from svfseg.svf.state import load_svf, load_svf_state_dict, save_svf, svf_state_dict
-from svfseg.svf.tune import TuneCache
 
 __all__ = [
     "FoldedBatchNorm",
+    "FormsPlan",
+    "NothingToPlan",
     "SVDFactors",
     "SVFConfig",
     "SVFConv1d",
@@ -41,7 +44,6 @@ __all__ = [
     "SVFConv3d",
     "SVFLayer",
     "SVFLinear",
-    "TuneCache",
     "apply_svf",
     "bn_scale_shift",
     "check_exact",
@@ -49,11 +51,13 @@ __all__ = [
     "estimate_costs",
     "floored_rank",
     "fold_conv_bn",
+    "forms_plan",
     "full_rank",
     "is_svf_layer",
     "load_svf",
     "load_svf_state_dict",
     "merge_svf",
+    "plan_forms",
     "rebuild_weight",
     "relative_error",
     "save_svf",
@@ -64,4 +68,5 @@ __all__ = [
     "svf_state_dict",
     "trainable_parameter_report",
     "trained_factor_parameters",
+    "use_plan",
 ]

@@ -10,9 +10,12 @@ from torch import nn
 from svfseg.svf.config import MODES
 from svfseg.svf.factorized import Factorized, Geometry, project, v_project
 from svfseg.svf.fold import FoldedBatchNorm, bn_scale_shift, has_trainable_affine, refuse_trainable
-from svfseg.svf.forms import autocast_dtype, choose_form
-from svfseg.svf.tune import TuneCache
+from svfseg.svf.forms import autocast_dtype, estimate_form
+from svfseg.svf.plan import FormsPlan
 from svfseg.svf.weight_cache import WeightCache, rebuild
+
+#: Inputs a layer remembers its plan's answer for (many input sizes, e.g. multi-scale: stay bounded).
+_MAX_MEMO = 256
 
 
 class SVFLayer(nn.Module):
@@ -54,10 +57,11 @@ class SVFLayer(nn.Module):
         self.weight_shape = tuple(int(v) for v in weight_shape)
         self.mode = mode
         self._weights = WeightCache()
-        self._plans: dict[tuple, str] = {}
+        self._form_memo: dict[tuple, str] = {}
         # A plain tuple, not a submodule: the BN stays registered where it was (its keys).
         self._folded: tuple[FoldedBatchNorm, ...] = ()
-        self.tune_cache: TuneCache = TuneCache()
+        # mode "auto": where the training form comes from (`apply_svf` gives its layers one shared plan)
+        self._forms_plan = FormsPlan()
         self._per_sample: torch.Tensor | None = None  # set only inside `forward_per_sample`
 
     # --- facts -----------------------------------------------------------------
@@ -68,6 +72,18 @@ class SVFLayer(nn.Module):
     @property
     def rank(self) -> int:
         return self.U.shape[2]
+
+    @property
+    def forms_plan(self) -> FormsPlan:
+        """The forms plan this layer's mode "auto" follows (shared by the layers of one `apply_svf` call)."""
+        return self._forms_plan
+
+    @forms_plan.setter
+    def forms_plan(self, plan: FormsPlan) -> None:
+        if not isinstance(plan, FormsPlan):
+            raise TypeError(f"{type(self).__name__}.forms_plan: expected a FormsPlan, found {type(plan).__name__}")
+        self._forms_plan = plan
+        self._form_memo = {}
 
     @property
     def folded_bn(self) -> FoldedBatchNorm | None:
@@ -141,9 +157,9 @@ class SVFLayer(nn.Module):
 
     # --- weight rebuild and cache -------------------------------------------------
     def clear_cache(self) -> None:
-        """Drops the cached rebuilt weight and the per-shape forward choices."""
+        """Drops the cached rebuilt weight and the remembered per-input forms (the plan stays)."""
         self._weights.clear()
-        self._plans = {}
+        self._form_memo = {}
 
     def _apply(self, *args, **kwargs):
         # .to()/.half()/.cuda() replace the tensors: the cached weight would be stale.
@@ -167,10 +183,10 @@ class SVFLayer(nn.Module):
     def choose_mode(self, x: torch.Tensor) -> str:
         """Returns the forward form used for input ``x`` ("reparam" or "factorized").
 
-        "auto" picks the cheaper form by a cost estimate; "tune" times both forms on the first
-        training call per (layer geometry, input shape, dtype, device) and keeps the faster
-        (shared by the layers of one `apply_svf` call). Without a graph to S both use the
-        cached rebuilt weight, exactly the plain layer's cost.
+        "auto" (and its older name "tune") follows the layer's `forms_plan`: the form measured
+        fastest for this geometry and input, timed on the first training call when the plan is
+        open, the cost model where the plan is frozen and lacks it or under a torch.compile trace.
+        Without a graph to S every mode uses the cached rebuilt weight, the plain layer's cost.
         """
         if not self._needs_graph() or self._factor_matrices_train():
             # no graph to S (evaluation, frozen S): whatever the mode, the cached rebuilt weight is
@@ -178,7 +194,18 @@ class SVFLayer(nn.Module):
             return "reparam"
         if self.mode in ("reparam", "factorized"):
             return self.mode
-        return choose_form(self, x, self._plans)
+        memo = (tuple(x.shape), tuple(x.stride()), x.dtype, x.device.type, x.requires_grad,
+                autocast_dtype(x.device.type))  # fmt: skip
+        form = self._form_memo.get(memo)
+        if form is not None:
+            return form
+        if torch.compiler.is_compiling():
+            return estimate_form(self, x)  # no timing, logging or plan writes inside a traced graph
+        form = self._forms_plan.form_for(self, x)
+        if len(self._form_memo) >= _MAX_MEMO:
+            self._form_memo = {}
+        self._form_memo[memo] = form
+        return form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.choose_mode(x) == "factorized":
@@ -187,6 +214,14 @@ class SVFLayer(nn.Module):
 
     def _geometry(self) -> Geometry:
         raise NotImplementedError
+
+    def geometry_text(self) -> str:
+        """The layer's geometry as text (a forms plan's key; the mode is not part of it)."""
+        raise NotImplementedError
+
+    def _factor_text(self) -> str:
+        return (f"rank={self.rank}, bias={int(self.bias is not None)}, "
+                f"bn={int(self.folded_bn is not None)}")  # fmt: skip
 
     def _v_weight(self) -> torch.Tensor:
         raise NotImplementedError

@@ -81,9 +81,10 @@ class SVFConfig:
         skip_1x1: do not decompose convolutions whose kernel is all ones (Linear unaffected).
         skip_3x3: do not decompose convolutions whose kernel is all threes.
         mode: "reparam" (rebuild W = U diag(S) Vh, then one conv), "factorized" (V-conv,
-            scale by S, 1x1 U-conv), "auto" (per layer and input shape, the cheaper one by a
-            cost estimate) or "tune" (the faster one, timed on the first training call per
-            layer geometry and input shape, dtype and device).
+            scale by S, 1x1 U-conv) or "auto" (per layer geometry and input, the form measured
+            fastest for a training step, kept in the layers' forms plan: timed on the first
+            training call, or by `plan_forms`, or read from a saved plan; the cost model only
+            where nothing was measured and no timing is allowed). "tune" is auto's older name.
         train_bias: biases of decomposed layers train too.
         svd_dtype: dtype the SVD is computed in (float64 or float32); factors are cast back
             to the weight's dtype.
@@ -107,7 +108,7 @@ class SVFConfig:
     )
     skip_1x1: bool = field(default=False, metadata={"help": "leave 1x1 convs alone"})
     skip_3x3: bool = field(default=False, metadata={"help": "leave 3x3 convs alone"})
-    mode: str = field(default="auto", metadata={"help": "auto | reparam | factorized"})
+    mode: str = field(default="auto", metadata={"help": "auto (measured) | reparam | factorized"})
     train_bias: bool = field(default=False, metadata={"help": "biases of SVD layers train"})
     svd_dtype: torch.dtype = field(
         default=torch.float64, metadata={"help": "dtype of the SVD computation"}

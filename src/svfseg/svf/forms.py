@@ -1,11 +1,9 @@
-"""Choosing a layer's forward form ("reparam" or "factorized"): the cost model, timing, per-shape plans."""
+"""What decides a layer's forward form ("reparam" or "factorized"): the cost model (the fallback) and the plan key."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from svfseg.svf.tune import time_forms
 
 # Cost of one elementwise pass per activation element (the S gradient, the input gradient
 # through S), in multiply-accumulate units: such passes are memory-bound while convs run as
@@ -13,7 +11,6 @@ from svfseg.svf.tune import time_forms
 # ResNet-50 layer2-4 shapes (estimated and measured ratios agree within ~5%); only near-ties
 # depend on it.
 _ELEMENTWISE_COST = 48.0
-_MAX_PLANS = 256
 
 
 def estimate_costs(
@@ -59,7 +56,6 @@ def estimate_costs(
     return {"reparam": float(reparam), "factorized": float(factorized)}
 
 
-
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast compute dtype for the device, or None when autocast is off."""
     if device_type not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device_type):
@@ -67,7 +63,8 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def _estimate(layer: nn.Module, x: torch.Tensor) -> str:
+def estimate_form(layer: nn.Module, x: torch.Tensor) -> str:
+    """The cost model's choice for a training call of ``layer`` on ``x`` (the fallback where nothing was measured)."""
     g, m, r = layer.U.shape
     costs = estimate_costs(
         groups=g, out_per_group=m, in_per_group=layer.Vh.shape[2], rank=r,
@@ -76,37 +73,29 @@ def _estimate(layer: nn.Module, x: torch.Tensor) -> str:
     return min(costs, key=costs.get)
 
 
-def _tune_key(layer: nn.Module, x: torch.Tensor) -> tuple:
-    """What decides the faster form: the layer's geometry and the input's shape, dtype, device."""
-    return (
-        type(layer).__name__, layer.weight_shape, layer.rank, layer._geometry(), layer.bias is not None,
-        layer.folded_bn is not None, tuple(x.shape), x.dtype, str(x.device), x.requires_grad,
-        tuple(x.stride()), autocast_dtype(x.device.type),
-    )  # fmt: skip
+def _layout(x: torch.Tensor) -> str:
+    if x.is_contiguous():
+        return "contiguous"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last_3d"
+    return "strided"
 
 
-def choose_form(layer: nn.Module, x: torch.Tensor, plans: dict[tuple, str]) -> str:
-    """The forward form for ``layer`` on input ``x`` when a graph to S is needed.
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "none" if dtype is None else str(dtype).removeprefix("torch.")
 
-    "auto" estimates; "tune" times both forms once per `_tune_key` (in ``layer.tune_cache``).
-    The choice is remembered in ``plans`` per input shape, bounded to `_MAX_PLANS` entries.
+
+def form_key(layer: nn.Module, x: torch.Tensor) -> str:
+    """What decides the faster form, as one readable string (a forms plan's key).
+
+    The layer's geometry (type, weight shape, rank, stride, padding, dilation, groups, bias, folded
+    BatchNorm) and the input's shape, memory layout, dtype, device type (not its index: every DDP
+    rank shares one plan), whether it needs a gradient, and the autocast dtype.
     """
-    key = (tuple(x.shape), x.device.type, x.dtype, x.requires_grad)
-    plan = plans.get(key)
-    if plan is not None:
-        return plan
-    if torch.compiler.is_compiling():
-        return _estimate(layer, x)  # no timing or cache writes inside a traced graph
-    if layer.mode == "tune":
-        tune_key = _tune_key(layer, x)
-        entry = layer.tune_cache.get(tune_key)
-        if entry is None:
-            entry = time_forms(layer, x)
-            layer.tune_cache.put(tune_key, entry)
-        plan = entry["plan"]
-    else:
-        plan = _estimate(layer, x)
-    if len(plans) >= _MAX_PLANS:  # many input sizes (e.g. multi-scale): stay bounded
-        plans.clear()
-    plans[key] = plan
-    return plan
+    amp = autocast_dtype(x.device.type)
+    return (
+        f"{layer.geometry_text()} | x={list(x.shape)} {_layout(x)} {_dtype_name(x.dtype)} {x.device.type} "
+        f"grad={int(x.requires_grad)} amp={_dtype_name(amp)}"
+    )

@@ -13,7 +13,7 @@ from svfseg.svf.config import SVFConfig, selector_matches
 from svfseg.svf.decompose import check_exact, full_rank
 from svfseg.svf.fold import FoldedBatchNorm, check_pairs, refuse_trainable, trainable_bn_error
 from svfseg.svf.layers import SUPPORTED_TYPES, SVFLayer, svf_layer_from
-from svfseg.svf.tune import TuneCache
+from svfseg.svf.plan import FormsPlan
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +179,14 @@ def apply_svf(model: nn.Module, config: SVFConfig | None = None) -> nn.Module:
         if selector_matches(config.trainable_modules, bn_name):
             raise trainable_bn_error(bn_name)
     replacements: dict[int, SVFLayer] = {}
-    tune_cache = TuneCache()  # equal layers of this model are timed once (mode="tune")
+    plan = FormsPlan()  # mode "auto": equal layers of this model are measured once
     with _one_lapack_thread(any(m.weight.device.type == "cpu" for _, m in targets.values())):
         for key, (name, module) in targets.items():
             layer = svf_layer_from(module, config.mode, config.svd_dtype, config.rank_multiple)
             if layer.rank == full_rank(module.weight.shape, getattr(module, "groups", 1)):  # floored: lossy by design
                 check_exact(module.weight, (layer.U, layer.S, layer.Vh), where=name)
             layer.svf_config = config
-            layer.tune_cache = tune_cache
+            layer.forms_plan = plan
             replacements[key] = layer
     # A module registered under several names (shared) is replaced everywhere by one layer.
     for parent in list(model.modules()):

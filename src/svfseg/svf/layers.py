@@ -106,6 +106,13 @@ class _SVFConvNd(SVFLayer):
             s += f", padding_mode={self.padding_mode}"
         return s + ("" if self.bias is not None else ", bias=False")
 
+    def geometry_text(self) -> str:  # noqa: D102 - documented in SVFLayer
+        return (
+            f"{type(self).__name__}({self.in_channels}, {self.out_channels}, k={list(self.kernel_size)}, "
+            f"s={list(self.stride)}, p={self._pad}, {self.padding_mode}, d={list(self.dilation)}, g={self.groups}, "
+            f"{self._factor_text()})"
+        )
+
     def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, str | tuple[int, ...]]:
         if self.padding_mode == "zeros":
             return x, self.padding
@@ -221,6 +228,9 @@ class SVFLinear(SVFLayer):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, mode={self.mode}, bias={self.bias is not None}"
         )
+
+    def geometry_text(self) -> str:  # noqa: D102 - documented in SVFLayer
+        return f"{type(self).__name__}({self.in_features}, {self.out_features}, {self._factor_text()})"
 
     def _positions(self, x: torch.Tensor) -> int:
         return math.prod(x.shape[:-1])

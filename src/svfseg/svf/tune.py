@@ -1,48 +1,14 @@
-"""Measured choice between the rebuilt-weight and factorized forms (mode="tune"), cached per shape."""
+"""Timing the two forward forms of an SVD layer on one training call (what a forms plan is measured with)."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
 FORMS = ("reparam", "factorized")
-
-
-class TuneCache:
-    """Bounded map from (layer geometry, input shape, dtype, device) to the timed forms.
-
-    One cache is shared by the layers of one `apply_svf` call, so equal layers (a ResNet
-    stage's repeated blocks) are timed once; the oldest entry goes when ``capacity`` is hit.
-    """
-
-    def __init__(self, capacity: int = 512) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: tuple) -> dict[str, Any] | None:
-        """The entry for ``key`` ({"plan": form, "seconds": {form: median}}), or None."""
-        return self._entries.get(key)
-
-    def put(self, key: tuple, entry: dict[str, Any]) -> None:
-        """Stores an entry, dropping the oldest beyond capacity."""
-        self._entries[key] = entry
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def entries(self) -> list[dict[str, Any]]:
-        """Every entry, oldest first (for reports)."""
-        return list(self._entries.values())
-
-    def __deepcopy__(self, memo: dict) -> "TuneCache":
-        # Timings belong to this process's machine; a copied model shares what was measured.
-        return self
 
 
 def _sync(device: torch.device) -> None:

@@ -19,7 +19,7 @@ from svfseg.models.peers import bitfit_parameters, bn_affine_parameters, stage_m
 from svfseg.models.policy import svf_config
 from svfseg.policies import LoRAConfig, SVFPolicy
 from svfseg.regimes import ADAPT_NAMES, AdaptSpec
-from svfseg.svf import apply_svf, merge_svf, svf_layers, trained_factor_parameters
+from svfseg.svf import apply_svf, forms_plan, merge_svf, svf_layers, trained_factor_parameters
 
 Named = list[tuple[str, nn.Parameter]]
 
@@ -108,5 +108,11 @@ def prepare_model(model: FewShotModel, parts: Sequence[AdaptSpec], *, policy: SV
         named += found
     for _, p in named:
         p.requires_grad_(True)
+    # The forms of the SVD layers "auto" would choose: the plan the model holds, frozen (a loaded checkpoint's
+    # is empty, so the cost model decides every adaptation shape). Timing here would let two adaptations of
+    # one episode, in two processes, take other forms and round differently; adaptation scores must repeat.
+    plan = forms_plan(work)  # the copy's own (deepcopy): the user's model keeps its plan as it was
+    if plan is not None:
+        plan.freeze()
     work.eval()
     return work, named
