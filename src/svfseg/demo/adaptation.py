@@ -61,7 +61,8 @@ def run_adaptation(checkpoint: Path, plan: AdaptPlan, *, root: Path, out: Path, 
     common = [f"data.root={root}", f"data.test_size={image_size}", f"shot={plan.shot}",
               f"adapt.val_episodes={plan.val_episodes}", f"adapt.grid_lr={_list(plan.grid_lr)}",
               f"adapt.grid_steps={_list(plan.grid_steps)}", f"train.progress={str(progress).lower()}"]
-    episodes = out / "episodes" / f"adapt_test_fold0_{plan.shot}shot.json"
+    # the count is in the name: a rerun with another --adapt-episodes draws its own file (and rescores)
+    episodes = out / "episodes" / f"adapt_test_fold0_{plan.shot}shot_{plan.test_episodes}.json"
     if not episodes.exists():
         cfg = config_with_overrides(base, common, str(checkpoint))
         episodes.parent.mkdir(parents=True, exist_ok=True)

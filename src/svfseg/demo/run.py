@@ -66,7 +66,7 @@ class DemoPlan:
 # and below none for the head, and is left out here to save a third of the validation), scored on 100 test
 # episodes (~0.7 and ~0.35 s per episode measured in the demo). About 2.5 minutes for the stage; the whole demo
 # (set-up done) about 7 minutes on 2 idle Intel Xeon cores. Every other choice of adapt.params is in the
-# README's table (`svfseg demo --adapt svf,bn,bitfit,lora,head,full --adapt-shots 1 5 --adapt-episodes 300`).
+# README's table (`svfseg demo --adapt svf,bn,bitfit,lora,head,full --adapt-shots 1 5 --adapt-episodes 150`).
 FULL = DemoPlan(n_train=2000, n_val=500, image_size=112, steps=60, batch_size=8, eval_episodes=500,
                 val_episodes=100, seeds=(0, 1, 2), backbone_lr=(1.0, 100.0), warm_start=200,
                 adapt=AdaptPlan(params=("svf", "head"), shot=5, test_episodes=100, val_episodes=20,
