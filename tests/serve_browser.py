@@ -132,12 +132,37 @@ def dropdown_options(browser, elem_id):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    entries = f'#{elem_id} li[data-testid="dropdown-option"]'
     box = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
     box.click()
-    options = [li.get_attribute("aria-label")
-               for li in browser.find_elements(By.CSS_SELECTOR, f'#{elem_id} li[data-testid="dropdown-option"]')]
+    # On busy cores the list renders after the click returns: read it once it is there, and close it before
+    # returning, so that the next call's click opens it again instead of closing it (a flake under load).
+    try:
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, entries))
+    except TimeoutException:
+        pass
+    options = [li.get_attribute("aria-label") for li in browser.find_elements(By.CSS_SELECTOR, entries)]
     box.send_keys(Keys.ESCAPE)
+    try:
+        WebDriverWait(browser, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, entries))
+    except TimeoutException:
+        pass
     return options
+
+
+def wait_for_options(browser, elem_id, expected):
+    """Wait until the dropdown ``elem_id`` offers ``expected``; on timeout say what it offered last."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    seen = []
+    try:
+        WebDriverWait(browser, WAIT).until(lambda d: seen.append(dropdown_options(d, elem_id)) or seen[-1] == expected)
+    except TimeoutException:
+        raise AssertionError(f"#{elem_id} offers {seen[-1] if seen else 'nothing'}, expected {expected}") from None
 
 
 def in_view(browser, selector):

@@ -5,7 +5,8 @@ import numpy as np
 from PIL import Image
 
 from serve_browser import (NEEDS_BROWSER, WAIT, browser, console_errors, dropdown_options, fetch_png,  # noqa: F401
-                           in_view, open_page, pick, remove_file, run_and_wait, server, status_text, upload)
+                           in_view, open_page, pick, remove_file, run_and_wait, server, status_text, upload,
+                           wait_for_options)
 from serve_setup import inputs  # noqa: F401 (fixture)
 
 pytestmark = NEEDS_BROWSER
@@ -132,14 +133,13 @@ def test_a_replaced_input_clears_the_old_error(server, browser, inputs):
 
 def test_the_two_checkpoint_pickers_never_offer_the_same_checkpoint(server, browser):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     svf, frozen, blank = (str(server["ckpts"][k]) for k in ("svf", "frozen", "blank"))
     open_page(browser, server["url"])
-    WebDriverWait(browser, WAIT).until(lambda d: dropdown_options(d, "compare") == ["(none)", frozen, blank])
+    wait_for_options(browser, "compare", ["(none)", frozen, blank])
     assert dropdown_options(browser, "checkpoint") == [svf, blank]  # and the first does not offer the second's
     pick(browser, "checkpoint", blank)
-    WebDriverWait(browser, WAIT).until(lambda d: dropdown_options(d, "compare") == ["(none)", svf, frozen])
+    wait_for_options(browser, "compare", ["(none)", svf, frozen])
     assert browser.find_element(By.CSS_SELECTOR, "#compare input").get_attribute("value") == frozen
     pick(browser, "compare", "(none)")
-    WebDriverWait(browser, WAIT).until(lambda d: dropdown_options(d, "checkpoint") == [svf, frozen, blank])
+    wait_for_options(browser, "checkpoint", [svf, frozen, blank])
