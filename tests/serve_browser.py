@@ -137,9 +137,11 @@ def dropdown_options(browser, elem_id):
 
     entries = f'#{elem_id} li[data-testid="dropdown-option"]'
     box = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    # Gradio opens the list when the input gains focus, not on every click: an input that kept the focus
+    # from an earlier try (the page re-rendered the list closed while the load event ran) never opens again,
+    # so blur it first. The list renders after the click returns: read it once it is there, and close it.
+    browser.execute_script("if (document.activeElement) document.activeElement.blur();")
     box.click()
-    # On busy cores the list renders after the click returns: read it once it is there, and close it before
-    # returning, so that the next call's click opens it again instead of closing it (a flake under load).
     try:
         WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, entries))
     except TimeoutException:
