@@ -37,6 +37,7 @@ def _assert_overlay_of(preview, rgb, mask):
 
 
 def test_the_support_is_shown_with_the_mask_the_model_gets(server, browser, inputs):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -59,9 +60,17 @@ def test_the_support_is_shown_with_the_mask_the_model_gets(server, browser, inpu
     # the queries, each with its ground truth drawn on it, and their sizes as width x height
     upload(browser, "queries", inputs["query"], inputs["query2"])
     upload(browser, "ground-truth", inputs["gt"])
-    WebDriverWait(browser, WAIT).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#query-previews img")) == 2)
-    captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#query-previews .caption-label")]
-    assert captions == ["query.png · 64x48 · ground truth query_gt.png", "other.png · 64x48 · no ground truth"]
+    expected = ["query.png · 64x48 · ground truth query_gt.png", "other.png · 64x48 · no ground truth"]
+
+    def captions(d=browser):
+        return [c.text for c in d.find_elements(By.CSS_SELECTOR, "#query-previews .caption-label")]
+
+    # the previews are redrawn once per upload: wait for the one that has seen the ground truth too
+    try:
+        WebDriverWait(browser, WAIT).until(lambda d: captions(d) == expected)
+    except TimeoutException:
+        pass
+    assert captions() == expected
     thumb = fetch_png(browser.find_elements(By.CSS_SELECTOR, "#query-previews img")[0].get_attribute("src"))
     _assert_overlay_of(thumb, np.array(Image.open(inputs["query"])), np.array(Image.open(inputs["gt"])) == 255)
     assert not console_errors(browser)
