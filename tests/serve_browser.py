@@ -127,13 +127,22 @@ def pick(browser, elem_id, text):
     box.send_keys(Keys.ENTER)
 
 
+def settles(browser, condition, seconds=WAIT) -> bool:
+    """Whether ``condition(browser)`` holds within ``seconds`` (polling; no exception when it does not)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        WebDriverWait(browser, seconds).until(condition)
+        return True
+    except TimeoutException:
+        return False
+
+
 def dropdown_options(browser, elem_id):
     """The entries a dropdown offers (opened, read, closed again)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.support.ui import WebDriverWait
 
     entries = f'#{elem_id} li[data-testid="dropdown-option"]'
     box = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
@@ -142,29 +151,18 @@ def dropdown_options(browser, elem_id):
     # so blur it first. The list renders after the click returns: read it once it is there, and close it.
     browser.execute_script("if (document.activeElement) document.activeElement.blur();")
     box.click()
-    try:
-        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, entries))
-    except TimeoutException:
-        pass
+    settles(browser, lambda d: d.find_elements(By.CSS_SELECTOR, entries), 10)
     options = [li.get_attribute("aria-label") for li in browser.find_elements(By.CSS_SELECTOR, entries)]
     box.send_keys(Keys.ESCAPE)
-    try:
-        WebDriverWait(browser, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, entries))
-    except TimeoutException:
-        pass
+    settles(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, entries), 10)
     return options
 
 
 def wait_for_options(browser, elem_id, expected):
-    """Wait until the dropdown ``elem_id`` offers ``expected``; on timeout say what it offered last."""
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.support.ui import WebDriverWait
-
+    """Wait until the dropdown ``elem_id`` offers ``expected``; on failure say what it offered last."""
     seen = []
-    try:
-        WebDriverWait(browser, WAIT).until(lambda d: seen.append(dropdown_options(d, elem_id)) or seen[-1] == expected)
-    except TimeoutException:
-        raise AssertionError(f"#{elem_id} offers {seen[-1] if seen else 'nothing'}, expected {expected}") from None
+    if not settles(browser, lambda d: seen.append(dropdown_options(d, elem_id)) or seen[-1] == expected):
+        raise AssertionError(f"#{elem_id} offers {seen[-1] if seen else 'nothing'}, expected {expected}")
 
 
 def in_view(browser, selector):

@@ -5,8 +5,8 @@ import numpy as np
 from PIL import Image
 
 from serve_browser import (NEEDS_BROWSER, WAIT, browser, console_errors, dropdown_options, fetch_png,  # noqa: F401
-                           in_view, open_page, pick, remove_file, run_and_wait, server, status_text, upload,
-                           wait_for_options)
+                           in_view, open_page, pick, remove_file, run_and_wait, server, settles, status_text,
+                           upload, wait_for_options)
 from serve_setup import inputs  # noqa: F401 (fixture)
 
 pytestmark = NEEDS_BROWSER
@@ -37,7 +37,6 @@ def _assert_overlay_of(preview, rgb, mask):
 
 
 def test_the_support_is_shown_with_the_mask_the_model_gets(server, browser, inputs):
-    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -66,10 +65,7 @@ def test_the_support_is_shown_with_the_mask_the_model_gets(server, browser, inpu
         return [c.text for c in d.find_elements(By.CSS_SELECTOR, "#query-previews .caption-label")]
 
     # the previews are redrawn once per upload: wait for the one that has seen the ground truth too
-    try:
-        WebDriverWait(browser, WAIT).until(lambda d: captions(d) == expected)
-    except TimeoutException:
-        pass
+    settles(browser, lambda d: captions(d) == expected)
     assert captions() == expected
     thumb = fetch_png(browser.find_elements(By.CSS_SELECTOR, "#query-previews img")[0].get_attribute("src"))
     _assert_overlay_of(thumb, np.array(Image.open(inputs["query"])), np.array(Image.open(inputs["gt"])) == 255)
